@@ -1,0 +1,100 @@
+"""Instruction conditioning: the prompt template, Qwen2.5-VL encoding, the template drop and padding masks.
+
+Two prompt modes:
+- ``pipeline``: diffusers' ``QwenImageEditPlusPipeline`` (FireRed's official inference): each image announced as
+  ``Picture {k}: <|vision_start|><|image_pad|><|vision_end|>`` before the instruction.
+- ``chat``: the form FireRed's training extractor builds with the chat template (images listed without labels).
+With no image both use the text-to-image system prompt and drop its 34-token prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+EDIT_SYSTEM = (
+    "Describe the key features of the input image (color, shape, size, texture, objects, background), then explain "
+    "how the user's text instruction should alter or modify the image. Generate a new image that meets the user's "
+    "requirements while maintaining consistency with the original input where appropriate."
+)
+T2I_SYSTEM = (
+    "Describe the image by detailing the color, shape, size, texture, quantity, text, spatial relationships of the "
+    "objects and background:"
+)
+EDIT_DROP = 64
+T2I_DROP = 34
+IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
+PROMPT_MODES = ("pipeline", "chat")
+
+
+@dataclass
+class PromptEmbeds:
+    """Embeddings [B, L, D] and mask [B, L] (None when every position is valid, as the reference passes it)."""
+
+    embeds: torch.Tensor
+    mask: torch.Tensor | None
+
+    def repeat(self, n: int) -> "PromptEmbeds":
+        """Each prompt ``n`` times in a row (``num_images_per_prompt``)."""
+        if n == 1:
+            return self
+        mask = None if self.mask is None else self.mask.repeat_interleave(n, dim=0)
+        return PromptEmbeds(self.embeds.repeat_interleave(n, dim=0), mask)
+
+    def to(self, device=None, dtype=None) -> "PromptEmbeds":
+        mask = None if self.mask is None else self.mask.to(device)
+        return PromptEmbeds(self.embeds.to(device=device, dtype=dtype), mask)
+
+
+def build_text(prompt: str, num_images: int, mode: str = "pipeline") -> tuple[str, int]:
+    """The full text the VL model reads for ``prompt`` with ``num_images`` images, and how many tokens to drop."""
+    if mode not in PROMPT_MODES:
+        raise ValueError(f"prompt mode {mode!r} is not one of {PROMPT_MODES}")
+    if num_images == 0:
+        system, drop, images = T2I_SYSTEM, T2I_DROP, ""
+    elif mode == "pipeline":
+        system, drop = EDIT_SYSTEM, EDIT_DROP
+        images = "".join(f"Picture {k + 1}: {IMAGE_SLOT}" for k in range(num_images))
+    else:
+        system, drop = EDIT_SYSTEM, EDIT_DROP
+        images = IMAGE_SLOT * num_images
+    text = (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{images}{prompt}<|im_end|>\n"
+            "<|im_start|>assistant\n")
+    return text, drop
+
+
+def tokenize(processor, prompts: list[str], images: list[Image.Image] | None, mode: str = "pipeline"):
+    """Run the processor exactly as the reference does; returns (model inputs, drop)."""
+    n = len(images) if images else 0
+    texts, drops = zip(*(build_text(p, n, mode) for p in prompts))
+    inputs = processor(text=list(texts), images=images or None, padding=True, return_tensors="pt")
+    return inputs, drops[0]
+
+
+@torch.no_grad()
+def encode_prompts(text_encoder, processor, prompts: list[str] | str, images: list[Image.Image] | None = None,
+                   mode: str = "pipeline", device=None, dtype=None) -> PromptEmbeds:
+    """Encode instructions with the VL model; keep the last hidden state of valid tokens after the template drop.
+
+    ``images`` are the VL-sized reference copies (``RefImages.vl_images``); every prompt sees all of them.
+    Prompts of different lengths are right-padded with zeros and masked.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    device = device or next(text_encoder.parameters()).device
+    inputs, drop = tokenize(processor, prompts, images, mode)
+    inputs = inputs.to(device)
+    out = text_encoder(
+        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+        pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
+        output_hidden_states=True,
+    )
+    hidden = out.hidden_states[-1]
+    keep = inputs["attention_mask"].bool()
+    pieces = [h[m][drop:] for h, m in zip(hidden, keep)]
+    length = max(p.shape[0] for p in pieces)
+    embeds = torch.stack([torch.cat([p, p.new_zeros(length - p.shape[0], p.shape[1])]) for p in pieces])
+    mask = torch.stack([torch.arange(length, device=embeds.device) < p.shape[0] for p in pieces]).long()
+    embeds = embeds.to(dtype=dtype or text_encoder.dtype)
+    return PromptEmbeds(embeds, None if bool(mask.all()) else mask)

@@ -1,0 +1,71 @@
+"""Reading user images into RGB by one documented rule.
+
+Rule: EXIF orientation is applied first; images with transparency (RGBA, LA, PA, P with a transparent index) are
+composited on white; every other mode is converted to 8-bit RGB (16-bit greyscale "I;16" / 32-bit "I" / float "F"
+are scaled from their full range, CMYK and YCbCr go through Pillow's conversion). Anything Pillow cannot open is
+rejected with the file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+
+class ImageInputError(ValueError):
+    """An input image could not be read or converted."""
+
+
+def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
+    arr = np.asarray(img)
+    if img.mode.startswith("I;16") or (arr.dtype == np.uint16):
+        scaled = arr.astype(np.float64) / 65535.0
+    elif img.mode == "F":
+        scaled = np.clip(arr.astype(np.float64), 0.0, 1.0) if arr.max(initial=0) <= 1.0 else arr / max(arr.max(), 1)
+    else:
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        scaled = np.clip(arr.astype(np.float64) / top, 0.0, 1.0)
+    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any PIL image to RGB by the module's rule (EXIF orientation, alpha on white)."""
+    img = ImageOps.exif_transpose(img) or img
+    if img.mode == "RGB":
+        return img
+    if img.mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        img = _high_bit_depth_to_l(img)
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file and convert it to RGB; raise :class:`ImageInputError` naming the file on failure."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageInputError(f"image not found: {path}")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ImageInputError(f"cannot read image {path}: {exc}") from exc
+
+
+def pil_to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 tensor [H, W, 3] in 0..1 (ComfyUI's IMAGE layout, without the batch)."""
+    return torch.from_numpy(np.asarray(to_rgb(img), dtype=np.float32) / 255.0)
+
+
+def tensor_to_pil(t: torch.Tensor) -> Image.Image:
+    """Float tensor [H, W, 3] in 0..1 -> RGB PIL image (rounded as diffusers' postprocess does)."""
+    arr = (t.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return Image.fromarray(arr, mode="RGB")

@@ -1,0 +1,223 @@
+"""The component bundle: where each part comes from, lazy loading, dtype, device and offload policy.
+
+A model is the Hugging Face layout (``model_index.json`` + ``transformer/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``, ``processor/``, ``scheduler/``) or any component given separately as its own folder or single file.
+Components load on first use, so a node graph that only encodes prompts never reads the transformer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+          "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+OFFLOAD_MODES = ("none", "model")
+COMPONENTS = ("transformer", "vae", "text_encoder")
+REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
+
+
+class ModelError(ValueError):
+    """A model folder or file is missing, incomplete or of the wrong kind."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
+
+
+def _has_weights(folder: Path) -> bool:
+    return any(folder.glob("*.safetensors")) or any(folder.glob("*.safetensors.index.json")) or any(
+        folder.glob("*.bin")) or any(folder.glob("*.gguf"))
+
+
+def check_model_folder(path: str | Path) -> Path:
+    """Raise :class:`ModelError` naming what is missing unless ``path`` is a complete Hugging Face layout."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"model folder not found: {path}")
+    if not path.is_dir():
+        raise ModelError(f"{path} is a file; a FireRed model is a folder with model_index.json "
+                         "(give single component files with --transformer / --vae / --text-encoder)")
+    missing = [name for name in REQUIRED if not (path / name).is_dir()]
+    if not (path / "model_index.json").is_file():
+        missing.insert(0, "model_index.json")
+    missing += [f"{name}/ weights" for name in COMPONENTS
+                if (path / name).is_dir() and not _has_weights(path / name)]
+    if missing:
+        raise ModelError(f"incomplete model folder {path}: missing {', '.join(missing)}")
+    return path
+
+
+@dataclass
+class FireRedModel:
+    """Lazily loaded components of one model, placed on ``device`` in ``dtype``.
+
+    Args:
+        root: a Hugging Face layout folder, or None when every component is given in ``sources``.
+        sources: per-component overrides: a folder or a single file (``transformer``, ``vae``, ``text_encoder``,
+            ``tokenizer``, ``processor``, ``scheduler``).
+        dtype: compute dtype of the transformer, VAE and text encoder.
+        device: where computation happens.
+        offload: ``none`` keeps everything on ``device``; ``model`` keeps each large component on the CPU and moves
+            it to ``device`` only while it runs.
+    """
+
+    root: Path | None = None
+    sources: dict = field(default_factory=dict)
+    dtype: torch.dtype = torch.float32
+    device: torch.device = torch.device("cpu")
+    offload: str = "none"
+    _loaded: dict = field(default_factory=dict, repr=False)
+    _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
+
+    def __post_init__(self) -> None:
+        self.dtype = parse_dtype(self.dtype)
+        self.device = torch.device(self.device)
+        if self.offload not in OFFLOAD_MODES:
+            raise ValueError(f"offload {self.offload!r} is not one of {OFFLOAD_MODES}")
+
+    def source(self, name: str) -> Path:
+        if name in self.sources and self.sources[name] is not None:
+            return Path(self.sources[name])
+        if self.root is None:
+            raise ModelError(f"no source for the {name}: give a model folder or the {name} path")
+        return self.root / name
+
+    @property
+    def home_device(self) -> torch.device:
+        """Where large components rest between uses."""
+        return torch.device("cpu") if self.offload == "model" else self.device
+
+    def get(self, name: str):
+        """The component ``name``, loaded on first use."""
+        with self._lock:
+            if name not in self._loaded:
+                self._loaded[name] = self._load(name)
+            return self._loaded[name]
+
+    def set(self, name: str, component) -> None:
+        """Replace a component (e.g. one built in memory, or a LoRA-patched transformer)."""
+        with self._lock:
+            self._loaded[name] = component
+
+    def is_loaded(self, name: str) -> bool:
+        return name in self._loaded
+
+    transformer = property(lambda self: self.get("transformer"))
+    vae = property(lambda self: self.get("vae"))
+    text_encoder = property(lambda self: self.get("text_encoder"))
+    processor = property(lambda self: self.get("processor"))
+    scheduler_config = property(lambda self: self.get("scheduler"))
+
+    def _load(self, name: str):
+        src = self.source(name)
+        if name == "scheduler":
+            file = src / "scheduler_config.json" if src.is_dir() else src
+            if not file.is_file():
+                raise ModelError(f"scheduler config not found: {file}")
+            return json.loads(file.read_text())
+        if name in ("processor", "tokenizer"):
+            return _load_processor(self, src)
+        module = _load_module(name, src, self.dtype)
+        return module.to(self.home_device).eval().requires_grad_(False)
+
+    @contextlib.contextmanager
+    def use(self, name: str) -> Iterator:
+        """Yield component ``name`` on the compute device; with offload it goes back to the CPU afterwards."""
+        module = self.get(name)
+        if self.offload == "model":
+            for other in COMPONENTS:
+                if other != name and other in self._loaded:
+                    self._loaded[other].to("cpu")
+            module.to(self.device)
+        try:
+            yield module
+        finally:
+            if self.offload == "model":
+                module.to("cpu")
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def unload(self) -> None:
+        """Drop every loaded component (they reload on next use)."""
+        with self._lock:
+            self._loaded.clear()
+
+
+def _load_module(name: str, src: Path, dtype: torch.dtype):
+    if not src.exists():
+        raise ModelError(f"{name} not found: {src}")
+    if src.is_file():
+        from . import formats
+
+        return formats.load_single_file(name, src, dtype)
+    if not _has_weights(src):
+        raise ModelError(f"{name} folder {src} has no weights (*.safetensors)")
+    if name == "transformer":
+        from diffusers import QwenImageTransformer2DModel as cls
+    elif name == "vae":
+        from diffusers import AutoencoderKLQwenImage as cls
+    else:
+        from transformers import Qwen2_5_VLForConditionalGeneration as cls
+    try:
+        return cls.from_pretrained(src, torch_dtype=dtype, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the {name} from {src}: {exc}") from exc
+
+
+def _load_processor(model: FireRedModel, src: Path):
+    from transformers import Qwen2VLProcessor
+
+    candidates = [src, model.source("tokenizer")] if src.name == "processor" else [src]
+    for folder in candidates:
+        if folder.is_dir() and any(folder.glob("*.json")):
+            try:
+                return Qwen2VLProcessor.from_pretrained(folder, local_files_only=True)
+            except (OSError, ValueError) as exc:
+                raise ModelError(f"cannot load the processor from {folder}: {exc}") from exc
+    raise ModelError(f"processor / tokenizer not found in {src}")
+
+
+def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
+               offload: str = "none", **sources) -> FireRedModel:
+    """Describe a model to load lazily: a Hugging Face layout folder and/or per-component sources.
+
+    The folder is checked at once, so a wrong path fails here with a clear message rather than mid-run.
+    """
+    root = None
+    if path is not None:
+        root = Path(path)
+        given = {k for k, v in sources.items() if v is not None}
+        if not given:
+            check_model_folder(root)
+        elif not root.is_dir():
+            raise ModelError(f"model folder not found: {root}")
+    return FireRedModel(root=root, sources={k: v for k, v in sources.items() if v is not None},
+                        dtype=parse_dtype(dtype), device=torch.device(device), offload=offload)
+
+
+def from_components(components: dict, dtype: str | torch.dtype = "fp32", device: str = "cpu",
+                    offload: str = "none") -> FireRedModel:
+    """Wrap already built components (e.g. ``testing.build_components``) as a model."""
+    model = FireRedModel(dtype=parse_dtype(dtype), device=torch.device(device), offload=offload)
+    for name in COMPONENTS:
+        components[name].to(device=model.home_device, dtype=model.dtype)
+        model.set(name, components[name].eval())
+    model.set("processor", components["processor"])
+    sched = components["scheduler"]
+    model.set("scheduler", dict(sched.config) if hasattr(sched, "config") else dict(sched))
+    return model

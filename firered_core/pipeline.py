@@ -1,0 +1,147 @@
+"""The whole edit, stage by stage: references -> conditioning -> sampling -> decode.
+
+Each stage is a function of its own module; :class:`EditPipeline` only strings them together for the CLI, the
+benchmarks and training validation. Nodes call the same stages one per node.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from . import latents as L
+from .conditioning import PromptEmbeds, encode_prompts
+from .geometry import VAE_AREA, VL_AREA, check_size, default_output_size
+from .model import FireRedModel
+from .references import RefImages, RefLatents, encode_references, prepare_references
+from .sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+
+
+@dataclass
+class EditResult:
+    """Decoded images (None for ``output="latent"``) and the final packed latents [B, L, 64]."""
+
+    images: list[Image.Image] | None
+    latents: torch.Tensor
+    width: int
+    height: int
+
+
+def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
+               dtype: torch.dtype, device) -> torch.Tensor:
+    """Packed Gaussian noise from a CPU generator, so a seed gives the same image on every device.
+
+    One seed draws the whole batch from one generator (as the reference with ``num_images_per_prompt``);
+    a list of seeds draws each sample from its own.
+    """
+    shape = (1, 1, 16, height // L.VAE_SCALE, width // L.VAE_SCALE)
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise ValueError(f"{len(seed)} seeds given for a batch of {batch}")
+        noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
+                           for s in seed])
+    else:
+        gen = seed if isinstance(seed, torch.Generator) else torch.Generator().manual_seed(int(seed))
+        noise = torch.randn((batch, *shape[1:]), generator=gen, dtype=dtype)
+    return L.pack(noise).to(device)
+
+
+@torch.no_grad()
+def decode_latents(vae, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """Packed model-space latents -> images [B, 3, H, W] in 0..1 (float32, on the VAE's device)."""
+    z = L.denormalize(L.unpack(tokens, height, width).to(vae.dtype), vae.config)
+    return decode_raw(vae, z)
+
+
+@torch.no_grad()
+def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
+    """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1."""
+    image = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
+    return (image * 0.5 + 0.5).clamp(0, 1).float()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    arr = images.cpu().permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+class EditPipeline:
+    """Instruction-driven editing with a :class:`FireRedModel` (FireRed's official settings by default)."""
+
+    def __init__(self, model: FireRedModel):
+        self.model = model
+
+    def encode_prompts(self, prompts: list[str], refs: RefImages | None, mode: str = "pipeline") -> PromptEmbeds:
+        images = refs.vl_images if refs is not None and len(refs) else None
+        with self.model.use("text_encoder") as te:
+            return encode_prompts(te, self.model.processor, prompts, images, mode=mode, device=self.model.device)
+
+    def encode_references(self, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
+        if refs is None or len(refs) == 0:
+            return RefLatents(None, [])
+        with self.model.use("vae") as vae:
+            return encode_references(vae, refs, device=self.model.device, dtype=dtype)
+
+    @torch.no_grad()
+    def edit(
+        self,
+        images: Sequence[Image.Image] | None,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = " ",
+        steps: int = 40,
+        true_cfg: float = 4.0,
+        seed: int | Sequence[int] | torch.Generator = 0,
+        width: int | None = None,
+        height: int | None = None,
+        num_images: int = 1,
+        vl_area: float = VL_AREA,
+        vae_area: float = VAE_AREA,
+        prompt_mode: str = "pipeline",
+        shift: float | None = None,
+        output: str = "pil",
+        callback: Callable[[StepInfo], None] | None = None,
+    ) -> EditResult:
+        """Edit ``images`` (0 = text-to-image, 1-3 native) following ``prompt``.
+
+        Args:
+            prompt: one instruction, or several (a batch; each gets ``num_images`` samples).
+            negative_prompt: encoded with the same images; ``None`` or ``true_cfg <= 1`` disables true CFG.
+            seed: an int (one CPU generator for the batch), a list of ints (one per sample) or a generator.
+            width, height: output size, multiples of 16; default ~1 MP at the last image's aspect ratio.
+            vl_area, vae_area: target areas of the references for the VL encoder and the VAE.
+            shift: None for the checkpoint's dynamic shift, or a constant shift.
+            output: ``pil`` to decode, ``latent`` to return the packed latents only.
+        """
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        images = list(images or [])
+        refs = prepare_references(images, vl_area, vae_area) if images else None
+        if width is None or height is None:
+            dw, dh = default_output_size(refs.source_sizes[-1] if refs else None)
+            width, height = width or dw, height or dh
+        check_size(width, height)
+        do_cfg = negative_prompt is not None and true_cfg > 1.0
+
+        cond = self.encode_prompts(prompts, refs, prompt_mode).repeat(num_images)
+        uncond = None
+        if do_cfg:
+            negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            uncond = self.encode_prompts(negs, refs, prompt_mode).repeat(num_images)
+        dtype = cond.embeds.dtype
+        ref = self.encode_references(refs, dtype)
+
+        batch = len(prompts) * num_images
+        noise = make_noise(batch, width, height, seed, dtype, self.model.device)
+        img_shapes = [[L.token_grid(height, width), *ref.shapes]]
+        sigmas = make_sigmas(steps, noise.shape[1], self.model.scheduler_config, shift=shift)
+        with self.model.use("transformer") as transformer:
+            denoiser = transformer_denoiser(transformer, ref, img_shapes)
+            latents = sample(denoiser, noise, sigmas, cond, uncond, true_cfg, callback)
+        if output == "latent":
+            return EditResult(None, latents, width, height)
+        with self.model.use("vae") as vae:
+            pixels = decode_latents(vae, latents, width, height)
+        return EditResult(to_pil(pixels), latents, width, height)

@@ -1,0 +1,117 @@
+"""Flow-matching sampling: the sigma schedule, the Euler loop and true classifier-free guidance.
+
+The schedule is the one of the checkpoint's ``FlowMatchEulerDiscreteScheduler`` config (dynamic shift with ``mu``
+from the number of output tokens, exponential time shift, terminal stretch, final 0); the scheduler class itself
+computes it so the numbers are the reference's. The Euler update and true CFG with per-token norm rescaling are
+written out here because they are the loop every feature (previews, interruption, block cache) hooks into.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+
+from .conditioning import PromptEmbeds
+from .references import RefLatents
+
+
+def compute_mu(image_seq_len: int, scheduler_config: dict) -> float:
+    """Resolution-dependent shift: linear in the output token count between (base_seq, base_shift) and (max...)."""
+    base_seq = scheduler_config.get("base_image_seq_len", 256)
+    max_seq = scheduler_config.get("max_image_seq_len", 4096)
+    base_shift = scheduler_config.get("base_shift", 0.5)
+    max_shift = scheduler_config.get("max_shift", 1.15)
+    m = (max_shift - base_shift) / (max_seq - base_seq)
+    return image_seq_len * m + (base_shift - m * base_seq)
+
+
+def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: float | None = None,
+                denoise: float = 1.0) -> torch.Tensor:
+    """Sigmas [n + 1] from high noise to 0 for ``steps`` steps (the last ``denoise`` fraction when < 1).
+
+    ``shift=None`` uses the checkpoint's dynamic shift; a number gives a constant shift (ComfyUI's AuraFlow style).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if steps < 1:
+        raise ValueError(f"steps={steps} must be at least 1")
+    if not 0.0 < denoise <= 1.0:
+        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+    config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
+    if shift is not None:
+        config.update(use_dynamic_shifting=False, shift=float(shift))
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    base = np.linspace(1.0, 1 / total, total)
+    kwargs = {} if shift is not None else {"mu": compute_mu(image_seq_len, scheduler_config)}
+    scheduler.set_timesteps(sigmas=base, device="cpu", **kwargs)
+    return scheduler.sigmas[-(steps + 1):].clone()
+
+
+def apply_true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
+    """``uncond + s (cond - uncond)`` rescaled per token to the norm of ``cond`` (over the channel dim)."""
+    comb = uncond + scale * (cond - uncond)
+    return comb * (torch.norm(cond, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
+
+
+@dataclass
+class StepInfo:
+    """What a per-step callback sees. Raising from the callback aborts sampling (interruption)."""
+
+    step: int
+    total: int
+    sigma: float
+    latents: torch.Tensor
+
+
+class Denoiser(Protocol):
+    def __call__(self, x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor: ...
+
+
+def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attention_kwargs: dict | None = None
+                         ) -> Denoiser:
+    """Velocity of the noisy tokens: reference tokens appended after them, prediction sliced back."""
+    def run(x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor:
+        inp = x if ref.tokens is None else torch.cat([x, ref.tokens.expand(x.shape[0], -1, -1)], dim=1)
+        ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else _null()
+        with ctx:
+            out = transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=cond.embeds,
+                              encoder_hidden_states_mask=cond.mask, img_shapes=img_shapes * x.shape[0],
+                              attention_kwargs=attention_kwargs or {}, return_dict=False)[0]
+        return out[:, : x.shape[1]]
+    return run
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+@torch.no_grad()
+def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond: PromptEmbeds,
+           uncond: PromptEmbeds | None = None, true_cfg: float = 1.0,
+           callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+    """Euler integration of the flow from ``sigmas[0]`` to ``sigmas[-1]``.
+
+    True CFG runs when ``uncond`` is given and ``true_cfg > 1``. The update is done in float32 and cast back to the
+    model's dtype, as the reference scheduler does.
+    """
+    do_cfg = uncond is not None and true_cfg > 1.0
+    timesteps = sigmas[:-1] * 1000.0
+    n = len(timesteps)
+    for i in range(n):
+        t = timesteps[i].expand(latents.shape[0]).to(latents.dtype) / 1000
+        v = denoiser(latents, t.to(latents.device), cond, "cond")
+        if do_cfg:
+            v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
+        dt = (sigmas[i + 1] - sigmas[i]).to(latents.device)
+        latents = (latents.to(torch.float32) + dt * v).to(v.dtype)
+        if callback is not None:
+            callback(StepInfo(i, n, float(sigmas[i + 1]), latents))
+    return latents
