@@ -1,0 +1,194 @@
+"""FireRed training data: JSONL rows in one folder per task, validated row by row.
+
+A row is ``{"source_image": str | [str, ...] | null, "target_image" | "edit_image": str, "instruction": str,
+"instruction_cn": str, "inverse_instruction"?: str, "inverse_instruction_cn"?: str}``. Image paths are relative to
+the JSONL file's folder unless absolute. Each folder under the data root is a task (the folder name); JSONL files
+directly in the root belong to the task named after the root itself.
+
+A bad row (invalid JSON, missing field, unreadable image) is reported as ``file:line: reason``, skipped and counted;
+when no row is usable loading stops with :class:`DataError` carrying the count.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image
+
+log = logging.getLogger(__name__)
+
+
+class DataError(ValueError):
+    """No usable training row (or a malformed weight specification)."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One validated row. ``uid`` is stable across runs (``task/file-stem:line``) and names cached files."""
+
+    task: str
+    sources: tuple[Path, ...]
+    target: Path
+    instruction: str
+    instruction_cn: str
+    inverse_instruction: str | None
+    inverse_instruction_cn: str | None
+    source_sizes: tuple[tuple[int, int], ...]
+    target_size: tuple[int, int]
+    file: str
+    line: int
+
+    @property
+    def uid(self) -> str:
+        return f"{self.task}/{Path(self.file).stem}-{self.line:06d}"
+
+    @property
+    def has_inverse(self) -> bool:
+        return len(self.sources) == 1 and bool(self.inverse_instruction or self.inverse_instruction_cn)
+
+
+@dataclass(frozen=True)
+class BadRow:
+    file: str
+    line: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}: {self.reason}"
+
+
+@dataclass
+class Dataset:
+    samples: list[Sample]
+    bad: list[BadRow] = field(default_factory=list)
+
+    @property
+    def tasks(self) -> list[str]:
+        return sorted({s.task for s in self.samples})
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+
+def parse_weights(spec: str | dict | None, key_type=str) -> dict:
+    """``"a=0.5,b=1.2"`` (or a dict) -> ``{"a": 0.5, "b": 1.2}``; ``key_type=int`` for source-count weights."""
+    if spec is None or spec == "":
+        return {}
+    items = spec.items() if isinstance(spec, dict) else (_split_pair(p, spec) for p in str(spec).split(",") if p.strip())
+    out = {}
+    for key, value in items:
+        try:
+            k, w = key_type(str(key).strip()), float(value)
+        except ValueError as exc:
+            raise DataError(f"bad weight {key}={value} in {spec!r}: {exc}") from None
+        if w < 0:
+            raise DataError(f"weight {key}={value} in {spec!r} is negative")
+        out[k] = w
+    return out
+
+
+def _split_pair(part: str, spec: str) -> tuple[str, str]:
+    if "=" not in part:
+        raise DataError(f"weight {part!r} in {spec!r} is not name=value")
+    key, value = part.split("=", 1)
+    return key, value
+
+
+def _image_size(path: Path) -> tuple[int, int]:
+    with Image.open(path) as img:  # header only: cheap even for large images
+        return img.size
+
+
+def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sample:
+    """Validate one decoded JSON row; raise ValueError with the reason when it is unusable."""
+    if not isinstance(row, dict):
+        raise ValueError(f"row is a {type(row).__name__}, not an object")
+    target = row.get("target_image") or row.get("edit_image")
+    if not isinstance(target, str) or not target:
+        raise ValueError("missing target_image (or edit_image)")
+    src = row.get("source_image")
+    if src is None:
+        sources: list = []
+    elif isinstance(src, str):
+        sources = [src]
+    elif isinstance(src, list) and all(isinstance(s, str) and s for s in src):
+        sources = src
+    else:
+        raise ValueError("source_image must be a path, a list of paths or null")
+    texts = {k: row.get(k) for k in ("instruction", "instruction_cn", "inverse_instruction", "inverse_instruction_cn")}
+    for key, value in texts.items():
+        if value is not None and not isinstance(value, str):
+            raise ValueError(f"{key} is not a string")
+    if not (texts["instruction"] or texts["instruction_cn"]):
+        raise ValueError("neither instruction nor instruction_cn is given")
+    paths = [Path(p) if Path(p).is_absolute() else base / p for p in [*sources, target]]
+    sizes = []
+    for p in paths:
+        try:
+            sizes.append(_image_size(p))
+        except FileNotFoundError:
+            raise ValueError(f"image not found: {p}") from None
+        except Exception as exc:  # noqa: BLE001 - any unreadable image makes the row unusable
+            raise ValueError(f"image unreadable: {p} ({exc})") from None
+    return Sample(
+        task=task, sources=tuple(paths[:-1]), target=paths[-1],
+        instruction=texts["instruction"] or texts["instruction_cn"],
+        instruction_cn=texts["instruction_cn"] or texts["instruction"],
+        inverse_instruction=texts["inverse_instruction"] or texts["inverse_instruction_cn"] or None,
+        inverse_instruction_cn=texts["inverse_instruction_cn"] or texts["inverse_instruction"] or None,
+        source_sizes=tuple(sizes[:-1]), target_size=sizes[-1], file=file, line=line,
+    )
+
+
+def read_jsonl(path: Path, task: str) -> tuple[list[Sample], list[BadRow]]:
+    samples, bad = [], []
+    with open(path, encoding="utf-8") as fh:
+        for line_no, text in enumerate(fh, start=1):
+            if not text.strip():
+                continue
+            try:
+                samples.append(parse_row(json.loads(text), path.parent, task, str(path), line_no))
+            except (ValueError, json.JSONDecodeError) as exc:
+                bad.append(BadRow(str(path), line_no, str(exc)))
+    return samples, bad
+
+
+def task_files(root: Path) -> list[tuple[str, Path]]:
+    """(task, jsonl) pairs: each sub-folder is a task; JSONL files in the root belong to the root's name."""
+    if root.is_file():
+        return [(root.parent.name, root)]
+    if not root.is_dir():
+        raise DataError(f"data root {root} does not exist")
+    pairs = [(root.name, f) for f in sorted(root.glob("*.jsonl"))]
+    for sub in sorted(p for p in root.iterdir() if p.is_dir()):
+        pairs += [(sub.name, f) for f in sorted(sub.rglob("*.jsonl"))]
+    return pairs
+
+
+def load_dataset(roots: str | Path | list, tasks: list[str] | None = None) -> Dataset:
+    """Read every task folder under ``roots``; report bad rows; stop when none is usable.
+
+    ``tasks`` keeps only the named tasks (e.g. the keys of the task weights).
+    """
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    samples: list[Sample] = []
+    bad: list[BadRow] = []
+    files = [pair for r in roots for pair in task_files(Path(r))]
+    for task, path in files:
+        if tasks and task not in tasks:
+            continue
+        got, errs = read_jsonl(path, task)
+        samples += got
+        bad += errs
+    for b in bad:
+        log.warning("skipping bad row %s", b)
+    if bad:
+        log.warning("%d bad row(s) skipped, %d usable", len(bad), len(samples))
+    if not samples:
+        detail = "; ".join(str(b) for b in bad[:5])
+        raise DataError(f"no usable training row in {[str(r) for r in roots]}: {len(bad)} bad row(s)"
+                        + (f" (first: {detail})" if detail else "") + f" across {len(files)} JSONL file(s)")
+    return Dataset(samples, bad)
