@@ -66,10 +66,11 @@ def build_text(prompt: str, num_images: int, mode: str = "pipeline") -> tuple[st
 
 
 def tokenize(processor, prompts: list[str], images: list[Image.Image] | None, mode: str = "pipeline"):
-    """Run the processor exactly as the reference does; returns (model inputs, drop)."""
+    """Run the processor as the reference does (every prompt sees every image); returns (model inputs, drop)."""
     n = len(images) if images else 0
     texts, drops = zip(*(build_text(p, n, mode) for p in prompts))
-    inputs = processor(text=list(texts), images=images or None, padding=True, return_tensors="pt")
+    batch_images = list(images) * len(prompts) if images else None
+    inputs = processor(text=list(texts), images=batch_images, padding=True, return_tensors="pt")
     return inputs, drops[0]
 
 
