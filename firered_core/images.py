@@ -20,15 +20,17 @@ class ImageInputError(ValueError):
 
 
 def _high_bit_depth_to_l(img: Image.Image) -> Image.Image:
-    arr = np.asarray(img)
-    if img.mode.startswith("I;16") or (arr.dtype == np.uint16):
-        scaled = arr.astype(np.float64) / 65535.0
-    elif img.mode == "F":
-        scaled = np.clip(arr.astype(np.float64), 0.0, 1.0) if arr.max(initial=0) <= 1.0 else arr / max(arr.max(), 1)
+    """16-bit and 32-bit greyscale to 8-bit: I;16 spans 0..65535; I spans 0..65535 when it exceeds 255, else
+    0..255; F spans 0..1 when it stays within, else 0..255."""
+    arr = np.asarray(img).astype(np.float64)
+    peak = arr.max(initial=0.0)
+    if img.mode.startswith("I;16"):
+        top = 65535.0
+    elif img.mode == "I":
+        top = 65535.0 if peak > 255 else 255.0
     else:
-        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
-        scaled = np.clip(arr.astype(np.float64) / top, 0.0, 1.0)
-    return Image.fromarray(np.round(scaled * 255.0).astype(np.uint8), mode="L")
+        top = 1.0 if peak <= 1.0 else 255.0
+    return Image.fromarray(np.round(np.clip(arr / top, 0.0, 1.0) * 255.0).astype(np.uint8), mode="L")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

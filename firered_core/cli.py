@@ -1,0 +1,136 @@
+"""``firered-edit``: one instruction-driven edit from the command line.
+
+With no ``--model`` it runs the built-in tiny demo model (random weights, built offline on first use): the pipeline
+runs end to end, but the picture it writes is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from .geometry import VAE_AREA, VL_AREA
+
+DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model (random weights): "
+             "the pipeline runs end to end, but the output image is noise.")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+    p.add_argument("--model", help="Hugging Face layout folder (model_index.json, transformer/, vae/, ...); "
+                                   "omit to run the tiny demo model")
+    p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
+    p.add_argument("--vae", help="VAE weights: a folder or a single file")
+    p.add_argument("--text-encoder", help="Qwen2.5-VL text encoder: a folder or a single file")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
+                   help="LoRA to apply (repeatable); strength defaults to 1.0")
+    p.add_argument("--allow-partial-lora", action="store_true", help="apply a LoRA even if some keys do not match")
+    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
+                                                                       "none = text-to-image)")
+    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
+    p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (CPU generator: same image on every device)")
+    p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
+                                             "image's aspect ratio)")
+    p.add_argument("--height", type=int, help="output height, a multiple of 16")
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
+    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
+    p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
+    p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
+    p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
+                   help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--offload", choices=("none", "model"), default="none",
+                   help="'model' keeps each component on the CPU until it runs")
+    p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def _parse_lora(spec: str) -> tuple[str, float]:
+    path, sep, strength = spec.rpartition(":")
+    if sep and path and not path.endswith(("/", "\\")):
+        try:
+            return path, float(strength)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    out = Path(output)
+    if count == 1:
+        return [out]
+    return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    import torch
+    from tqdm import tqdm
+
+    from .images import load_image
+    from .model import load_model
+    from .pipeline import EditPipeline
+    from .testing import build_model, default_demo_dir
+
+    for name in ("width", "height"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 16):
+            raise ValueError(f"--{name} {value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    images = [load_image(p) for p in args.image]
+    demo = args.model is None and not (args.transformer and args.vae and args.text_encoder)
+    if demo:
+        print(DEMO_NOTE, file=sys.stderr)
+        model_dir = build_model(default_demo_dir(), "tiny")
+        steps = args.steps or 8
+    else:
+        model_dir, steps = args.model, args.steps or 40
+    model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, transformer=args.transformer,
+                       vae=args.vae, text_encoder=args.text_encoder)
+    if args.lora:
+        from .lora import apply_loras
+
+        report = apply_loras(model.transformer, [_parse_lora(s) for s in args.lora],
+                             allow_partial=args.allow_partial_lora)
+        print(report.summary() if hasattr(report, "summary") else report, file=sys.stderr)
+    width, height = args.width, args.height
+    if demo and not images and width is None and height is None:
+        width = height = 256
+    bar = tqdm(total=steps, desc="sampling", unit="step")
+    result = EditPipeline(model).edit(
+        images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
+        width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
+        prompt_mode=args.prompt_mode, shift=args.shift, callback=lambda info: bar.update(1))
+    bar.close()
+    paths = _output_paths(args.output, len(result.images))
+    for img, path in zip(result.images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        img.save(path)
+        print(f"wrote {path} ({img.width}x{img.height})")
+    return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .images import ImageInputError
+    from .model import ModelError
+
+    try:
+        run(args)
+    except (ModelError, ImageInputError, ValueError, FileNotFoundError) as exc:
+        print(f"firered-edit: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
