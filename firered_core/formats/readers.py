@@ -1,0 +1,227 @@
+"""Lazy readers for single checkpoint files: safetensors (mmap), GGUF (mmap) and legacy torch files.
+
+Nothing here unpickles: legacy ``.pt`` / ``.bin`` / ``.ckpt`` files are opened with ``torch.load(weights_only=True,
+mmap=True)``. Tensors are read one at a time on request, so peak memory while loading is the size of the converted
+model plus one tensor, never twice the file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import torch
+
+from .errors import FormatError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64, "I32": torch.int32,
+    "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}
+LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
+_MAX_HEADER = 100 * 1024 * 1024
+
+
+class Checkpoint(Mapping):
+    """A read-only ``{key: tensor}`` view of a file that loads each tensor only when it is indexed.
+
+    ``shape(key)`` and ``dtype(key)`` answer from the header without reading data. ``metadata`` holds the file's
+    string metadata (safetensors ``__metadata__``, GGUF key/values). ``quant_type(key)`` names the GGUF
+    quantisation of a tensor, or None.
+    """
+
+    def __init__(self, path: Path, kind: str):
+        self.path = path
+        self.kind = kind
+        self.metadata: dict[str, str] = {}
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        raise NotImplementedError
+
+    def quant_type(self, key: str) -> str | None:
+        return None
+
+    def close(self) -> None:
+        """Drop file handles and maps (tensors already returned stay valid)."""
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    def __init__(self, path: Path):
+        super().__init__(path, "safetensors")
+        self._header = _read_safetensors_header(path)
+        self.metadata = dict(self._header.pop("__metadata__", None) or {})
+        from safetensors import safe_open
+
+        try:
+            self._file = safe_open(str(path), framework="pt", device="cpu")
+        except Exception as exc:
+            raise FormatError(f"{path}: not a readable safetensors file ({exc})") from exc
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        if key not in self._header:
+            raise KeyError(key)
+        return self._file.get_tensor(key)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._header)
+
+    def __len__(self) -> int:
+        return len(self._header)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._header[key]["shape"])
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return SAFETENSORS_DTYPES.get(self._header[key]["dtype"])
+
+    def close(self) -> None:
+        self._file = None
+
+
+def _read_safetensors_header(path: Path) -> dict:
+    """Parse and validate the header; a truncated or foreign file fails here with what was found."""
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            raise FormatError(f"{path}: not a safetensors file ({size} bytes, too short for a header)")
+        (n,) = struct.unpack("<Q", head)
+        if n == 0 or n > _MAX_HEADER or n > size - 8:
+            raise FormatError(f"{path}: not a safetensors file (header length {n} does not fit a {size}-byte file; "
+                              f"first bytes {head!r})")
+        raw = fh.read(n)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
+    if not isinstance(header, dict):
+        raise FormatError(f"{path}: not a safetensors file (header is a {type(header).__name__})")
+    end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        raise FormatError(f"{path}: truncated safetensors file: the header describes {8 + n + end} bytes, "
+                          f"the file has {size} (an interrupted download? re-download it)")
+    return header
+
+
+class GGUFCheckpoint(Checkpoint):
+    """GGUF tensors dequantised to float32 on indexing (``raw(key)`` gives the quantised bytes)."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "gguf")
+        import gguf
+
+        try:
+            self._reader = gguf.GGUFReader(str(path), "r")
+        except Exception as exc:
+            raise FormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        for field in self._reader.fields.values():
+            if field.types and field.types[0] == gguf.GGUFValueType.STRING and len(field.types) == 1:
+                self.metadata[field.name] = str(bytes(field.parts[field.data[0]]), "utf-8", "replace")
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        from .dequant import dequantize_gguf
+
+        t = self._tensors[key]
+        return dequantize_gguf(t.data, t.tensor_type, self.shape(key), name=f"{self.path}:{key}")
+
+    def raw(self, key: str):
+        return self._tensors[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._tensors)
+
+    def __len__(self) -> int:
+        return len(self._tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(int(d) for d in reversed(self._tensors[key].shape))
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return None
+
+    def quant_type(self, key: str) -> str | None:
+        return self._tensors[key].tensor_type.name
+
+    def close(self) -> None:
+        self._reader = None
+
+
+class TorchCheckpoint(Checkpoint):
+    """A legacy torch file, read with ``weights_only=True`` (no pickle code runs) and memory-mapped."""
+
+    def __init__(self, path: Path):
+        super().__init__(path, "torch")
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except Exception as exc:
+            raise FormatError(f"{path}: cannot be read as a weights-only torch file ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''}); only safetensors, GGUF and "
+                              "weights-only .pt/.bin files are accepted, never arbitrary pickles") from exc
+        if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+            obj = obj["state_dict"]
+        if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+            raise FormatError(f"{path}: a torch file but not a state dict of tensors (found {type(obj).__name__})")
+        self._sd = obj
+
+    def __getitem__(self, key: str) -> torch.Tensor:
+        return self._sd[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sd)
+
+    def __len__(self) -> int:
+        return len(self._sd)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._sd[key].shape)
+
+    def dtype(self, key: str) -> torch.dtype | None:
+        return self._sd[key].dtype
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open one weights file lazily, choosing the reader from its first bytes (not only its name)."""
+    path = Path(path)
+    if not path.exists():
+        raise FormatError(f"checkpoint file not found: {path}")
+    if path.is_dir():
+        raise FormatError(f"{path} is a folder; give a single weights file (or load the folder as a Hugging Face "
+                          "component)")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic[:4] == b"GGUF":
+        return GGUFCheckpoint(path)
+    if magic[:2] == b"PK" or magic[:1] == b"\x80" or path.suffix.lower() in LEGACY_SUFFIXES:
+        return TorchCheckpoint(path)
+    if path.suffix.lower() == ".gguf":
+        raise FormatError(f"{path}: named .gguf but does not start with the GGUF magic (found {magic[:4]!r})")
+    return SafetensorsCheckpoint(path)
+
+
+def shape_of(value) -> tuple[int, ...]:
+    """The shape of a tensor, of a header entry, or of a plain shape tuple."""
+    if hasattr(value, "shape"):
+        return tuple(value.shape)
+    if isinstance(value, Mapping) and "shape" in value:
+        return tuple(value["shape"])
+    return tuple(value)
+
+
+def shapes(source: Mapping) -> dict[str, tuple[int, ...]]:
+    """``{key: shape}`` for a checkpoint (header only), a state dict, or a mapping of shapes."""
+    if isinstance(source, Checkpoint):
+        return {k: source.shape(k) for k in source}
+    return {k: shape_of(v) for k, v in source.items()}
