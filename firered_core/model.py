@@ -139,15 +139,17 @@ class FireRedModel:
     def use(self, name: str) -> Iterator:
         """Yield component ``name`` on the compute device; with offload it goes back to the CPU afterwards."""
         module = self.get(name)
+        moves = self.offload == "model" and not _manages_placement(module)
         if self.offload == "model":
             for other in COMPONENTS:
-                if other != name and other in self._loaded:
+                if other != name and other in self._loaded and not _manages_placement(self._loaded[other]):
                     self._loaded[other].to("cpu")
+        if moves:
             module.to(self.device)
         try:
             yield module
         finally:
-            if self.offload == "model":
+            if moves:
                 module.to("cpu")
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
@@ -156,6 +158,11 @@ class FireRedModel:
         """Drop every loaded component (they reload on next use)."""
         with self._lock:
             self._loaded.clear()
+
+
+def _manages_placement(module) -> bool:
+    """A component that places its own weights (block swap) is never moved as a whole."""
+    return bool(getattr(module, "_firered_manages_placement", False))
 
 
 def _load_module(name: str, src: Path, dtype: torch.dtype):

@@ -19,6 +19,7 @@ from .geometry import VAE_AREA, VL_AREA, check_size, default_output_size
 from .model import FireRedModel
 from .references import RefImages, RefLatents, encode_references, prepare_references
 from .sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+from .speed import SpeedSettings, prepare
 
 
 @dataclass
@@ -29,6 +30,7 @@ class EditResult:
     latents: torch.Tensor
     width: int
     height: int
+    stats: dict | None = None
 
 
 def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
@@ -72,17 +74,28 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
 class EditPipeline:
     """Instruction-driven editing with a :class:`FireRedModel` (FireRed's official settings by default)."""
 
-    def __init__(self, model: FireRedModel):
+    def __init__(self, model: FireRedModel, settings: SpeedSettings | None = None):
         self.model = model
+        self.settings = settings or SpeedSettings()
 
     def encode_prompts(self, prompts: list[str], refs: RefImages | None, mode: str = "pipeline") -> PromptEmbeds:
+        """Prompt embeddings; with the embedding cache on, a (model, prompt, images, mode) is encoded once."""
         images = refs.vl_images if refs is not None and len(refs) else None
-        with self.model.use("text_encoder") as te:
-            return encode_prompts(te, self.model.processor, prompts, images, mode=mode, device=self.model.device)
+        cache = self.settings.embed_cache_obj()
+        prepare(self.model, self.settings, "text_encoder")
+        te = self.model.text_encoder
+
+        def encode(todo: list[str]) -> PromptEmbeds:
+            with self.model.use("text_encoder") as te:
+                return encode_prompts(te, self.model.processor, todo, images, mode=mode, device=self.model.device)
+        if cache is None:
+            return encode(prompts)
+        return cache.encode(encode, te, prompts, images, mode, device=self.model.device, dtype=te.dtype)
 
     def encode_references(self, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
         if refs is None or len(refs) == 0:
             return RefLatents(None, [])
+        prepare(self.model, self.settings, "vae")
         with self.model.use("vae") as vae:
             return encode_references(vae, refs, device=self.model.device, dtype=dtype)
 
@@ -137,11 +150,16 @@ class EditPipeline:
         noise = make_noise(batch, width, height, seed, dtype, self.model.device)
         img_shapes = [[L.token_grid(height, width), *ref.shapes]]
         sigmas = make_sigmas(steps, noise.shape[1], self.model.scheduler_config, shift=shift)
+        prepare(self.model, self.settings, "transformer")
+        block_cache = self.settings.new_block_cache()
         with self.model.use("transformer") as transformer:
-            denoiser = transformer_denoiser(transformer, ref, img_shapes)
-            latents = sample(denoiser, noise, sigmas, cond, uncond, true_cfg, callback)
+            denoiser = transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache)
+            latents = sample(denoiser, noise, sigmas, cond, uncond, true_cfg, callback,
+                             batched_cfg=self.settings.batched_cfg)
+        stats = {"block_cache": block_cache.report()} if block_cache is not None else None
         if output == "latent":
-            return EditResult(None, latents, width, height)
+            return EditResult(None, latents, width, height, stats)
+        prepare(self.model, self.settings, "vae")
         with self.model.use("vae") as vae:
             pixels = decode_latents(vae, latents, width, height)
-        return EditResult(to_pil(pixels), latents, width, height)
+        return EditResult(to_pil(pixels), latents, width, height, stats)

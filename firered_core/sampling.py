@@ -71,11 +71,21 @@ class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor: ...
 
 
-def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attention_kwargs: dict | None = None
-                         ) -> Denoiser:
-    """Velocity of the noisy tokens: reference tokens appended after them, prediction sliced back."""
+def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attention_kwargs: dict | None = None,
+                         block_cache=None) -> Denoiser:
+    """Velocity of the noisy tokens: reference tokens appended after them, prediction sliced back.
+
+    ``block_cache`` (a :class:`firered_core.cache.BlockCache`) runs the transformer through the block-level forward
+    with that branch's cache state; without it the transformer's own forward runs.
+    """
     def run(x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor:
         inp = x if ref.tokens is None else torch.cat([x, ref.tokens.expand(x.shape[0], -1, -1)], dim=1)
+        if block_cache is not None:
+            from .transformer_forward import run_transformer
+
+            out = run_transformer(transformer, inp, cond.embeds, cond.mask, timestep, img_shapes * x.shape[0],
+                                  attention_kwargs, block_cache.loop(branch))
+            return out[:, : x.shape[1]]
         ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else _null()
         with ctx:
             out = transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=cond.embeds,
@@ -96,20 +106,29 @@ class _null:
 @torch.no_grad()
 def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond: PromptEmbeds,
            uncond: PromptEmbeds | None = None, true_cfg: float = 1.0,
-           callback: Callable[[StepInfo], None] | None = None) -> torch.Tensor:
+           callback: Callable[[StepInfo], None] | None = None, batched_cfg: bool = False) -> torch.Tensor:
     """Euler integration of the flow from ``sigmas[0]`` to ``sigmas[-1]``.
 
-    True CFG runs when ``uncond`` is given and ``true_cfg > 1``. The update is done in float32 and cast back to the
-    model's dtype, as the reference scheduler does.
+    True CFG runs when ``uncond`` is given and ``true_cfg > 1``; ``batched_cfg`` runs both branches in one forward
+    (``cfg.BatchedCFG``). The update is done in float32 and cast back to the model's dtype, as the reference
+    scheduler does.
     """
     do_cfg = uncond is not None and true_cfg > 1.0
+    both = None
+    if do_cfg and batched_cfg:
+        from .cfg import BatchedCFG
+
+        both = BatchedCFG(cond, uncond)
     timesteps = sigmas[:-1] * 1000.0
     n = len(timesteps)
     for i in range(n):
         t = timesteps[i].expand(latents.shape[0]).to(latents.dtype) / 1000
-        v = denoiser(latents, t.to(latents.device), cond, "cond")
-        if do_cfg:
-            v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
+        if both is not None:
+            v = apply_true_cfg(*both(denoiser, latents, t.to(latents.device)), true_cfg)
+        else:
+            v = denoiser(latents, t.to(latents.device), cond, "cond")
+            if do_cfg:
+                v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
         dt = (sigmas[i + 1] - sigmas[i]).to(latents.device)
         latents = (latents.to(torch.float32) + dt * v).to(v.dtype)
         if callback is not None:

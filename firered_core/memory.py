@@ -1,0 +1,177 @@
+"""Memory savers: weight-only quantisation, block swap and VAE tiling.
+
+- Quantisation stores each Linear weight as int8 or fp8 (e4m3) with one scale per output channel and dequantises
+  it to the activation dtype at every call: half the weight memory of bf16, the matmul itself unchanged. Output
+  projections (``proj_out``, ``lm_head``), the input embeddings and the vision tower stay in full precision.
+- Block swap keeps the first ``resident`` transformer blocks on the device and streams the others from (pinned) CPU
+  memory, one block ahead on a side CUDA stream, so only ``resident + 2`` blocks occupy the device at once.
+- VAE tiling is diffusers' own (``enable_tiling``); it only changes images larger than one tile.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+import torch.nn.functional as F
+
+QUANT_MODES = ("none", "int8", "fp8")
+KEEP_TRANSFORMER = ("proj_out", "img_in", "txt_in", "norm_out.*", "time_text_embed.*")
+KEEP_TEXT_ENCODER = ("lm_head", "*visual*", "model.visual*")
+
+
+class QuantLinear(torch.nn.Module):
+    """A Linear whose weight is int8 or fp8-e4m3 with a per-output-channel scale (weight-only quantisation)."""
+
+    def __init__(self, linear: torch.nn.Linear, mode: str):
+        super().__init__()
+        if mode not in ("int8", "fp8"):
+            raise ValueError(f"quantisation {mode!r} is not int8 or fp8")
+        w = linear.weight.detach()
+        amax = w.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
+        if mode == "int8":
+            scale = amax / 127.0
+            q = (w.float() / scale).round().clamp(-127, 127).to(torch.int8)
+        else:
+            scale = amax / torch.finfo(torch.float8_e4m3fn).max
+            q = (w.float() / scale).to(torch.float8_e4m3fn)
+        self.mode = mode
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.compute_dtype = w.dtype
+        self.register_buffer("qweight", q)
+        self.register_buffer("scale", scale.to(w.dtype))
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach(), requires_grad=False)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dequantised weight (for code that reads ``.weight``, e.g. LoRA wrappers checking shape/dtype)."""
+        return self.qweight.to(self.scale.dtype) * self.scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.qweight.to(x.dtype) * self.scale.to(x.dtype)
+        return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, mode={self.mode}"
+
+
+def _kept(name: str, keep: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatch(name, pat) for pat in keep)
+
+
+def quantize_linears(module: torch.nn.Module, mode: str, keep: tuple[str, ...] = ()) -> int:
+    """Replace every ``nn.Linear`` not matching a ``keep`` pattern (dotted names) in place; returns the count.
+
+    Layers are replaced one by one, so the peak memory is the model plus one full-precision layer.
+    """
+    if mode == "none":
+        return 0
+    count = 0
+    for name, child in list(module.named_modules()):
+        for child_name, sub in list(child.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(sub) is torch.nn.Linear and not _kept(full, keep):
+                setattr(child, child_name, QuantLinear(sub, mode))
+                count += 1
+    return count
+
+
+def quantize_transformer(transformer: torch.nn.Module, mode: str) -> int:
+    return quantize_linears(transformer, mode, KEEP_TRANSFORMER)
+
+
+def quantize_text_encoder(text_encoder: torch.nn.Module, mode: str) -> int:
+    return quantize_linears(text_encoder, mode, KEEP_TEXT_ENCODER)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    """Bytes of parameters and buffers (what a component costs on the device)."""
+    return sum(t.numel() * t.element_size() for t in list(module.parameters()) + list(module.buffers()))
+
+
+class BlockSwap:
+    """Keep ``resident`` blocks on ``device``; stream the others in before they run and drop them after.
+
+    Each streamed block keeps a CPU copy of its tensors (pinned when the device is CUDA); running it swaps the
+    ``.data`` of its parameters to a device copy made on a side stream one block ahead. Weights never change at
+    inference, so dropping a block is just pointing back at the CPU copy. On a CPU device the same bookkeeping runs
+    with plain copies, which keeps the path testable without a GPU.
+    """
+
+    def __init__(self, transformer: torch.nn.Module, resident: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.blocks = list(transformer.transformer_blocks)
+        self.resident = max(0, min(resident, len(self.blocks)))
+        self.cuda = self.device.type == "cuda"
+        self.stream = torch.cuda.Stream(self.device) if self.cuda else None
+        for name, child in transformer.named_children():
+            if name != "transformer_blocks":
+                child.to(self.device)
+        self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
+        for i, block in enumerate(self.blocks):
+            if i < self.resident:
+                block.to(self.device)
+                continue
+            block.to("cpu")
+            tensors = list(block.parameters()) + list(block.buffers())
+            self.host[i] = [(t, t.data.pin_memory() if self.cuda else t.data) for t in tensors]
+            for t, cpu in self.host[i]:
+                t.data = cpu
+        self.handles = []
+        for i in self.host:
+            self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))
+            self.handles.append(self.blocks[i].register_forward_hook(self._after(i)))
+        transformer._firered_manages_placement = True
+        self.transformer = transformer
+
+    def _copy(self, i: int) -> None:
+        if i in self.pending or i not in self.host:
+            return
+        if self.cuda:
+            with torch.cuda.stream(self.stream):
+                copies = [cpu.to(self.device, non_blocking=True) for _, cpu in self.host[i]]
+                event = torch.cuda.Event()
+                event.record(self.stream)
+        else:
+            copies, event = [cpu.clone() for _, cpu in self.host[i]], None
+        self.pending[i] = (copies, event)
+
+    def _next_streamed(self, i: int) -> int | None:
+        later = [j for j in self.host if j > i] or [j for j in self.host if j < i]
+        return min(later) if later else None
+
+    def _before(self, i: int):
+        def hook(module, args):
+            self._copy(i)
+            copies, event = self.pending.pop(i)
+            if event is not None:
+                torch.cuda.current_stream(self.device).wait_event(event)
+            for (t, _), dev in zip(self.host[i], copies):
+                if self.cuda:
+                    dev.record_stream(torch.cuda.current_stream(self.device))
+                t.data = dev
+            nxt = self._next_streamed(i)
+            if nxt is not None:
+                self._copy(nxt)
+        return hook
+
+    def _after(self, i: int):
+        def hook(module, args, output):
+            for t, cpu in self.host[i]:
+                t.data = cpu
+        return hook
+
+    def remove(self) -> None:
+        """Unhook; streamed blocks stay on the CPU."""
+        for h in self.handles:
+            h.remove()
+        self.pending.clear()
+        self.transformer._firered_manages_placement = False
+
+
+def enable_vae_tiling(vae, enabled: bool = True) -> None:
+    if enabled:
+        vae.enable_tiling()
+    else:
+        vae.disable_tiling()

@@ -1,0 +1,124 @@
+"""One settings object for every speed / memory option, shared by the CLI, the ComfyUI settings node and benches.
+
+Model-level options (quantisation, compile, block swap, VAE tiling) are applied once per component, lazily, the
+first time the pipeline uses it (:func:`prepare`); run-level options (batched CFG, block cache, embedding cache) are
+read by the pipeline on every edit. The defaults are today's behaviour: every option off except the in-memory
+embedding cache, which is lossless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .cache import BlockCache, BlockCacheConfig
+from .memory import QUANT_MODES
+
+COMPILE_MODES = ("none", "blocks")
+
+
+@dataclass
+class SpeedSettings:
+    """Speed and memory options. ``cache_threshold`` 0 disables the block cache; ``block_swap`` 0 disables it."""
+
+    batched_cfg: bool = False
+    cache_threshold: float = 0.0
+    cache_first: int = 1
+    cache_last: int = 1
+    cache_warmup: int = 2
+    cache_max_consecutive: int = 3
+    taylorseer: bool = False
+    quantize: str = "none"
+    quantize_text_encoder: str = "none"
+    compile: str = "none"
+    block_swap: int = 0
+    vae_tiling: bool = False
+    embed_cache: bool = True
+    embed_cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("quantize", "quantize_text_encoder"):
+            if getattr(self, name) not in QUANT_MODES:
+                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {QUANT_MODES}")
+        if self.compile not in COMPILE_MODES:
+            raise ValueError(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
+        if self.block_swap < 0:
+            raise ValueError(f"block_swap={self.block_swap} must be >= 0")
+        self.cache_config()
+
+    @classmethod
+    def from_dict(cls, values: dict | None) -> "SpeedSettings":
+        """Build from a plain dict (unknown keys are an error, so a typo in a node or a flag is not ignored)."""
+        values = dict(values or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown speed settings {unknown}; known: {sorted(known)}")
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cache_config(self) -> BlockCacheConfig | None:
+        if self.cache_threshold <= 0:
+            return None
+        return BlockCacheConfig(threshold=self.cache_threshold, first=self.cache_first, last=self.cache_last,
+                                warmup=self.cache_warmup, max_consecutive=self.cache_max_consecutive,
+                                taylorseer=self.taylorseer)
+
+    def new_block_cache(self) -> BlockCache | None:
+        config = self.cache_config()
+        return None if config is None else BlockCache(config)
+
+    def embed_cache_obj(self):
+        from .embed_cache import EmbedCache, default_cache
+
+        if not self.embed_cache:
+            return None
+        if self.embed_cache_dir:
+            return _disk_caches.setdefault(self.embed_cache_dir, EmbedCache(disk=self.embed_cache_dir))
+        return default_cache()
+
+
+_disk_caches: dict = {}
+
+
+def prepare(model, settings: SpeedSettings, name: str) -> None:
+    """Apply the model-level options to component ``name`` of a ``FireRedModel`` once (idempotent)."""
+    from . import memory
+
+    module = model.get(name)
+    wanted = _component_key(settings, name)
+    done = getattr(module, "_firered_speed", None)
+    if done == wanted:
+        return
+    if done is not None:
+        raise RuntimeError(f"the {name} was already prepared with {done}; reload the model to apply {wanted}")
+    if name == "transformer":
+        memory.quantize_transformer(module, settings.quantize)
+        if settings.block_swap:
+            memory.BlockSwap(module, settings.block_swap, model.device)
+        if settings.compile == "blocks":
+            compile_blocks(module)
+    elif name == "text_encoder":
+        memory.quantize_text_encoder(module, settings.quantize_text_encoder)
+    elif name == "vae":
+        memory.enable_vae_tiling(module, settings.vae_tiling)
+    module._firered_speed = wanted
+
+
+def _component_key(settings: SpeedSettings, name: str) -> tuple:
+    if name == "transformer":
+        return (settings.quantize, settings.block_swap, settings.compile)
+    if name == "text_encoder":
+        return (settings.quantize_text_encoder,)
+    return (settings.vae_tiling,)
+
+
+def compile_blocks(transformer, **kwargs) -> None:
+    """torch.compile each repeated block (regional compilation: one graph reused by all 60 blocks).
+
+    ``fullgraph=True`` by default, so a graph break (e.g. from a LoRA wrapper) is an error rather than a slowdown.
+    """
+    kwargs.setdefault("fullgraph", True)
+    kwargs.setdefault("dynamic", False)
+    transformer.compile_repeated_blocks(**kwargs)
