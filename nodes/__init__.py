@@ -1,0 +1,16 @@
+"""FireRed-Image-Edit nodes for ComfyUI: thin adapters over ``firered_core``, one stage per node."""
+
+from __future__ import annotations
+
+from . import _comfy, decode, encode, image, loaders, sample
+
+_comfy.register_model_folders()
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {
+    **loaders.NODE_CLASS_MAPPINGS,
+    **encode.NODE_CLASS_MAPPINGS,
+    **sample.NODE_CLASS_MAPPINGS,
+    **decode.NODE_CLASS_MAPPINGS,
+    **image.NODE_CLASS_MAPPINGS,
+}
+NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {key: cls.NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -1,0 +1,140 @@
+"""The one place that touches ComfyUI (``comfy.*``, ``folder_paths``, ``latent_preview``).
+
+Each helper falls back to plain behaviour when ComfyUI is absent, so every node runs in tests without it.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from firered_core import preview as P
+
+try:
+    import comfy.model_management as _mm
+    import comfy.utils as _cu
+    import folder_paths as _fp
+except ImportError:
+    _mm = _cu = _fp = None
+
+IN_COMFY = _fp is not None
+MODEL_FOLDER = "firered"
+MODEL_FOLDERS = (MODEL_FOLDER, "diffusers")
+MODEL_DIRS_ENV = "FIRERED_MODEL_DIRS"
+PREVIEW_SIZE = 512
+
+
+def register_model_folders() -> None:
+    """Register ``models/firered`` with ComfyUI (``models/diffusers`` is already known)."""
+    if IN_COMFY:
+        _fp.add_model_folder_path(MODEL_FOLDER, os.path.join(_fp.models_dir, MODEL_FOLDER), is_default=True)
+
+
+def model_dirs() -> list[Path]:
+    """Folders searched for model folders: ComfyUI's ``firered`` and ``diffusers`` (or ``$FIRERED_MODEL_DIRS``)."""
+    if IN_COMFY:
+        dirs = [d for name in MODEL_FOLDERS if name in _fp.folder_names_and_paths for d in _fp.get_folder_paths(name)]
+    else:
+        dirs = [d for d in os.environ.get(MODEL_DIRS_ENV, "").split(os.pathsep) if d]
+    return [Path(d) for d in dirs]
+
+
+def list_model_folders() -> list[str]:
+    """Relative names of every folder holding a ``model_index.json`` under :func:`model_dirs`."""
+    names: list[str] = []
+    for base in model_dirs():
+        if not base.is_dir():
+            continue
+        for root, _dirs, files in os.walk(base, followlinks=True):
+            if "model_index.json" in files:
+                name = Path(root).relative_to(base).as_posix()
+                if name != "." and name not in names:
+                    names.append(name)
+    return sorted(names)
+
+
+def find_model_folder(name: str) -> Path | None:
+    """The folder called ``name`` in the first model folder that has it (an absolute path is taken as is)."""
+    if os.path.isabs(name):
+        return Path(name) if os.path.isdir(name) else None
+    for base in model_dirs():
+        path = base / name
+        if path.is_dir():
+            return path
+    return None
+
+
+def torch_device() -> torch.device:
+    if IN_COMFY:
+        return _mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def intermediate_device() -> torch.device:
+    """Where IMAGE and LATENT outputs live between nodes."""
+    return _mm.intermediate_device() if IN_COMFY else torch.device("cpu")
+
+
+def soft_empty_cache() -> None:
+    if IN_COMFY:
+        _mm.soft_empty_cache()
+    elif torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+class Interrupted(Exception):
+    """Raised when the user cancels outside ComfyUI (ComfyUI raises its own exception)."""
+
+
+_interrupt = threading.Event()
+
+
+def interrupt() -> None:
+    """Request cancellation of the running node (outside ComfyUI; ComfyUI has its own Cancel button)."""
+    _interrupt.set()
+
+
+def throw_if_interrupted() -> None:
+    if IN_COMFY:
+        _mm.throw_exception_if_processing_interrupted()
+    elif _interrupt.is_set():
+        _interrupt.clear()
+        raise Interrupted("processing interrupted")
+
+
+class _PlainProgressBar:
+    """Stand-in for ``comfy.utils.ProgressBar`` that records its updates."""
+
+    def __init__(self, total: int):
+        self.total, self.current, self.updates = total, 0, []
+
+    def update_absolute(self, value: int, total: int | None = None, preview=None) -> None:
+        self.total = total or self.total
+        self.current = min(value, self.total)
+        self.updates.append((self.current, self.total, preview))
+
+
+def progress_bar(total: int):
+    return _cu.ProgressBar(total) if IN_COMFY else _PlainProgressBar(total)
+
+
+def previewer() -> Callable[[torch.Tensor], object | None]:
+    """A function from a normalised 5-D latent to a preview for ``ProgressBar.update_absolute``.
+
+    In ComfyUI it is the user's chosen previewer for the Wan 2.1 latent space (None when previews are off).
+    """
+    if IN_COMFY:
+        try:
+            import comfy.latent_formats
+            import latent_preview
+        except ImportError:
+            return lambda z: None
+        impl = latent_preview.get_previewer(torch_device(), comfy.latent_formats.Wan21())
+        if impl is None:
+            return lambda z: None
+        return lambda z: impl.decode_latent_to_preview_image("JPEG", z)
+    return lambda z: ("JPEG", P.latent_to_rgb(z), PREVIEW_SIZE)

@@ -1,0 +1,120 @@
+"""Resolution without pixel shift: output sizes, padding to a multiple of 16 with a record, and cropping back."""
+
+from __future__ import annotations
+
+import torch
+
+from firered_core import geometry as G
+from firered_core import latents as L
+
+from . import _comfy
+from ._errors import input_error
+
+SIZE_MODES = ("match input", "megapixels", "width x height")
+CROP_TOOLTIP = "The padding record made with the image; crop back with FireRed Crop Back."
+
+
+def empty_latent(width: int, height: int) -> dict:
+    """A zero LATENT (raw, 5-D) of ``width`` x ``height`` pixels, multiples of 16."""
+    z = torch.zeros(1, 16, 1, height // L.VAE_SCALE, width // L.VAE_SCALE, device=_comfy.intermediate_device())
+    return {"samples": z}
+
+
+def image_size(node: str, name: str, image: torch.Tensor) -> tuple[int, int]:
+    if image.ndim != 4 or image.shape[-1] not in (3, 4):
+        raise input_error(node, name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    return image.shape[2], image.shape[1]
+
+
+class FireRedImageSize:
+    NAME = "FireRed Image Size"
+    DESCRIPTION = ("Chooses the output size and gives an empty LATENT of it. 'match input' pads the image's size up "
+                   "to a multiple of 16 and records the padding, so FireRed Crop Back returns exactly the input's "
+                   "size with no zoom and no shift. 'megapixels' follows the pipeline: that area at the image's "
+                   "aspect ratio (1.0 = the official default). 'width x height' gives any exact size.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("LATENT", "FIRERED_CROP", "INT", "INT")
+    RETURN_NAMES = ("latent", "crop", "width", "height")
+    OUTPUT_TOOLTIPS = ("Empty latent at the generation size (multiples of 16).", CROP_TOOLTIP,
+                       "Final width after cropping back.", "Final height after cropping back.")
+    FUNCTION = "size"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "mode": (list(SIZE_MODES), {"default": "match input", "tooltip": cls.DESCRIPTION}),
+                "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01,
+                                         "tooltip": "For 'megapixels': output area in units of 1024x1024 pixels, "
+                                                    "at the image's aspect ratio (square without an image)."}),
+                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                                  "tooltip": "For 'width x height': exact output width in pixels."}),
+                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                                   "tooltip": "For 'width x height': exact output height in pixels."}),
+            },
+            "optional": {
+                "image": ("IMAGE", {"tooltip": "The image whose size (match input) or aspect ratio (megapixels) "
+                                               "the output follows; usually the last reference image."}),
+            },
+        }
+
+    def size(self, mode: str, megapixels: float, width: int, height: int, image: torch.Tensor | None = None
+             ) -> tuple[dict, G.PadRecord, int, int]:
+        source = None if image is None else image_size(self.NAME, "image", image)
+        if mode == "match input":
+            if source is None:
+                raise input_error(self.NAME, "image", "'match input' needs an image connected")
+            record = G.pad_record(*source)
+        elif mode == "megapixels":
+            record = G.pad_record(*G.default_output_size(source, megapixels * 1024 * 1024))
+        else:
+            record = G.pad_record(width, height)
+        return (empty_latent(record.padded_width, record.padded_height), record, record.width, record.height)
+
+
+class FireRedPadImage:
+    NAME = "FireRed Pad Image"
+    DESCRIPTION = ("Pads an image to a multiple of 16 (edge pixels repeated, image centred) and records where it "
+                   "sits, so FireRed Crop Back can return exactly the original pixels' positions and size.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE", "FIRERED_CROP")
+    RETURN_NAMES = ("image", "crop")
+    OUTPUT_TOOLTIPS = ("The padded image.", CROP_TOOLTIP)
+    FUNCTION = "pad"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {"image": ("IMAGE", {"tooltip": "Image of any size."})}}
+
+    def pad(self, image: torch.Tensor) -> tuple[torch.Tensor, G.PadRecord]:
+        image_size(self.NAME, "image", image)
+        return G.pad_to_multiple(image)
+
+
+class FireRedCropBack:
+    NAME = "FireRed Crop Back"
+    DESCRIPTION = ("Removes the recorded padding: the result has the original size and every pixel where it was. "
+                   "An image generated at another size is first resized to the padded size.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The image at the recorded original size.",)
+    FUNCTION = "crop"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The decoded (padded-size) image."}),
+            "crop": ("FIRERED_CROP", {"tooltip": "From FireRed Image Size or FireRed Pad Image."}),
+        }}
+
+    def crop(self, image: torch.Tensor, crop: G.PadRecord) -> tuple[torch.Tensor]:
+        image_size(self.NAME, "image", image)
+        return (G.crop_back(image, crop),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "FireRedImageSize": FireRedImageSize,
+    "FireRedPadImage": FireRedPadImage,
+    "FireRedCropBack": FireRedCropBack,
+}

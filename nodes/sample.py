@@ -1,0 +1,124 @@
+"""The sampler: flow-matching Euler with true CFG, progress with previews, interruption at every step."""
+
+from __future__ import annotations
+
+import torch
+
+from firered_core import comfy_latents as CL
+from firered_core import geometry as G
+from firered_core import latents as L
+from firered_core import preview as P
+from firered_core.model import FireRedModel
+from firered_core.pipeline import make_noise
+from firered_core.references import RefLatents
+from firered_core.sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+
+from . import _comfy
+from ._errors import blame, input_error
+from .encode import Conditioning
+
+SEED_MODES = ("batch", "increment")
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+
+class FireRedSampler:
+    NAME = "FireRed Sampler"
+    DESCRIPTION = ("Generates the edited image: flow-matching Euler steps with the checkpoint's schedule and true "
+                   "classifier-free guidance (FireRed defaults: 40 steps, true CFG 4). The LATENT input sets the "
+                   "size; with denoise < 1 its content is the starting point.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("latent",)
+    OUTPUT_TOOLTIPS = ("Raw (un-normalised) 5-D latent, decodable by FireRed Decode or ComfyUI's VAE Decode.",)
+    FUNCTION = "sample"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {
+            "required": {
+                "model": ("FIRERED_MODEL", {"tooltip": "From FireRed Model Loader."}),
+                "positive": ("FIRERED_COND", {"tooltip": "The encoded instruction; its references are used."}),
+                "latent": ("LATENT", {"tooltip": "Sets the output size (from FireRed Image Size, or any 16-channel "
+                                                 "LATENT with sides multiple of 16 pixels); its content is only "
+                                                 "used when denoise < 1."}),
+                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                 "tooltip": "Noise seed (drawn on the CPU, so a seed gives the same image on every "
+                                            "device)."}),
+                "steps": ("INT", {"default": 40, "min": 1, "max": 200,
+                                  "tooltip": "Denoising steps (40 official; 8 with the Lightning LoRA)."}),
+                "true_cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01,
+                                       "tooltip": "True CFG scale with per-token norm rescale (4 official; 1 = "
+                                                  "off, halves the time, e.g. with the Lightning LoRA)."}),
+                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.05,
+                                    "tooltip": "0 = the checkpoint's dynamic shift (depends on the output size); "
+                                               "a value > 0 forces a constant shift (ComfyUI's native path uses 3)."}),
+                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                                      "tooltip": "1 = start from pure noise; less keeps that much of the input "
+                                                 "latent's content."}),
+                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                                       "tooltip": "Images generated in one run."}),
+                "seed_mode": (list(SEED_MODES), {
+                    "default": "batch",
+                    "tooltip": "batch: one generator for the whole batch (as the pipeline). increment: image i "
+                               "uses seed + i, so each image of a sweep can be remade alone with its seed."}),
+            },
+            "optional": {
+                "negative": ("FIRERED_COND", {"tooltip": "The encoded negative prompt (' ' officially), with the "
+                                                         "same references; needed for true CFG > 1."}),
+            },
+        }
+
+    def sample(self, model: FireRedModel, positive: Conditioning, latent: dict, seed: int, steps: int,
+               true_cfg: float, shift: float, denoise: float, batch_size: int, seed_mode: str,
+               negative: Conditioning | None = None) -> tuple[dict]:
+        with blame(self.NAME, "latent"):
+            samples = CL.check_raw(latent["samples"])
+            width, height = CL.pixel_size(samples)
+            G.check_size(width, height)
+        if samples.shape[0] > 1 and batch_size not in (1, samples.shape[0]):
+            raise input_error(self.NAME, "batch_size", f"the latent holds {samples.shape[0]} images; "
+                              "set batch_size to 1 or to the same number")
+        batch = max(batch_size, samples.shape[0])
+        if true_cfg > 1.0 and negative is None:
+            raise input_error(self.NAME, "negative", "true_cfg > 1 needs a negative conditioning (encode ' ' "
+                              "with the same references), or set true_cfg to 1")
+        refs = positive.refs
+        if negative is not None and (negative.refs is None) != (refs is None):
+            raise input_error(self.NAME, "negative", "encode the negative prompt with the same references as "
+                              "the positive one (the pipeline does)")
+
+        dtype, device = positive.embeds.embeds.dtype, model.device
+        seeds = int(seed) if seed_mode == "batch" else [int(seed) + i for i in range(batch)]
+        noise = make_noise(batch, width, height, seeds, dtype, device)
+        ref = refs.latents.to(device, dtype) if refs is not None else RefLatents(None, [])
+        img_shapes = [[L.token_grid(height, width), *ref.shapes]]
+        with blame(self.NAME, "steps"):
+            sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config,
+                                 shift=shift if shift > 0 else None, denoise=denoise)
+        start = noise
+        if denoise < 1.0:
+            init = CL.from_raw(samples.to(device), model.vae.config).to(dtype)
+            start = CL.noised_start(init.expand(batch, -1, -1), noise, sigmas[0])
+        cond = positive.embeds.repeat(batch).to(device)
+        uncond = negative.embeds.repeat(batch).to(device) if true_cfg > 1.0 else None
+
+        bar, preview = _comfy.progress_bar(len(sigmas) - 1), _comfy.previewer()
+        tracker = P.X0Tracker(start, float(sigmas[0]))
+
+        def on_step(info: StepInfo) -> None:
+            _comfy.throw_if_interrupted()
+            x0 = tracker.update(info.latents, info.sigma)
+            bar.update_absolute(info.step + 1, info.total, preview(P.tokens_to_latent(x0, width, height)))
+
+        _comfy.throw_if_interrupted()
+        try:
+            with model.use("transformer") as transformer:
+                out = sample(transformer_denoiser(transformer, ref, img_shapes), start, sigmas, cond, uncond,
+                             true_cfg, on_step)
+            raw = CL.to_raw(out, width, height, model.vae.config)
+        finally:
+            _comfy.soft_empty_cache()
+        return ({"samples": raw.float().to(_comfy.intermediate_device())},)
+
+
+NODE_CLASS_MAPPINGS = {"FireRedSampler": FireRedSampler}
