@@ -1,0 +1,450 @@
+"""The trainer: LoRA or full fine-tuning of the transformer with flow matching, on one CPU or many GPUs.
+
+Distribution is accelerate's: DDP when launched with several processes, FSDP (wrapping ``QwenImageTransformerBlock``)
+when ``fsdp: true``. Every random choice of a step (bucket, rows, variant, alignment, sigma, noise) is a function of
+``(seed, step, row position in the global batch)``, so a resumed run repeats the losses of an uninterrupted one and a
+2-process run sees what a 1-process run with twice the batch sees. Each process runs its rows one at a time and
+accumulates gradients (rows may differ in text length and, after alignment, in reference count).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .. import latents as L
+from ..conditioning import PromptEmbeds
+from ..images import load_image
+from ..model import load_model
+from ..references import RefLatents
+from ..sampling import transformer_denoiser
+from . import checkpoint as ckpt
+from .alignment import align, choose_variant, variant_text
+from .buckets import BucketSampler
+from .config import TrainConfig, to_dict
+from .data import load_dataset, parse_weights
+from .ema import EMA
+from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
+from .extract import EmbeddingStore
+from .losses import flow_matching_loss, noisy_latents
+from .seeding import row_generator, row_rng
+from .timesteps import sample_sigmas
+
+log = logging.getLogger(__name__)
+BLOCK_CLASS = "QwenImageTransformerBlock"
+EVAL_STEP = 10**9  # seeds evaluation draws apart from any training step
+
+
+@dataclass
+class RowInputs:
+    x0: torch.Tensor  # [1, L, 64]
+    ref: RefLatents
+    cond: PromptEmbeds
+    img_shapes: list
+    variant: str
+
+
+@dataclass
+class TrainResult:
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> mean loss over processes
+    checkpoint: Path | None = None
+    exports: dict[str, Path] = field(default_factory=dict)
+    samples_per_s: float = 0.0
+
+
+def make_accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    if not torch.distributed.is_initialized():
+        AcceleratorState._reset_state()
+    kwargs = {}
+    if cfg.fsdp:
+        from accelerate import FullyShardedDataParallelPlugin
+
+        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[BLOCK_CLASS],
+            use_orig_params=True, state_dict_type="FULL_STATE_DICT")
+    tracker = cfg.tracker if cfg.tracker not in (None, "none", "") else None
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir, **kwargs)
+
+
+def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
+    """Add the LoRA adapter or unfreeze the full fine-tune patterns; return the trained parameter names."""
+    transformer.requires_grad_(False)
+    if cfg.method == "lora":
+        from peft import LoraConfig
+
+        torch.manual_seed(cfg.seed)
+        transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
+                                           target_modules=list(cfg.lora.targets), init_lora_weights=True))
+    elif cfg.method == "full":
+        for name, p in transformer.named_parameters():
+            p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
+    else:
+        raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
+    names = [n for n, p in transformer.named_parameters() if p.requires_grad]
+    if not names:
+        raise ValueError(f"nothing to train: the patterns {cfg.trainable if cfg.method == 'full' else cfg.lora.targets}"
+                         " match no parameter of the transformer")
+    return names
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        self.acc = make_accelerator(cfg)
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.dataset = load_dataset(cfg.data)
+        self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
+                                     parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
+        self.store = EmbeddingStore(cfg.embeddings, cfg.prompt_mode) if cfg.embeddings else None
+        if self.store is not None and (cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0):
+            raise ValueError("random instruction alignment rewrites the instruction, so it needs online encoding: "
+                             "unset `embeddings` or set alignment rates to 0")
+        if cfg.fsdp and cfg.ema_decay > 0:
+            raise ValueError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
+        self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
+        self.scheduler_config = self.model.scheduler_config
+        transformer = self.model.transformer
+        self.trainable = mark_trainable(transformer, cfg)
+        if cfg.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        transformer.train()
+        params = [p for _, p in transformer.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        from diffusers.optimization import get_scheduler
+
+        self.lr_scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                          num_training_steps=cfg.steps)
+        self.ema = EMA(self.named_trainable(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.transformer, self.optimizer = self.acc.prepare(transformer, self.optimizer)
+        self.step = 0
+        self.losses: dict[int, float] = {}
+
+    # -- parameters -------------------------------------------------------------------------------------------
+    @property
+    def module(self):
+        return self.acc.unwrap_model(self.transformer)
+
+    def named_trainable(self, module=None) -> dict[str, torch.Tensor]:
+        module = module if module is not None else self.module
+        keep = set(self.trainable)
+        return {n: p for n, p in module.named_parameters() if n in keep}
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        if self.cfg.fsdp:
+            full = self.acc.get_state_dict(self.transformer)
+            return {n: full[n] for n in self.trainable if n in full}
+        return {n: p.detach() for n, p in self.named_trainable().items()}
+
+    # -- inputs -----------------------------------------------------------------------------------------------
+    def row_inputs(self, sample, key, step: int, pos: int) -> RowInputs:
+        cfg = self.cfg
+        variant = choose_variant(sample.has_inverse, row_rng(cfg.seed, step, pos, "variant"), cfg.variants)
+        inverse = variant.startswith("inverse")
+        text = variant_text(sample, variant)
+        order = None
+        if not inverse and len(sample.sources) > 1 and self.store is None:
+            order, (text,) = align(len(sample.sources), [text], row_rng(cfg.seed, step, pos, "alignment"),
+                                   cfg.alignment)
+        images = row_images(sample, key, cfg.target_area, cfg.reference_area, inverse=inverse, order=order)
+        device = self.acc.device
+        cached = self.store.load(sample.uid) if self.store is not None else {}
+        prefix = "latents.inverse_" if inverse else "latents."
+        if self.store is not None:
+            if f"embeds.{variant}" not in cached:
+                raise KeyError(f"row {sample.uid} has no cached '{variant}' embedding in {self.store.root}: "
+                               f"extract that variant or set its rate to 0")
+            cond = PromptEmbeds(cached[f"embeds.{variant}"][None].to(device, torch.float32), None)
+        refs = None
+        if self.store is None or prefix + "target" not in cached:
+            refs = prepare_row_references(images, cfg.vl_area)
+        if self.store is None:
+            cond = encode_row_prompt(self.model.text_encoder, self.model.processor, text, refs, cfg.prompt_mode,
+                                     device=device)
+            cond = PromptEmbeds(cond.embeds.float(), cond.mask)
+        if prefix + "target" in cached:
+            x0 = cached[prefix + "target"].to(device)
+            tokens = cached.get(prefix + "refs")
+            ref = RefLatents(None if tokens is None else tokens.to(device),
+                             [L.token_grid(h, w) for w, h in images.source_sizes])
+        else:
+            x0 = encode_target(self.model.vae, images.target, images.target_size, device)
+            ref = encode_row_references(self.model.vae, refs, device)
+        tw, th = images.target_size
+        return RowInputs(x0, ref, cond, [[L.token_grid(th, tw), *ref.shapes]], variant)
+
+    def row_loss(self, inputs: RowInputs, step: int, pos: int) -> torch.Tensor:
+        cfg = self.cfg
+        x0 = inputs.x0
+        sigma = sample_sigmas(cfg.timesteps, step, [pos], self.sampler.global_batch, x0.shape[1],
+                              self.scheduler_config, cfg.seed).to(x0.device)
+        noise = torch.randn(x0.shape, generator=row_generator(cfg.seed, step, pos, "noise")).to(x0.device)
+        xt = noisy_latents(x0, noise, sigma)
+        denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
+        pred = denoiser(xt, sigma, inputs.cond, "cond")
+        loss, _ = flow_matching_loss(pred, noise, x0, sigma, cfg.loss_weighting, cfg.outlier)
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, rows: int = 4, draws: int = 2) -> float:
+        """Mean loss of the first ``rows`` rows at fixed noise levels and noise (comparable across training)."""
+        from .buckets import bucket_key
+
+        self.transformer.eval()
+        total, n = 0.0, 0
+        for i, sample in enumerate(self.dataset.samples[:rows]):
+            for d in range(draws):
+                step = EVAL_STEP + d
+                total += float(self.row_loss(self.row_inputs(sample, bucket_key(sample), step, i), step, i))
+                n += 1
+        self.transformer.train()
+        return total / n
+
+    # -- one step ---------------------------------------------------------------------------------------------
+    def train_step(self) -> float:
+        batch = self.sampler.next()
+        step = batch.step
+        rows = batch.for_rank(self.rank, self.world)
+        positions = batch.global_positions(self.rank, self.world)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for j, (idx, pos) in enumerate(zip(rows, positions)):
+            inputs = self.row_inputs(self.dataset.samples[idx], batch.key, step, pos)
+            last = j == len(rows) - 1
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.transformer):
+                loss = self.row_loss(inputs, step, pos)
+                self.acc.backward(loss / len(rows))
+            total += float(loss.detach())
+        if self.cfg.dump_grads and step == 0:
+            self.dump_grads(Path(self.cfg.dump_grads))
+        if self.cfg.grad_clip and self.cfg.grad_clip > 0:
+            self.acc.clip_grad_norm_(self.transformer.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        if self.ema is not None:
+            self.ema.update(self.named_trainable())
+        mean = self.acc.reduce(torch.tensor(total / len(rows), device=self.acc.device), reduction="mean")
+        self.step = step + 1
+        self.losses[self.step] = float(mean)
+        return float(mean)
+
+    def dump_grads(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        grads = {n: p.grad.detach().cpu().contiguous() for n, p in self.named_trainable().items()
+                 if p.grad is not None}
+        if self.acc.is_main_process:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_file(grads, str(path))
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def optimizer_state(self) -> dict:
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(self.transformer, self.optimizer,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return self.optimizer.state_dict()
+
+    def save(self) -> Path:
+        trainable = self.trainable_state()
+        opt = self.optimizer_state()
+        path = None
+        if self.acc.is_main_process:
+            state = {"step": self.step, "sampler": self.sampler.state_dict(),
+                     "lr_scheduler": self.lr_scheduler.state_dict(), "losses": self.losses,
+                     "config": to_dict(self.cfg)}
+            path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable, opt, json.loads(
+                json.dumps(state, default=str)), self.ema.state_dict() if self.ema else None,
+                self.cfg.keep_checkpoints)
+        self.acc.wait_for_everyone()
+        return path or self.out / "checkpoints" / f"step-{self.step:08d}"
+
+    def resume_path(self) -> Path | None:
+        r = self.cfg.resume
+        if r in (None, "", "none"):
+            return None
+        if r == "auto":
+            return ckpt.latest_checkpoint(self.out / "checkpoints")
+        return Path(r)
+
+    def load(self, path: Path) -> None:
+        data = ckpt.load_checkpoint(path)
+        names = set(data["trainable"])
+        if names != set(self.trainable):
+            raise ValueError(f"checkpoint {path} trains {len(names)} tensors, this run {len(self.trainable)}: "
+                             "resume with the same method, LoRA targets and trainable patterns")
+        if self.cfg.fsdp:
+            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                                 set_optimizer_state_dict)
+
+            opts = StateDictOptions(full_state_dict=True, strict=False)
+            set_model_state_dict(self.transformer, data["trainable"], options=opts)
+            set_optimizer_state_dict(self.transformer, self.optimizer, data["optimizer"], options=opts)
+        else:
+            with torch.no_grad():
+                for n, p in self.named_trainable().items():
+                    p.copy_(data["trainable"][n])
+            self.optimizer.load_state_dict(data["optimizer"])
+        state = data["state"]
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        self.sampler.load_state_dict(state["sampler"])
+        if self.ema is not None:
+            if data["ema"] is None:
+                raise ValueError(f"checkpoint {path} has no EMA state but ema_decay is set")
+            self.ema.load_state_dict(data["ema"])
+        ckpt.set_rng_state(data["rng"])
+        self.step = int(state["step"])
+        self.losses = {int(k): v for k, v in state["losses"].items()}
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # -- validation -------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def ema_weights(self):
+        if self.ema is None:
+            yield
+            return
+        params = self.named_trainable()
+        saved = {n: p.detach().clone() for n, p in params.items()}
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+
+    def validate(self) -> Path | None:
+        from ..pipeline import EditPipeline
+
+        cfg, val = self.cfg, self.cfg.validation
+        if not (self.cfg.fsdp or self.acc.is_main_process):
+            self.acc.wait_for_everyone()
+            return None
+        self.model.set("transformer", self.transformer if cfg.fsdp else self.module)
+        pipe = EditPipeline(self.model)
+        from .buckets import bucket_key
+
+        rows = []
+        self.transformer.eval()
+        with self.ema_weights(), torch.no_grad():
+            for sample in self.dataset.samples[: val.rows]:
+                images = row_images(sample, bucket_key(sample), cfg.target_area, cfg.reference_area)
+                sources = [load_image(p) for p in sample.sources]
+                w, h = images.target_size
+                result = pipe.edit(sources, sample.instruction, steps=val.steps, true_cfg=val.true_cfg,
+                                   seed=val.seed, width=w, height=h, vl_area=cfg.vl_area,
+                                   vae_area=cfg.reference_area, prompt_mode=cfg.prompt_mode)
+                rows.append([*sources, load_image(sample.target), result.images[0]])
+        self.transformer.train()
+        path = None
+        if self.acc.is_main_process:
+            grid = image_grid(rows)
+            path = self.out / "validation" / f"step-{self.step:08d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            grid.save(path)
+            self.log_image(grid)
+        self.acc.wait_for_everyone()
+        return path
+
+    def log_image(self, grid: Image.Image) -> None:
+        import numpy as np
+
+        for tracker in self.acc.trackers:
+            if hasattr(tracker, "log_images"):
+                tracker.log_images({"validation": np.asarray(grid)[None]}, step=self.step, dataformats="NHWC")
+
+    # -- the loop ---------------------------------------------------------------------------------------------
+    def run(self) -> TrainResult:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        resume = self.resume_path()
+        if resume is not None:
+            self.load(resume)
+        if self.acc.is_main_process:
+            self.out.mkdir(parents=True, exist_ok=True)
+        if cfg.tracker not in (None, "none", ""):
+            self.acc.init_trackers("firered", config={k: str(v) for k, v in to_dict(cfg).items()})
+        bar = tqdm(total=cfg.steps, initial=self.step, disable=not self.acc.is_local_main_process,
+                   desc="train", dynamic_ncols=True)
+        result = TrainResult()
+        start, start_step = time.perf_counter(), self.step
+        while self.step < cfg.steps:
+            loss = self.train_step()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                self.acc.log({"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.step)
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
+                result.checkpoint = self.save()
+            if cfg.validation.every and self.step % cfg.validation.every == 0:
+                self.validate()
+            if cfg.stop_after is not None and self.step >= cfg.stop_after:
+                bar.close()
+                raise SimulatedKill(f"stopped after step {self.step}")
+        bar.close()
+        elapsed = time.perf_counter() - start
+        done = self.step - start_step
+        result.samples_per_s = done * self.sampler.global_batch / elapsed if elapsed > 0 and done else 0.0
+        if not cfg.checkpoint_every or self.step % cfg.checkpoint_every:
+            result.checkpoint = self.save()
+        result.exports = self.export()
+        result.losses = dict(self.losses)
+        if self.acc.is_main_process:
+            (self.out / "losses.json").write_text(json.dumps(self.losses, indent=0))
+        self.acc.end_training()
+        return result
+
+    def export(self) -> dict[str, Path]:
+        from .export import export_full, export_lora
+
+        state = self.trainable_state()
+        ema = self.ema.shadow if self.ema is not None else None
+        out = {}
+        if self.acc.is_main_process:
+            if self.cfg.method == "lora":
+                out.update(export_lora(state, self.out / "export", self.cfg.export_name, self.cfg.lora.alpha))
+                if ema is not None:
+                    out.update({f"ema_{k}": v for k, v in export_lora(
+                        ema, self.out / "export", self.cfg.export_name + "_ema", self.cfg.lora.alpha).items()})
+            else:
+                out["full"] = export_full(self.module, state, self.cfg.model, self.out / "export" / "model")
+                if ema is not None:
+                    out["ema_full"] = export_full(self.module, ema, self.cfg.model,
+                                                  self.out / "export" / "model_ema")
+        self.acc.wait_for_everyone()
+        return out
+
+
+class SimulatedKill(RuntimeError):
+    """Raised by ``stop_after`` (tests): the run ends abruptly after a step, as a killed job would."""
+
+
+def image_grid(rows: list[list[Image.Image]], height: int = 128) -> Image.Image:
+    """One row per example (sources, target, output), each picture scaled to ``height``."""
+    scaled = [[im.resize((max(1, round(im.width * height / im.height)), height)) for im in row] for row in rows]
+    width = max(sum(im.width for im in row) for row in scaled)
+    grid = Image.new("RGB", (width, height * len(scaled)), "white")
+    for r, row in enumerate(scaled):
+        x = 0
+        for im in row:
+            grid.paste(im, (x, r * height))
+            x += im.width
+    return grid
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    return Trainer(cfg).run()
+
