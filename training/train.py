@@ -1,0 +1,33 @@
+"""Train FireRed-Image-Edit (LoRA or full fine-tune).
+
+    accelerate launch training/train.py training/configs/lora.yaml lr=5e-5 lora.rank=64
+    accelerate launch --num_processes 2 --cpu training/train.py CONFIG key=value ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from firered_core.training.config import load_config  # noqa: E402
+from firered_core.training.trainer import train  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", help="YAML or TOML config file")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    result = train(load_config(args.config, args.overrides))
+    logging.info("done: %d steps, last loss %.4f, %.3f samples/s, exports %s", len(result.losses),
+                 list(result.losses.values())[-1] if result.losses else float("nan"), result.samples_per_s,
+                 {k: str(v) for k, v in result.exports.items()})
+
+
+if __name__ == "__main__":
+    main()
