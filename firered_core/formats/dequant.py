@@ -4,8 +4,8 @@ Error bounds (relative to the largest magnitude in the tensor or block they come
 
 - fp8 e4m3fn: 3 mantissa bits, relative rounding error <= 2**-4 per element (normal range); e5m2: <= 2**-3.
 - ComfyUI scaled fp8: the same, relative to ``weight * scale``; the scale is applied in float32.
-- GGUF Q8_0: per 32-value block ``|w - q| <= amax / 254`` (+ fp16 rounding of the scale); Q4_0: ``<= amax / 14``
-  approximately (``d = amax / 8``, error ``<= d / 2`` plus clipping of the top bin); K-quants are decoded exactly by
+- GGUF Q8_0: per 32-value block ``|w - q| <= amax / 254`` (+ fp16 rounding of the scale); Q4_0: ``<= amax / 16``
+  except the one bin clipped at +7, ``<= amax / 8``; K-quants are decoded exactly by
   the ``gguf`` package's reference dequantiser (the error is whatever the file's quantiser chose).
 """
 
@@ -49,7 +49,7 @@ def dequantize_gguf(data, qtype, shape: tuple[int, ...], name: str = "") -> torc
 
     try:
         if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.asarray(data, dtype=np.float32)
+            arr = np.array(data, dtype=np.float32)
         else:
             arr = gguf.quants.dequantize(np.asarray(data), qtype)
     except NotImplementedError as exc:
@@ -83,6 +83,10 @@ def iter_dequantized(ckpt: Checkpoint, dtype: torch.dtype, rename: Callable[[str
             elif tensor.dtype in FP8_DTYPES:
                 tensor = tensor.to(torch.float32)
             tensor = tensor.to(dtype)
+        if tensor.data_ptr() % 64:
+            # Tensors read at unaligned file offsets take other SIMD paths than freshly allocated ones (last-ulp
+            # differences); a copy makes a lossless load bit-identical to the original model.
+            tensor = tensor.clone()
         yield new, tensor
 
 
