@@ -1,4 +1,8 @@
-"""Model loading: a FireRed (Qwen-Image-Edit-Plus) Hugging Face folder from ComfyUI's model folders."""
+"""Model loading: a FireRed (Qwen-Image-Edit-Plus) Hugging Face folder from ComfyUI's model folders.
+
+Loaded models are shared between loaders (see :func:`cached_model`): nodes that patch a model (LoRA loaders belong in
+this module) must return a new bundle rather than modify the shared one.
+"""
 
 from __future__ import annotations
 

@@ -125,14 +125,12 @@ def ui_to_api(workflow: dict, info: dict) -> dict:
 
 def check_value(kind, value) -> None:
     """Does ``value`` look like what an output of type ``kind`` must carry?"""
-    pack = load_pack()
-    enc = sys.modules[f"{PACK_NAME}.nodes.encode"]
+    enc = submodule("encode")
     from firered_core.geometry import PadRecord
     from firered_core.model import FireRedModel
 
     expected = {"FIRERED_MODEL": FireRedModel, "FIRERED_REFS": enc.References, "FIRERED_COND": enc.Conditioning,
                 "FIRERED_CROP": PadRecord, "INT": int, "FLOAT": float, "STRING": str}
-    assert pack is not None
     if kind == "IMAGE":
         assert isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[-1] == 3, value.shape
         assert value.dtype == torch.float32 and value.device.type == "cpu"
