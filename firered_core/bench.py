@@ -1,0 +1,131 @@
+"""Plain-path benchmark: our pipeline vs diffusers' QwenImageEditPlusPipeline at identical settings.
+
+Each side runs in its own fresh process (so peak RSS is its own), on the same random model folder, image, seed and
+settings; the table shows wall time of the edit, peak RSS of the process, and ours / reference ratios.
+
+    python -m firered_core.bench --preset medium --size 512 --steps 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process (VmHWM), in MiB."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_image(size: int):
+    import numpy as np
+    from PIL import Image
+
+    rs = np.random.RandomState(0)
+    h, w = size * 3 // 4, size
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([x / w, y / h, rs.rand(h, w) * 0.3], -1)
+    return Image.fromarray((arr.clip(0, 1) * 255).astype("uint8"))
+
+
+def worker(side: str, model_dir: str, size: int, steps: int, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    image = bench_image(size)
+    area = size * size
+    prompt, neg, cfg, seed = "make the sky purple", " ", 4.0, 0
+    t0 = time.perf_counter()
+    if side == "reference":
+        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as mod
+        from diffusers import QwenImageEditPlusPipeline
+
+        mod.VAE_IMAGE_SIZE = area
+        pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
+        pipe.set_progress_bar_config(disable=True)
+        load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out = pipe(image=[image], prompt=prompt, negative_prompt=neg, true_cfg_scale=cfg, height=size, width=size,
+                   num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np").images
+        pixels = out[0]
+    else:
+        from .model import load_model
+        from .pipeline import EditPipeline
+
+        pipe = EditPipeline(load_model(model_dir))
+        for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
+            pipe.model.get(name)
+        load = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        res = pipe.edit([image], prompt, neg, steps=steps, true_cfg=cfg, seed=seed, width=size, height=size,
+                        vae_area=area)
+        import numpy as np
+
+        pixels = np.asarray(res.images[0], dtype=np.float32) / 255.0
+    edit = time.perf_counter() - t1
+    return {"side": side, "load_s": load, "edit_s": edit, "peak_rss_mb": peak_rss_mb(),
+            "checksum": float(abs(pixels).sum())}
+
+
+def run_side(side: str, args) -> dict:
+    cmd = [sys.executable, "-m", "firered_core.bench", "--worker", side, "--model-dir", str(args.model_dir),
+           "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if out.returncode:
+        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="medium")
+    p.add_argument("--model-dir", default=None, help="random model folder (built if missing)")
+    p.add_argument("--size", type=int, default=512, help="output side and reference VAE side (pixels)")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--repeats", type=int, default=1, help="alternate runs per side; the best time is kept")
+    p.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.worker, args.model_dir, args.size, args.steps, args.threads)))
+        return 0
+
+    from .testing import build_model, default_demo_dir
+
+    args.model_dir = Path(args.model_dir or default_demo_dir().with_name(f"bench-{args.preset}"))
+    build_model(args.model_dir, args.preset)
+    results: dict[str, list[dict]] = {"reference": [], "ours": []}
+    for _ in range(args.repeats):
+        for side in ("reference", "ours"):
+            results[side].append(run_side(side, args))
+    best = {side: min(rs, key=lambda r: r["edit_s"]) for side, rs in results.items()}
+    peak = {side: max(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
+    ref, ours = best["reference"], best["ours"]
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
+          f"{args.threads}; preset {args.preset}, 1 reference, {args.size}x{args.size}, {args.steps} steps, "
+          f"true CFG 4, fp32")
+    print(f"{'':<22}{'reference':>12}{'ours':>12}{'ratio':>9}")
+    print(f"{'edit wall time (s)':<22}{ref['edit_s']:>12.2f}{ours['edit_s']:>12.2f}"
+          f"{ours['edit_s'] / ref['edit_s']:>9.2f}")
+    print(f"{'peak RSS (MiB)':<22}{peak['reference']:>12.0f}{peak['ours']:>12.0f}"
+          f"{peak['ours'] / peak['reference']:>9.2f}")
+    print(f"{'load (s)':<22}{ref['load_s']:>12.2f}{ours['load_s']:>12.2f}{ours['load_s'] / ref['load_s']:>9.2f}")
+    same = abs(ref["checksum"] - ours["checksum"]) <= 1e-3 * max(1.0, abs(ref["checksum"]))
+    print(f"outputs identical (pixel checksum): {same}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
