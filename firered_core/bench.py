@@ -40,10 +40,14 @@ def bench_image(size: int):
     return Image.fromarray((arr.clip(0, 1) * 255).astype("uint8"))
 
 
-def worker(side: str, model_dir: str, size: int, steps: int, threads: int) -> dict:
+def worker(side: str, model_dir: str, size: int, steps: int, threads: int, device: str = "cpu",
+           dtype: str = "fp32") -> dict:
     import torch
 
+    from .model import parse_dtype
+
     torch.set_num_threads(threads)
+    torch_dtype = parse_dtype(dtype)
     image = bench_image(size)
     area = size * size
     prompt, neg, cfg, seed = "make the sky purple", " ", 4.0, 0
@@ -53,7 +57,7 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int) -> di
         from diffusers import QwenImageEditPlusPipeline
 
         mod.VAE_IMAGE_SIZE = area
-        pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir)
+        pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
         pipe.set_progress_bar_config(disable=True)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
@@ -64,7 +68,7 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int) -> di
         from .model import load_model
         from .pipeline import EditPipeline
 
-        pipe = EditPipeline(load_model(model_dir))
+        pipe = EditPipeline(load_model(model_dir, dtype=torch_dtype, device=device))
         for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
             pipe.model.get(name)
         load = time.perf_counter() - t0
@@ -74,14 +78,18 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int) -> di
         import numpy as np
 
         pixels = np.asarray(res.images[0], dtype=np.float32) / 255.0
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     edit = time.perf_counter() - t1
-    return {"side": side, "load_s": load, "edit_s": edit, "peak_rss_mb": peak_rss_mb(),
+    vram = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+    return {"side": side, "load_s": load, "edit_s": edit, "peak_rss_mb": peak_rss_mb(), "peak_vram_mb": vram,
             "checksum": float(abs(pixels).sum())}
 
 
 def run_side(side: str, args) -> dict:
     cmd = [sys.executable, "-m", "firered_core.bench", "--worker", side, "--model-dir", str(args.model_dir),
-           "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads)]
+           "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
+           "--device", args.device, "--dtype", args.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if out.returncode:
         raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
@@ -95,11 +103,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=512, help="output side and reference VAE side (pixels)")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
     p.add_argument("--repeats", type=int, default=1, help="alternate runs per side; the best time is kept")
     p.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.model_dir, args.size, args.steps, args.threads)))
+        print(json.dumps(worker(args.worker, args.model_dir, args.size, args.steps, args.threads, args.device,
+                                args.dtype)))
         return 0
 
     from .testing import build_model, default_demo_dir
@@ -113,14 +124,23 @@ def main(argv: list[str] | None = None) -> int:
     best = {side: min(rs, key=lambda r: r["edit_s"]) for side, rs in results.items()}
     peak = {side: max(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
     ref, ours = best["reference"], best["ours"]
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads "
+    machine = platform.processor() or platform.machine()
+    if args.device.startswith("cuda"):
+        import torch
+
+        machine = f"{torch.cuda.get_device_name()} + {machine}"
+    print(f"machine: {machine}, {os.cpu_count()} cpus, torch threads "
           f"{args.threads}; preset {args.preset}, 1 reference, {args.size}x{args.size}, {args.steps} steps, "
-          f"true CFG 4, fp32")
+          f"true CFG 4, {args.dtype} on {args.device}")
     print(f"{'':<22}{'reference':>12}{'ours':>12}{'ratio':>9}")
     print(f"{'edit wall time (s)':<22}{ref['edit_s']:>12.2f}{ours['edit_s']:>12.2f}"
           f"{ours['edit_s'] / ref['edit_s']:>9.2f}")
     print(f"{'peak RSS (MiB)':<22}{peak['reference']:>12.0f}{peak['ours']:>12.0f}"
           f"{peak['ours'] / peak['reference']:>9.2f}")
+    if args.device.startswith("cuda"):
+        vram = {side: max(r["peak_vram_mb"] for r in rs) for side, rs in results.items()}
+        print(f"{'peak VRAM (MiB)':<22}{vram['reference']:>12.0f}{vram['ours']:>12.0f}"
+              f"{vram['ours'] / vram['reference']:>9.2f}")
     print(f"{'load (s)':<22}{ref['load_s']:>12.2f}{ours['load_s']:>12.2f}{ours['load_s'] / ref['load_s']:>9.2f}")
     same = abs(ref["checksum"] - ours["checksum"]) <= 1e-3 * max(1.0, abs(ref["checksum"]))
     print(f"outputs identical (pixel checksum): {same}")
