@@ -1,0 +1,129 @@
+"""Benchmark: load time and peak memory per single-file format for the medium preset transformer (not a test).
+
+    python -m firered_core.bench_load [--dir DIR] [--formats safetensors-fp32,comfy-bf16,...]
+
+Each load runs in a fresh subprocess, with imports done before the clock starts; "peak +RSS" is the peak resident
+memory during the load above what the process held before it (Linux VmHWM, reset via /proc/self/clear_refs), next to
+the file size and the loaded model's size; the peak includes file pages mapped while reading (page cache, reclaimable),
+"+anon after" is the private memory the loaded model holds. So "needs less than twice the file" can be read off the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+FORMATS = ("safetensors-fp32", "comfy-bf16", "comfy-fp8_e4m3fn", "comfy-fp8_scaled", "gguf-Q8_0", "torch-pt")
+
+
+def write_formats(out: Path, names: list[str]) -> dict[str, Path]:
+    from safetensors.torch import save_file
+
+    from .testing import build_components
+
+    sd = {k: v.contiguous() for k, v in build_components("medium")["transformer"].state_dict().items()}
+    pre = "model.diffusion_model."
+    paths = {}
+    for name in names:
+        path = out / f"transformer-{name}{'.gguf' if name.startswith('gguf') else '.pt' if name == 'torch-pt' else '.safetensors'}"
+        paths[name] = path
+        if path.exists():
+            continue
+        if name == "safetensors-fp32":
+            save_file(sd, str(path))
+        elif name == "comfy-bf16":
+            save_file({pre + k: v.to(torch.bfloat16) for k, v in sd.items()}, str(path))
+        elif name == "comfy-fp8_e4m3fn":
+            save_file({pre + k: v.to(torch.float8_e4m3fn if v.dim() == 2 else torch.bfloat16) for k, v in sd.items()},
+                      str(path))
+        elif name == "comfy-fp8_scaled":
+            out_sd = {"scaled_fp8": torch.empty(0, dtype=torch.float8_e4m3fn)}
+            for k, v in sd.items():
+                if v.dim() == 2:
+                    scale = v.abs().max().clamp_min(1e-12) / 448.0
+                    out_sd[pre + k] = (v / scale).to(torch.float8_e4m3fn)
+                    out_sd[pre + k[: -len("weight")] + "scale_weight"] = scale.reshape(1)
+                else:
+                    out_sd[pre + k] = v.to(torch.bfloat16)
+            save_file(out_sd, str(path))
+        elif name == "gguf-Q8_0":
+            import gguf
+
+            writer = gguf.GGUFWriter(str(path), "qwen_image")
+            for k, v in sd.items():
+                arr = v.numpy()
+                if arr.ndim == 2 and arr.shape[1] % 32 == 0:
+                    writer.add_tensor(k, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
+                                      raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                else:
+                    writer.add_tensor(k, arr)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+            writer.close()
+        elif name == "torch-pt":
+            torch.save(sd, path)
+    return paths
+
+
+def _status_mb(field: str) -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
+
+
+def _measure(path: str, dtype: str) -> None:
+    """Child process: load once, print JSON with seconds and peak RSS."""
+    from accelerate import init_empty_weights  # noqa: F401  (imports are not part of the load time)
+    from diffusers import QwenImageTransformer2DModel  # noqa: F401
+
+    from .formats import load_single_file
+
+    torch.set_num_threads(2)
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
+    base, anon = _status_mb("VmRSS"), _status_mb("RssAnon")
+    t0 = time.perf_counter()
+    module = load_single_file("transformer", path, getattr(torch, dtype))
+    seconds = time.perf_counter() - t0
+    params = sum(p.numel() * p.element_size() for p in module.parameters())
+    print(json.dumps({"seconds": seconds, "peak_mb": _status_mb("VmHWM") - base, "before_mb": base,
+                      "model_mb": params / 2 ** 20,
+                      "anon_mb": _status_mb("RssAnon") - anon}))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", type=Path, default=None, help="where to write the files (default: a temp dir)")
+    parser.add_argument("--formats", default=",".join(FORMATS))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--measure", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.measure:
+        _measure(args.measure, args.dtype)
+        return
+    out = args.dir or Path(tempfile.mkdtemp(prefix="firered-bench-"))
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_formats(out, args.formats.split(","))
+    print(f"medium transformer, load to {args.dtype}, files in {out}")
+    print(f"{'format':<20} {'file MB':>9} {'load s':>8} {'peak +RSS MB':>12} {'RSS before':>11} {'model MB':>9} {'+anon after':>11}")
+    for name, path in paths.items():
+        res = subprocess.run([sys.executable, "-m", "firered_core.bench_load", "--measure", str(path),
+                              "--dtype", args.dtype], capture_output=True, text=True)
+        if res.returncode:
+            print(f"{name:<20} failed: {res.stderr.strip().splitlines()[-1]}")
+            continue
+        r = json.loads(res.stdout.strip().splitlines()[-1])
+        print(f"{name:<20} {path.stat().st_size / 2 ** 20:>9.0f} {r['seconds']:>8.2f} {r['peak_mb']:>12.0f} "
+              f"{r['before_mb']:>11.0f} {r['model_mb']:>9.0f} {r['anon_mb']:>11.0f}")
+
+
+if __name__ == "__main__":
+    main()
