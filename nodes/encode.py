@@ -79,8 +79,8 @@ class FireRedReferenceImages:
             image_size(self.NAME, name, image)
             if len(pictures) + image.shape[0] > NATIVE_MAX_REFERENCES:
                 raise input_error(self.NAME, name, f"{len(pictures) + image.shape[0]} reference images in all; "
-                                  f"FireRed takes at most {NATIVE_MAX_REFERENCES}: stitch some into one picture "
-                                  "or send fewer")
+                                  f"FireRed takes at most {NATIVE_MAX_REFERENCES}: combine some into one picture "
+                                  "with FireRed Stitch Images, or send fewer")
             for frame in image[..., :3]:
                 if vae_sizing == "match input":
                     frame, record = G.pad_to_multiple(frame[None])

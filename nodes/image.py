@@ -6,6 +6,7 @@ import torch
 
 from firered_core import geometry as G
 from firered_core import latents as L
+from firered_core import stitch as ST
 
 from . import _comfy
 from ._errors import input_error
@@ -113,8 +114,46 @@ class FireRedCropBack:
         return (G.crop_back(image, crop),)
 
 
+class FireRedStitchImages:
+    NAME = "FireRed Stitch Images"
+    DESCRIPTION = ("Combines several pictures into one on a white background (nothing cropped), so that more "
+                   "pictures than the 3 reference slots can be given, as FireRed's own agent does.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("One stitched picture, to use as one reference image.",)
+    FUNCTION = "stitch"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        slot = "Picture to stitch (a batch adds each of its images)."
+        return {
+            "required": {
+                "image1": ("IMAGE", {"tooltip": slot}),
+                "layout": (list(ST.LAYOUTS), {"default": "row",
+                                              "tooltip": "row: side by side at a common height; column: stacked "
+                                                         "at a common width; grid: square cells."}),
+                "size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
+                                 "tooltip": "Common height (row), width (column) or cell side (grid) in pixels."}),
+                "gap": ("INT", {"default": 0, "min": 0, "max": 256,
+                                "tooltip": "White pixels between the pictures."}),
+            },
+            "optional": {f"image{k}": ("IMAGE", {"tooltip": slot}) for k in (2, 3, 4)},
+        }
+
+    def stitch(self, image1: torch.Tensor, layout: str, size: int, gap: int, image2: torch.Tensor | None = None,
+               image3: torch.Tensor | None = None, image4: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        pictures = []
+        for name, image in (("image1", image1), ("image2", image2), ("image3", image3), ("image4", image4)):
+            if image is not None:
+                image_size(self.NAME, name, image)
+                pictures += list(image[..., :3].cpu())
+        return (ST.stitch(pictures, layout, size, gap)[None],)
+
+
 NODE_CLASS_MAPPINGS = {
     "FireRedImageSize": FireRedImageSize,
+    "FireRedStitchImages": FireRedStitchImages,
     "FireRedPadImage": FireRedPadImage,
     "FireRedCropBack": FireRedCropBack,
 }

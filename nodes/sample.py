@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import torch
-
 from firered_core import comfy_latents as CL
 from firered_core import geometry as G
 from firered_core import latents as L

@@ -183,3 +183,15 @@ def test_errors_name_the_input(model):
     ok = {"samples": torch.zeros(1, 16, 1, 4, 4)}
     with pytest.raises(E, match="'negative'"):
         C["FireRedSampler"]().sample(model, pos, ok, 0, 2, 4.0, 0.0, 1.0, 1, "batch")
+
+
+def test_stitch_keeps_every_picture_uncropped():
+    stitch = S.classes()["FireRedStitchImages"]()
+    a, b = image(40, 20, seed=1), image(16, 32, seed=2)
+    row = stitch.stitch(a, "row", 32, 4, image2=b)[0]
+    assert row.shape == (1, 32, 64 + 4 + 16, 3)
+    torch.testing.assert_close(row[0, :, 68:], b[0])
+    column = stitch.stitch(torch.cat([a, a]), "column", 40, 0)[0]
+    assert column.shape == (1, 40, 40, 3) and torch.equal(column[0, :20], a[0])
+    grid = stitch.stitch(a, "grid", 32, 0, image2=b, image3=a)[0]
+    assert grid.shape == (1, 64, 64, 3) and float(grid[0, 0, 0, 0]) == 1.0
