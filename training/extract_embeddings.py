@@ -33,9 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import torch
     from accelerate import PartialState
 
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())
     cfg = ExtractConfig(model=a.model, data=a.data, output_dir=a.out, variants=a.variants, prompt_mode=a.prompt_mode,
                         vl_area=a.vl_area, cache_latents=a.cache_latents, target_area=a.target_area,
                         reference_area=a.reference_area, dtype=a.dtype)

@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="YAML or TOML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=getattr(logging, __import__("os").environ.get("FIRERED_LOG", "INFO")), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(load_config(args.config, args.overrides))
     logging.info("done: %d steps, last loss %.4f, %.3f samples/s, exports %s", len(result.losses),
                  list(result.losses.values())[-1] if result.losses else float("nan"), result.samples_per_s,

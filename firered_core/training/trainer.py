@@ -74,7 +74,9 @@ def make_accelerator(cfg: TrainConfig):
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[BLOCK_CLASS],
             use_orig_params=True, state_dict_type="FULL_STATE_DICT")
     tracker = cfg.tracker if cfg.tracker not in (None, "none", "") else None
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir, **kwargs)
+    # Without an accelerator, torchrun-style env (WORLD_SIZE > 1) only becomes a gloo process group with cpu=True.
+    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir,
+                       cpu=not torch.cuda.is_available(), **kwargs)
 
 
 def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
@@ -128,6 +130,8 @@ class Trainer:
                                           num_training_steps=cfg.steps)
         self.ema = EMA(self.named_trainable(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.transformer, self.optimizer = self.acc.prepare(transformer, self.optimizer)
+        log.info("process %d of %d (%s): %s, %d trained tensors", self.rank, self.world, self.acc.distributed_type,
+                 type(self.transformer).__name__, len(self.trainable))
         self.step = 0
         self.losses: dict[int, float] = {}
 
@@ -194,6 +198,8 @@ class Trainer:
         denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
         pred = denoiser(xt, sigma, inputs.cond, "cond")
         loss, _ = flow_matching_loss(pred, noise, x0, sigma, cfg.loss_weighting, cfg.outlier)
+        log.debug("step %d row %d: %s sigma %.4f x0 %.4f cond %s loss %.5f", step, pos, inputs.variant, float(sigma),
+                  float(x0.sum()), float(inputs.cond.embeds.sum()), float(loss.detach()))
         return loss
 
     @torch.no_grad()
