@@ -10,8 +10,8 @@ from firered_core import geometry as G
 from firered_core.conditioning import PROMPT_MODES, PromptEmbeds, encode_prompts
 from firered_core.images import tensor_to_pil
 from firered_core.model import FireRedModel
-from firered_core.references import NATIVE_MAX_REFERENCES, RefImages, RefLatents, encode_references, \
-    prepare_references
+from firered_core.references import (NATIVE_MAX_REFERENCES, RefImages, RefLatents, encode_references,
+                                     prepare_references)
 
 from ._errors import blame, input_error
 from .image import image_size
