@@ -42,6 +42,7 @@ class _Branch:
     computed: int = 0
     total: int = 0
     cached_steps: int = 0
+    diffs: list = field(default_factory=list)
 
 
 def relative_l1(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -75,9 +76,11 @@ class BlockCache:
         if state.residuals and state.residuals[-1][1].shape != hidden.shape:
             state.residuals.clear()
             state.probe = None
-        use_cache = (cfg.threshold > 0 and first + last < n and state.step >= cfg.warmup and state.probe is not None
-                     and state.consecutive < cfg.max_consecutive
-                     and relative_l1(probe, state.probe) < cfg.threshold)
+        diff = relative_l1(probe, state.probe) if state.probe is not None and cfg.threshold > 0 else None
+        if diff is not None:
+            state.diffs.append(round(diff, 4))
+        use_cache = (diff is not None and first + last < n and state.step >= cfg.warmup
+                     and state.consecutive < cfg.max_consecutive and diff < cfg.threshold)
         if use_cache:
             dh, de = self._residual(state)
             hidden, encoder = hidden + dh, encoder + de
@@ -108,8 +111,10 @@ class BlockCache:
         return dh + k * (dh - ph), de + k * (de - pe)
 
     def report(self) -> dict:
-        """Blocks computed / total and cached steps, per branch and overall."""
-        per = {name: {"computed": s.computed, "total": s.total, "cached_steps": s.cached_steps, "steps": s.step}
+        """Blocks computed / total and cached steps, per branch and overall; ``diffs`` are the probe's relative
+        changes seen at each step (what ``threshold`` is compared with)."""
+        per = {name: {"computed": s.computed, "total": s.total, "cached_steps": s.cached_steps, "steps": s.step,
+                      "diffs": s.diffs}
                for name, s in self.branches.items()}
         computed = sum(v["computed"] for v in per.values())
         total = sum(v["total"] for v in per.values())
