@@ -1,0 +1,98 @@
+"""Weight-only quantisation: output projections stay full precision and the edit stays within a printed bound;
+compiled blocks give the same result with no graph break, LoRA-style wrappers included."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from firered_core.memory import QuantLinear, quantize_text_encoder, quantize_transformer, weight_bytes
+from firered_core.speed import SpeedSettings, compile_blocks
+
+from speed_helpers import edit, fresh_model, max_diff, rel_err
+
+QUANT_BOUND = {"int8": 0.01, "fp8": 0.02}
+
+
+@pytest.fixture(scope="module")
+def image():
+    from conftest import random_image
+
+    return random_image(64, 48)
+
+
+@pytest.fixture(scope="module")
+def plain(tiny_model_dir, image):
+    return edit(fresh_model(tiny_model_dir), image).latents
+
+
+@torch.no_grad()
+def test_quant_linear_error_is_small():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    x = torch.randn(4, 64)
+    for mode, bound in (("int8", 0.01), ("fp8", 0.05)):
+        q = QuantLinear(lin, mode)
+        assert rel_err(q(x), lin(x)) < bound
+        assert q.weight.shape == lin.weight.shape
+
+
+def test_output_projections_stay_full_precision(tiny_model_dir):
+    model = fresh_model(tiny_model_dir)
+    before = weight_bytes(model.transformer)
+    count = quantize_transformer(model.transformer, "int8")
+    tr = model.transformer
+    assert count > 0 and weight_bytes(tr) < before
+    for name in ("proj_out", "img_in", "txt_in"):
+        assert type(getattr(tr, name)) is torch.nn.Linear
+    assert type(tr.norm_out.linear) is torch.nn.Linear
+    assert isinstance(tr.transformer_blocks[0].attn.to_q, QuantLinear)
+    assert quantize_text_encoder(model.text_encoder, "fp8") > 0
+    assert type(model.text_encoder.lm_head) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_quantised_edit_within_bound(tiny_model_dir, image, plain, mode):
+    settings = SpeedSettings(quantize=mode, quantize_text_encoder=mode)
+    out = edit(fresh_model(tiny_model_dir), image, settings).latents
+    err = rel_err(out, plain)
+    print(f"{mode}: relative latent error {err:.4f} (bound {QUANT_BOUND[mode]})")
+    assert err < QUANT_BOUND[mode]
+
+
+class LoraLinear(torch.nn.Module):
+    """The shape of a runtime LoRA adapter: base Linear + scale * up(down(x))."""
+
+    def __init__(self, base: torch.nn.Linear, rank: int = 4, scale: float = 0.5):
+        super().__init__()
+        self.base, self.scale = base, scale
+        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
+        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
+        torch.nn.init.normal_(self.up.weight, std=0.02)
+
+    def forward(self, x):
+        return self.base(x) + self.scale * self.up(self.down(x))
+
+
+def add_loras(transformer) -> None:
+    for block in transformer.transformer_blocks:
+        for name in ("to_q", "to_k", "to_v", "add_q_proj"):
+            setattr(block.attn, name, LoraLinear(getattr(block.attn, name)))
+
+
+def test_compiled_blocks_match_without_graph_breaks(tiny_model_dir, image):
+    """fullgraph=True turns any graph break into an error; the eager backend keeps this test fast on a CPU.
+    FIRERED_TEST_INDUCTOR=1 also compiles with inductor (about a minute on two cores)."""
+    base = fresh_model(tiny_model_dir)
+    add_loras(base.transformer)
+    expected = edit(base, image).latents
+    compiled = fresh_model(tiny_model_dir)
+    compiled.set("transformer", base.transformer)
+    torch._dynamo.reset()
+    backend = "inductor" if os.environ.get("FIRERED_TEST_INDUCTOR") else "eager"
+    compile_blocks(base.transformer, backend=backend)
+    out = edit(compiled, image).latents
+    torch._dynamo.reset()
+    assert max_diff(out, expected) < 1e-5
