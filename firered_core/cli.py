@@ -27,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA to apply (repeatable); strength defaults to 1.0")
     p.add_argument("--allow-partial-lora", action="store_true", help="apply a LoRA even if some keys do not match")
+    p.add_argument("--lora-mode", choices=("merge", "adapter"), default=None,
+                   help="merge LoRAs into the weights, or run them as adapters (default: merge; adapter for a "
+                        "runtime GGUF transformer, whose packed layers cannot be merged into)")
+    p.add_argument("--gguf-mode", choices=("runtime", "load"), default="runtime",
+                   help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
+                        "size, default), or dequantise everything at load")
     p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
                                                                        "none = text-to-image)")
     p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
@@ -50,17 +56,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'model' keeps each component on the CPU until it runs")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
+    from .speed import add_arguments
+
+    add_arguments(p)
     return p
 
 
-def _parse_lora(spec: str) -> tuple[str, float]:
-    path, sep, strength = spec.rpartition(":")
-    if sep and path and not path.endswith(("/", "\\")):
-        try:
-            return path, float(strength)
-        except ValueError:
-            pass
-    return spec, 1.0
+def _apply_loras(transformer, args: argparse.Namespace) -> None:
+    """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
+    from .formats import GGUFLinear
+    from .lora import LoraSpec, apply_loras
+
+    mode = args.lora_mode
+    if mode is None:
+        mode = "adapter" if any(isinstance(m, GGUFLinear) for m in transformer.modules()) else "merge"
+    report = apply_loras(transformer, [LoraSpec.parse(s) for s in args.lora], mode=mode,
+                         allow_partial=args.allow_partial_lora)
+    print(f"LoRA mode: {mode}", file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -93,19 +106,17 @@ def run(args: argparse.Namespace) -> list[Path]:
         steps = args.steps or 8
     else:
         model_dir, steps = args.model, args.steps or 40
-    model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, transformer=args.transformer,
-                       vae=args.vae, text_encoder=args.text_encoder)
+    model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
+                       transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
     if args.lora:
-        from .lora import apply_loras
-
-        report = apply_loras(model.transformer, [_parse_lora(s) for s in args.lora],
-                             allow_partial=args.allow_partial_lora)
-        print(report.summary() if hasattr(report, "summary") else report, file=sys.stderr)
+        _apply_loras(model.transformer, args)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256
     bar = tqdm(total=steps, desc="sampling", unit="step")
-    result = EditPipeline(model).edit(
+    from .speed import from_args
+
+    result = EditPipeline(model, from_args(args)).edit(
         images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
         prompt_mode=args.prompt_mode, shift=args.shift, callback=lambda info: bar.update(1))
@@ -121,13 +132,16 @@ def run(args: argparse.Namespace) -> list[Path]:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    from .formats import FormatError
     from .images import ImageInputError
+    from .lora import LoraError
     from .model import ModelError
 
     try:
         run(args)
-    except (ModelError, ImageInputError, ValueError, FileNotFoundError) as exc:
-        print(f"firered-edit: error: {exc}", file=sys.stderr)
+    except (ModelError, FormatError, LoraError, ImageInputError, ValueError, FileNotFoundError) as exc:
+        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+        print(f"firered-edit: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -122,3 +122,31 @@ def compile_blocks(transformer, **kwargs) -> None:
     kwargs.setdefault("fullgraph", True)
     kwargs.setdefault("dynamic", False)
     transformer.compile_repeated_blocks(**kwargs)
+
+
+def add_arguments(parser) -> None:
+    """The speed flags of the CLI (``--batched-cfg``, ``--cache-threshold`` ...), one per setting."""
+    g = parser.add_argument_group("speed and memory")
+    g.add_argument("--batched-cfg", action="store_true", help="run both CFG branches in one forward")
+    g.add_argument("--cache-threshold", type=float, default=0.0,
+                   help="block cache: skip middle blocks when the first blocks' residual changes less than this "
+                        "(relative L1; 0 = off, ~0.05-0.15 typical)")
+    g.add_argument("--cache-first", type=int, default=1, help="block cache: blocks always computed first")
+    g.add_argument("--cache-last", type=int, default=1, help="block cache: blocks always computed last")
+    g.add_argument("--cache-warmup", type=int, default=2, help="block cache: steps always fully computed")
+    g.add_argument("--cache-max-consecutive", type=int, default=3, help="block cache: most cached steps in a row")
+    g.add_argument("--taylorseer", action="store_true", help="block cache: extrapolate the cached residual")
+    g.add_argument("--quantize", choices=QUANT_MODES, default="none", help="transformer weight-only quantisation")
+    g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default="none",
+                   help="text encoder weight-only quantisation")
+    g.add_argument("--compile", choices=COMPILE_MODES, default="none", help="torch.compile the transformer blocks")
+    g.add_argument("--block-swap", type=int, default=0, metavar="N",
+                   help="keep N transformer blocks on the device and stream the rest (0 = off)")
+    g.add_argument("--vae-tiling", action="store_true", help="decode / encode large images in tiles")
+    g.add_argument("--no-embed-cache", dest="embed_cache", action="store_false",
+                   help="encode the prompt even if the same one was encoded before")
+    g.add_argument("--embed-cache-dir", default=None, help="also keep prompt embeddings in this folder")
+
+
+def from_args(args) -> SpeedSettings:
+    return SpeedSettings.from_dict({f.name: getattr(args, f.name) for f in fields(SpeedSettings)})
