@@ -43,6 +43,8 @@ class SpeedSettings:
             raise ValueError(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
         if self.block_swap < 0:
             raise ValueError(f"block_swap={self.block_swap} must be >= 0")
+        if self.block_swap and self.compile != "none":
+            raise ValueError("block swap moves weights inside the blocks' forward; it cannot be compiled")
         self.cache_config()
 
     @classmethod

@@ -62,24 +62,18 @@ def test_quantised_edit_within_bound(tiny_model_dir, image, plain, mode):
     assert err < QUANT_BOUND[mode]
 
 
-class LoraLinear(torch.nn.Module):
-    """The shape of a runtime LoRA adapter: base Linear + scale * up(down(x))."""
-
-    def __init__(self, base: torch.nn.Linear, rank: int = 4, scale: float = 0.5):
-        super().__init__()
-        self.base, self.scale = base, scale
-        self.down = torch.nn.Linear(base.in_features, rank, bias=False)
-        self.up = torch.nn.Linear(rank, base.out_features, bias=False)
-        torch.nn.init.normal_(self.up.weight, std=0.02)
-
-    def forward(self, x):
-        return self.base(x) + self.scale * self.up(self.down(x))
-
-
 def add_loras(transformer) -> None:
+    """Runtime adapters of ``firered_core.lora`` (two per layer, so the adapter loop is exercised)."""
+    from firered_core.lora import LoraLinear
+
+    gen = torch.Generator().manual_seed(0)
     for block in transformer.transformer_blocks:
-        for name in ("to_q", "to_k", "to_v", "add_q_proj"):
-            setattr(block.attn, name, LoraLinear(getattr(block.attn, name)))
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "to_add_out"):
+            wrapped = LoraLinear(getattr(block.attn, name))
+            for scale in (0.5, -0.25):
+                wrapped.add(scale, torch.randn(4, wrapped.in_features, generator=gen) * 0.1,
+                            torch.randn(wrapped.out_features, 4, generator=gen) * 0.1)
+            setattr(block.attn, name, wrapped)
 
 
 def test_compiled_blocks_match_without_graph_breaks(tiny_model_dir, image):
