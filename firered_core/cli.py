@@ -108,6 +108,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         model_dir, steps = args.model, args.steps or 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
+    if args.transformer:
+        model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
     width, height = args.width, args.height

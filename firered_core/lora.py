@@ -12,6 +12,10 @@ Key styles read (the module path is what remains after the prefix, matched again
 - LyCORIS LoKr (``lokr_w1[_a/_b]``, ``lokr_w2[_a/_b]``) and LoHa (``hada_w1_a`` ...); Tucker variants, DoRA and
   full-weight ``diff`` keys are refused by name.
 
+Layers kept packed by runtime GGUF (:class:`~firered_core.formats.GGUFLinear`) take LoRAs as adapters; merging
+into them is refused by name (it would mean dequantising them for good), so use ``mode="adapter"`` or load the GGUF
+with ``gguf_mode="load"``.
+
 Scale per module = ``alpha / rank`` (rank read from the tensors; ``alpha / sqrt(rank)`` with PEFT ``use_rslora``), 1.0
 when neither the file nor an adapter config gives an alpha. Each LoRA then contributes ``strength * scale * B @ A``.
 """
@@ -29,6 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .formats.gguf_linear import GGUFLinear
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +171,10 @@ class LoraLinear(nn.Module):
     def add(self, scale: float, down: torch.Tensor | None, up: torch.Tensor) -> None:
         """``up @ down`` (or a full delta ``up`` when ``down`` is None), times ``scale``."""
         i = len(self.adapters)
-        ref = self.base.weight
-        self.register_buffer(f"up_{i}", up.to(ref.device, ref.dtype), persistent=False)
+        device, dtype = _device_dtype(self.base)
+        self.register_buffer(f"up_{i}", up.to(device, dtype), persistent=False)
         if down is not None:
-            self.register_buffer(f"down_{i}", down.to(ref.device, ref.dtype), persistent=False)
+            self.register_buffer(f"down_{i}", down.to(device, dtype), persistent=False)
         self.adapters.append((float(scale), f"up_{i}", f"down_{i}" if down is not None else None))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -179,13 +185,25 @@ class LoraLinear(nn.Module):
         return y
 
 
-def linear_modules(model: nn.Module) -> dict[str, nn.Linear]:
-    """``{name: Linear}`` of the model, seeing through :class:`LoraLinear` wrappers (named as the wrapped layer)."""
-    out: dict[str, nn.Linear] = {}
+def _device_dtype(linear: nn.Module) -> tuple[torch.device, torch.dtype]:
+    """Where and in which dtype a layer computes (without decoding a packed GGUF weight)."""
+    if isinstance(linear, GGUFLinear):
+        return linear.qweight.device, linear.compute_dtype
+    return linear.weight.device, linear.weight.dtype
+
+
+def _weight_shape(linear: nn.Module) -> tuple[int, ...]:
+    return linear.weight_shape if isinstance(linear, GGUFLinear) else tuple(linear.weight.shape)
+
+
+def linear_modules(model: nn.Module) -> dict[str, nn.Linear | GGUFLinear]:
+    """``{name: Linear}`` of the model (GGUFLinear included), seeing through :class:`LoraLinear` wrappers (named as
+    the wrapped layer)."""
+    out: dict[str, nn.Linear | GGUFLinear] = {}
     for name, module in model.named_modules():
         if isinstance(module, LoraLinear):
             out[name] = module.base
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, (nn.Linear, GGUFLinear)):
             parent, _, child = name.rpartition(".")
             if child == "base" and isinstance(model.get_submodule(parent), LoraLinear):
                 continue
@@ -343,15 +361,15 @@ def plan_lora(state: Mapping[str, torch.Tensor], linears: Mapping[str, nn.Linear
         keys_of.setdefault(module, []).append(key)
     deltas = {}
     for module, parts in groups.items():
-        weight = linears[module].weight
+        weight_shape = _weight_shape(linears[module])
         try:
             down, up, scale = _delta(parts, module, adapter_config)
             shape = (up.shape[0], down.shape[1]) if down is not None else tuple(up.shape)
-            if shape != tuple(weight.shape):
-                if down is None and up.numel() == weight.numel():
-                    up = up.reshape(weight.shape)
+            if shape != weight_shape:
+                if down is None and up.numel() == math.prod(weight_shape):
+                    up = up.reshape(weight_shape)
                 else:
-                    raise LoraError(f"delta shape {shape} does not fit the weight {tuple(weight.shape)}")
+                    raise LoraError(f"delta shape {shape} does not fit the weight {weight_shape}")
         except LoraError as exc:
             for key in keys_of[module]:
                 coverage.unmatched[key] = f"{module}: {exc}"
@@ -406,8 +424,11 @@ def apply_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], 
             listed = "\n".join(f"  {k}: {why}" for k, why in list(cov.unmatched.items())[:30])
             more = f"\n  ... and {len(cov.unmatched) - 30} more" if len(cov.unmatched) > 30 else ""
             raise LoraError(f"LoRA {cov.name} would apply only in part: {len(cov.matched)} keys matched, "
-                            f"{len(cov.unmatched)} unmatched (allow_partial=True to apply anyway):\n{listed}{more}")
+                            f"{len(cov.unmatched)} unmatched (allow_partial=True or --allow-partial-lora to apply "
+                            f"anyway):\n{listed}{more}")
         plans.append(plan)
+    if mode == "merge":
+        _refuse_packed_merge(linears, plans)
     state = _state(transformer)
     with torch.no_grad():
         if mode == "merge":
@@ -419,6 +440,17 @@ def apply_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], 
     for cov in report.loras:
         (log.warning if cov.unmatched else log.info)("%s", cov.line())
     return report
+
+
+def _refuse_packed_merge(linears: Mapping[str, nn.Module], plans: list[_Planned]) -> None:
+    """Merging into a packed GGUF layer would dequantise it for good: refuse, naming the layers and the way out."""
+    for plan in plans:
+        packed = [m for m in plan.deltas if isinstance(linears[m], GGUFLinear)]
+        if packed:
+            kinds = sorted({linears[m].qtype_name for m in packed})
+            raise LoraError(f"LoRA {plan.coverage.name}: cannot merge into {len(packed)} GGUF-quantised layers "
+                            f"({'/'.join(kinds)}, e.g. {', '.join(packed[:3])}) without dequantising them; apply it "
+                            "with mode='adapter' (--lora-mode adapter) or load the GGUF with gguf_mode='load'")
 
 
 def _merge(model: nn.Module, linears: Mapping[str, nn.Linear], plans: list[_Planned], state: dict) -> None:

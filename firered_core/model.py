@@ -74,6 +74,8 @@ class FireRedModel:
         device: where computation happens.
         offload: ``none`` keeps everything on ``device``; ``model`` keeps each large component on the CPU and moves
             it to ``device`` only while it runs.
+        gguf_mode: for a GGUF transformer file, ``runtime`` keeps quantised weights packed and decodes them at each
+            call (memory ~ the file size); ``load`` dequantises them to ``dtype`` at load.
     """
 
     root: Path | None = None
@@ -81,6 +83,7 @@ class FireRedModel:
     dtype: torch.dtype = torch.float32
     device: torch.device = torch.device("cpu")
     offload: str = "none"
+    gguf_mode: str = "runtime"
     _loaded: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -89,6 +92,9 @@ class FireRedModel:
         self.device = torch.device(self.device)
         if self.offload not in OFFLOAD_MODES:
             raise ValueError(f"offload {self.offload!r} is not one of {OFFLOAD_MODES}")
+        from .formats import check_gguf_mode
+
+        check_gguf_mode(self.gguf_mode)
 
     def source(self, name: str) -> Path:
         if name in self.sources and self.sources[name] is not None:
@@ -132,7 +138,7 @@ class FireRedModel:
             return json.loads(file.read_text())
         if name in ("processor", "tokenizer"):
             return _load_processor(self, src)
-        module = _load_module(name, src, self.dtype)
+        module = _load_module(name, src, self.dtype, self.gguf_mode)
         return module.to(self.home_device).eval().requires_grad_(False)
 
     @contextlib.contextmanager
@@ -165,13 +171,13 @@ def _manages_placement(module) -> bool:
     return bool(getattr(module, "_firered_manages_placement", False))
 
 
-def _load_module(name: str, src: Path, dtype: torch.dtype):
+def _load_module(name: str, src: Path, dtype: torch.dtype, gguf_mode: str = "runtime"):
     if not src.exists():
         raise ModelError(f"{name} not found: {src}")
     if src.is_file():
         from . import formats
 
-        return formats.load_single_file(name, src, dtype)
+        return formats.load_single_file(name, src, dtype, gguf_mode=gguf_mode)
     if not _has_weights(src):
         raise ModelError(f"{name} folder {src} has no weights (*.safetensors)")
     if name == "transformer":
@@ -200,7 +206,7 @@ def _load_processor(model: FireRedModel, src: Path):
 
 
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-               offload: str = "none", **sources) -> FireRedModel:
+               offload: str = "none", gguf_mode: str = "runtime", **sources) -> FireRedModel:
     """Describe a model to load lazily: a Hugging Face layout folder and/or per-component sources.
 
     The folder is checked at once, so a wrong path fails here with a clear message rather than mid-run.
@@ -214,7 +220,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32"
         elif not root.is_dir():
             raise ModelError(f"model folder not found: {root}")
     return FireRedModel(root=root, sources={k: v for k, v in sources.items() if v is not None},
-                        dtype=parse_dtype(dtype), device=torch.device(device), offload=offload)
+                        dtype=parse_dtype(dtype), device=torch.device(device), offload=offload, gguf_mode=gguf_mode)
 
 
 def from_components(components: dict, dtype: str | torch.dtype = "fp32", device: str = "cpu",

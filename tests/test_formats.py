@@ -138,7 +138,7 @@ def test_gguf_within_the_stated_bound(transformer, tmp_path, qname, block_bound,
 
     ref = transformer.state_dict()
     _write_gguf(ref, tmp_path / "t.gguf", getattr(gguf.GGMLQuantizationType, qname))
-    loaded = load_single_file("transformer", tmp_path / "t.gguf", torch.float32)
+    loaded = load_single_file("transformer", tmp_path / "t.gguf", torch.float32, gguf_mode="load")
     got = loaded.state_dict()
     for k, v in ref.items():
         if v.dim() == 2 and v.shape[1] % 32 == 0:

@@ -13,6 +13,8 @@ from torch import nn
 
 from .dequant import describe_storage
 from .errors import FormatError
+from .gguf_linear import GGUFLinear
+from .gguf_runtime import GGUF_MODES, check_gguf_mode
 from .readers import Checkpoint, open_checkpoint
 from .text_encoder import detect_text_encoder_config, load_text_encoder_processor
 from .transformer import detect_transformer_config
@@ -20,18 +22,21 @@ from .vae import convert_comfy_vae_state, convert_diffusers_vae_state, detect_va
 
 KINDS = ("transformer", "vae", "text_encoder")
 
-__all__ = ["KINDS", "Checkpoint", "FormatError", "convert_comfy_vae_state", "convert_diffusers_vae_state",
+__all__ = ["GGUF_MODES", "KINDS", "Checkpoint", "FormatError", "GGUFLinear", "check_gguf_mode",
+           "convert_comfy_vae_state", "convert_diffusers_vae_state",
            "describe_storage", "detect_text_encoder_config", "detect_transformer_config", "detect_vae_config",
            "load_single_file", "load_text_encoder_processor", "open_checkpoint"]
 
 
 def load_single_file(kind: str, path: str | Path, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu") -> nn.Module:
+                     device: str | torch.device = "cpu", gguf_mode: str = "runtime") -> nn.Module:
     """Load one component (``transformer``, ``vae`` or ``text_encoder``) from a single weights file.
 
-    The format is read from the file's first bytes; the architecture from its tensors. Quantised weights (fp8,
-    scaled fp8, GGUF) are dequantised to ``dtype`` while loading, one tensor at a time. Returns the module in eval
-    mode on ``device``.
+    The format is read from the file's first bytes; the architecture from its tensors. fp8 and scaled fp8 weights
+    are dequantised to ``dtype`` while loading, one tensor at a time. A GGUF transformer keeps its quantised Linear
+    weights packed (:class:`GGUFLinear`, decoded at each call) with ``gguf_mode="runtime"`` (default), or is
+    dequantised at load with ``"load"``; GGUF VAEs and text encoders are always dequantised at load. Returns the
+    module in eval mode on ``device``.
     """
     from .text_encoder import load_text_encoder
     from .transformer import load_transformer
@@ -40,8 +45,12 @@ def load_single_file(kind: str, path: str | Path, dtype: torch.dtype = torch.flo
     loaders = {"transformer": load_transformer, "vae": load_vae, "text_encoder": load_text_encoder}
     if kind not in loaders:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+    check_gguf_mode(gguf_mode)
     with open_checkpoint(path) as ckpt:
         if len(ckpt) == 0:
             raise FormatError(f"{path}: the file holds no tensors")
-        module = loaders[kind](ckpt, dtype)
+        if kind == "transformer":
+            module = load_transformer(ckpt, dtype, gguf_mode=gguf_mode)
+        else:
+            module = loaders[kind](ckpt, dtype)
     return module.to(device).eval().requires_grad_(False)

@@ -13,12 +13,14 @@ from .errors import FormatError
 
 
 def build_with_weights(factory: Callable[[], nn.Module], state: Mapping[str, torch.Tensor], source: Path,
-                       what: str, allow_missing: tuple[str, ...] = ()) -> nn.Module:
+                       what: str, allow_missing: tuple[str, ...] = (),
+                       finish: Callable[[nn.Module], None] | None = None) -> nn.Module:
     """Instantiate ``factory()`` with parameters on the meta device and load ``state`` into it by assignment.
 
     Buffers computed at construction (rotary tables) stay real. Missing or unexpected keys, or a shape that differs,
     raise :class:`FormatError` naming the file and the first offending keys. ``allow_missing`` lists keys that may be
-    absent (the caller fills them, e.g. a tied ``lm_head``).
+    absent (the caller fills them, e.g. a tied ``lm_head``); ``finish(module)`` runs after loading, before the check
+    that no parameter is left without weights (e.g. to swap in layers whose weights stay packed).
     """
     from accelerate import init_empty_weights
 
@@ -39,6 +41,8 @@ def build_with_weights(factory: Callable[[], nn.Module], state: Mapping[str, tor
             parts.append(f"{len(wrong)} with another shape (e.g. {'; '.join(wrong[:3])})")
         raise FormatError(f"{source}: the weights do not fit the {what} read from it: {'; '.join(parts)}")
     module.load_state_dict(dict(state), strict=False, assign=True)
+    if finish is not None:
+        finish(module)
     leftover = [n for n, p in module.named_parameters() if p.is_meta]
     if leftover:
         raise FormatError(f"{source}: {what} parameters left without weights: {', '.join(leftover[:5])}")

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .errors import FormatError
@@ -139,6 +141,15 @@ class GGUFCheckpoint(Checkpoint):
 
     def raw(self, key: str):
         return self._tensors[key]
+
+    def packed(self, key: str) -> tuple[torch.Tensor, int]:
+        """``(bytes, qtype id)`` of a tensor as stored: a uint8 tensor sharing the file's read-only memory map
+        (no copy; never write into it), for :class:`~firered_core.formats.gguf_linear.GGUFLinear`."""
+        t = self._tensors[key]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            data = torch.from_numpy(t.data.reshape(-1).view(np.uint8))
+        return data, int(t.tensor_type)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._tensors)

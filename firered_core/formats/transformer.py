@@ -101,9 +101,19 @@ def detect_transformer_config(source: Mapping, metadata: Mapping[str, str] | Non
     return cfg
 
 
-def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | None = None) -> nn.Module:
-    """Build ``QwenImageTransformer2DModel`` from an open checkpoint, converting weights to ``dtype``."""
+def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | None = None,
+                     gguf_mode: str = "runtime") -> nn.Module:
+    """Build ``QwenImageTransformer2DModel`` from an open checkpoint, converting weights to ``dtype``.
+
+    For a GGUF file, ``gguf_mode="runtime"`` keeps quantised Linear weights packed (:class:`GGUFLinear`, decoded at
+    each call); ``"load"`` dequantises every tensor now.
+    """
+    from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
+
+    from .gguf_runtime import check_gguf_mode, packed_summary, packed_weight_keys, swap_in_packed
+
+    check_gguf_mode(gguf_mode)
 
     try:
         prefix = find_prefix(ckpt.keys())
@@ -118,13 +128,24 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
     def rename(key: str) -> str | None:
         return key[len(prefix):] if key.startswith(prefix) else None
 
-    state = dict(iter_dequantized(ckpt, dtype, rename))
-    module = build_with_weights(lambda: QwenImageTransformer2DModel(**cfg), state, ckpt.path,
+    with init_empty_weights(include_buffers=False):
+        skeleton = QwenImageTransformer2DModel(**cfg)
+    packed = packed_weight_keys(ckpt, skeleton, rename) if ckpt.kind == "gguf" and gguf_mode == "runtime" else {}
+    packed_files = set(packed.values())
+
+    def rename_dense(key: str) -> str | None:
+        return None if key in packed_files else rename(key)
+
+    state = dict(iter_dequantized(ckpt, dtype, rename_dense))
+    module = build_with_weights(lambda: skeleton, state, ckpt.path,
                                 f"transformer ({cfg['num_layers']} layers, {cfg['num_attention_heads']}x"
-                                f"{cfg['attention_head_dim']})")
+                                f"{cfg['attention_head_dim']})", allow_missing=tuple(packed),
+                                finish=swap_in_packed(ckpt, packed, dtype) if packed else None)
+    if ckpt.kind == "gguf":
+        log.info("%s: gguf_mode=%s, %s", ckpt.path, gguf_mode, packed_summary(module))
     return module
 
 
-def load_transformer_file(path: str | Path, dtype: torch.dtype) -> nn.Module:
+def load_transformer_file(path: str | Path, dtype: torch.dtype, gguf_mode: str = "runtime") -> nn.Module:
     with open_checkpoint(path) as ckpt:
-        return load_transformer(ckpt, dtype)
+        return load_transformer(ckpt, dtype, gguf_mode=gguf_mode)
