@@ -1,4 +1,4 @@
-"""Data, buckets, noise levels, losses, alignment and EMA: no model needed."""
+"""Data, buckets, noise levels, losses, alignment, EMA and row files: no model needed."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from firered_core.training import alignment, timesteps
 from firered_core.training.buckets import BucketSampler, bucket_key, ratio_bin
 from firered_core.training.data import DataError, load_dataset, parse_weights
 from firered_core.training.ema import EMA
+from firered_core.training.extract import canonical_safetensors
 from firered_core.training.losses import flow_matching_loss, loss_weight, noisy_latents
 from firered_core.training.synthetic import make_dataset
 
@@ -230,3 +231,19 @@ def test_ema_tracks_and_resumes():
     assert torch.equal(ema.shadow["w"], other.shadow["w"]) and other.updates == 2
     with pytest.raises(ValueError):
         other.load_state_dict({"tensors": {"v": torch.zeros(3)}, "updates": 0})
+
+
+def test_canonical_safetensors_is_byte_stable_and_loads(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load, save
+
+    tensors = {"b": torch.randn(3, 5), "a": torch.arange(7), "c": torch.ones(2, dtype=torch.bfloat16)}
+    meta = {f"k{i}": str(i) for i in range(8)}
+    files = {canonical_safetensors(save(tensors, metadata=meta)) for _ in range(10)}
+    assert len(files) == 1
+    data = files.pop()
+    assert all(torch.equal(v, load(data)[k]) for k, v in tensors.items())
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(data)
+    with safe_open(str(path), "pt") as fh:
+        assert fh.metadata() == meta

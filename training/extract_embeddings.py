@@ -1,9 +1,13 @@
 """Extract instruction embeddings (and optionally VAE latents) for training, sharded across processes.
 
-    accelerate launch --num_processes 8 training/extract_embeddings.py --model MODEL --data DATA --out EMB \
+GPUs:
+    accelerate launch --num_processes 8 training/extract_embeddings.py --model MODEL --data DATA --out EMB
         --prompt-mode pipeline --variants en cn empty inverse inverse_cn [--cache-latents]
+Several CPU processes (`accelerate launch --cpu` starts only one):
+    torchrun --nproc_per_node 2 training/extract_embeddings.py --model MODEL --data DATA --out EMB
 
-Re-running after a crash skips every finished row.
+Re-running after a crash skips every finished row. Train on the result with `embeddings: EMB` and the same
+prompt mode.
 """
 
 from __future__ import annotations
@@ -20,16 +24,18 @@ from firered_core.training.extract import ALL_VARIANTS, ExtractConfig, extract  
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", required=True)
-    p.add_argument("--data", required=True, nargs="+")
-    p.add_argument("--out", required=True)
-    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS)
-    p.add_argument("--prompt-mode", default="pipeline", choices=("pipeline", "chat"))
-    p.add_argument("--vl-area", type=float, default=384 * 384)
-    p.add_argument("--cache-latents", action="store_true")
-    p.add_argument("--target-area", type=float, default=1024 * 1024)
-    p.add_argument("--reference-area", type=float, default=1024 * 1024)
-    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--model", required=True, help="model folder or file, as the trainer's `model`")
+    p.add_argument("--data", required=True, nargs="+", help="data root(s): one folder per task, *.jsonl inside")
+    p.add_argument("--out", required=True, help="output folder (rows/, manifest.json)")
+    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS,
+                   help="instruction variants to embed (default: all)")
+    p.add_argument("--prompt-mode", default="pipeline", choices=("pipeline", "chat"),
+                   help="'pipeline' (Picture N: labels, as inference) or 'chat' (FireRed's trainer template)")
+    p.add_argument("--vl-area", type=float, default=384 * 384, help="pixel area of references for the text encoder")
+    p.add_argument("--cache-latents", action="store_true", help="also cache VAE latents of targets and references")
+    p.add_argument("--target-area", type=float, default=1024 * 1024, help="training pixel area of the target")
+    p.add_argument("--reference-area", type=float, default=1024 * 1024, help="training pixel area of references")
+    p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="encoder dtype")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

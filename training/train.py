@@ -1,13 +1,20 @@
 """Train FireRed-Image-Edit (LoRA or full fine-tune).
 
+GPUs (DDP, or FSDP with fsdp=true):
     accelerate launch training/train.py training/configs/lora.yaml lr=5e-5 lora.rank=64
-    accelerate launch --num_processes 2 --cpu training/train.py CONFIG key=value ...
+Several CPU processes (gloo; `accelerate launch --cpu` starts only one):
+    torchrun --nproc_per_node 2 training/train.py CONFIG key=value ...
+One process:
+    python training/train.py CONFIG key=value ...
+
+FIRERED_LOG=DEBUG|INFO|WARNING sets the log level (INFO by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -22,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("config", help="YAML or TOML config file")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides (values parsed as YAML)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=getattr(logging, __import__("os").environ.get("FIRERED_LOG", "INFO")), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=os.environ.get("FIRERED_LOG", "INFO").upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     result = train(load_config(args.config, args.overrides))
     logging.info("done: %d steps, last loss %.4f, %.3f samples/s, exports %s", len(result.losses),
                  list(result.losses.values())[-1] if result.losses else float("nan"), result.samples_per_s,

@@ -74,7 +74,7 @@ class TrainConfig:
     tracker: str | None = "tensorboard"
     export_name: str = "firered_lora"
     stop_after: int | None = None  # tests: die right after this step, as a killed job would
-    dump_grads: str | None = None  # debug: save the first step's gradients (safetensors) here
+    dump_grads: str | None = None  # debug: save step 1 gradients here (rank 0, all-reduced, unclipped; not FSDP)
 
 
 def _build(cls, data: dict, where: str = ""):

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from ..conditioning import PROMPT_MODES
 from ..geometry import VAE_AREA, VL_AREA
@@ -63,10 +63,19 @@ def row_file(output_dir: Path, uid: str) -> Path:
     return output_dir / "rows" / f"{uid}.safetensors"
 
 
+def canonical_safetensors(data: bytes) -> bytes:
+    """The same file with its JSON header's keys sorted: safetensors writes metadata in hash order, so two saves of
+    the same tensors and metadata can differ byte for byte."""
+    size = int.from_bytes(data[:8], "little")
+    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+
+
 def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    tmp.write_bytes(canonical_safetensors(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)))
     os.replace(tmp, path)
 
 

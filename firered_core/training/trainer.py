@@ -61,7 +61,7 @@ class TrainResult:
 
 
 def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
 
     if not torch.distributed.is_initialized():
@@ -73,6 +73,12 @@ def make_accelerator(cfg: TrainConfig):
         kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[BLOCK_CLASS],
             use_orig_params=True, state_dict_type="FULL_STATE_DICT")
+    else:
+        # The last block's text-stream output (attn.to_add_out, txt_mlp) never reaches the prediction, so those
+        # trained tensors get no gradient. Without unused-parameter detection DDP never finds the buckets holding
+        # them ready: they are not all-reduced (each rank steps with its own gradients) and the next forward fails
+        # with "Expected to have finished reduction in the prior iteration".
+        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     tracker = cfg.tracker if cfg.tracker not in (None, "none", "") else None
     # Without an accelerator, torchrun-style env (WORLD_SIZE > 1) only becomes a gloo process group with cpu=True.
     return Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir,
@@ -115,6 +121,8 @@ class Trainer:
                              "unset `embeddings` or set alignment rates to 0")
         if cfg.fsdp and cfg.ema_decay > 0:
             raise ValueError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
+        if cfg.fsdp and cfg.dump_grads:
+            raise ValueError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
         self.scheduler_config = self.model.scheduler_config
         transformer = self.model.transformer
@@ -198,8 +206,6 @@ class Trainer:
         denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
         pred = denoiser(xt, sigma, inputs.cond, "cond")
         loss, _ = flow_matching_loss(pred, noise, x0, sigma, cfg.loss_weighting, cfg.outlier)
-        log.debug("step %d row %d: %s sigma %.4f x0 %.4f cond %s loss %.5f", step, pos, inputs.variant, float(sigma),
-                  float(x0.sum()), float(inputs.cond.embeds.sum()), float(loss.detach()))
         return loss
 
     @torch.no_grad()
@@ -246,6 +252,7 @@ class Trainer:
         return float(mean)
 
     def dump_grads(self, path: Path) -> None:
+        """Save (rank 0) the trained tensors' gradients as the optimizer will see them: all-reduced, unclipped."""
         from safetensors.torch import save_file
 
         grads = {n: p.grad.detach().cpu().contiguous() for n, p in self.named_trainable().items()
