@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -19,9 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def main() -> None:
-    from diffusers import QwenImageTransformer2DModel
     from peft import LoraConfig
 
+    from firered_core.bench_gpu import build_transformer
     from firered_core.training.config import LORA_TARGETS
     from firered_core.training.losses import flow_matching_loss, noisy_latents
 
@@ -35,13 +36,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
     dev = torch.device("cuda")
-    with torch.device("meta"):
-        model = QwenImageTransformer2DModel(num_layers=a.layers, attention_head_dim=128, num_attention_heads=24,
-                                            joint_attention_dim=3584, axes_dims_rope=(16, 56, 56))
-    model = model.to_empty(device=dev).to(torch.bfloat16)
-    with torch.no_grad():
-        for prm in model.parameters():
-            prm.normal_(0, 0.02)
+    model = build_transformer(SimpleNamespace(layers=a.layers, heads=24, text_dim=3584, seed=0), dev, torch.bfloat16)
+    model.train()
     model.enable_gradient_checkpointing()
     model.requires_grad_(a.method == "full")
     if a.method == "lora":
