@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from .formats.convert import write_gguf
+
 FORMATS = ("safetensors-fp32", "comfy-bf16", "comfy-fp8_e4m3fn", "comfy-fp8_scaled", "gguf-Q8_0-load",
            "gguf-Q8_0-runtime", "gguf-Q4_0-runtime", "torch-pt")
 GGUF_MODES = ("-load", "-runtime")
@@ -72,20 +74,7 @@ def write_formats(out: Path, names: list[str]) -> dict[str, Path]:
                     out_sd[pre + k] = v.to(torch.bfloat16)
             save_file(out_sd, str(path))
         elif name in ("gguf-Q8_0", "gguf-Q4_0"):
-            import gguf
-
-            qtype = getattr(gguf.GGMLQuantizationType, name[len("gguf-"):])
-            writer = gguf.GGUFWriter(str(path), "qwen_image")
-            for k, v in sd.items():
-                arr = v.numpy()
-                if arr.ndim == 2 and arr.shape[1] % 32 == 0:
-                    writer.add_tensor(k, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-                else:
-                    writer.add_tensor(k, arr)
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.close()
+            write_gguf(sd, path, name[len("gguf-"):])
         elif name == "torch-pt":
             torch.save(sd, path)
         else:

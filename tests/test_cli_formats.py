@@ -90,21 +90,9 @@ def test_format_error_is_one_line(files, tiny_model_dir, tmp_path, capsys):
 
 
 def test_lora_on_runtime_gguf_defaults_to_adapter(files, tiny_model_dir, tmp_path, capsys):
-    import gguf
+    from firered_core.formats.convert import write_gguf
 
-    path = tmp_path / "t.gguf"
-    writer = gguf.GGUFWriter(str(path), "qwen_image")
-    for k, v in load_file(str(files / "t.safetensors")).items():
-        arr = v.float().numpy()
-        if arr.ndim == 2 and arr.shape[1] % 32 == 0:
-            writer.add_tensor(k, gguf.quants.quantize(arr, gguf.GGMLQuantizationType.Q8_0),
-                              raw_dtype=gguf.GGMLQuantizationType.Q8_0)
-        else:
-            writer.add_tensor(k, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    path = write_gguf(load_file(str(files / "t.safetensors")), tmp_path / "t.gguf", "Q8_0")
     lora = ["--lora", str(files / "good.safetensors")]
     rc, _ = edit(files, tmp_path, "gguf", "--model", str(tiny_model_dir), "--transformer", str(path), *lora)
     err = capsys.readouterr().err

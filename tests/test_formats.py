@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from firered_core.formats.convert import write_gguf
 from safetensors.torch import save_file
 
 from firered_core.formats import (FormatError, convert_diffusers_vae_state, detect_transformer_config,
@@ -117,19 +119,7 @@ def test_fp8_files_within_the_stated_bound(transformer, tmp_path, fp8, scaled):
 
 
 def _write_gguf(ref: dict, path, qtype) -> None:
-    import gguf
-
-    writer = gguf.GGUFWriter(str(path), "qwen_image")
-    for k, v in ref.items():
-        arr = v.float().numpy()
-        if arr.ndim == 2 and arr.shape[1] % 32 == 0:
-            writer.add_tensor(k, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(k, arr)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    write_gguf(ref, path, qtype.name)
 
 
 @pytest.mark.parametrize("qname,block_bound,out_bound", [("Q8_0", 1 / 254 + 1e-3, 0.02), ("Q4_0", 1 / 8 + 1e-3, 0.3)])
