@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from . import _comfy, decode, encode, image, loaders, sample
+from . import _comfy, decode, encode, image, loaders, lora, sample, speed
 
 _comfy.register_model_folders()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     **loaders.NODE_CLASS_MAPPINGS,
+    **lora.NODE_CLASS_MAPPINGS,
+    **speed.NODE_CLASS_MAPPINGS,
     **encode.NODE_CLASS_MAPPINGS,
     **sample.NODE_CLASS_MAPPINGS,
     **decode.NODE_CLASS_MAPPINGS,

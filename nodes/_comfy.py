@@ -25,6 +25,9 @@ IN_COMFY = _fp is not None
 MODEL_FOLDER = "firered"
 MODEL_FOLDERS = (MODEL_FOLDER, "diffusers")
 MODEL_DIRS_ENV = "FIRERED_MODEL_DIRS"
+LORA_FOLDER = "loras"
+LORA_DIRS_ENV = "FIRERED_LORA_DIRS"
+LORA_EXTENSIONS = (".safetensors", ".sft", ".pt", ".pth", ".bin")
 PREVIEW_SIZE = 512
 
 
@@ -65,6 +68,38 @@ def find_model_folder(name: str) -> Path | None:
         path = base / name
         if path.is_dir():
             return path
+    return None
+
+
+def lora_dirs() -> list[Path]:
+    """Folders searched for LoRA files: ComfyUI's ``loras`` (or ``$FIRERED_LORA_DIRS`` outside ComfyUI)."""
+    if IN_COMFY:
+        return [Path(d) for d in _fp.get_folder_paths(LORA_FOLDER)]
+    return [Path(d) for d in os.environ.get(LORA_DIRS_ENV, "").split(os.pathsep) if d]
+
+
+def list_loras() -> list[str]:
+    """Relative names of the LoRA files under :func:`lora_dirs` (sub-folders included)."""
+    if IN_COMFY:
+        return sorted(_fp.get_filename_list(LORA_FOLDER))
+    names: list[str] = []
+    for base in lora_dirs():
+        if base.is_dir():
+            names += [p.relative_to(base).as_posix() for p in base.rglob("*")
+                      if p.is_file() and p.suffix.lower() in LORA_EXTENSIONS]
+    return sorted(set(names))
+
+
+def find_lora(name: str) -> Path | None:
+    """The LoRA file called ``name`` in the first LoRA folder that has it (an absolute path is taken as is)."""
+    if os.path.isabs(name):
+        return Path(name) if os.path.isfile(name) else None
+    if IN_COMFY:
+        path = _fp.get_full_path(LORA_FOLDER, name)
+        return Path(path) if path else None
+    for base in lora_dirs():
+        if (base / name).is_file():
+            return base / name
     return None
 
 

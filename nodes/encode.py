@@ -7,12 +7,13 @@ from dataclasses import dataclass
 import torch
 
 from firered_core import geometry as G
-from firered_core.conditioning import PROMPT_MODES, PromptEmbeds, encode_prompts
+from firered_core.conditioning import PROMPT_MODES, PromptEmbeds
 from firered_core.images import tensor_to_pil
 from firered_core.model import FireRedModel
-from firered_core.references import (NATIVE_MAX_REFERENCES, RefImages, RefLatents, encode_references,
-                                     prepare_references)
+from firered_core.pipeline import EditPipeline
+from firered_core.references import NATIVE_MAX_REFERENCES, RefImages, RefLatents, prepare_references
 
+from . import speed as SP
 from ._errors import blame, input_error
 from .image import image_size
 
@@ -91,8 +92,7 @@ class FireRedReferenceImages:
             raise input_error(self.NAME, "image1", "connect at least one image (for text-to-image, leave the "
                               "refs input of FireRed Encode Instruction empty instead)")
         refs = prepare_references(pictures, vl_size * vl_size, vae_size * vae_size, vae_sizes=exact or None)
-        with model.use("vae") as vae:
-            latents = encode_references(vae, refs, device=model.device, dtype=model.dtype)
+        latents = EditPipeline(model, SP.settings_of(model)).encode_references(refs, model.dtype)
         return (References(refs, latents),)
 
 
@@ -128,10 +128,9 @@ class FireRedEncodeInstruction:
 
     def encode(self, model: FireRedModel, prompt: str, prompt_mode: str, refs: References | None = None
                ) -> tuple[Conditioning]:
-        images = refs.images.vl_images if refs is not None else None
-        with blame(self.NAME, "prompt"), model.use("text_encoder") as text_encoder:
-            embeds = encode_prompts(text_encoder, model.processor, [prompt], images, mode=prompt_mode,
-                                    device=model.device)
+        with blame(self.NAME, "prompt"):
+            embeds = EditPipeline(model, SP.settings_of(model)).encode_prompts(
+                [prompt], refs.images if refs is not None else None, prompt_mode)
         return (Conditioning(embeds, refs, prompt, prompt_mode),)
 
 

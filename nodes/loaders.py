@@ -1,19 +1,25 @@
 """Model loading: a FireRed (Qwen-Image-Edit-Plus) Hugging Face folder from ComfyUI's model folders.
 
-Loaded models are shared between loaders (see :func:`cached_model`): nodes that patch a model (LoRA loaders belong in
-this module) must return a new bundle rather than modify the shared one.
+Loaded models are shared between loaders (see :func:`cached_model`): nodes that patch a model (FireRed LoRA Loader)
+return a view of it rather than modify the shared one. ComfyUI's memory manager does not see these models (they are
+not ComfyUI ModelPatchers): FireRed Unload Models drops them.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import torch
 
 from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_model
+from firered_core.speed import SpeedSettings
 
 from . import _comfy
+from . import speed as SP
 from ._errors import blame, input_error
+
+log = logging.getLogger(__name__)
 
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_CHOICES = ("auto", "cpu")
@@ -29,13 +35,28 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else "bf16"
 
 
-def cached_model(path, dtype: str, device: torch.device, offload: str) -> FireRedModel:
-    """One lazily loaded model per (folder, dtype, device, offload): loaders of the same path share the weights."""
-    key = (str(path.resolve()), dtype, str(device), offload)
+def cached_model(path, dtype: str, device: torch.device, offload: str,
+                 speed: SpeedSettings | None = None) -> FireRedModel:
+    """One lazily loaded model per (folder, dtype, device, offload, model-level speed settings): loaders of the same
+    path and settings share the weights."""
+    key = (str(path.resolve()), dtype, str(device), offload, SP.model_key(speed))
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = load_model(path, dtype=dtype, device=str(device), offload=offload)
+            _cache[key] = SP.attach(load_model(path, dtype=dtype, device=str(device), offload=offload), speed)
         return _cache[key]
+
+
+def unload_all() -> int:
+    """Forget every cached model and drop its loaded components; returns how many models were cached.
+
+    A model object still held elsewhere (ComfyUI's node cache) reloads its components lazily on next use.
+    """
+    with _cache_lock:
+        models = list(_cache.values())
+        _cache.clear()
+    for model in models:
+        model.unload()
+    return len(models)
 
 
 class FireRedModelLoader:
@@ -65,9 +86,14 @@ class FireRedModelLoader:
                 "default": "none",
                 "tooltip": "none keeps every component on the device; model keeps each large component in "
                            "system RAM and moves it to the device only while it runs (less VRAM, slower)."}),
+        }, "optional": {
+            "speed": (SP.SPEED_TYPE, {
+                "tooltip": "From FireRed Speed Settings: its model-level options (quantisation, compile, block "
+                           "swap, VAE tiling, embedding cache) apply to this model when each part first runs."}),
         }}
 
-    def load(self, model_name: str, dtype: str, device: str, offload: str) -> tuple[FireRedModel]:
+    def load(self, model_name: str, dtype: str, device: str, offload: str,
+             speed: SpeedSettings | None = None) -> tuple[FireRedModel]:
         path = _comfy.find_model_folder(model_name)
         if path is None:
             searched = ", ".join(str(d) for d in _comfy.model_dirs()) or "no model folder configured"
@@ -75,7 +101,39 @@ class FireRedModelLoader:
                               f"{searched}). Put the Hugging Face folder of FireRed-Image-Edit in models/firered.")
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "model_name", ModelError):
-            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload),)
+            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed),)
 
 
-NODE_CLASS_MAPPINGS = {"FireRedModelLoader": FireRedModelLoader}
+class FireRedUnloadModels:
+    NAME = "FireRed Unload Models"
+    DESCRIPTION = ("Frees the memory of every FireRed model (ComfyUI's own Unload Models button does not see "
+                   "them). Connect the final image so it runs last; the models reload on their next use.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The input image, unchanged.",)
+    FUNCTION = "unload"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "Any image of the graph's end (passed through), so that the models are "
+                                           "freed after they are used."}),
+        }}
+
+    @classmethod
+    def IS_CHANGED(cls, image: torch.Tensor) -> float:
+        """Never cached by ComfyUI: every run frees the models again."""
+        return float("nan")
+
+    def unload(self, image: torch.Tensor) -> tuple[torch.Tensor]:
+        from .lora import unload_views
+
+        count = unload_all() + unload_views()
+        _comfy.soft_empty_cache()
+        log.info("FireRed Unload Models: dropped %d cached models and LoRA views", count)
+        return (image,)
+
+
+NODE_CLASS_MAPPINGS = {"FireRedModelLoader": FireRedModelLoader, "FireRedUnloadModels": FireRedUnloadModels}

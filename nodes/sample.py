@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from firered_core import comfy_latents as CL
 from firered_core import geometry as G
 from firered_core import latents as L
@@ -10,13 +12,17 @@ from firered_core.model import FireRedModel
 from firered_core.pipeline import make_noise
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+from firered_core.speed import SpeedSettings, prepare
 
 from . import _comfy
+from . import speed as SP
 from ._errors import blame, input_error
 from .encode import Conditioning
 
 SEED_MODES = ("batch", "increment")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+
+log = logging.getLogger(__name__)
 
 
 class FireRedSampler:
@@ -63,12 +69,15 @@ class FireRedSampler:
             "optional": {
                 "negative": ("FIRERED_COND", {"tooltip": "The encoded negative prompt (' ' officially), with the "
                                                          "same references; needed for true CFG > 1."}),
+                "speed": (SP.SPEED_TYPE, {"tooltip": "From FireRed Speed Settings: batched CFG and the block cache "
+                                                     "apply here (connect the same node to the model loader for "
+                                                     "quantisation, compile and block swap)."}),
             },
         }
 
     def sample(self, model: FireRedModel, positive: Conditioning, latent: dict, seed: int, steps: int,
                true_cfg: float, shift: float, denoise: float, batch_size: int, seed_mode: str,
-               negative: Conditioning | None = None) -> tuple[dict]:
+               negative: Conditioning | None = None, speed: SpeedSettings | None = None) -> tuple[dict]:
         with blame(self.NAME, "latent"):
             samples = CL.check_raw(latent["samples"])
             width, height = CL.pixel_size(samples)
@@ -100,6 +109,8 @@ class FireRedSampler:
         cond = positive.embeds.repeat(batch).to(device)
         uncond = negative.embeds.repeat(batch).to(device) if true_cfg > 1.0 else None
 
+        settings = SP.for_sampler(self.NAME, model, speed)
+        block_cache = settings.new_block_cache()
         bar, preview = _comfy.progress_bar(len(sigmas) - 1), _comfy.previewer()
         tracker = P.X0Tracker(start, float(sigmas[0]))
 
@@ -110,9 +121,15 @@ class FireRedSampler:
 
         _comfy.throw_if_interrupted()
         try:
+            with blame(self.NAME, "speed", ValueError, RuntimeError):
+                prepare(model, settings, "transformer")
             with model.use("transformer") as transformer:
-                out = sample(transformer_denoiser(transformer, ref, img_shapes), start, sigmas, cond, uncond,
-                             true_cfg, on_step)
+                out = sample(transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache), start,
+                             sigmas, cond, uncond, true_cfg, on_step, batched_cfg=settings.batched_cfg)
+            if block_cache is not None:
+                report = block_cache.report()
+                log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],
+                         report["total"], 100 * report["fraction"])
             raw = CL.to_raw(out, width, height, model.vae.config)
         finally:
             _comfy.soft_empty_cache()

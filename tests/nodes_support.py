@@ -70,8 +70,28 @@ class SaveImage:
         return ()
 
 
+class PreviewAny:
+    """Stand-in for ComfyUI's PreviewAny (shows any value, e.g. the LoRA report, as text)."""
+
+    shown: list[str] = []
+    RETURN_TYPES = ()
+    RETURN_NAMES = ()
+    FUNCTION = "main"
+    OUTPUT_NODE = True
+    CATEGORY = "utils"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"source": ("*", {})}}
+
+    def main(self, source):
+        self.shown.append(str(source))
+        return ()
+
+
 def classes() -> dict[str, type]:
-    return {**load_pack().NODE_CLASS_MAPPINGS, "LoadImage": LoadImage, "SaveImage": SaveImage}
+    return {**load_pack().NODE_CLASS_MAPPINGS, "LoadImage": LoadImage, "SaveImage": SaveImage,
+            "PreviewAny": PreviewAny}
 
 
 def object_info() -> dict:
@@ -128,9 +148,10 @@ def check_value(kind, value) -> None:
     enc = submodule("encode")
     from firered_core.geometry import PadRecord
     from firered_core.model import FireRedModel
+    from firered_core.speed import SpeedSettings
 
     expected = {"FIRERED_MODEL": FireRedModel, "FIRERED_REFS": enc.References, "FIRERED_COND": enc.Conditioning,
-                "FIRERED_CROP": PadRecord, "INT": int, "FLOAT": float, "STRING": str}
+                "FIRERED_CROP": PadRecord, "FIRERED_SPEED": SpeedSettings, "INT": int, "FLOAT": float, "STRING": str}
     if kind == "IMAGE":
         assert isinstance(value, torch.Tensor) and value.ndim == 4 and value.shape[-1] == 3, value.shape
         assert value.dtype == torch.float32 and value.device.type == "cpu"
@@ -159,6 +180,32 @@ def validate_inputs(cls, inputs: dict) -> None:
                 assert value in s[0], f"{cls.__name__}.{name}: {value!r} not in {s[0]}"
             elif s[0] in ("INT", "FLOAT"):
                 assert options.get("min", -np.inf) <= value <= options.get("max", np.inf), (cls.__name__, name)
+
+
+LORA_TARGETS = ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0",
+                "transformer_blocks.1.img_mlp.net.2", "transformer_blocks.1.txt_mod.1")
+
+
+def write_lora(model_dir: Path, path: Path, seed: int = 0, style: str = "comfy", rename: bool = False) -> Path:
+    """A rank-4 LoRA for the tiny model's transformer (saved with ``firered_core.lora.save_lora``); ``rename``
+    renames one key (``attn.to_q`` -> ``attn.to_query``) to one no layer has."""
+    from safetensors.torch import load_file, save_file
+
+    from firered_core.lora import LoraWeights, linear_modules, save_lora
+    from firered_core.model import load_model
+
+    linears = linear_modules(load_model(model_dir).transformer)
+    gen = torch.Generator().manual_seed(seed)
+    weights = {m: LoraWeights(torch.randn(4, linears[m].in_features, generator=gen) * 0.5,
+                              torch.randn(linears[m].out_features, 4, generator=gen) * 0.5, 2.0)
+               for m in LORA_TARGETS}
+    save_lora(weights, path, style=style)
+    if rename:
+        tensors = load_file(str(path))
+        key = next(k for k in sorted(tensors) if ".attn.to_q." in k)
+        tensors[key.replace(".attn.to_q.", ".attn.to_query.")] = tensors.pop(key)
+        save_file(tensors, str(path))
+    return path
 
 
 def execute(api: dict) -> dict:

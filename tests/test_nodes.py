@@ -13,12 +13,23 @@ sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
 
 KNOWN_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MASK", "LATENT",
-               "FIRERED_MODEL", "FIRERED_REFS", "FIRERED_COND", "FIRERED_CROP"}
+               "FIRERED_MODEL", "FIRERED_REFS", "FIRERED_COND", "FIRERED_CROP", "FIRERED_SPEED"}
+
+
+@pytest.fixture(scope="session")
+def lora_dir(tiny_model_dir, tmp_path_factory):
+    """A LoRA folder with two good LoRAs and one with a renamed key, written from the tiny model."""
+    folder = tmp_path_factory.mktemp("loras")
+    S.write_lora(tiny_model_dir, folder / "a.safetensors", seed=1)
+    S.write_lora(tiny_model_dir, folder / "sub" / "b.safetensors", seed=2, style="kohya")
+    S.write_lora(tiny_model_dir, folder / "renamed.safetensors", seed=3, rename=True)
+    return folder
 
 
 @pytest.fixture
-def model_dirs(tiny_model_dir, monkeypatch):
+def model_dirs(tiny_model_dir, lora_dir, monkeypatch):
     monkeypatch.setenv("FIRERED_MODEL_DIRS", str(tiny_model_dir.parent))
+    monkeypatch.setenv("FIRERED_LORA_DIRS", str(lora_dir))
     return tiny_model_dir
 
 

@@ -21,19 +21,26 @@ FAST = {"FireRedSampler": {"steps": 2}, "FireRedReferenceImages": {"vl_size": 56
 
 @pytest.fixture
 def graph_env(tiny_model_dir, tmp_path, monkeypatch, make_image):
-    """Model names a workflow asks for resolve to the tiny model; every LoadImage gets a picture."""
+    """Model names a workflow asks for resolve to the tiny model, LoRA names to a LoRA written from it; every
+    LoadImage gets a picture."""
+    loras = tmp_path / "loras"
+    monkeypatch.setenv("FIRERED_LORA_DIRS", str(loras))
+
     def prepare(workflow: dict, size=(48, 32)) -> dict:
         for node in workflow["nodes"]:
             if node["type"] == "FireRedModelLoader":
                 link = tmp_path / node["widgets_values"][0]
                 if not link.exists():
                     link.symlink_to(tiny_model_dir, target_is_directory=True)
+            if node["type"] == "FireRedLoraLoader" and not (loras / node["widgets_values"][0]).exists():
+                S.write_lora(tiny_model_dir, loras / node["widgets_values"][0], seed=node["id"])
             if node["type"] == "LoadImage":
                 S.LoadImage.pictures[node["widgets_values"][0]] = make_image(*size, seed=node["id"])
         monkeypatch.setenv("FIRERED_MODEL_DIRS", str(tmp_path))
         return S.ui_to_api(workflow, S.object_info())
 
     S.SaveImage.saved.clear()
+    S.PreviewAny.shown.clear()
     return prepare
 
 
@@ -47,7 +54,7 @@ def fast(api: dict) -> dict:
 def test_every_required_workflow_is_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"single_image_edit.json", "three_image_composition.json", "text_to_image.json", "seed_sweep.json",
-            "exact_size_edit.json"} <= names
+            "exact_size_edit.json", "lora_edit.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -76,6 +83,10 @@ def test_workflow_runs(path, graph_env):
         assert images.shape[1:3] == (32, 48)
     if path.stem == "seed_sweep":
         assert images.shape[0] == 4 and not np.allclose(images[0].numpy(), images[1].numpy())
+    if path.stem == "lora_edit":
+        assert "12/12 keys matched" in S.PreviewAny.shown[-1]
+        note = next(n for n in wf["nodes"] if n["type"] == "Note")["widgets_values"][0]
+        assert "models/loras" in note
 
 
 def test_exact_size_workflow_keeps_odd_input_size(graph_env):

@@ -1,0 +1,87 @@
+"""LoRA loading: a file from ComfyUI's ``loras`` folder on a view of the model (the shared model stays untouched)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import weakref
+
+from firered_core.formats import FormatError
+from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
+from firered_core.model import FireRedModel
+
+from . import _comfy
+from . import speed as SP
+from ._errors import blame, input_error
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "adapter", "merge")
+_views: list[weakref.ref] = []
+_views_lock = threading.Lock()
+
+
+def unload_views() -> int:
+    """Drop the patched transformer of every live LoRA view (rebuilt on next use); returns how many."""
+    with _views_lock:
+        live = [v for v in (ref() for ref in _views) if v is not None]
+        _views[:] = [weakref.ref(v) for v in live]
+    for view in live:
+        view.unload()
+    return len(live)
+
+
+class FireRedLoraLoader:
+    NAME = "FireRed LoRA Loader"
+    DESCRIPTION = ("Applies a LoRA from models/loras to the transformer, with a coverage report. Chain several "
+                   "to stack them. The incoming model is not changed: other branches of the graph keep using it "
+                   "as it was, and the text encoder and VAE are shared, not copied. A LoRA whose keys do not all "
+                   "match is refused unless allow_partial is on.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("FIRERED_MODEL", "STRING")
+    RETURN_NAMES = ("model", "report")
+    OUTPUT_TOOLTIPS = ("The model with the LoRA applied (the input model is unchanged).",
+                       "Coverage: keys matched / unmatched and modules touched, per LoRA.")
+    FUNCTION = "load"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "model": ("FIRERED_MODEL", {"tooltip": "From FireRed Model Loader or another FireRed LoRA Loader."}),
+            "lora_name": (_comfy.list_loras(), {
+                "tooltip": "A LoRA file in ComfyUI/models/loras (.safetensors): diffusers / PEFT, ComfyUI, kohya / "
+                           "musubi-tuner, DiffSynth key styles; LoKr and LoHa too."}),
+            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+                                   "tooltip": "How much of the LoRA to add (negative subtracts it)."}),
+            "mode": (list(MODES), {
+                "default": "auto",
+                "tooltip": "merge: added into a private copy of each touched weight (no extra compute; those "
+                           "weights take twice their memory while the unpatched model is loaded too). adapter: "
+                           "computed beside each layer at every step (only the LoRA's own memory; a little slower). "
+                           "auto: adapter for GGUF-quantised transformers, merge otherwise."}),
+            "allow_partial": ("BOOLEAN", {
+                "default": False,
+                "tooltip": "Apply the LoRA even if some of its keys match no layer of this model (they are named "
+                           "in the report). Off: such a LoRA is refused, since it is probably for another model."}),
+        }}
+
+    def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
+             allow_partial: bool) -> tuple[FireRedModel, str]:
+        path = _comfy.find_lora(lora_name)
+        if path is None:
+            searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
+            raise input_error(self.NAME, "lora_name", f"LoRA file '{lora_name}' not found (searched: {searched}). "
+                              "Put LoRA files in ComfyUI/models/loras.")
+        spec = LoraSpec(path=path, strength=strength, name=lora_name)
+        with blame(self.NAME, "lora_name", LoraError, FormatError):
+            view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)
+        SP.attach(view, SP.settings_of(model))
+        with _views_lock:
+            _views.append(weakref.ref(view))
+        stack = ", ".join(f"{name} ({s:g}, {m})" for name, s, m in applied_loras(view.transformer))
+        text = f"mode: {report.mode}\n{report.summary()}\nLoRAs on this model: {stack}"
+        log.info("%s: %s", self.NAME, text)
+        return view, text
+
+
+NODE_CLASS_MAPPINGS = {"FireRedLoraLoader": FireRedLoraLoader}
