@@ -64,12 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _apply_loras(transformer, args: argparse.Namespace) -> None:
     """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
-    from .formats import GGUFLinear
-    from .lora import LoraSpec, apply_loras
+    from .lora import LoraSpec, apply_loras, default_mode
 
-    mode = args.lora_mode
-    if mode is None:
-        mode = "adapter" if any(isinstance(m, GGUFLinear) for m in transformer.modules()) else "merge"
+    mode = args.lora_mode or default_mode(transformer)
     report = apply_loras(transformer, [LoraSpec.parse(s) for s in args.lora], mode=mode,
                          allow_partial=args.allow_partial_lora)
     print(f"LoRA mode: {mode}", file=sys.stderr)
