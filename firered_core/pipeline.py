@@ -99,7 +99,7 @@ class EditPipeline:
         with self.model.use("vae") as vae:
             return encode_references(vae, refs, device=self.model.device, dtype=dtype)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def edit(
         self,
         images: Sequence[Image.Image] | None,

@@ -44,6 +44,9 @@ def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: f
     total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
     if shift is not None:
         config.update(use_dynamic_shifting=False, shift=float(shift))
+    if total == 1:
+        # The terminal stretch divides by (1 - last sigma), which is 0 for a one-sigma schedule (NaN in diffusers).
+        config["shift_terminal"] = None
     scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
     base = np.linspace(1.0, 1 / total, total)
     kwargs = {} if shift is not None else {"mu": compute_mu(image_seq_len, scheduler_config)}

@@ -126,3 +126,13 @@ def test_cli_errors_are_one_clear_line(args, message, capsys, tiny_model_dir):
     assert cli.main(["-p", "x", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == f"firered-edit: error: {message}" or message in err[-1]
+
+
+def test_one_step_schedule_is_finite():
+    """diffusers' terminal stretch gives NaN for a one-sigma schedule; ours goes 1 -> 0 in one Euler step."""
+    from firered_core.sampling import make_sigmas
+    from firered_core.testing import SCHEDULER_CONFIG
+
+    sigmas = make_sigmas(1, 4096, SCHEDULER_CONFIG)
+    assert torch.isfinite(sigmas).all() and sigmas.tolist() == [1.0, 0.0]
+    assert torch.isfinite(make_sigmas(1, 4096, SCHEDULER_CONFIG, denoise=0.5)).all()
