@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
                                              "image's aspect ratio)")
     p.add_argument("--height", type=int, help="output height, a multiple of 16")
+    p.add_argument("--match-input-size", action="store_true",
+                   help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
+                        "no zoom, no shift); overrides --width/--height/--vae-area")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
@@ -118,7 +121,8 @@ def run(args: argparse.Namespace) -> list[Path]:
     result = EditPipeline(model, from_args(args)).edit(
         images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
-        prompt_mode=args.prompt_mode, shift=args.shift, callback=lambda info: bar.update(1))
+        prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
+        callback=lambda info: bar.update(1))
     bar.close()
     paths = _output_paths(args.output, len(result.images))
     for img, path in zip(result.images, paths):

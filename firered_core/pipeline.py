@@ -15,7 +15,8 @@ from PIL import Image
 
 from . import latents as L
 from .conditioning import PromptEmbeds, encode_prompts
-from .geometry import VAE_AREA, VL_AREA, check_size, default_output_size
+from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
+from .images import pil_to_tensor, tensor_to_pil
 from .model import FireRedModel
 from .references import RefImages, RefLatents, encode_references, prepare_references
 from .sampling import StepInfo, make_sigmas, sample, transformer_denoiser
@@ -64,6 +65,12 @@ def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
     """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1."""
     image = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
     return (image * 0.5 + 0.5).clamp(0, 1).float()
+
+
+def pad_image(image: Image.Image) -> tuple[Image.Image, PadRecord]:
+    """Pad a PIL image to multiples of 16 (edges repeated) with the record that crops it back."""
+    padded, record = pad_to_multiple(pil_to_tensor(image)[None])
+    return tensor_to_pil(padded[0]), record
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -115,6 +122,7 @@ class EditPipeline:
         vae_area: float = VAE_AREA,
         prompt_mode: str = "pipeline",
         shift: float | None = None,
+        match_input: bool = False,
         output: str = "pil",
         callback: Callable[[StepInfo], None] | None = None,
     ) -> EditResult:
@@ -127,11 +135,25 @@ class EditPipeline:
             width, height: output size, multiples of 16; default ~1 MP at the last image's aspect ratio.
             vl_area, vae_area: target areas of the references for the VL encoder and the VAE.
             shift: None for the checkpoint's dynamic shift, or a constant shift.
+            match_input: output exactly the last image's size with no zoom or shift: every image is padded to a
+                multiple of 16 (edges repeated, padding recorded) and VAE-encoded at that size without resizing,
+                the output is made at the last image's padded size and cropped back. ``width``/``height`` and
+                ``vae_area`` are then unused.
             output: ``pil`` to decode, ``latent`` to return the packed latents only.
         """
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = list(images or [])
-        refs = prepare_references(images, vl_area, vae_area) if images else None
+        record = None
+        if match_input:
+            if not images:
+                raise ValueError("match_input needs at least one image")
+            images, records = zip(*(pad_image(img) for img in images))
+            record = records[-1]
+            width, height = record.padded_width, record.padded_height
+            refs = prepare_references(list(images), vl_area, vae_sizes=[(r.padded_width, r.padded_height)
+                                                                        for r in records])
+        else:
+            refs = prepare_references(images, vl_area, vae_area) if images else None
         if width is None or height is None:
             dw, dh = default_output_size(refs.source_sizes[-1] if refs else None)
             width, height = width or dw, height or dh
@@ -162,4 +184,7 @@ class EditPipeline:
         prepare(self.model, self.settings, "vae")
         with self.model.use("vae") as vae:
             pixels = decode_latents(vae, latents, width, height)
+        if record is not None:
+            pixels = crop_back(pixels.permute(0, 2, 3, 1), record).permute(0, 3, 1, 2)
+            width, height = record.width, record.height
         return EditResult(to_pil(pixels), latents, width, height, stats)

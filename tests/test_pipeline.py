@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,3 +137,22 @@ def test_one_step_schedule_is_finite():
     sigmas = make_sigmas(1, 4096, SCHEDULER_CONFIG)
     assert torch.isfinite(sigmas).all() and sigmas.tolist() == [1.0, 0.0]
     assert torch.isfinite(make_sigmas(1, 4096, SCHEDULER_CONFIG, denoise=0.5)).all()
+
+
+def test_match_input_size_keeps_the_exact_size_and_position(tiny_model, make_image):
+    """An odd-sized input comes back at its exact size: padded to 16, edited, cropped by the recorded padding."""
+    from firered_core.geometry import crop_back
+    from firered_core.images import pil_to_tensor
+    from firered_core.pipeline import pad_image, to_pil
+
+    img = make_image(77, 45, seed=5)
+    kw = dict(steps=2, true_cfg=1.0, seed=1, vl_area=128 * 128)
+    got = EditPipeline(tiny_model).edit([img], "keep", None, match_input=True, **kw)
+    assert got.images[0].size == (77, 45) and (got.width, got.height) == (77, 45)
+    padded, record = pad_image(img)
+    assert padded.size == (80, 48) and (record.left, record.top) == (1, 1)
+    assert torch.equal(crop_back(pil_to_tensor(padded)[None], record)[0], pil_to_tensor(img))
+    by_hand = EditPipeline(tiny_model).edit([padded], "keep", None, width=80, height=48, vae_area=80 * 48, **kw)
+    expected = to_pil(crop_back(pil_to_tensor(by_hand.images[0])[None], record).permute(0, 3, 1, 2))[0]
+    diff = np.asarray(got.images[0], dtype=np.int16) - np.asarray(expected, dtype=np.int16)
+    assert np.abs(diff).max() <= 1  # one 8-bit rounding step: the by-hand path rounds to 8 bits before cropping
