@@ -44,10 +44,3 @@ def to_raw(tokens: torch.Tensor, width: int, height: int, vae_config) -> torch.T
 def from_raw(samples: torch.Tensor, vae_config) -> torch.Tensor:
     """Raw latents (4-D or 5-D) -> packed model-space tokens ``[B, L, 64]``."""
     return L.pack(L.normalize(check_raw(samples), vae_config))
-
-
-def noised_start(init: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
-    """The flow-matching point at ``sigma`` between ``init`` (sigma 0) and ``noise`` (sigma 1), as the scheduler's
-    ``scale_noise``: ``sigma * noise + (1 - sigma) * init``."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
-    return (sigma * noise.float() + (1.0 - sigma) * init.float()).to(noise.dtype)

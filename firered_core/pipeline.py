@@ -19,7 +19,7 @@ from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, defau
 from .images import pil_to_tensor, tensor_to_pil
 from .model import FireRedModel
 from .references import RefImages, RefLatents, encode_references, prepare_references
-from .sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+from .sampling import StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
 from .speed import SpeedSettings, prepare
 
 
@@ -76,6 +76,32 @@ def pad_image(image: Image.Image) -> tuple[Image.Image, PadRecord]:
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = images.cpu().permute(0, 2, 3, 1).numpy()
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+def denoise_latents(model: FireRedModel, settings: SpeedSettings, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+                    ref: RefLatents, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
+                    steps: int, true_cfg: float, shift: float | None = None, denoise: float = 1.0,
+                    init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None
+                    ) -> tuple[torch.Tensor, dict | None]:
+    """The sampling stage: noise (from a CPU generator) -> packed model-space latents [B, L, 64].
+
+    One sample per row of ``cond``. With ``denoise`` < 1, ``init`` (packed, model space) is noised to the first
+    sigma of the shortened schedule and sampling starts there. Returns the latents and the block-cache report.
+    """
+    batch, dtype = cond.embeds.shape[0], cond.embeds.dtype
+    noise = make_noise(batch, width, height, seed, dtype, model.device)
+    img_shapes = [[L.token_grid(height, width), *ref.shapes]]
+    sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
+    start = noise
+    if init is not None and denoise < 1.0:
+        init = init.to(device=model.device, dtype=dtype).expand(batch, -1, -1)
+        start = noised_start(init, noise, sigmas[0])
+    prepare(model, settings, "transformer")
+    block_cache = settings.new_block_cache()
+    with model.use("transformer") as transformer:
+        denoiser = transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache)
+        latents = sample(denoiser, start, sigmas, cond, uncond, true_cfg, callback, batched_cfg=settings.batched_cfg)
+    return latents, ({"block_cache": block_cache.report()} if block_cache is not None else None)
 
 
 class EditPipeline:
@@ -168,17 +194,8 @@ class EditPipeline:
         dtype = cond.embeds.dtype
         ref = self.encode_references(refs, dtype)
 
-        batch = len(prompts) * num_images
-        noise = make_noise(batch, width, height, seed, dtype, self.model.device)
-        img_shapes = [[L.token_grid(height, width), *ref.shapes]]
-        sigmas = make_sigmas(steps, noise.shape[1], self.model.scheduler_config, shift=shift)
-        prepare(self.model, self.settings, "transformer")
-        block_cache = self.settings.new_block_cache()
-        with self.model.use("transformer") as transformer:
-            denoiser = transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache)
-            latents = sample(denoiser, noise, sigmas, cond, uncond, true_cfg, callback,
-                             batched_cfg=self.settings.batched_cfg)
-        stats = {"block_cache": block_cache.report()} if block_cache is not None else None
+        latents, stats = denoise_latents(self.model, self.settings, cond, uncond, ref, width, height, seed, steps,
+                                         true_cfg, shift=shift, callback=callback)
         if output == "latent":
             return EditResult(None, latents, width, height, stats)
         prepare(self.model, self.settings, "vae")

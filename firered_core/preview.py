@@ -1,7 +1,7 @@
 """Cheap previews while sampling: the denoised estimate at each step, shown as a small RGB image.
 
-The Euler step ``x' = x + (s' - s) v`` gives back the velocity, hence the clean estimate ``x0 = x' - s' v``, from two
-consecutive latents, so no extra model call is needed. The RGB projection is linear; a host application may supply
+The sampler hands each step's clean estimate ``x0 = x - sigma * v`` to its callback (``StepInfo.denoised``), so a
+preview needs no extra model call. The RGB projection is linear; a host application may supply
 its own factors for the Wan 2.1 latent space (ComfyUI's previewer does), otherwise the first three normalised
 channels are stretched to 0..255.
 """
@@ -13,23 +13,6 @@ import torch
 from PIL import Image
 
 from . import latents as L
-
-
-class X0Tracker:
-    """Turns the latents after each step into the clean-image estimate (packed tokens, model space)."""
-
-    def __init__(self, start: torch.Tensor, sigma: float):
-        self.prev, self.sigma = start, float(sigma)
-
-    def update(self, latents: torch.Tensor, sigma: float) -> torch.Tensor:
-        sigma = float(sigma)
-        if sigma <= 0.0 or sigma == self.sigma:
-            x0 = latents
-        else:
-            v = (latents.float() - self.prev.float()) / (sigma - self.sigma)
-            x0 = latents.float() - sigma * v
-        self.prev, self.sigma = latents, sigma
-        return x0
 
 
 def tokens_to_latent(tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:

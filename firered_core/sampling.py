@@ -54,6 +54,13 @@ def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: f
     return scheduler.sigmas[-(steps + 1):].clone()
 
 
+def noised_start(init: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """The flow-matching point at ``sigma`` between ``init`` (sigma 0) and ``noise`` (sigma 1), as the scheduler's
+    ``scale_noise`` (the start of a partial denoise): ``sigma * noise + (1 - sigma) * init``."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    return (sigma * noise.float() + (1.0 - sigma) * init.float()).to(noise.dtype)
+
+
 def apply_true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> torch.Tensor:
     """``uncond + s (cond - uncond)`` rescaled per token to the norm of ``cond`` (over the channel dim)."""
     comb = uncond + scale * (cond - uncond)
@@ -62,12 +69,17 @@ def apply_true_cfg(cond: torch.Tensor, uncond: torch.Tensor, scale: float) -> to
 
 @dataclass
 class StepInfo:
-    """What a per-step callback sees. Raising from the callback aborts sampling (interruption)."""
+    """What a per-step callback sees. Raising from the callback aborts sampling (interruption).
+
+    ``latents`` are the tokens after the step (at ``sigma``); ``denoised`` is the clean-image estimate the step was
+    taken from (``x - sigma_before * v``), ready for a preview without another model call.
+    """
 
     step: int
     total: int
     sigma: float
     latents: torch.Tensor
+    denoised: torch.Tensor | None = None
 
 
 class Denoiser(Protocol):
@@ -133,7 +145,9 @@ def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond
             if do_cfg:
                 v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
         dt = (sigmas[i + 1] - sigmas[i]).to(latents.device)
-        latents = (latents.to(torch.float32) + dt * v).to(v.dtype)
+        x = latents
+        latents = (x.to(torch.float32) + dt * v).to(v.dtype)
         if callback is not None:
-            callback(StepInfo(i, n, float(sigmas[i + 1]), latents))
+            denoised = x.float() - sigmas[i].to(x.device) * v.float()
+            callback(StepInfo(i, n, float(sigmas[i + 1]), latents, denoised))
     return latents

@@ -6,12 +6,11 @@ import logging
 
 from firered_core import comfy_latents as CL
 from firered_core import geometry as G
-from firered_core import latents as L
 from firered_core import preview as P
 from firered_core.model import FireRedModel
-from firered_core.pipeline import make_noise
+from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
-from firered_core.sampling import StepInfo, make_sigmas, sample, transformer_denoiser
+from firered_core.sampling import StepInfo
 from firered_core.speed import SpeedSettings, prepare
 
 from . import _comfy
@@ -94,40 +93,28 @@ class FireRedSampler:
             raise input_error(self.NAME, "negative", "encode the negative prompt with the same references as "
                               "the positive one (the pipeline does)")
 
-        dtype, device = positive.embeds.embeds.dtype, model.device
+        device = model.device
         seeds = int(seed) if seed_mode == "batch" else [int(seed) + i for i in range(batch)]
-        noise = make_noise(batch, width, height, seeds, dtype, device)
-        ref = refs.latents.to(device, dtype) if refs is not None else RefLatents(None, [])
-        img_shapes = [[L.token_grid(height, width), *ref.shapes]]
-        with blame(self.NAME, "steps"):
-            sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config,
-                                 shift=shift if shift > 0 else None, denoise=denoise)
-        start = noise
-        if denoise < 1.0:
-            init = CL.from_raw(samples.to(device), model.vae.config).to(dtype)
-            start = CL.noised_start(init.expand(batch, -1, -1), noise, sigmas[0])
+        ref = refs.latents.to(device, positive.embeds.embeds.dtype) if refs is not None else RefLatents(None, [])
+        init = CL.from_raw(samples.to(device), model.vae.config) if denoise < 1.0 else None
         cond = positive.embeds.repeat(batch).to(device)
         uncond = negative.embeds.repeat(batch).to(device) if true_cfg > 1.0 else None
-
         settings = SP.for_sampler(self.NAME, model, speed)
-        block_cache = settings.new_block_cache()
-        bar, preview = _comfy.progress_bar(len(sigmas) - 1), _comfy.previewer()
-        tracker = P.X0Tracker(start, float(sigmas[0]))
+        bar, preview = _comfy.progress_bar(steps), _comfy.previewer()
 
         def on_step(info: StepInfo) -> None:
             _comfy.throw_if_interrupted()
-            x0 = tracker.update(info.latents, info.sigma)
-            bar.update_absolute(info.step + 1, info.total, preview(P.tokens_to_latent(x0, width, height)))
+            bar.update_absolute(info.step + 1, info.total, preview(P.tokens_to_latent(info.denoised, width, height)))
 
         _comfy.throw_if_interrupted()
         try:
             with blame(self.NAME, "speed", ValueError, RuntimeError):
                 prepare(model, settings, "transformer")
-            with model.use("transformer") as transformer:
-                out = sample(transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache), start,
-                             sigmas, cond, uncond, true_cfg, on_step, batched_cfg=settings.batched_cfg)
-            if block_cache is not None:
-                report = block_cache.report()
+            out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps, true_cfg,
+                                         shift=shift if shift > 0 else None, denoise=denoise, init=init,
+                                         callback=on_step)
+            if stats is not None:
+                report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],
                          report["total"], 100 * report["fraction"])
             raw = CL.to_raw(out, width, height, model.vae.config)

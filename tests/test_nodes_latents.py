@@ -7,7 +7,8 @@ import torch
 
 from firered_core import comfy_latents as CL
 from firered_core import latents as L
-from firered_core.preview import X0Tracker, latent_to_rgb, tokens_to_latent
+from firered_core.preview import latent_to_rgb, tokens_to_latent
+from firered_core.sampling import noised_start
 
 VAE_CONFIG = {"latents_mean": [0.1 * k for k in range(16)], "latents_std": [1.0 + 0.05 * k for k in range(16)]}
 
@@ -30,17 +31,24 @@ def test_check_raw_says_what_is_wrong(shape, message):
 
 def test_noised_start_endpoints():
     init, noise = torch.zeros(1, 4, 64), torch.ones(1, 4, 64)
-    assert torch.equal(CL.noised_start(init, noise, 1.0), noise)
-    assert torch.equal(CL.noised_start(init, noise, 0.0), init)
-    torch.testing.assert_close(CL.noised_start(init, noise, 0.25), torch.full((1, 4, 64), 0.25))
+    assert torch.equal(noised_start(init, noise, 1.0), noise)
+    assert torch.equal(noised_start(init, noise, 0.0), init)
+    torch.testing.assert_close(noised_start(init, noise, 0.25), torch.full((1, 4, 64), 0.25))
 
 
-def test_x0_tracker_recovers_clean_image_of_a_straight_flow():
+def test_step_denoised_estimate_recovers_clean_image_of_a_straight_flow():
+    """With the exact velocity of a straight flow (noise - x0), every step's estimate is x0 itself."""
+    from firered_core.conditioning import PromptEmbeds
+    from firered_core.sampling import sample
+
     x0, noise = torch.randn(1, 4, 64), torch.randn(1, 4, 64)
-    sigmas = [1.0, 0.7, 0.3, 0.0]
-    tracker = X0Tracker(noise, sigmas[0])
-    for s in sigmas[1:]:
-        torch.testing.assert_close(tracker.update(s * noise + (1 - s) * x0, s), x0, rtol=1e-4, atol=1e-4)
+    seen = []
+    sample(lambda x, t, c, b: noise - x0, noise, torch.tensor([1.0, 0.7, 0.3, 0.0]),
+           PromptEmbeds(torch.zeros(1, 1, 8), None), callback=seen.append)
+    assert len(seen) == 3
+    for info in seen:
+        torch.testing.assert_close(info.denoised, x0, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[-1].latents, x0, rtol=1e-5, atol=1e-5)
 
 
 def test_preview_image_size():
