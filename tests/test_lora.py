@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 from firered_core.lora import (LoraError, LoraSpec, LoraWeights, apply_loras, linear_modules, lora_state_dict,
                                remove_loras, save_lora)
+from test_formats import run
 
 TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0", "transformer_blocks.1.img_mod.1",
            "transformer_blocks.1.txt_mlp.net.2", "img_in"]
@@ -23,14 +24,6 @@ def transformer():
 
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(**transformer_config("tiny")).eval().requires_grad_(False)
-
-
-def run(model) -> torch.Tensor:
-    gen = torch.Generator().manual_seed(1)
-    x, c = torch.randn(1, 16, 64, generator=gen), torch.randn(1, 5, 64, generator=gen)
-    with torch.no_grad():
-        return model(hidden_states=x, encoder_hidden_states=c, encoder_hidden_states_mask=None,
-                     timestep=torch.tensor([0.5]), img_shapes=[[(1, 4, 4)]], return_dict=False)[0]
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
