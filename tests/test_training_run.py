@@ -160,10 +160,12 @@ def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir,
     (done[0].parent / f".{done[0].name}.123.tmp").write_bytes(b"half a file")
     again = extract(cfg)
     assert again["encoded"] == 2 and again["skipped"] == 2
-    rows = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole" / "rows").rglob("*.safetensors"))
-    assert rows == sorted(p.relative_to(tmp_path / "cut") for p in (tmp_path / "cut" / "rows").rglob("*.safetensors"))
-    for rel in rows:
-        assert filecmp.cmp(tmp_path / "whole" / rel, tmp_path / "cut" / rel, shallow=False)
+    for folder in ("rows", "embeds"):  # row files reference the shared-format embedding files by key
+        files = sorted(p.relative_to(tmp_path / "whole") for p in (tmp_path / "whole" / folder).rglob("*.safetensors"))
+        assert files and files == sorted(p.relative_to(tmp_path / "cut")
+                                         for p in (tmp_path / "cut" / folder).rglob("*.safetensors"))
+        for rel in files:
+            assert filecmp.cmp(tmp_path / "whole" / rel, tmp_path / "cut" / rel, shallow=False)
     manifest = yaml.safe_load((tmp_path / "cut" / "manifest.json").read_text())
     assert manifest["prompt_mode"] == "pipeline" and len(manifest["rows"]) == 4
 

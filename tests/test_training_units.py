@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
+from firered_core.embed_cache import canonical_safetensors
 from firered_core.testing import SCHEDULER_CONFIG
 from firered_core.training import alignment, timesteps
 from firered_core.training.buckets import BucketSampler, bucket_key, ratio_bin
 from firered_core.training.data import DataError, load_dataset, parse_weights
 from firered_core.training.ema import EMA
-from firered_core.training.extract import canonical_safetensors
 from firered_core.training.losses import flow_matching_loss, loss_weight, noisy_latents
 from firered_core.training.synthetic import make_dataset
 

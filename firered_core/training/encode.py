@@ -62,9 +62,9 @@ def prepare_row_references(images: RowImages, vl_area: float):
     return prepare_references(pics, vl_area=vl_area, vae_sizes=images.source_sizes) if pics else None
 
 
-def encode_row_prompt(text_encoder, processor, text: str, refs, mode: str, device=None) -> PromptEmbeds:
+def encode_row_prompt(text_encoder, processor, text: str | list[str], refs, mode: str, device=None) -> PromptEmbeds:
     vl = refs.vl_images if refs is not None and len(refs) else None
-    return encode_prompts(text_encoder, processor, [text], vl, mode=mode, device=device)
+    return encode_prompts(text_encoder, processor, text, vl, mode=mode, device=device)
 
 
 def encode_row_references(vae, refs, device=None) -> RefLatents:

@@ -1,11 +1,20 @@
 """Offline extraction of instruction embeddings (and optionally VAE latents), sharded and resumable.
 
-Each row becomes one ``rows/<task>/<file>-<line>.safetensors`` holding ``embeds.<variant>`` [L, D] for every
-requested variant the row has (``en``, ``cn``, ``empty``, ``inverse``, ``inverse_cn``) and, with latent caching,
-``latents.target`` / ``latents.refs`` (packed, normalised, at the row's bucket sizes; ``latents.inverse_*`` for the
-inverse edit). Files are written to a temporary name and renamed, so a crash never leaves a half file under the final
-name; a restarted run skips every row whose file exists. Process ``r`` of ``n`` handles rows ``r, r + n, ...``.
-The manifest (written last, by the main process) records the prompt mode, sizes, variants and the row -> file map.
+Instruction embeddings use the inference embedding cache's one format and key (``firered_core/embed_cache.py``):
+each (variant text, VL-sized references, prompt mode) goes through :class:`~firered_core.embed_cache.EmbedCache` with
+the disk folder ``<output>/embeds``, so it is one ``embeds/<key[:2]>/<key>.safetensors`` keyed by
+:func:`~firered_core.embed_cache.embed_key` over the same model fingerprint and picture hashes as inference. A prompt
+whose file is already there (an earlier extraction, or inference run with ``--embed-cache-dir <output>/embeds``) is
+not encoded again, and inference pointed at that folder does not run the VL encoder for an extracted instruction.
+
+Each row becomes one ``rows/<task>/<file>-<line>.safetensors`` whose metadata maps ``embeds.<variant>`` to the key of
+every requested variant the row has (``en``, ``cn``, ``empty``, ``inverse``, ``inverse_cn``) and whose tensors, with
+latent caching, are ``latents.target`` / ``latents.refs`` (packed, normalised, at the row's bucket sizes;
+``latents.inverse_*`` for the inverse edit). :class:`EmbeddingStore` resolves the keys, so the trainer sees
+``embeds.<variant>`` [L, D] tensors as before. Every file is written to a temporary name and renamed with a sorted
+header (byte-stable), so a crash never leaves a half file under the final name; a restarted run skips every row whose
+file exists. Process ``r`` of ``n`` handles rows ``r, r + n, ...``. The manifest (written last, by the main process)
+records the prompt mode, sizes, variants, the embeddings folder and the row -> file map.
 """
 
 from __future__ import annotations
@@ -17,9 +26,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors import safe_open
 
 from ..conditioning import PROMPT_MODES
+from ..embed_cache import EmbedCache, embed_path, load_embeds, write_safetensors
 from ..geometry import VAE_AREA, VL_AREA
 from ..model import load_model
 from .alignment import variant_text
@@ -31,6 +41,8 @@ log = logging.getLogger(__name__)
 
 ALL_VARIANTS = ("en", "cn", "empty", "inverse", "inverse_cn")
 MANIFEST = "manifest.json"
+FORMAT = "firered-embeddings/2"
+EMBEDS = "embeds"
 
 
 @dataclass
@@ -63,25 +75,16 @@ def row_file(output_dir: Path, uid: str) -> Path:
     return output_dir / "rows" / f"{uid}.safetensors"
 
 
-def canonical_safetensors(data: bytes) -> bytes:
-    """The same file with its JSON header's keys sorted: safetensors writes metadata in hash order, so two saves of
-    the same tensors and metadata can differ byte for byte."""
-    size = int.from_bytes(data[:8], "little")
-    header = json.dumps(json.loads(data[8:8 + size]), sort_keys=True, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    return len(header).to_bytes(8, "little") + header + data[8 + size:]
+def embed_cache(output_dir: Path) -> EmbedCache:
+    """The extraction's view of the shared disk cache (no memory copies: each key is needed once)."""
+    return EmbedCache(max_items=0, disk=output_dir / EMBEDS)
 
 
-def _atomic_save(tensors: dict, path: Path, metadata: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(canonical_safetensors(save({k: v.contiguous() for k, v in tensors.items()}, metadata=metadata)))
-    os.replace(tmp, path)
-
-
-def encode_row(model, sample, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
+def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The row's latent tensors and its ``embeds.<variant>`` -> key map (each embedding encoded only if missing)."""
     key = bucket_key(sample)
     tensors: dict[str, torch.Tensor] = {}
+    keys: dict[str, str] = {}
     te, proc, vae = model.text_encoder, model.processor, model.vae
     for inverse in (False, True):
         names = [v for v in cfg.variants if v.startswith("inverse") == inverse]
@@ -89,19 +92,21 @@ def encode_row(model, sample, cfg: ExtractConfig) -> dict[str, torch.Tensor]:
             continue
         images = row_images(sample, key, cfg.target_area, cfg.reference_area, inverse=inverse)
         refs = prepare_row_references(images, cfg.vl_area)
+        vl = refs.vl_images if refs is not None and len(refs) else None
         for v in names:
             text = variant_text(sample, v)
             if v != "empty" and not text:
                 continue
-            emb = encode_row_prompt(te, proc, text, refs, cfg.prompt_mode, device=model.device)
-            tensors[f"embeds.{v}"] = emb.embeds[0].to(model.dtype).cpu()
+            (keys[f"embeds.{v}"],), _ = cache.encode_pieces(
+                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device),
+                te, [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
         if cfg.cache_latents:
             prefix = "latents.inverse_" if inverse else "latents."
             tensors[prefix + "target"] = encode_target(vae, images.target, images.target_size, model.device).cpu()
             ref = encode_row_references(vae, refs, model.device)
             if ref.tokens is not None:
                 tensors[prefix + "refs"] = ref.tokens.cpu()
-    return tensors
+    return tensors, keys
 
 
 def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str = "cpu",
@@ -116,19 +121,22 @@ def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str 
     todo = [s for s in mine if not row_file(out, s.uid).exists()]
     log.info("rank %d: %d of %d rows to encode (%d already done)", rank, len(todo), len(mine), len(mine) - len(todo))
     model = load_model(cfg.model, dtype=cfg.dtype, device=device)
+    cache = embed_cache(out)
     done = 0
     for sample in todo:
         if stop_after is not None and done >= stop_after:
             raise SimulatedCrash(f"stopped after {done} rows")
-        tensors = encode_row(model, sample, cfg)
-        _atomic_save(tensors, row_file(out, sample.uid), {"uid": sample.uid, "prompt_mode": cfg.prompt_mode})
+        tensors, keys = encode_row(model, sample, cfg, cache)
+        write_safetensors(row_file(out, sample.uid), tensors,
+                          {"uid": sample.uid, "prompt_mode": cfg.prompt_mode, **keys})
         done += 1
     if wait is not None:
         wait()
     manifest = {}
     if rank == 0:
         manifest = write_manifest(cfg, dataset)
-    return {"encoded": done, "skipped": len(mine) - len(todo), "bad_rows": len(dataset.bad), "manifest": manifest}
+    return {"encoded": done, "skipped": len(mine) - len(todo), "bad_rows": len(dataset.bad),
+            "prompts_encoded": cache.misses, "prompts_reused": cache.hits, "manifest": manifest}
 
 
 def write_manifest(cfg: ExtractConfig, dataset) -> dict:
@@ -137,7 +145,7 @@ def write_manifest(cfg: ExtractConfig, dataset) -> dict:
     if missing:
         raise RuntimeError(f"{len(missing)} row file(s) missing (first: {missing[0]}); rerun the extraction")
     manifest = {
-        "format": "firered-embeddings/1", "model": str(cfg.model), "prompt_mode": cfg.prompt_mode,
+        "format": FORMAT, "embeds": EMBEDS, "model": str(cfg.model), "prompt_mode": cfg.prompt_mode,
         "variants": list(cfg.variants), "vl_area": cfg.vl_area, "cache_latents": cfg.cache_latents,
         "target_area": cfg.target_area, "reference_area": cfg.reference_area, "dtype": cfg.dtype,
         "rows": {s.uid: str(row_file(out, s.uid).relative_to(out)) for s in dataset.samples},
@@ -150,7 +158,7 @@ def write_manifest(cfg: ExtractConfig, dataset) -> dict:
 
 
 class EmbeddingStore:
-    """Reads an extraction's rows for training; checks the manifest matches the run."""
+    """Reads an extraction's rows for training, embeddings resolved from their keys; checks the manifest matches."""
 
     def __init__(self, path: str | Path, prompt_mode: str | None = None):
         self.root = Path(path)
@@ -158,6 +166,10 @@ class EmbeddingStore:
         if not file.exists():
             raise FileNotFoundError(f"no {MANIFEST} in {self.root}: run training/extract_embeddings.py to the end")
         self.manifest = json.loads(file.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise ValueError(f"embeddings in {self.root} are {self.manifest.get('format')!r}, not {FORMAT!r}: "
+                             f"extract them again")
+        self.embeds = self.root / self.manifest["embeds"]
         if prompt_mode is not None and self.manifest["prompt_mode"] != prompt_mode:
             raise ValueError(f"embeddings in {self.root} were extracted in prompt mode "
                              f"{self.manifest['prompt_mode']!r} but the run asks for {prompt_mode!r}")
@@ -166,4 +178,12 @@ class EmbeddingStore:
         rel = self.manifest["rows"].get(uid)
         if rel is None:
             raise KeyError(f"row {uid} is not in the embeddings at {self.root} (extracted from other data?)")
-        return load_file(str(self.root / rel))
+        with safe_open(str(self.root / rel), "pt") as f:
+            tensors = {name: f.get_tensor(name) for name in f.keys()}
+            keys = {name: key for name, key in (f.metadata() or {}).items() if name.startswith("embeds.")}
+        for name, key in keys.items():
+            tensors[name] = load_embeds(embed_path(self.embeds, key))
+            if tensors[name] is None:
+                raise FileNotFoundError(f"row {uid}: {name} file {embed_path(self.embeds, key)} is missing or not "
+                                        f"an embedding; rerun the extraction")
+        return tensors
