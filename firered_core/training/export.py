@@ -38,13 +38,23 @@ def export_lora(state: dict[str, torch.Tensor], folder: Path, name: str, alpha: 
     return out
 
 
-def export_full(module, trained: dict[str, torch.Tensor], base_model: str | Path, folder: Path) -> Path:
-    """The fine-tuned transformer (``save_pretrained``) beside links to (or copies of) the base model's other parts."""
+def export_full(module, trained: dict[str, torch.Tensor], base_model: str | Path, folder: Path,
+                whole: dict[str, torch.Tensor] | None = None) -> Path:
+    """The fine-tuned transformer (``save_pretrained``) beside links to (or copies of) the base model's other parts.
+
+    ``whole`` is the complete gathered state dict for FSDP, where ``module`` holds only this rank's shards: the
+    transformer is then rebuilt from its config (on the meta device) around ``whole`` with ``trained`` on top.
+    """
     base = Path(base_model)
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    if whole is not None:
+        with torch.device("meta"):
+            module = type(module).from_config(module.config)
+        module.load_state_dict({**whole, **trained}, strict=True, assign=True)
+        trained = {}
     with torch.no_grad():
         saved = {n: p.detach().clone() for n, p in module.named_parameters() if n in trained}
         for n, p in module.named_parameters():

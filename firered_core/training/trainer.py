@@ -67,12 +67,14 @@ def make_accelerator(cfg: TrainConfig):
     if not torch.distributed.is_initialized():
         AcceleratorState._reset_state()
     kwargs = {}
+    plugin = None
     if cfg.fsdp:
         from accelerate import FullyShardedDataParallelPlugin
 
-        kwargs["fsdp_plugin"] = FullyShardedDataParallelPlugin(
+        plugin = FullyShardedDataParallelPlugin(
             auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[BLOCK_CLASS],
             use_orig_params=True, state_dict_type="FULL_STATE_DICT")
+        kwargs["fsdp_plugin"] = plugin
     else:
         # The last block's text-stream output (attn.to_add_out, txt_mlp) never reaches the prediction, so those
         # trained tensors get no gradient. Without unused-parameter detection DDP never finds the buckets holding
@@ -81,8 +83,36 @@ def make_accelerator(cfg: TrainConfig):
         kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
     tracker = cfg.tracker if cfg.tracker not in (None, "none", "") else None
     # Without an accelerator, torchrun-style env (WORLD_SIZE > 1) only becomes a gloo process group with cpu=True.
-    return Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir,
-                       cpu=not torch.cuda.is_available(), **kwargs)
+    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir,
+                      cpu=not torch.cuda.is_available(), **kwargs)
+    if plugin is not None:
+        enable_cpu_fsdp(acc, plugin)
+    return acc
+
+
+def enable_cpu_fsdp(acc, plugin) -> None:
+    """Give several CPU processes (gloo) the FSDP that accelerate gives several GPUs.
+
+    accelerate 1.15 switches to FSDP only for multi-accelerator launches: on CPU it keeps ``MULTI_CPU``, silently drops
+    the plugin and wraps the model in DDP (without unused-parameter detection, so the 2nd step fails with "Expected to
+    have finished reduction"). torch's FSDP itself runs on CPU with gloo, so the state is switched to FSDP as
+    accelerate does for GPUs; from there ``prepare``, ``no_sync``, ``clip_grad_norm_`` and ``get_state_dict`` take
+    accelerate's own FSDP path (``FullyShardedDataParallel`` with ``device_id=acc.device``), the one a GPU run takes.
+    The device becomes plain ``cpu``: accelerate's multi-CPU ``cpu:0`` fails FSDP's check against the current CPU
+    device ("Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0"); both name the same memory.
+    """
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.MULTI_CPU:
+        return
+    if acc.state.mixed_precision != "no":
+        plugin.set_mixed_precision(acc.state.mixed_precision)
+    acc.state.fsdp_plugin = plugin
+    # Both shared states, as accelerate writes FSDP for GPUs: every later AcceleratorState() re-reads PartialState's.
+    for state in (PartialState(), acc.state):
+        state.distributed_type = DistributedType.FSDP
+        state.device = torch.device("cpu")
 
 
 def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
@@ -153,10 +183,11 @@ class Trainer:
         keep = set(self.trainable)
         return {n: p for n, p in module.named_parameters() if n in keep}
 
-    def trainable_state(self) -> dict[str, torch.Tensor]:
+    def trainable_state(self, whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The trained tensors, whole. With FSDP every process must call it; rank 0 gets them, the others ``{}``."""
         if self.cfg.fsdp:
-            full = self.acc.get_state_dict(self.transformer)
-            return {n: full[n] for n in self.trainable if n in full}
+            whole = self.acc.get_state_dict(self.transformer) if whole is None else whole
+            return {n: whole[n] for n in self.trainable if n in whole}
         return {n: p.detach() for n, p in self.named_trainable().items()}
 
     # -- inputs -----------------------------------------------------------------------------------------------
@@ -266,8 +297,11 @@ class Trainer:
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
+            # On CPU, torch 2.14's offload is no copy and the full state reuses one gather buffer: each parameter's
+            # exp_avg comes back as the same tensor as its exp_avg_sq. Offload only from an accelerator.
+            offload = self.acc.device.type != "cpu"
             return get_optimizer_state_dict(self.transformer, self.optimizer,
-                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
         return self.optimizer.state_dict()
 
     def save(self) -> Path:
@@ -423,7 +457,8 @@ class Trainer:
     def export(self) -> dict[str, Path]:
         from .export import export_full, export_lora
 
-        state = self.trainable_state()
+        whole = self.acc.get_state_dict(self.transformer) if self.cfg.fsdp and self.cfg.method == "full" else None
+        state = self.trainable_state(whole)
         ema = self.ema.shadow if self.ema is not None else None
         out = {}
         if self.acc.is_main_process:
@@ -433,7 +468,7 @@ class Trainer:
                     out.update({f"ema_{k}": v for k, v in export_lora(
                         ema, self.out / "export", self.cfg.export_name + "_ema", self.cfg.lora.alpha).items()})
             else:
-                out["full"] = export_full(self.module, state, self.cfg.model, self.out / "export" / "model")
+                out["full"] = export_full(self.module, state, self.cfg.model, self.out / "export" / "model", whole)
                 if ema is not None:
                     out["ema_full"] = export_full(self.module, ema, self.cfg.model,
                                                   self.out / "export" / "model_ema")
