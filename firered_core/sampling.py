@@ -56,8 +56,11 @@ def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: f
 
 def noised_start(init: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
     """The flow-matching point at ``sigma`` between ``init`` (sigma 0) and ``noise`` (sigma 1), as the scheduler's
-    ``scale_noise`` (the start of a partial denoise): ``sigma * noise + (1 - sigma) * init``."""
-    sigma = torch.as_tensor(sigma, dtype=torch.float32)
+    ``scale_noise``: ``sigma * noise + (1 - sigma) * init``, computed in float32. ``sigma`` is one value or one per
+    row (training's noisy inputs); the start of a partial denoise uses one."""
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=noise.device)
+    if sigma.dim() > 0:
+        sigma = sigma.reshape(-1, *([1] * (noise.dim() - 1)))
     return (sigma * noise.float() + (1.0 - sigma) * init.float()).to(noise.dtype)
 
 

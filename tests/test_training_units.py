@@ -14,7 +14,8 @@ from firered_core.training import alignment, timesteps
 from firered_core.training.buckets import BucketSampler, bucket_key, ratio_bin
 from firered_core.training.data import DataError, load_dataset, parse_weights
 from firered_core.training.ema import EMA
-from firered_core.training.losses import flow_matching_loss, loss_weight, noisy_latents
+from firered_core.sampling import noised_start
+from firered_core.training.losses import flow_matching_loss, loss_weight
 from firered_core.training.synthetic import make_dataset
 
 
@@ -167,7 +168,7 @@ def test_flow_matching_loss_target_and_outlier_mask():
     g = torch.Generator().manual_seed(0)
     x0, noise = torch.randn(2, 8, 4, generator=g), torch.randn(2, 8, 4, generator=g)
     sigma = torch.tensor([0.3, 0.9])
-    xt = noisy_latents(x0, noise, sigma)
+    xt = noised_start(x0, noise, sigma)
     assert torch.allclose(xt[1], 0.1 * x0[1] + 0.9 * noise[1])
     exact = noise - x0
     loss, stats = flow_matching_loss(exact, noise, x0, sigma)

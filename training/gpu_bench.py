@@ -24,7 +24,8 @@ def main() -> None:
 
     from firered_core.bench_gpu import build_transformer
     from firered_core.training.config import LORA_TARGETS
-    from firered_core.training.losses import flow_matching_loss, noisy_latents
+    from firered_core.sampling import noised_start
+    from firered_core.training.losses import flow_matching_loss
 
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--size", type=int, default=1024)
@@ -53,7 +54,7 @@ def main() -> None:
     def step():
         noise = torch.randn_like(x0)
         sigma = torch.rand(1, device=dev)
-        xt = noisy_latents(x0, noise, sigma)
+        xt = noised_start(x0, noise, sigma)
         out = model(hidden_states=torch.cat([xt, ref], 1), timestep=sigma.to(torch.bfloat16),
                     encoder_hidden_states=txt, encoder_hidden_states_mask=None, img_shapes=shapes,
                     return_dict=False)[0][:, : x0.shape[1]]

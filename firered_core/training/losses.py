@@ -15,11 +15,6 @@ WEIGHTINGS = ("none", "sigma_sqrt", "cosmap", "logit_normal")
 OUTLIER = 50.0
 
 
-def noisy_latents(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
-    return (1.0 - s) * x0 + s * noise
-
-
 def loss_weight(sigma: torch.Tensor, scheme: str = "none") -> torch.Tensor:
     """Per-row weight: ``sigma_sqrt`` = sigma^-2 (SD3), ``cosmap`` and ``logit_normal`` densities (SD3 paper)."""
     if scheme == "none":

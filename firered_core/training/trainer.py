@@ -25,7 +25,7 @@ from ..conditioning import PromptEmbeds
 from ..images import load_image
 from ..model import load_model
 from ..references import RefLatents
-from ..sampling import transformer_denoiser
+from ..sampling import noised_start, transformer_denoiser
 from . import checkpoint as ckpt
 from .alignment import align, choose_variant, variant_text
 from .buckets import BucketSampler
@@ -34,7 +34,7 @@ from .data import load_dataset, parse_weights
 from .ema import EMA
 from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
 from .extract import EmbeddingStore
-from .losses import flow_matching_loss, noisy_latents
+from .losses import flow_matching_loss
 from .seeding import row_generator, row_rng
 from .timesteps import sample_sigmas
 
@@ -233,7 +233,7 @@ class Trainer:
         sigma = sample_sigmas(cfg.timesteps, step, [pos], self.sampler.global_batch, x0.shape[1],
                               self.scheduler_config, cfg.seed).to(x0.device)
         noise = torch.randn(x0.shape, generator=row_generator(cfg.seed, step, pos, "noise")).to(x0.device)
-        xt = noisy_latents(x0, noise, sigma)
+        xt = noised_start(x0, noise, sigma)
         denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
         pred = denoiser(xt, sigma, inputs.cond, "cond")
         loss, _ = flow_matching_loss(pred, noise, x0, sigma, cfg.loss_weighting, cfg.outlier)
