@@ -22,10 +22,10 @@ class SpeedSettings:
 
     batched_cfg: bool = False
     cache_threshold: float = 0.0
-    cache_first: int = 1
-    cache_last: int = 1
-    cache_warmup: int = 2
-    cache_max_consecutive: int = 3
+    cache_first: int = BlockCacheConfig.first
+    cache_last: int = BlockCacheConfig.last
+    cache_warmup: int = BlockCacheConfig.warmup
+    cache_max_consecutive: int = BlockCacheConfig.max_consecutive
     taylorseer: bool = False
     quantize: str = "none"
     quantize_text_encoder: str = "none"
