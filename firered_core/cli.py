@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     from .images import load_image
     from .model import load_model
     from .pipeline import EditPipeline
-    from .testing import build_model, default_demo_dir
+    from .demo_models import build_model, default_demo_dir
 
     for name in ("width", "height"):
         value = getattr(args, name)

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from .errors import FireRedError
 
 
-class ImageInputError(ValueError):
+class ImageInputError(FireRedError):
     """An input image could not be read or converted."""
 
 

@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import FireRedError
 from .formats.gguf_linear import GGUFLinear
 from .model import FireRedModel
 
@@ -56,7 +57,7 @@ _PART_PATTERNS: list[tuple[re.Pattern, str]] = [
 _PART_ALIASES = {"lora_A": "down", "lora_down": "down", "lora_B": "up", "lora_up": "up"}
 
 
-class LoraError(ValueError):
+class LoraError(FireRedError):
     """A LoRA file cannot be applied as a whole: nothing matched, a part is unmatched, or it is malformed."""
 
 

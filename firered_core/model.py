@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from .errors import FireRedError
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ COMPONENTS = ("transformer", "vae", "text_encoder")
 REQUIRED = ("transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler")
 
 
-class ModelError(ValueError):
+class ModelError(FireRedError):
     """A model folder or file is missing, incomplete or of the wrong kind."""
 
 

@@ -17,6 +17,25 @@ import torch
 from .conditioning import PromptEmbeds
 from .references import RefLatents
 
+# The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
+SCHEDULER_CONFIG: dict = {
+    "_class_name": "FlowMatchEulerDiscreteScheduler",
+    "base_image_seq_len": 256,
+    "base_shift": 0.5,
+    "invert_sigmas": False,
+    "max_image_seq_len": 8192,
+    "max_shift": 0.9,
+    "num_train_timesteps": 1000,
+    "shift": 1.0,
+    "shift_terminal": 0.02,
+    "stochastic_sampling": False,
+    "time_shift_type": "exponential",
+    "use_beta_sigmas": False,
+    "use_dynamic_shifting": True,
+    "use_exponential_sigmas": False,
+    "use_karras_sigmas": False,
+}
+
 
 def compute_mu(image_seq_len: int, scheduler_config: dict) -> float:
     """Resolution-dependent shift: linear in the output token count between (base_seq, base_shift) and (max...)."""

@@ -14,7 +14,7 @@ torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
-    from firered_core.testing import build_model
+    from firered_core.demo_models import build_model
 
     return build_model(tmp_path_factory.mktemp("models") / "tiny", "tiny")
 

@@ -17,7 +17,7 @@ from firered_core.formats import (FormatError, convert_diffusers_vae_state, dete
 def transformer():
     from diffusers import QwenImageTransformer2DModel
 
-    from firered_core.testing import _perturb_zero_inits, transformer_config
+    from firered_core.demo_models import _perturb_zero_inits, transformer_config
 
     torch.manual_seed(0)
     model = QwenImageTransformer2DModel(**transformer_config("tiny")).eval()
@@ -29,7 +29,7 @@ def transformer():
 def vae():
     from diffusers import AutoencoderKLQwenImage
 
-    from firered_core.testing import vae_config
+    from firered_core.demo_models import vae_config
 
     torch.manual_seed(1)
     return AutoencoderKLQwenImage(**vae_config("tiny")).eval()
@@ -182,7 +182,7 @@ def test_vae_with_a_misplaced_block_is_refused(vae, tmp_path):
 def test_text_encoder_comfy_layout_without_lm_head(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from firered_core.testing import build_tokenizer, text_encoder_config
+    from firered_core.demo_models import build_tokenizer, text_encoder_config
 
     torch.manual_seed(2)
     ref_model = Qwen2_5_VLForConditionalGeneration(text_encoder_config("tiny", build_tokenizer())).eval()
@@ -208,7 +208,7 @@ def test_text_encoder_comfy_layout_without_lm_head(tmp_path):
 def test_text_encoder_of_unknown_size_says_what_it_found(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from firered_core.testing import build_tokenizer, text_encoder_config
+    from firered_core.demo_models import build_tokenizer, text_encoder_config
 
     cfg = text_encoder_config("tiny", build_tokenizer())
     cfg.text_config.intermediate_size = 96

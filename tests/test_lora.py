@@ -20,7 +20,7 @@ TARGETS = ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_out.0
 def transformer():
     from diffusers import QwenImageTransformer2DModel
 
-    from firered_core.testing import transformer_config
+    from firered_core.demo_models import transformer_config
 
     torch.manual_seed(0)
     return QwenImageTransformer2DModel(**transformer_config("tiny")).eval().requires_grad_(False)

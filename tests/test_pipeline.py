@@ -106,7 +106,7 @@ def test_sizes():
 
 
 def test_cli_demo_writes_an_image(tmp_path, monkeypatch, tiny_model_dir, make_image):
-    monkeypatch.setattr("firered_core.testing.default_demo_dir", lambda: tiny_model_dir)
+    monkeypatch.setattr("firered_core.demo_models.default_demo_dir", lambda: tiny_model_dir)
     src = tmp_path / "in.png"
     make_image(80, 48).save(src)
     out = tmp_path / "out.png"
@@ -132,7 +132,7 @@ def test_cli_errors_are_one_clear_line(args, message, capsys, tiny_model_dir):
 def test_one_step_schedule_is_finite():
     """diffusers' terminal stretch gives NaN for a one-sigma schedule; ours goes 1 -> 0 in one Euler step."""
     from firered_core.sampling import make_sigmas
-    from firered_core.testing import SCHEDULER_CONFIG
+    from firered_core.sampling import SCHEDULER_CONFIG
 
     sigmas = make_sigmas(1, 4096, SCHEDULER_CONFIG)
     assert torch.isfinite(sigmas).all() and sigmas.tolist() == [1.0, 0.0]

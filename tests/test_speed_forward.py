@@ -8,7 +8,7 @@ from diffusers import QwenImageTransformer2DModel
 
 from firered_core.cache import BlockCache, BlockCacheConfig
 from firered_core.speed import SpeedSettings
-from firered_core.testing import transformer_config
+from firered_core.demo_models import transformer_config
 from firered_core.transformer_forward import run_transformer
 
 from speed_helpers import edit, fresh_model, max_diff, rel_err

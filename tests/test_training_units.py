@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from firered_core.embed_cache import canonical_safetensors
-from firered_core.testing import SCHEDULER_CONFIG
+from firered_core.sampling import SCHEDULER_CONFIG
 from firered_core.training import alignment, timesteps
 from firered_core.training.buckets import BucketSampler, bucket_key, ratio_bin
 from firered_core.training.data import DataError, load_dataset, parse_weights

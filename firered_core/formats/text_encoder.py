@@ -48,7 +48,7 @@ def _known_configs() -> list[tuple[str, Callable[[], object]]]:
 
     def preset(name: str):
         def make():
-            from ..testing import build_tokenizer, text_encoder_config
+            from ..demo_models import build_tokenizer, text_encoder_config
 
             return text_encoder_config(name, build_tokenizer())
         return make
@@ -161,7 +161,7 @@ def load_text_encoder_processor(path: str | Path):
         header = {n: ckpt.shape(k) for k in ckpt if not is_aux_key(k) and (n := rename(k)) is not None}
         name, _ = detect_text_encoder_config(header, sidecar_config(path, (CLASS_NAME,)), str(path))
     if name.startswith("firered_core.testing"):
-        from ..testing import build_processor
+        from ..demo_models import build_processor
 
         return build_processor()
     raise FormatError(

@@ -28,7 +28,7 @@ REQUIRED = ("img_in.weight", "txt_in.weight", "txt_norm.weight", "proj_out.weigh
             "transformer_blocks.0.attn.to_q.weight", "transformer_blocks.0.attn.norm_q.weight")
 ZERO_COND_MARKER = "__index_timestep_zero__"
 # Rotary axes are not stored in the weights. 128 is the published Qwen-Image / FireRed head size; 16 is the tiny
-# test model of firered_core.testing. Anything else needs a config.json next to the file.
+# test model of firered_core.demo_models. Anything else needs a config.json next to the file.
 ROPE_AXES_BY_HEAD_DIM: dict[int, tuple[int, int, int]] = {128: (16, 56, 56), 16: (4, 6, 6)}
 _CONFIG_KEYS = ("patch_size", "in_channels", "out_channels", "num_layers", "attention_head_dim",
                 "num_attention_heads", "joint_attention_dim", "guidance_embeds", "axes_dims_rope", "zero_cond_t",

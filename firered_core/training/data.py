@@ -17,11 +17,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from ..errors import FireRedError
 
 log = logging.getLogger(__name__)
 
 
-class DataError(ValueError):
+class DataError(FireRedError):
     """No usable training row (or a malformed weight specification)."""
 
 

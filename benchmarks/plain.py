@@ -3,7 +3,7 @@
 Each side runs in its own fresh process (so peak RSS is its own), on the same random model folder, image, seed and
 settings; the table shows wall time of the edit, peak RSS of the process, and ours / reference ratios.
 
-    python -m firered_core.bench --preset medium --size 512 --steps 4
+    python -m benchmarks.plain --preset medium --size 512 --steps 4
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int, devic
            dtype: str = "fp32") -> dict:
     import torch
 
-    from .model import parse_dtype
+    from firered_core.model import parse_dtype
 
     torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype)
@@ -65,8 +65,8 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int, devic
                    num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np").images
         pixels = out[0]
     else:
-        from .model import load_model
-        from .pipeline import EditPipeline
+        from firered_core.model import load_model
+        from firered_core.pipeline import EditPipeline
 
         pipe = EditPipeline(load_model(model_dir, dtype=torch_dtype, device=device))
         for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
@@ -87,7 +87,7 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int, devic
 
 
 def run_side(side: str, args) -> dict:
-    cmd = [sys.executable, "-m", "firered_core.bench", "--worker", side, "--model-dir", str(args.model_dir),
+    cmd = [sys.executable, "-m", "benchmarks.plain", "--worker", side, "--model-dir", str(args.model_dir),
            "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
            "--device", args.device, "--dtype", args.dtype]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                                 args.dtype)))
         return 0
 
-    from .testing import build_model, default_demo_dir
+    from firered_core.demo_models import build_model, default_demo_dir
 
     args.model_dir = Path(args.model_dir or default_demo_dir().with_name(f"bench-{args.preset}"))
     build_model(args.model_dir, args.preset)

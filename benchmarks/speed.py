@@ -3,7 +3,7 @@
 Every row runs in a fresh process (peak RSS is its own) on the same random model, image, seed and settings, and
 decodes the image; lossy rows print the PSNR of their image against our plain path's beside their speed.
 
-    python -m firered_core.bench_speed --preset medium --size 256 --steps 16
+    python -m benchmarks.speed --preset medium --size 256 --steps 16
 
 Rows: ``reference`` (diffusers), ``plain`` (ours, default settings), ``batched_cfg``, ``cache`` /
 ``cache+taylor`` (block cache), ``int8`` / ``fp8`` (transformer and text encoder weights), ``swap`` (block swap,
@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from .bench import bench_image, peak_rss_mb
+from benchmarks.plain import bench_image, peak_rss_mb
 
 VARIANTS: dict[str, dict] = {
     "plain": {},
@@ -59,9 +59,9 @@ def worker(variant: str, args) -> dict:
                       width=args.size, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
                       output_type="np").images[0]
     else:
-        from .model import load_model
-        from .pipeline import EditPipeline
-        from .speed import SpeedSettings
+        from firered_core.model import load_model
+        from firered_core.pipeline import EditPipeline
+        from firered_core.speed import SpeedSettings
 
         settings = dict(VARIANTS[variant])
         if variant.startswith("cache"):
@@ -91,7 +91,7 @@ def worker(variant: str, args) -> dict:
 
 
 def run_variant(variant: str, args) -> dict:
-    cmd = [sys.executable, "-m", "firered_core.bench_speed", "--worker", variant, "--model-dir", str(args.model_dir),
+    cmd = [sys.executable, "-m", "benchmarks.speed", "--worker", variant, "--model-dir", str(args.model_dir),
            "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
            "--cache-threshold", str(args.cache_threshold), "--out-dir", args.out_dir]
     out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(args.worker, args)))
         return 0
 
-    from .testing import build_model, default_demo_dir
+    from firered_core.demo_models import build_model, default_demo_dir
 
     args.model_dir = Path(args.model_dir or default_demo_dir().with_name(f"bench-{args.preset}"))
     build_model(args.model_dir, args.preset)

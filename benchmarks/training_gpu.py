@@ -1,6 +1,6 @@
 """Training-step throughput of the full-size FireRed transformer (60 blocks, 24 x 128) on one GPU, random weights.
 
-    python training/gpu_bench.py --size 1024 --refs 1 --method lora --steps 5
+    python -m benchmarks.training_gpu --size 1024 --refs 1 --method lora --steps 5
 
 Measures forward + backward + AdamW step of the transformer alone (text embeddings and latents random, as with
 cached extraction), bf16 weights, gradient checkpointing; prints samples/s and peak memory. Needs ~45 GB for LoRA.
@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from peft import LoraConfig
 
-    from firered_core.bench_gpu import build_transformer
+    from benchmarks.gpu import build_transformer
     from firered_core.training.config import LORA_TARGETS
     from firered_core.sampling import noised_start
     from firered_core.training.losses import flow_matching_loss

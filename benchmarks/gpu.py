@@ -1,7 +1,7 @@
 """GPU benchmark of the full-size architecture with random weights: one table, every option in its own try.
 
-    python -m firered_core.bench_gpu                      # 60 layers, 24x128, text dim 3584, bf16, 1024², 1 ref
-    python -m firered_core.bench_gpu --layers 2 --size 128 --device cpu   # smoke run on a CPU
+    python -m benchmarks.gpu                      # 60 layers, 24x128, text dim 3584, bf16, 1024², 1 ref
+    python -m benchmarks.gpu --layers 2 --size 128 --device cpu   # smoke run on a CPU
 
 Columns: seconds per transformer forward, its fraction of the card's dense bf16 peak (analytic FLOPs), peak device
 memory of that option, end-to-end seconds for 8 steps without CFG (VAE encode of the reference + sampling + VAE
@@ -97,7 +97,7 @@ class Bench:
     def __init__(self, args):
         from PIL import Image
 
-        from .references import prepare_references
+        from firered_core.references import prepare_references
 
         self.args = args
         self.device = torch.device(args.device)
@@ -115,17 +115,17 @@ class Bench:
         self.peak = peak_tflops(self.device, args.peak_tflops)
 
     def inputs(self):
-        from . import latents as L
-        from .references import encode_references
+        from firered_core import latents as L
+        from firered_core.references import encode_references
 
         ref = encode_references(self.vae, self.refs, device=self.device, dtype=self.dtype)
         shapes = [[L.token_grid(self.args.size, self.args.size), *ref.shapes]]
         return ref, shapes
 
     def forward_seconds(self, tr, ref, shapes, repeats: int) -> float:
-        from .pipeline import make_noise
-        from .sampling import transformer_denoiser
-        from .conditioning import PromptEmbeds
+        from firered_core.pipeline import make_noise
+        from firered_core.sampling import transformer_denoiser
+        from firered_core.conditioning import PromptEmbeds
 
         x = make_noise(1, self.args.size, self.args.size, 0, self.dtype, self.device)
         den = transformer_denoiser(tr, ref, shapes)
@@ -141,10 +141,10 @@ class Bench:
         return (time.perf_counter() - start) / repeats
 
     def end_to_end(self, tr, block_cache=None) -> tuple[float, torch.Tensor, dict | None]:
-        from .conditioning import PromptEmbeds
-        from .pipeline import decode_latents, make_noise
-        from .sampling import make_sigmas, sample, transformer_denoiser
-        from .testing import SCHEDULER_CONFIG
+        from firered_core.conditioning import PromptEmbeds
+        from firered_core.pipeline import decode_latents, make_noise
+        from firered_core.sampling import make_sigmas, sample, transformer_denoiser
+        from firered_core.sampling import SCHEDULER_CONFIG
 
         sync(self.device)
         start = time.perf_counter()
@@ -240,9 +240,9 @@ def main(argv: list[str] | None = None) -> None:
     wanted = set(args.options.split(","))
     total = time.perf_counter()
 
-    from .cache import BlockCache, BlockCacheConfig
-    from .memory import BlockSwap, quantize_transformer, weight_bytes
-    from .speed import compile_blocks
+    from firered_core.cache import BlockCache, BlockCacheConfig
+    from firered_core.memory import BlockSwap, quantize_transformer, weight_bytes
+    from firered_core.speed import compile_blocks
 
     bench = Bench(args)
     device = bench.device

@@ -1,6 +1,6 @@
 """Benchmark: load time and peak memory per single-file format for the medium preset transformer (not a test).
 
-    python -m firered_core.bench_load [--dir DIR] [--formats safetensors-fp32,comfy-bf16,...]
+    python -m benchmarks.load [--dir DIR] [--formats safetensors-fp32,comfy-bf16,...]
 
 Each load runs in a fresh subprocess, with imports done before the clock starts; "peak +RSS" is the peak resident
 memory during the load above what the process held before it (Linux VmHWM, reset via /proc/self/clear_refs), next to
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .formats.convert import write_gguf
+from firered_core.formats.convert import write_gguf
 
 FORMATS = ("safetensors-fp32", "comfy-bf16", "comfy-fp8_e4m3fn", "comfy-fp8_scaled", "gguf-Q8_0-load",
            "gguf-Q8_0-runtime", "gguf-Q4_0-runtime", "torch-pt")
@@ -45,7 +45,7 @@ def gguf_mode(name: str) -> str:
 def write_formats(out: Path, names: list[str]) -> dict[str, Path]:
     from safetensors.torch import save_file
 
-    from .testing import build_components
+    from firered_core.demo_models import build_components
 
     sd = {k: v.contiguous() for k, v in build_components("medium")["transformer"].state_dict().items()}
     pre = "model.diffusion_model."
@@ -106,7 +106,7 @@ def _measure(path: str, dtype: str, mode: str) -> None:
     from accelerate import init_empty_weights  # noqa: F401  (imports are not part of the load time)
     from diffusers import QwenImageTransformer2DModel  # noqa: F401
 
-    from .formats import load_single_file
+    from firered_core.formats import load_single_file
 
     torch.set_num_threads(2)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'format':<20} {'file MB':>9} {'load s':>8} {'peak +RSS MB':>12} {'RSS before':>11} {'model MB':>9} "
           f"{'+anon after':>11} {'fwd peak +RSS':>13}")
     for name, path in paths.items():
-        res = subprocess.run([sys.executable, "-m", "firered_core.bench_load", "--measure", str(path),
+        res = subprocess.run([sys.executable, "-m", "benchmarks.load", "--measure", str(path),
                               "--dtype", args.dtype, "--gguf-mode", gguf_mode(name)], capture_output=True, text=True)
         if res.returncode:
             print(f"{name:<20} failed: {res.stderr.strip().splitlines()[-1]}")

@@ -1,6 +1,6 @@
 """Training throughput on this machine: samples/s and peak memory for the tiny and medium presets.
 
-    python -m firered_core.training.bench --presets tiny medium --steps 4 --size 256
+    python -m benchmarks.training --presets tiny medium --steps 4 --size 256
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 
-from ..testing import build_model
-from .config import load_config
-from .synthetic import make_dataset
-from .trainer import Trainer
+from firered_core.demo_models import build_model
+from firered_core.training.config import load_config
+from firered_core.training.synthetic import make_dataset
+from firered_core.training.trainer import Trainer
 
 
 def peak_memory_mb() -> float:

@@ -1,0 +1,11 @@
+"""The one base of every error that means "the input is wrong" (a file, a number, an image, a config key).
+
+Front ends (the CLI, the nodes, the training scripts) turn a ``FireRedError`` into one clear line for the user;
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class FireRedError(ValueError):
+    """Bad input: the message names the file, key or value at fault and what would be accepted."""
