@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .conditioning import PromptEmbeds
+from .errors import InputError
 from .references import RefLatents
 
 # The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
@@ -56,9 +57,9 @@ def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: f
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if steps < 1:
-        raise ValueError(f"steps={steps} must be at least 1")
+        raise InputError(f"steps={steps} must be at least 1", field="steps")
     if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+        raise InputError(f"denoise={denoise} must be in (0, 1]", field="denoise")
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
     if shift is not None:

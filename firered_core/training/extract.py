@@ -98,8 +98,8 @@ def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[di
             if v != "empty" and not text:
                 continue
             (keys[f"embeds.{v}"],), _ = cache.encode_pieces(
-                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device),
-                te, [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
+                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device).pieces(),
+                model.prompt_fingerprint(), [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
         if cfg.cache_latents:
             prefix = "latents.inverse_" if inverse else "latents."
             tensors[prefix + "target"] = encode_target(vae, images.target, images.target_size, model.device).cpu()
