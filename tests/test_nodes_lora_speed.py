@@ -23,6 +23,7 @@ def speed(**changes):
     return S.classes()["FireRedSpeedSettings"]().settings(**{**SETTINGS, **changes})[0]
 
 
+BLOCK_CACHE_BOUND = 0.5  # measured ~TBD on the tiny model; a sampler that ignored the cache gives 0 (caught above)
 _conds: dict[int, tuple] = {}
 
 
@@ -111,7 +112,10 @@ def test_block_cache_threshold_zero_and_batched_cfg_give_the_plain_output(model)
     assert torch.equal(edit(model, speed(block_cache=True, cache_threshold=0.0)), plain)
     torch.testing.assert_close(edit(model, speed(batched_cfg=True)), plain, rtol=1e-5, atol=1e-5)
     cached = edit(model, speed(block_cache=True, cache_threshold=0.5, cache_warmup=0))
-    assert cached.shape == plain.shape and torch.isfinite(cached).all()
+    err = float((cached - plain).norm() / plain.norm())
+    print(f"node block cache: relative latent error {err:.4f}")
+    assert cached.shape == plain.shape and not torch.equal(cached, plain)  # blocks were skipped
+    assert err < BLOCK_CACHE_BOUND
 
 
 def test_model_level_settings_belong_to_the_loader(model_dirs):
@@ -147,5 +151,5 @@ def test_speed_settings_errors_name_the_input():
     with pytest.raises(S.submodule("_errors").NodeInputError, match="'compile'.*block swap"):
         speed(compile="blocks", block_swap=2)
     settings = speed(block_cache=True, cache_threshold=0.1, embed_cache_dir=" ")
-    assert settings.cache_threshold == 0.1 and settings.embed_cache_dir is None
-    assert speed().cache_threshold == 0.0
+    assert settings.run.cache_threshold == 0.1 and settings.model.embed_cache_dir is None
+    assert speed().run.cache_threshold == 0.0
