@@ -58,9 +58,6 @@ class BlockCache:
         self.config = config
         self.branches: dict[str, _Branch] = {}
 
-    def reset(self) -> None:
-        self.branches.clear()
-
     def loop(self, branch: str):
         state = self.branches.setdefault(branch, _Branch())
 

@@ -11,7 +11,10 @@ import logging
 import sys
 from pathlib import Path
 
+from .conditioning import PROMPT_MODES
+from .formats import GGUF_MODES
 from .geometry import VAE_AREA, VL_AREA
+from .model import OFFLOAD_MODES
 
 DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model (random weights): "
              "the pipeline runs end to end, but the output image is noise.")
@@ -30,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-mode", choices=("merge", "adapter"), default=None,
                    help="merge LoRAs into the weights, or run them as adapters (default: merge; adapter for a "
                         "runtime GGUF transformer, whose packed layers cannot be merged into)")
-    p.add_argument("--gguf-mode", choices=("runtime", "load"), default="runtime",
+    p.add_argument("--gguf-mode", choices=GGUF_MODES, default=GGUF_MODES[0],
                    help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
                         "size, default), or dequantise everything at load")
     p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
@@ -50,12 +53,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
-    p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
+    p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
                    help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=("none", "model"), default="none",
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
                    help="'model' keeps each component on the CPU until it runs")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")

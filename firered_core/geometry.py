@@ -51,11 +51,6 @@ def default_output_size(last_image_size: tuple[int, int] | None, area: float = O
     return w // LATENT_MULTIPLE * LATENT_MULTIPLE, h // LATENT_MULTIPLE * LATENT_MULTIPLE
 
 
-def megapixel_size(image_size: tuple[int, int], megapixels: float) -> tuple[int, int]:
-    """Size of about ``megapixels`` MP at the image's aspect ratio, rounded to multiples of 16."""
-    return calculate_dimensions(megapixels * 1_000_000, image_size[0] / image_size[1], LATENT_MULTIPLE)
-
-
 @dataclass(frozen=True)
 class PadRecord:
     """Where an image sits inside its padded canvas, so it can be cropped back exactly."""

@@ -8,6 +8,7 @@ written out here because they are the loop every feature (previews, interruption
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -124,21 +125,13 @@ def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attenti
             out = run_transformer(transformer, inp, cond.embeds, cond.mask, timestep, img_shapes * x.shape[0],
                                   attention_kwargs, block_cache.loop(branch))
             return out[:, : x.shape[1]]
-        ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else _null()
+        ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else contextlib.nullcontext()
         with ctx:
             out = transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=cond.embeds,
                               encoder_hidden_states_mask=cond.mask, img_shapes=img_shapes * x.shape[0],
                               attention_kwargs=attention_kwargs or {}, return_dict=False)[0]
         return out[:, : x.shape[1]]
     return run
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()
