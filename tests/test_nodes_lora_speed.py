@@ -23,7 +23,6 @@ def speed(**changes):
     return S.classes()["FireRedSpeedSettings"]().settings(**{**SETTINGS, **changes})[0]
 
 
-BLOCK_CACHE_BOUND = 0.5  # measured ~TBD on the tiny model; a sampler that ignored the cache gives 0 (caught above)
 _conds: dict[int, tuple] = {}
 
 
@@ -111,11 +110,16 @@ def test_block_cache_threshold_zero_and_batched_cfg_give_the_plain_output(model)
     plain = edit(model)
     assert torch.equal(edit(model, speed(block_cache=True, cache_threshold=0.0)), plain)
     torch.testing.assert_close(edit(model, speed(batched_cfg=True)), plain, rtol=1e-5, atol=1e-5)
-    cached = edit(model, speed(block_cache=True, cache_threshold=0.5, cache_warmup=0))
-    err = float((cached - plain).norm() / plain.norm())
-    print(f"node block cache: relative latent error {err:.4f}")
-    assert cached.shape == plain.shape and not torch.equal(cached, plain)  # blocks were skipped
-    assert err < BLOCK_CACHE_BOUND
+    from firered_core import comfy_latents as CL
+    from firered_core.pipeline import denoise_latents
+
+    settings = speed(block_cache=True, cache_threshold=10.0, cache_warmup=0, cache_last=0)
+    cached = edit(model, settings)
+    pos, neg = _conds[id(model.text_encoder)]
+    tokens, stats = denoise_latents(model, settings.run, pos.embeds, neg.embeds, pos.refs.latents, 32, 32, 3, 2, 4.0)
+    assert stats["block_cache"]["computed"] < stats["block_cache"]["total"]  # these settings do skip blocks
+    assert not torch.equal(cached, plain)
+    torch.testing.assert_close(cached, CL.to_raw(tokens, 32, 32, model.vae.config).float(), rtol=1e-6, atol=1e-6)
 
 
 def test_model_level_settings_belong_to_the_loader(model_dirs):
