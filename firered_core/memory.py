@@ -100,9 +100,14 @@ class BlockSwap:
     ``.data`` of its parameters to a device copy made on a side stream one block ahead. Weights never change at
     inference, so dropping a block is just pointing back at the CPU copy. On a CPU device the same bookkeeping runs
     with plain copies, which keeps the path testable without a GPU.
+
+    ``frozen_only`` (training) streams only tensors without gradients: trained ones (a LoRA) stay on the device, so
+    the optimizer's updates are never pointed away from. With activation checkpointing, backward re-runs each block's
+    forward, so the hooks stream the frozen weights in again for its gradients.
     """
 
-    def __init__(self, transformer: torch.nn.Module, resident: int, device: torch.device | str):
+    def __init__(self, transformer: torch.nn.Module, resident: int, device: torch.device | str,
+                 frozen_only: bool = False):
         self.device = torch.device(device)
         self.blocks = list(transformer.transformer_blocks)
         self.resident = max(0, min(resident, len(self.blocks)))
@@ -118,10 +123,13 @@ class BlockSwap:
                 block.to(self.device)
                 continue
             block.to("cpu")
-            tensors = list(block.parameters()) + list(block.buffers())
+            tensors = [p for p in block.parameters() if not (frozen_only and p.requires_grad)] + list(block.buffers())
             self.host[i] = [(t, t.data.pin_memory() if self.cuda else t.data) for t in tensors]
             for t, cpu in self.host[i]:
                 t.data = cpu
+            for p in block.parameters():
+                if frozen_only and p.requires_grad:
+                    p.data = p.data.to(self.device)
         self.handles = []
         for i in self.host:
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))

@@ -30,14 +30,20 @@ def loss_weight(sigma: torch.Tensor, scheme: str = "none") -> torch.Tensor:
     raise ValueError(f"loss weighting {scheme!r} is not one of {WEIGHTINGS}")
 
 
+def row_errors(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, outlier: float | None = OUTLIER
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row masked MSE between ``pred`` and ``noise - x0`` (with gradients) and the keep mask."""
+    diff = pred.float() - (noise.float() - x0.float())
+    dims = tuple(range(1, diff.dim()))
+    keep = torch.ones_like(diff) if outlier is None else (diff.abs() <= outlier).to(diff.dtype)
+    return (diff.square() * keep).sum(dims) / keep.sum(dims).clamp(min=1.0), keep
+
+
 def flow_matching_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
                        weighting: str = "none", outlier: float | None = OUTLIER
                        ) -> tuple[torch.Tensor, dict]:
     """Mean weighted masked MSE between ``pred`` and ``noise - x0``; returns (loss, stats)."""
-    diff = pred.float() - (noise.float() - x0.float())
-    dims = tuple(range(1, diff.dim()))
-    keep = torch.ones_like(diff) if outlier is None else (diff.abs() <= outlier).to(diff.dtype)
-    per_row = (diff.square() * keep).sum(dims) / keep.sum(dims).clamp(min=1.0)
-    loss = (per_row * loss_weight(sigma.float().to(diff.device), weighting)).mean()
+    per_row, keep = row_errors(pred, noise, x0, outlier)
+    loss = (per_row * loss_weight(sigma.float().to(per_row.device), weighting)).mean()
     stats = {"masked_fraction": float(1.0 - keep.mean()), "per_row": per_row.detach()}
     return loss, stats

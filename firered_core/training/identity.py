@@ -1,0 +1,134 @@
+"""Identity-consistency loss (FireRed's SFT constraint for faces).
+
+On the one-step estimate ``x0_hat = x_t - sigma * v`` (flow matching), only the face regions are decoded, both for
+``x0_hat`` (with gradients) and for the target latents (without), and compared by a face-embedding model's cosine
+distance. The weight ``lambda(sigma) = eta * sigma^2`` below ``cutoff`` (0.9) and 0 above it: the estimate is
+meaningless at almost pure noise, and the constraint relaxes towards low noise, where fine detail forms.
+
+Face boxes are ``[x0, y0, x1, y1]`` pixels of the target image as stored (the JSONL ``faces`` field); they are
+scaled to the training size and widened to whole latent pixels. The embedder is the user's: a ``torch.nn.Module``,
+a TorchScript file, or ``package.module:factory``; nothing is downloaded. It is frozen; gradients flow through its
+input only.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .. import latents as L
+from ..errors import FireRedError
+
+
+class IdentityError(FireRedError):
+    """The face embedder cannot be loaded or the identity settings are inconsistent."""
+
+
+@dataclass
+class IdentityConfig:
+    enabled: bool = False
+    eta: float = 0.1
+    cutoff: float = 0.9  # no identity loss at sigma >= cutoff
+    embedder: str = ""  # TorchScript file or "package.module:factory"
+    input_size: int = 112  # face crops are resized to this square before embedding
+    max_faces: int = 4  # per row, the first ones in the JSONL
+
+    def __post_init__(self):
+        if self.eta < 0:
+            raise ValueError(f"identity.eta must be >= 0, got {self.eta}")
+        if not 0 < self.cutoff <= 1:
+            raise ValueError(f"identity.cutoff must be in (0, 1], got {self.cutoff}")
+        if self.input_size < 8 or self.max_faces < 1:
+            raise ValueError(f"identity.input_size must be >= 8 and identity.max_faces >= 1, got "
+                             f"{self.input_size} and {self.max_faces}")
+        if self.enabled and not self.embedder:
+            raise ValueError("identity.enabled needs identity.embedder: a TorchScript file or 'module:factory'")
+
+
+def identity_weight(sigma: torch.Tensor, eta: float, cutoff: float = 0.9) -> torch.Tensor:
+    """``eta * sigma^2`` where ``sigma < cutoff``, else 0."""
+    return torch.where(sigma < cutoff, eta * sigma.square(), torch.zeros_like(sigma))
+
+
+def x0_estimate(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One-step clean estimate from the velocity: ``x_t - sigma * v`` (sigma per row)."""
+    return xt - sigma.view(-1, *([1] * (xt.dim() - 1))).to(xt.dtype) * v
+
+
+def load_embedder(spec: str | torch.nn.Module) -> torch.nn.Module:
+    """A frozen face embedder from a module, a TorchScript file or ``package.module:factory``."""
+    if isinstance(spec, torch.nn.Module):
+        module = spec
+    elif Path(spec).is_file():
+        try:
+            module = torch.jit.load(str(spec), map_location="cpu")
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
+            raise IdentityError(f"identity.embedder {spec}: not a TorchScript file ({exc})") from None
+    elif ":" in str(spec):
+        name, attr = str(spec).split(":", 1)
+        try:
+            factory = getattr(importlib.import_module(name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise IdentityError(f"identity.embedder {spec!r}: cannot import ({exc})") from None
+        module = factory()
+        if not isinstance(module, torch.nn.Module):
+            raise IdentityError(f"identity.embedder {spec!r} returned {type(module).__name__}, not a torch module")
+    else:
+        raise IdentityError(f"identity.embedder {spec!r} is neither a file nor 'package.module:factory'")
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def latent_box(box, stored_size: tuple[int, int], train_size: tuple[int, int]) -> tuple[int, int, int, int]:
+    """A pixel box of the stored image -> (top, bottom, left, right) latent pixels at the training size."""
+    sw, sh = stored_size
+    tw, th = train_size
+    x0, y0, x1, y1 = box
+    s = L.VAE_SCALE
+    left, right = math.floor(x0 * tw / sw / s), math.ceil(x1 * tw / sw / s)
+    top, bottom = math.floor(y0 * th / sh / s), math.ceil(y1 * th / sh / s)
+    left, top = max(0, min(left, tw // s - 1)), max(0, min(top, th // s - 1))
+    bottom, right = min(bottom, th // s), min(right, tw // s)
+    return top, max(bottom, top + 1), left, max(right, left + 1)
+
+
+def face_crops(tokens: torch.Tensor, boxes, stored_size, train_size, vae, size: int) -> torch.Tensor:
+    """Decode only the face regions of packed latents -> [faces, 3, size, size] in 0..1."""
+    tw, th = train_size
+    z = L.denormalize(L.unpack(tokens, th, tw), vae.config)
+    crops = []
+    for box in boxes:
+        top, bottom, left, right = latent_box(box, stored_size, train_size)
+        pixels = vae.decode(z[..., top:bottom, left:right], return_dict=False)[0][:, :, 0] * 0.5 + 0.5
+        crops.append(F.interpolate(pixels, size=(size, size), mode="bilinear", align_corners=False))
+    return torch.cat(crops)
+
+
+def identity_distance(embedder, crops: torch.Tensor, target_crops: torch.Tensor) -> torch.Tensor:
+    """Per-face cosine distance ``1 - cos`` between the embeddings of two crop batches."""
+    with torch.no_grad():
+        ref = embedder(target_crops)
+    return 1.0 - F.cosine_similarity(embedder(crops).flatten(1), ref.flatten(1), dim=1)
+
+
+def identity_loss(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, x0: torch.Tensor, boxes,
+                  stored_size, train_size, vae, embedder, cfg: IdentityConfig) -> tuple[torch.Tensor, dict]:
+    """``lambda(sigma) * mean face distance`` for one row; nothing is decoded when the weight or the boxes are 0."""
+    weight = identity_weight(sigma.float(), cfg.eta, cfg.cutoff).reshape(())
+    boxes = list(boxes)[: cfg.max_faces]
+    if not boxes or float(weight) == 0.0:
+        return v.sum() * 0.0, {"identity_distance": float("nan")}
+    vae_dtype = next(vae.parameters()).dtype
+    x0_hat = x0_estimate(xt, sigma, v)
+    crops = face_crops(x0_hat.to(vae_dtype), boxes, stored_size, train_size, vae, cfg.input_size)
+    with torch.no_grad():
+        target = face_crops(x0.to(vae_dtype), boxes, stored_size, train_size, vae, cfg.input_size)
+    distance = identity_distance(embedder, crops, target).mean()
+    return weight * distance, {"identity_distance": float(distance.detach())}
