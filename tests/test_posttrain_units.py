@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -177,3 +178,60 @@ def test_fp8_base_stores_frozen_linears_in_fp8_and_keeps_trained_ones():
     got = net(x)
     assert got.dtype == torch.float32
     assert (got - want).abs().max() < 0.08 * want.abs().max()  # e4m3 (2^-4) weights, bf16 matmul
+
+
+def lora_transformer(model_dir):
+    from peft import LoraConfig
+
+    from firered_core.model import load_model
+
+    transformer = load_model(model_dir).transformer.float()
+    transformer.requires_grad_(False)
+    torch.manual_seed(0)
+    transformer.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_v", "img_mlp.net.2"]))
+    with torch.no_grad():  # non-zero B so the LoRA changes the output
+        for n, p in transformer.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return transformer
+
+
+def lora_step(transformer, ctx=None):
+    from firered_core.conditioning import PromptEmbeds
+    from firered_core.sampling import transformer_denoiser
+
+    g = torch.Generator().manual_seed(3)
+    x, noise = torch.randn(1, 16, 64, generator=g), torch.randn(1, 16, 64, generator=g)
+    cond = PromptEmbeds(torch.randn(1, 5, 64, generator=g), None)
+    with ctx if ctx is not None else contextlib.nullcontext():
+        pred = transformer_denoiser(transformer, type("R", (), {"tokens": None})(), [(1, 4, 4)])(
+            x, torch.tensor([0.5]), cond, "cond")
+        loss = (pred - noise).square().mean()
+        loss.backward()
+    loss = loss.detach()
+    grads = {n: p.grad.clone() for n, p in transformer.named_parameters() if p.requires_grad}
+    transformer.zero_grad(set_to_none=True)
+    return float(loss), grads
+
+
+def test_block_swap_streams_frozen_weights_in_forward_and_backward_with_equal_gradients(tiny_model_dir):
+    from firered_core.training.lowvram import LowVram, LowVramConfig
+
+    plain = lora_transformer(tiny_model_dir)
+    want_loss, want = lora_step(plain)
+    swapped = lora_transformer(tiny_model_dir)
+    low = LowVram(LowVramConfig(block_swap=True, resident_blocks=0, offload_activations=True), "lora")
+    low.before_prepare(swapped)
+    low.after_prepare(swapped, torch.device("cpu"))
+    runs = []
+    for block in swapped.transformer_blocks:
+        block.register_forward_pre_hook(lambda m, a: runs.append(m))
+    got_loss, got = lora_step(swapped, low.activations())
+    assert got_loss == want_loss and set(got) == set(want)
+    diffs = {n: float((got[n] - want[n]).abs().max() / want[n].abs().max()) for n in want}
+    assert max(diffs.values()) < 1e-5, diffs
+    # each block ran twice: forward, then again in backward (checkpointing) with its frozen weights streamed in
+    assert len(runs) == 2 * len(swapped.transformer_blocks)
+    for i, host in low.swap.host.items():
+        assert host and all(t.data_ptr() == cpu.data_ptr() for t, cpu in host)  # dropped back after running
+        assert not any(t.requires_grad for t, _ in host)  # trained LoRA tensors are never streamed

@@ -1,7 +1,9 @@
 """FireRed training data: JSONL rows in one folder per task, validated row by row.
 
 A row is ``{"source_image": str | [str, ...] | null, "target_image" | "edit_image": str, "instruction": str,
-"instruction_cn": str, "inverse_instruction"?: str, "inverse_instruction_cn"?: str}``. Image paths are relative to
+"instruction_cn": str, "inverse_instruction"?: str, "inverse_instruction_cn"?: str, "rejected_image"?: str,
+"faces"?: [[x0, y0, x1, y1], ...]}``: ``rejected_image`` is the dispreferred output of a preference pair (the
+target is the preferred one) and ``faces`` the face boxes in the target's pixels (identity loss). Image paths are relative to
 the JSONL file's folder unless absolute. Each folder under the data root is a task (the folder name); JSONL files
 directly in the root belong to the task named after the root itself.
 
@@ -41,6 +43,8 @@ class Sample:
     target_size: tuple[int, int]
     file: str
     line: int
+    rejected: Path | None = None
+    faces: tuple[tuple[float, float, float, float], ...] = ()
 
     @property
     def uid(self) -> str:
@@ -125,7 +129,11 @@ def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sampl
             raise ValueError(f"{key} is not a string")
     if not (texts["instruction"] or texts["instruction_cn"]):
         raise ValueError("neither instruction nor instruction_cn is given")
-    paths = [Path(p) if Path(p).is_absolute() else base / p for p in [*sources, target]]
+    rejected = row.get("rejected_image")
+    if rejected is not None and (not isinstance(rejected, str) or not rejected):
+        raise ValueError("rejected_image must be a path")
+    paths = [Path(p) if Path(p).is_absolute() else base / p for p in [*sources, target, *([rejected] if rejected
+                                                                                          else [])]]
     sizes = []
     for p in paths:
         try:
@@ -134,14 +142,35 @@ def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sampl
             raise ValueError(f"image not found: {p}") from None
         except Exception as exc:  # noqa: BLE001 - any unreadable image makes the row unusable
             raise ValueError(f"image unreadable: {p} ({exc})") from None
+    n = len(sources)
     return Sample(
-        task=task, sources=tuple(paths[:-1]), target=paths[-1],
+        task=task, sources=tuple(paths[:n]), target=paths[n],
         instruction=texts["instruction"] or texts["instruction_cn"],
         instruction_cn=texts["instruction_cn"] or texts["instruction"],
         inverse_instruction=texts["inverse_instruction"] or texts["inverse_instruction_cn"] or None,
         inverse_instruction_cn=texts["inverse_instruction_cn"] or texts["inverse_instruction"] or None,
-        source_sizes=tuple(sizes[:-1]), target_size=sizes[-1], file=file, line=line,
+        source_sizes=tuple(sizes[:n]), target_size=sizes[n], file=file, line=line,
+        rejected=paths[n + 1] if rejected else None, faces=parse_faces(row.get("faces"), sizes[n]),
     )
+
+
+def parse_faces(faces: object, size: tuple[int, int]) -> tuple[tuple[float, float, float, float], ...]:
+    """``[[x0, y0, x1, y1], ...]`` in the target's pixels, each box non-empty and inside the image."""
+    if faces is None:
+        return ()
+    if not isinstance(faces, list):
+        raise ValueError("faces must be a list of [x0, y0, x1, y1] boxes")
+    w, h = size
+    out = []
+    for k, box in enumerate(faces):
+        if (not isinstance(box, list) or len(box) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+            raise ValueError(f"faces[{k}] is {box!r}, not [x0, y0, x1, y1]")
+        x0, y0, x1, y1 = (float(v) for v in box)
+        if not (0 <= x0 < x1 <= w and 0 <= y0 < y1 <= h):
+            raise ValueError(f"faces[{k}] {box} is empty or outside the {w}x{h} target")
+        out.append((x0, y0, x1, y1))
+    return tuple(out)
 
 
 def read_jsonl(path: Path, task: str) -> tuple[list[Sample], list[BadRow]]:

@@ -132,3 +132,28 @@ def identity_loss(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, x0: to
         target = face_crops(x0.to(vae_dtype), boxes, stored_size, train_size, vae, cfg.input_size)
     distance = identity_distance(embedder, crops, target).mean()
     return weight * distance, {"identity_distance": float(distance.detach())}
+
+
+def train_size(img_shapes: list) -> tuple[int, int]:
+    """(width, height) in pixels of the output image from a row's ``img_shapes``."""
+    _, rows, cols = img_shapes[0][0]
+    return cols * 2 * L.VAE_SCALE, rows * 2 * L.VAE_SCALE
+
+
+class IdentityObjective:
+    """The identity term of a row with face boxes, on the prediction the flow-matching loss already made."""
+
+    def __init__(self, cfg: IdentityConfig, vae, embedder: torch.nn.Module | None = None):
+        self.cfg, self.vae = cfg, vae
+        self.embedder = load_embedder(embedder if embedder is not None else cfg.embedder)
+
+    def to(self, device) -> "IdentityObjective":
+        self.embedder.to(device)
+        return self
+
+    def row_loss(self, sample, inputs, xt: torch.Tensor, sigma: torch.Tensor, pred: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict]:
+        if inputs.variant.startswith("inverse"):  # the boxes are the target's; an inverse edit's target is a source
+            return pred.sum() * 0.0, {"identity_distance": float("nan")}
+        return identity_loss(xt, sigma, pred, inputs.x0, sample.faces, sample.target_size,
+                             train_size(inputs.img_shapes), self.vae, self.embedder, self.cfg)

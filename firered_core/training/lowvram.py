@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 from ..memory import BlockSwap, QuantLinear
 
@@ -87,8 +88,13 @@ class LowVram:
         if self.cfg.block_swap:
             self.swap = BlockSwap(module, self.cfg.resident_blocks, device, frozen_only=True)
 
+    @contextlib.contextmanager
     def activations(self):
-        """The context for a forward + backward: activations saved on CPU when asked."""
-        if self.cfg.offload_activations:
-            return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
-        return contextlib.nullcontext()
+        """The context for a forward + backward: activations saved on CPU when asked; with block swap, backward
+        re-runs each block's forward to its end (no early stop), so the hook that drops its weights runs."""
+        with contextlib.ExitStack() as stack:
+            if self.cfg.offload_activations:
+                stack.enter_context(torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available()))
+            if self.cfg.block_swap:
+                stack.enter_context(torch.utils.checkpoint.set_checkpoint_early_stop(False))
+            yield

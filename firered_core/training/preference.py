@@ -95,3 +95,51 @@ class Reference:
             else:
                 with adapters_disabled(self.base):
                     yield self.base
+
+
+def rejected_latents(vae, sample, train_size: tuple[int, int], device) -> torch.Tensor:
+    """The row's dispreferred image at the target's training size, encoded as the target is."""
+    from ..images import load_image
+    from ..references import encode_pixels, resize_lanczos, vae_pixels
+
+    if sample.rejected is None:
+        from .data import DataError
+
+        raise DataError(f"{sample.file}:{sample.line}: preference training needs a rejected_image on every row")
+    img = load_image(sample.rejected)
+    if img.size != tuple(train_size):
+        img = resize_lanczos(img, *train_size)
+    return encode_pixels(vae, vae_pixels(img), device).float()
+
+
+def pair_batch(x0_w: torch.Tensor, x0_l: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, cond):
+    """Both images of a pair as one batch of two, with the same noise, sigma and instruction."""
+    from ..conditioning import PromptEmbeds
+    from ..sampling import noised_start
+
+    x0 = torch.cat([x0_w, x0_l])
+    noise2, sigma2 = noise.expand_as(x0), sigma.reshape(-1)[:1].expand(2)
+    mask = None if cond.mask is None else cond.mask.expand(2, -1)
+    return x0, noise2, sigma2, noised_start(x0, noise2, sigma2), PromptEmbeds(cond.embeds.expand(2, -1, -1), mask)
+
+
+class PreferenceObjective:
+    """One row's DPO loss: the trained model and the reference on the (preferred, dispreferred) batch of two."""
+
+    def __init__(self, cfg: PreferenceConfig, module: torch.nn.Module, method: str, outlier: float | None):
+        self.cfg, self.outlier = cfg, outlier
+        self.reference = Reference(module, method)
+
+    def row_loss(self, transformer, inputs, x0_l: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor
+                 ) -> tuple[torch.Tensor, DPOStats]:
+        from ..sampling import transformer_denoiser
+        from .losses import row_errors
+
+        x0, noise2, sigma2, xt, cond = pair_batch(inputs.x0, x0_l, noise, sigma, inputs.cond)
+        pred = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma2, cond, "cond")
+        with self.reference.model() as ref:
+            ref_pred = transformer_denoiser(ref, inputs.ref, inputs.img_shapes)(xt, sigma2, cond, "cond")
+        model_err, _ = row_errors(pred, noise2, x0, self.outlier)
+        ref_err, _ = row_errors(ref_pred, noise2, x0, self.outlier)
+        return dpo_loss(model_err[:1], model_err[1:], ref_err[:1], ref_err[1:], self.cfg.beta, self.cfg.omega,
+                        self.cfg.sft_weight)

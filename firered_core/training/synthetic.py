@@ -24,8 +24,13 @@ def recolour(arr: np.ndarray) -> np.ndarray:
 
 
 def make_dataset(root: str | Path, rows: int = 8, sizes: tuple[tuple[int, int], ...] = ((64, 64),),
-                 tasks: tuple[str, ...] = ("recolour",), sources: tuple[int, ...] = (1,), seed: int = 0) -> Path:
-    """Write ``rows`` rows per task under ``root/<task>/data.jsonl`` with images beside them."""
+                 tasks: tuple[str, ...] = ("recolour",), sources: tuple[int, ...] = (1,), seed: int = 0,
+                 rejected: bool = False, faces: bool = False) -> Path:
+    """Write ``rows`` rows per task under ``root/<task>/data.jsonl`` with images beside them.
+
+    ``rejected`` adds a dispreferred image per row (the unedited source: the hard negative of an edit that did
+    nothing; colours inverted for text-to-image rows); ``faces`` adds one box, the target's top-left quarter.
+    """
     root = Path(root)
     rng = np.random.default_rng(seed)
     for task in tasks:
@@ -52,6 +57,11 @@ def make_dataset(root: str | Path, rows: int = 8, sizes: tuple[tuple[int, int], 
                    "instruction_cn": "旋转图1的颜色" if n else "彩色方块"}
             if n == 1:
                 row["inverse_instruction"] = "Rotate the colours of Picture 1 back"
+            if rejected:
+                Image.fromarray(np.ascontiguousarray(srcs[0] if n else 255 - tgt)).save(folder / f"img/{i:04d}_rej.png")
+                row["rejected_image"] = f"img/{i:04d}_rej.png"
+            if faces:
+                row["faces"] = [[0, 0, w // 2, h // 2]]
             lines.append(json.dumps(row, ensure_ascii=False))
         (folder / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
