@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..formats.gguf_linear import GGUFLinear
+from ..formats.gguf.linear import GGUFLinear
 
 
 class LoraLinear(nn.Module):

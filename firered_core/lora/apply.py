@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..formats.gguf_linear import GGUFLinear
+from ..formats.gguf.linear import GGUFLinear
 from .adapter import LoraLinear, linear_modules, set_submodule, weight_shape
 from .deltas import Delta, module_delta
 from .errors import LoraError
