@@ -187,10 +187,8 @@ def _load_module(name: str, src: Path, dtype: torch.dtype, gguf_mode: str = "run
         from diffusers import AutoencoderKLQwenImage as cls
     else:
         from transformers import Qwen2_5_VLForConditionalGeneration as cls
-    from .formats.dequant import align_module
-
     try:
-        return align_module(cls.from_pretrained(src, torch_dtype=dtype, local_files_only=True))
+        return cls.from_pretrained(src, torch_dtype=dtype, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the {name} from {src}: {exc}") from exc
 

@@ -64,30 +64,6 @@ def test_single_file_transformer_and_vae_give_the_folder_image(files, folder_ima
     assert rc == 0 and np.array_equal(folder_image, single)
 
 
-def test_folder_weights_are_aligned_as_single_file_weights(tiny_model_dir):
-    """A memory-mapped weight starts where its file put it; CPU matmuls on unaligned weights round differently
-    (1/255 in some pixels), so every loader moves weights to 64-byte boundaries (formats.dequant.aligned)."""
-    from firered_core.model import load_model
-
-    model = load_model(tiny_model_dir)
-    for name in ("transformer", "vae", "text_encoder"):
-        module = model.get(name)
-        unaligned = [n for n, t in [*module.named_parameters(), *module.named_buffers()] if t.data_ptr() % 64]
-        assert not unaligned, f"{name}: {unaligned[:3]}"
-
-
-def test_aligning_keeps_values_and_tied_weights():
-    from firered_core.formats.dequant import align_module
-
-    store = torch.arange(1 + 12, dtype=torch.float32)
-    a, b = torch.nn.Linear(4, 3, bias=False), torch.nn.Linear(4, 3, bias=False)
-    b.weight = a.weight = torch.nn.Parameter(store[1:].view(3, 4))  # 4 bytes past an aligned start
-    pair = torch.nn.Sequential(a, b)
-    assert a.weight.data_ptr() % 64
-    align_module(pair)
-    assert a.weight is b.weight and a.weight.data_ptr() % 64 == 0 and torch.equal(a.weight, store[1:].view(3, 4))
-
-
 def test_good_lora_prints_its_coverage(files, tiny_model_dir, tmp_path, capsys):
     rc, _ = edit(files, tmp_path, "lora", "--model", str(tiny_model_dir), "--lora",
                  f"{files / 'good.safetensors'}:0.5", "--lora-mode", "adapter")

@@ -15,7 +15,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import nn
 
 from .checkpoint import Checkpoint
 
@@ -23,7 +22,6 @@ FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
 AUX_SUFFIXES = (".scale_input", ".input_scale", ".comfy_quant")
 MARKER_KEYS = ("scaled_fp8", "__index_timestep_zero__")
-ALIGNMENT = 64  # bytes
 
 
 def is_aux_key(key: str) -> bool:
@@ -42,35 +40,6 @@ def weight_scale_key(ckpt: Checkpoint, key: str) -> str | None:
         if base + suffix in ckpt:
             return base + suffix
     return None
-
-
-def aligned(tensor: torch.Tensor) -> torch.Tensor:
-    """``tensor``, copied to fresh memory when it does not start on a 64-byte boundary.
-
-    A tensor memory-mapped from a file starts wherever the file put it (safetensors pads offsets to 8 bytes only).
-    CPU matmuls take other SIMD paths for unaligned weights than for freshly allocated ones, so the same weights give
-    last-ulp different outputs (1/255 in a few pixels after an edit). Every loader aligns, so a model gives the same
-    image whatever file it was read from.
-    """
-    return tensor.clone() if tensor.data_ptr() % ALIGNMENT else tensor
-
-
-def align_module(module: nn.Module) -> nn.Module:
-    """Every CPU parameter and buffer of ``module`` on a 64-byte boundary (:func:`aligned`), in place; a tensor
-    shared by several modules (tied weights) stays shared."""
-    done: dict[int, torch.Tensor] = {}
-    with torch.no_grad():
-        for sub in module.modules():
-            for store in (sub._parameters, sub._buffers):
-                for name, value in store.items():
-                    if value is None or value.device.type != "cpu" or not value.data_ptr() % ALIGNMENT:
-                        continue
-                    if id(value) not in done:
-                        copy = aligned(value.detach())
-                        done[id(value)] = (nn.Parameter(copy, requires_grad=value.requires_grad)
-                                           if isinstance(value, nn.Parameter) else copy)
-                    store[name] = done[id(value)]
-    return module
 
 
 def iter_dequantized(ckpt: Checkpoint, dtype: torch.dtype, rename: Callable[[str], str | None] = lambda k: k,
@@ -98,4 +67,8 @@ def iter_dequantized(ckpt: Checkpoint, dtype: torch.dtype, rename: Callable[[str
             elif tensor.dtype in FP8_DTYPES:
                 tensor = tensor.to(torch.float32)
             tensor = tensor.to(dtype)
-        yield new, aligned(tensor)
+        if tensor.data_ptr() % 64:
+            # Tensors read at unaligned file offsets take other SIMD paths than freshly allocated ones (last-ulp
+            # differences); a copy makes a lossless load bit-identical to the original model.
+            tensor = tensor.clone()
+        yield new, tensor
