@@ -121,12 +121,14 @@ def reference_edit(pipe, image, size: int, steps: int) -> np.ndarray:
                 output_type="np").images[0]
 
 
-def our_pipeline(model_dir, settings=None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
-    """Our EditPipeline on ``model_dir`` with every component loaded now (so an edit times only the edit)."""
+def our_pipeline(model_dir, speed=None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """Our EditPipeline on ``model_dir`` (``speed``: a SpeedSettings, its model part to the model and its run part
+    to the pipeline) with every component loaded now, so an edit times only the edit."""
     from firered_core.model import load_model
     from firered_core.pipeline import EditPipeline
 
-    pipe = EditPipeline(load_model(model_dir, dtype=dtype, device=device), settings)
+    model = load_model(model_dir, dtype=dtype, device=device, settings=speed.model if speed is not None else None)
+    pipe = EditPipeline(model, speed.run if speed is not None else None)
     for name in COMPONENTS:
         pipe.model.get(name)
     return pipe

@@ -53,7 +53,7 @@ def worker(variant: str, args) -> dict:
         settings = dict(VARIANTS[variant])
         if variant.startswith("cache"):
             settings["cache_threshold"] = args.cache_threshold
-        pipe = our_pipeline(args.model_dir, SpeedSettings.from_dict(settings))
+        pipe = our_pipeline(args.model_dir, SpeedSettings.from_flat(settings))
         calls: list[int] = []
         pipe.model.text_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
         if variant == "second edit":
