@@ -10,6 +10,9 @@ import yaml
 
 from ..geometry import VAE_AREA, VL_AREA
 from .alignment import AlignmentConfig, VariantConfig
+from .identity import IdentityConfig
+from .lowvram import LowVramConfig
+from .preference import PreferenceConfig
 from .timesteps import TimestepConfig
 
 # Attention, MLP and modulation linears of every block (FireRed's LoRA recipe).
@@ -64,6 +67,9 @@ class TrainConfig:
     alignment: AlignmentConfig = field(default_factory=AlignmentConfig)
     ema_decay: float = 0.0  # 0 = no EMA
     gradient_checkpointing: bool = False
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # Diffusion-DPO on rejected_image pairs
+    identity: IdentityConfig = field(default_factory=IdentityConfig)  # face identity loss on x0_hat
+    low_vram: LowVramConfig = field(default_factory=LowVramConfig)  # fp8 base, block swap, activation offload
     mixed_precision: str = "no"  # "no" | "bf16"
     fsdp: bool = False  # wrap QwenImageTransformerBlock with FSDP (else DDP when several processes)
     checkpoint_every: int = 500

@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 
 from ..model import load_model
-from ..sampling import noised_start, transformer_denoiser
 from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import TrainConfig, to_dict
@@ -29,7 +28,8 @@ from .data import load_dataset, parse_weights
 from .distributed import make_accelerator
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings
-from .losses import flow_matching_loss
+from .lowvram import LowVram
+from .objective import RowObjective, mean_stats
 from .seeding import row_generator
 from .timesteps import sample_sigmas
 from .validation import image_grid, save_grid, validation_rows
@@ -88,6 +88,11 @@ class Trainer:
         self.trainable = mark_trainable(transformer, cfg)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if cfg.low_vram.block_swap and (cfg.fsdp or self.world > 1):
+            raise ValueError("low_vram.block_swap streams one process's frozen blocks: train on one device")
+        self.low_vram = LowVram(cfg.low_vram, cfg.method)
+        self.low_vram.before_prepare(transformer)
+        self.objective = RowObjective(cfg, self.model, transformer, self.acc.device)
         transformer.train()
         params = [p for _, p in transformer.named_parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
@@ -97,10 +102,12 @@ class Trainer:
                                           num_training_steps=cfg.steps)
         self.ema = EMA(self.named_trainable(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.transformer, self.optimizer = self.acc.prepare(transformer, self.optimizer)
+        self.low_vram.after_prepare(self.module, self.acc.device)
         log.info("process %d of %d (%s): %s, %d trained tensors", self.rank, self.world, self.acc.distributed_type,
                  type(self.transformer).__name__, len(self.trainable))
         self.step = 0
         self.losses: dict[int, float] = {}
+        self.stats: dict[str, float] = {}  # the last step's objective statistics (mean over processes)
 
     # -- parameters -------------------------------------------------------------------------------------------
     @property
@@ -123,30 +130,37 @@ class Trainer:
     def row_inputs(self, sample, key, step: int, pos: int) -> RowInputs:
         return self.inputs.row_inputs(sample, key, step, pos)
 
-    def row_loss(self, inputs: RowInputs, step: int, pos: int) -> torch.Tensor:
+    def row_loss(self, inputs: RowInputs, step: int, pos: int, sample=None) -> torch.Tensor:
+        return self.row_objective(inputs, step, pos, sample)[0]
+
+    def row_objective(self, inputs: RowInputs, step: int, pos: int, sample=None) -> tuple[torch.Tensor, dict]:
+        """The row's loss and statistics at the row's drawn sigma and noise."""
         cfg = self.cfg
         x0 = inputs.x0
         sigma = sample_sigmas(cfg.timesteps, step, [pos], self.sampler.global_batch, x0.shape[1],
                               self.scheduler_config, cfg.seed).to(x0.device)
         noise = torch.randn(x0.shape, generator=row_generator(cfg.seed, step, pos, "noise")).to(x0.device)
-        xt = noised_start(x0, noise, sigma)
-        denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
-        pred = denoiser(xt, sigma, inputs.cond, "cond")
-        loss, _ = flow_matching_loss(pred, noise, x0, sigma, cfg.loss_weighting, cfg.outlier)
-        return loss
+        return self.objective.row_loss(self.transformer, sample, inputs, noise, sigma)
 
-    @torch.no_grad()
     def evaluate(self, rows: int = 4, draws: int = 2) -> float:
         """Mean loss of the first ``rows`` rows at fixed noise levels and noise (comparable across training)."""
+        return self.evaluate_objective(rows, draws)[0]
+
+    @torch.no_grad()
+    def evaluate_objective(self, rows: int = 4, draws: int = 2) -> tuple[float, dict[str, float]]:
+        """:meth:`evaluate` with the objective's statistics (DPO margin and accuracy, identity distance)."""
         self.transformer.eval()
-        total, n = 0.0, 0
+        total, n, stats = 0.0, 0, []
         for i, sample in enumerate(self.dataset.samples[:rows]):
             for d in range(draws):
                 step = EVAL_STEP + d
-                total += float(self.row_loss(self.row_inputs(sample, bucket_key(sample), step, i), step, i))
-                n += 1
+                loss, row_stats = self.row_objective(self.row_inputs(sample, bucket_key(sample), step, i), step, i,
+                                                     sample)
+                total, n = total + float(loss), n + 1
+                stats.append(row_stats)
         self.transformer.train()
-        return total / n
+        keys = self.objective.stat_keys
+        return total / n, {k: float(v) for k, v in zip(keys, mean_stats(stats, keys))}
 
     # -- one step ---------------------------------------------------------------------------------------------
     def train_step(self) -> float:
@@ -155,14 +169,17 @@ class Trainer:
         rows = batch.for_rank(self.rank, self.world)
         positions = batch.global_positions(self.rank, self.world)
         self.optimizer.zero_grad(set_to_none=True)
-        total = 0.0
+        total, stats = 0.0, []
         for j, (idx, pos) in enumerate(zip(rows, positions)):
-            inputs = self.row_inputs(self.dataset.samples[idx], batch.key, step, pos)
+            sample = self.dataset.samples[idx]
+            inputs = self.row_inputs(sample, batch.key, step, pos)
             last = j == len(rows) - 1
-            with contextlib.nullcontext() if last else self.acc.no_sync(self.transformer):
-                loss = self.row_loss(inputs, step, pos)
+            with contextlib.nullcontext() if last else self.acc.no_sync(self.transformer), \
+                    self.low_vram.activations():
+                loss, row_stats = self.row_objective(inputs, step, pos, sample)
                 self.acc.backward(loss / len(rows))
             total += float(loss.detach())
+            stats.append(row_stats)
         if self.cfg.dump_grads and step == 0:
             self.dump_grads(Path(self.cfg.dump_grads))
         if self.cfg.grad_clip and self.cfg.grad_clip > 0:
@@ -174,6 +191,10 @@ class Trainer:
         mean = self.acc.reduce(torch.tensor(total / len(rows), device=self.acc.device), reduction="mean")
         self.step = step + 1
         self.losses[self.step] = float(mean)
+        keys = self.objective.stat_keys
+        if keys:
+            every = self.acc.gather(mean_stats(stats, keys).to(self.acc.device)).reshape(-1, len(keys))
+            self.stats = {k: float(v) for k, v in zip(keys, every.nanmean(0)) if not torch.isnan(v)}
         return float(mean)
 
     def dump_grads(self, path: Path) -> None:
@@ -291,7 +312,7 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{self.lr_scheduler.get_last_lr()[0]:.2e}")
             if cfg.log_every and self.step % cfg.log_every == 0:
-                self.acc.log({"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0]}, step=self.step)
+                self.acc.log({"loss": loss, "lr": self.lr_scheduler.get_last_lr()[0], **self.stats}, step=self.step)
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
                 result.checkpoint = self.save()
             if cfg.validation.every and self.step % cfg.validation.every == 0:

@@ -1,0 +1,124 @@
+"""Peak memory of one LoRA training step with each low-VRAM switch (fp8 base, block swap, checkpointing +
+activation offload) against plain LoRA training, one fresh process per variant.
+
+    python -m benchmarks.lowvram_training                      # CPU: peak RSS of the step, small transformer
+    python -m benchmarks.lowvram_training --device cuda --layers 60 --heads 24 --size 1024   # full size, peak VRAM
+
+The transformer is the FireRed architecture with random weights (``_common.full_size_transformer``); the frozen
+base is bf16 on a GPU (fp32 on a CPU), the LoRA (rank 16, FireRed's targets) fp32. The step's peak is measured after
+the model is built and converted (VmHWM reset through /proc/self/clear_refs on Linux; CUDA's peak statistics on a
+GPU), so it is the step's own. The loss of each variant is printed to show the switches keep the step's result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from benchmarks._common import cell, machine, peak_rss_mb, peak_vram_gib, reset_peak, run_worker, sync
+
+VARIANTS = {
+    "plain": {},
+    "checkpointing": {"checkpointing": True},
+    "checkpointing + offload": {"checkpointing": True, "offload_activations": True},
+    "fp8 base": {"fp8_base": True},
+    "block swap": {"block_swap": True},
+    "all": {"fp8_base": True, "block_swap": True, "offload_activations": True},
+}
+
+
+def reset_rss_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def worker(args) -> dict:
+    from peft import LoraConfig
+
+    from benchmarks._common import full_size_transformer
+    from firered_core.conditioning import PromptEmbeds
+    from firered_core.references import RefLatents
+    from firered_core.sampling import transformer_denoiser
+    from firered_core.training.config import LORA_TARGETS
+    from firered_core.training.lowvram import LowVram, LowVramConfig
+
+    device = torch.device(args.device)
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    build_on = torch.device("cpu") if VARIANTS[args.variant].get("block_swap") else device
+    tr = full_size_transformer(args.layers, args.heads, 64, 0, build_on, base_dtype)
+    torch.manual_seed(0)
+    tr.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=True))
+    with torch.no_grad():
+        for n, p in tr.named_parameters():
+            if "lora_" in n:
+                p.data = p.data.float()
+            if "lora_B" in n:
+                p.normal_(0, 0.01)
+    low = LowVram(LowVramConfig(**VARIANTS[args.variant]), "lora")
+    low.before_prepare(tr)
+    if not VARIANTS[args.variant].get("block_swap"):
+        tr.to(device)
+    low.after_prepare(tr, device)
+    tr.train()
+    tokens = (args.size // 16) ** 2
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, tokens, 64, generator=g).to(device, base_dtype)
+    noise = torch.randn(1, tokens, 64, generator=g).to(device)
+    cond = PromptEmbeds(torch.randn(1, 32, 64, generator=g).to(device, base_dtype), None)
+    shape = [(1, args.size // 16, args.size // 16)]
+    sync(device)
+    weights_mb = sum(t.numel() * t.element_size() for t in list(tr.parameters()) + list(tr.buffers())
+                     if t.device == device) / 2**20
+    reset_peak(device)
+    reset_rss_peak()
+    start_rss = peak_rss_mb()
+    with low.activations():
+        pred = transformer_denoiser(tr, RefLatents(None, []), shape)(x, torch.tensor([0.5], device=device), cond,
+                                                                      "cond")
+        loss = (pred.float() - noise).square().mean()
+        loss.backward()
+    sync(device)
+    return {"loss": float(loss), "weights_mb": weights_mb, "rss_before_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
+            "peak_vram_gib": peak_vram_gib(device)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.variant:
+        print(json.dumps(worker(args)))
+        return
+    print(f"LoRA step, {args.layers} blocks x {args.heads} heads x 128, {args.size}², {args.device}: "
+          f"{machine(args.threads, args.device)}")
+    base = ["--device", args.device, "--layers", str(args.layers), "--heads", str(args.heads), "--size",
+            str(args.size), "--threads", str(args.threads)]
+    rows = {v: run_worker("benchmarks.lowvram_training", [*base, "--variant", v]) for v in VARIANTS}
+    plain = rows["plain"]
+    print(f"{'variant':26} {'device weights MiB':>18} {'step peak RSS MiB':>17} {'peak VRAM GiB':>13} "
+          f"{'vs plain':>8} {'loss':>10}")
+    for v, r in rows.items():
+        if "error" in r:
+            print(f"{v:26} error: {r['error']}")
+            continue
+        peak = r["peak_vram_gib"] if r["peak_vram_gib"] is not None else r["peak_rss_mb"]
+        ref = plain.get("peak_vram_gib") if r["peak_vram_gib"] is not None else plain.get("peak_rss_mb")
+        ratio = peak / ref if isinstance(ref, float) and ref else None
+        print(f"{v:26} {cell(r['weights_mb'], '18.0f')} {cell(r['peak_rss_mb'], '17.0f')} "
+              f"{cell(r['peak_vram_gib'], '13.2f')} {cell(ratio, '8.2f')} {r['loss']:10.6f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

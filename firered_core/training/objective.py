@@ -1,0 +1,65 @@
+"""What one row's loss is: flow matching (plus the identity term when switched on), or Diffusion-DPO on a pair.
+
+The trainer draws the row's sigma and noise; this module turns them into a loss and the statistics to log
+(``identity_distance``, ``dpo_margin``, ``dpo_accuracy``), so the trainer stays the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..sampling import noised_start, transformer_denoiser
+from .config import TrainConfig
+from .identity import IdentityObjective, train_size
+from .losses import flow_matching_loss
+from .preference import PreferenceObjective, rejected_latents
+
+
+class RowObjective:
+    def __init__(self, cfg: TrainConfig, model, module: torch.nn.Module, device: torch.device):
+        self.cfg, self.model, self.device = cfg, model, device
+        self.preference = None
+        self.identity = None
+        if cfg.preference.enabled:
+            if cfg.variants.inverse_rate > 0:
+                raise ValueError("preference pairs are (target, rejected) outputs of the forward edit: set "
+                                 "variants.inverse_rate: 0 with preference.enabled")
+            self.preference = PreferenceObjective(cfg.preference, module, cfg.method, cfg.outlier)
+        if cfg.identity.enabled or cfg.preference.enabled:
+            model.vae.requires_grad_(False)
+        if cfg.identity.enabled:
+            self.identity = IdentityObjective(cfg.identity, model.vae).to(device)
+
+    def row_loss(self, transformer, sample, inputs, noise: torch.Tensor, sigma: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.preference is not None:
+            x0_l = rejected_latents(self.model.vae, sample, train_size(inputs.img_shapes), self.device)
+            loss, stats = self.preference.row_loss(transformer, inputs, x0_l, noise, sigma)
+            return loss, stats.as_dict()
+        xt = noised_start(inputs.x0, noise, sigma)
+        pred = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma, inputs.cond, "cond")
+        loss, _ = flow_matching_loss(pred, noise, inputs.x0, sigma, self.cfg.loss_weighting, self.cfg.outlier)
+        stats: dict[str, float] = {}
+        if self.identity is not None:
+            extra, stats = self.identity.row_loss(sample, inputs, xt, sigma, pred)
+            loss = loss + extra
+        return loss, stats
+
+
+    @property
+    def stat_keys(self) -> tuple[str, ...]:
+        """The statistics every row reports (the same on every process, so they can be gathered)."""
+        if self.preference is not None:
+            return ("dpo_accuracy", "dpo_margin")
+        return ("identity_distance",) if self.identity is not None else ()
+
+
+def mean_stats(rows: list[dict[str, float]], keys: tuple[str, ...]) -> torch.Tensor:
+    """Per key, the mean over the rows that measured it (NaN when none did): one value per key."""
+    out = []
+    for key in keys:
+        values = [r[key] for r in rows if key in r and not math.isnan(r[key])]
+        out.append(sum(values) / len(values) if values else math.nan)
+    return torch.tensor(out, dtype=torch.float64)
