@@ -36,8 +36,8 @@ def test_identity_training_lowers_the_face_embedding_distance(tiny_model_dir, tm
     torch.manual_seed(0)
     torch.jit.script(TinyFaceEmbedder()).save(str(tmp_path / "face.pt"))
     cfg = load_config(None, **SMALL, model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "run"),
-                      steps=4, lr=2e-2, **{"lora.rank": 4, "variants.text_drop": 0.0, "timesteps.shift": None,
-                                           "identity.enabled": True, "identity.eta": 20.0,
+                      steps=4, lr=5e-2, **{"lora.rank": 4, "variants.text_drop": 0.0, "timesteps.shift": None,
+                                           "identity.enabled": True, "identity.eta": 1000.0,
                                            "identity.embedder": str(tmp_path / "face.pt"),
                                            "identity.input_size": 16})
     trainer = Trainer(cfg)

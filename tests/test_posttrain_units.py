@@ -21,8 +21,8 @@ class TinyFaceEmbedder(torch.nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2)
-        self.proj = torch.nn.Linear(8 * 4 * 4, 16)
+        self.conv = torch.nn.Conv2d(3, 8, 3, stride=2, bias=False)
+        self.proj = torch.nn.Linear(8 * 4 * 4, 16, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.adaptive_avg_pool2d(torch.tanh(self.conv(x * 2 - 1)), 4)
