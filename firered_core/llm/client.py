@@ -173,20 +173,26 @@ class ChatClient:
                 time.sleep(delay)
         raise ChatError(f"{self.endpoint.url} ({self.endpoint.model}): failed after {attempts} attempt(s): {last}")
 
-    def map(self, message_lists: Sequence[list[dict]], *, on_done: Callable[[int, Any], None] | None = None,
-            **kwargs) -> list[ChatResult | ChatError]:
+    def map(self, message_lists: Sequence[list[dict] | Callable[[], list[dict]]], *,
+            on_done: Callable[[int, Any], None] | None = None, **kwargs) -> list[ChatResult | ChatError]:
         """:meth:`complete` over many requests, ``endpoint.concurrency`` at a time, results in input order.
 
-        A request that fails gives its :class:`ChatError` (or :class:`BudgetExceeded`) in its place instead of
-        raising, so one bad sample does not lose the others. ``on_done(index, result)`` is called as each finishes.
+        An item may be a zero-argument function returning the messages: it is called in the worker, so thousands of
+        image-heavy requests are never all in memory at once (an error it raises as a ``FireRedError`` becomes that
+        item's ChatError). A request that fails gives its :class:`ChatError` (or :class:`BudgetExceeded`) in its
+        place instead of raising, so one bad sample does not lose the others. ``on_done(index, result)`` is called as
+        each finishes.
         """
         results: list = [None] * len(message_lists)
 
         def one(i: int):
+            item = message_lists[i]
             try:
-                results[i] = self.complete(message_lists[i], **kwargs)
+                results[i] = self.complete(item() if callable(item) else item, **kwargs)
             except ChatError as exc:
                 results[i] = exc
+            except FireRedError as exc:
+                results[i] = ChatError(str(exc))
             if on_done is not None:
                 on_done(i, results[i])
 
