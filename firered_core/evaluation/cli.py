@@ -200,9 +200,13 @@ def cmd_metrics(args) -> int:
             record["error"] = f"no output image {out}"
         else:
             mask = mask_path(args.masks, row.key)
-            m = sample_metrics(load_image(row.source), load_image(out), load_image(mask) if mask else None,
-                               args.threshold)
-            record.update(metrics_dict(m))
+            try:
+                m = sample_metrics(load_image(row.source), load_image(out), load_image(mask) if mask else None,
+                                   args.threshold)
+            except FireRedError as exc:  # an unreadable picture: counted as a failure, the rest goes on
+                record["error"] = str(exc)
+            else:
+                record.update(metrics_dict(m))
         records.append(record)
     write_json_atomic(Path(args.out) / METRICS, {"threshold": args.threshold, "masks": args.masks,
                                                  "records": records})
@@ -286,6 +290,7 @@ def cmd_run(args) -> int:
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
         dist.barrier()
+        dist.destroy_process_group()
         if rank != 0:
             return code
     cmd_metrics(args)

@@ -140,9 +140,10 @@ def build_manifest(*, bench: dict, selection: dict, edit: EditSettings, speed: d
             "world_size": world_size}
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
+def diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested dicts differ, as 'path: a -> b'."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
@@ -158,7 +159,7 @@ def write_manifest(out: str | Path, manifest: dict, force: bool = False) -> None
     path = Path(out) / MANIFEST
     if path.is_file() and not force:
         old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = _diff(old.get("identity"), manifest["identity"])
+        diffs = diff(old.get("identity"), manifest["identity"])
         if diffs:
             raise RunMismatch(f"{path}: this folder holds a run made with other settings ({'; '.join(diffs[:6])}); "
                               "use another --out, or --force to mix them")

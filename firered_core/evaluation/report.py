@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .generate import write_json_atomic
+from .generate import diff, write_json_atomic
 
 SCORES = "scores.json"
 REPORT = "report.html"
@@ -58,6 +58,8 @@ def build_scores(*, run: str, out: str | Path, spec, rows, manifest: dict | None
     samples = []
     for row in rows:
         j, m = by_key_j.get(row.key, {}), by_key_m.get(row.key)
+        if m is not None:
+            m = {k: v for k, v in m.items() if k not in ("id", "task", "key")}
         samples.append({"id": row.id, "task": row.task, "key": row.key, "instruction": row.instruction,
                         "source": str(row.source), "output": str(output_path(out, row)),
                         "score": j.get("score"), "scores": j.get("scores"), "reasoning": j.get("reasoning"),
@@ -257,8 +259,12 @@ def compare(a: dict, b: dict, top: int = 20) -> dict:
         if sa and sa.get("score") is not None and sb.get("score") is not None:
             changed.append({"key": sb["key"], "delta": sb["score"] - sa["score"], "a": sa, "b": sb})
     changed.sort(key=lambda c: (-abs(c["delta"]), c["key"]))
+    settings = diff((a.get("settings") or {}).get("identity"), (b.get("settings") or {}).get("identity"))
+    judges = [(s.get("judge") or {}).get("model") for s in (a, b)]
+    if judges[0] != judges[1]:
+        settings.append(f"judge: {judges[0]!r} -> {judges[1]!r}")
     return {"tasks": rows, "overall": {"a": oa, "b": ob, "delta": None if oa is None or ob is None else ob - oa},
-            "changed": changed[:top]}
+            "changed": changed[:top], "settings": settings}
 
 
 def write_compare(a: dict, b: dict, path: str | Path, top: int = 20) -> Path:
@@ -288,7 +294,9 @@ def write_compare(a: dict, b: dict, path: str | Path, top: int = 20) -> Path:
                     f"<td>{_img(sb.get('_thumb_out'), base, sb['output'])}<br>{_fmt(sb['score'])}</td>"
                     f"<td class=reason>A: {html.escape(sa.get('reasoning') or '')}\nB: "
                     f"{html.escape(sb.get('reasoning') or '')}</td></tr>")
-    body = (f"<h1>{na} vs {nb}</h1><h2>Per task</h2>{table}<h2>Samples that changed most</h2>"
+    diffs = "".join(f"<li><code>{html.escape(d)}</code></li>" for d in result["settings"][:30])
+    diffs = f"<p>What differs (A -> B):</p><ul>{diffs}</ul>" if diffs else "<p class=muted>same settings</p>"
+    body = (f"<h1>{na} vs {nb}</h1>{diffs}<h2>Per task</h2>{table}<h2>Samples that changed most</h2>"
             f"<table class=grid><tr><th class=l>sample</th><th>source</th><th>A</th><th>B</th>"
             f"<th class=l>reasoning</th></tr>{''.join(grid)}</table>")
     path.write_text(_page(f"{a['run']} vs {b['run']}", body), encoding="utf-8")
