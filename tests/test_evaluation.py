@@ -4,7 +4,7 @@ sharded generation on the tiny model, and the whole generate -> judge -> report 
 from __future__ import annotations
 
 import json
-import math
+import re
 import shutil
 import subprocess
 
@@ -340,3 +340,21 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
     header = sum(1 for p in pixels if p == (243, 243, 243))  # the tables' header cells (#f3f3f3)
     dark = sum(1 for p in pixels if max(p) < 100)
     assert header > 2000 and dark > 2000  # the tables and their text were drawn, not a blank page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["metrics", "--out", "{tmp}/none"], "--jsonl is needed"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}"], "--judge-url and --judge-model are needed"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}", "--judge-url", "api.example.com", "--judge-model", "m"],
+     "base_url 'api.example.com' must start with http"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}", "--prompts", "{tmp}/missing.json",
+      "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"], "judge prompts .*missing.json not found"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--bench", "nope"], "neither a built-in"),
+    (["report", "--compare", "{tmp}/a", "{tmp}/b"], "scores.json not found"),
+])
+def test_cli_errors_are_one_line(argv, message, bench, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, bench=bench) for a in argv]
+    assert bench_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("firered-bench: error: ")
+    assert re.search(message, err[0])

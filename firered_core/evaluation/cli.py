@@ -263,7 +263,7 @@ def cmd_report(args) -> int:
     judge = dict(judged["judge"]) if judged else None
     if judge and args.failures:
         judge["failure_policy"] = args.failures
-    scores = build_scores(run=getattr(args, "name", None) or out.resolve().name, out=out, spec=spec, rows=rows,
+    scores = build_scores(run=out.resolve().name, out=out, spec=spec, rows=rows,
                           manifest=read_manifest(out), judge=judge,
                           judge_records=judged["records"] if judged else None,
                           metric_records=measured["records"] if measured else None)
@@ -296,7 +296,7 @@ def cmd_run(args) -> int:
     cmd_metrics(args)
     if args.judge_url:
         cmd_judge(args)
-    args.compare, args.failures = None, args.failures if args.judge_url else None
+    args.compare, args.failures = None, None  # the judge's own policy (judge.json)
     cmd_report(args)
     return code
 

@@ -82,7 +82,7 @@ def write_scores(out: str | Path, scores: dict) -> Path:
 
 def load_scores(run: str | Path) -> dict:
     path = Path(run)
-    path = path / SCORES if path.is_dir() else path
+    path = path if path.suffix == ".json" else path / SCORES
     if not path.is_file():
         from ..errors import FireRedError
 
@@ -110,8 +110,10 @@ def _thumb(image: str | Path, dest: Path) -> bool:
 
 
 def make_thumbs(run_dir: str | Path, samples: list[dict]) -> None:
+    from tqdm import tqdm
+
     root = Path(run_dir) / THUMBS
-    for s in samples:
+    for s in tqdm(samples, desc="thumbnails", unit="row", disable=None, leave=False):
         name = s["key"].replace("/", "__") + ".jpg"
         s["_thumb_src"] = str(root / "src" / name) if _thumb(s["source"], root / "src" / name) else None
         s["_thumb_out"] = str(root / "out" / name) if _thumb(s["output"], root / "out" / name) else None
