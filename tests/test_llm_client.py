@@ -217,3 +217,10 @@ def test_image_part_data_urls(tmp_path, make_image):
     with pytest.raises(FireRedError, match="does not exist"):
         image_part(tmp_path / "missing.png")
     assert json.dumps(text_part("图B")) and text_part(3) == {"type": "text", "text": "3"}
+
+
+def test_budget_holds_under_concurrency():
+    with FakeOpenAI(lambda body: Reply.slow(0.05, "ok")) as fake:
+        results = ChatClient(endpoint(fake, call_budget=3, concurrency=4)).map([user(str(i)) for i in range(8)])
+    assert fake.calls == 3
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 5

@@ -191,6 +191,8 @@ def cmd_metrics(args) -> int:
     from .generate import write_json_atomic
     from .metrics import mask_path, metrics_dict, sample_metrics
 
+    if not 0.0 < args.threshold < 1.0:
+        raise FireRedError(f"--threshold {args.threshold} must be in (0, 1): a mean RGB difference")
     spec, rows, _ = selection(args)
     records = []
     for row in tqdm(rows, desc="metrics", unit="img", disable=None):
@@ -252,6 +254,8 @@ def cmd_report(args) -> int:
     from .report import build_scores, load_scores, write_compare, write_report, write_scores
 
     if args.compare:
+        if args.top < 1:
+            raise FireRedError(f"--top {args.top} must be at least 1")
         path = write_compare(load_scores(args.compare[0]), load_scores(args.compare[1]), args.output, args.top)
         print(f"wrote {path}", file=sys.stderr)
         return 0
