@@ -163,7 +163,7 @@ def cmd_generate(args) -> int:
     check_size_args(args)
     rank, world, local = ranks_from_env()
     device = args.device
-    if device is None and world > 1:
+    if world > 1 and device in (None, "cuda"):  # one GPU per process: LOCAL_RANK picks it
         import torch
 
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
