@@ -165,8 +165,10 @@ def _task_table(scores: dict) -> str:
         out = [f"<td class=l>{html.escape(task)}</td>"]
         if tasks:
             fails = t["failures"] if t else 0
+            n = f" <span class=muted>n={t['n']}</span>" if t and "n" in t else ""  # what the mean stands on
             out += [f"<td>{t['rows'] if t else '–'}</td><td>{t['judged'] if t else '–'}</td>",
-                    f"<td class='{'bad' if fails else ''}'>{fails}</td><td><b>{_fmt(t['mean'] if t else None)}</b></td>"]
+                    f"<td class='{'bad' if fails else ''}'>{fails}</td><td><b>{_fmt(t['mean'] if t else None)}</b>"
+                    f"{n}</td>"]
             crit = "<br>".join(f"{html.escape(c)} {_fmt(v, 2)}" for c, v in ((t or {}).get("criteria") or {}).items())
             out.append(f"<td class='l muted'>{crit}</td>")
         if metrics:
