@@ -66,8 +66,8 @@ def test_transient_failures_are_retried(first):
 
 def test_timeout_is_retried():
     with FakeOpenAI() as fake:
-        fake.script(Reply.slow(1.5), Reply.text("in time"))
-        result = ChatClient(endpoint(fake, timeout_s=0.2)).complete(user("x"))
+        fake.script(Reply.slow(3.0), Reply.text("in time"))
+        result = ChatClient(endpoint(fake, timeout_s=0.6)).complete(user("x"))
     assert (result.text, result.attempts) == ("in time", 2)
 
 
