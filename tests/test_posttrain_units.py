@@ -235,3 +235,23 @@ def test_block_swap_streams_frozen_weights_in_forward_and_backward_with_equal_gr
     for i, host in low.swap.host.items():
         assert host and all(t.data_ptr() == cpu.data_ptr() for t, cpu in host)  # dropped back after running
         assert not any(t.requires_grad for t, _ in host)  # trained LoRA tensors are never streamed
+
+
+def test_rejected_image_and_faces_are_read_and_checked(tmp_path):
+    import json
+
+    from firered_core.training.data import load_dataset
+    from firered_core.training.synthetic import make_dataset
+
+    root = make_dataset(tmp_path / "d", rows=3, rejected=True, faces=True)
+    path = root / "recolour" / "data.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows[1]["faces"] = [[0, 0, 80, 10]]  # wider than the 64x64 target
+    rows[2]["rejected_image"] = "img/missing.png"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    ds = load_dataset(root)
+    assert len(ds) == 1 and ds.samples[0].faces == ((0.0, 0.0, 32.0, 32.0),)
+    assert ds.samples[0].rejected == root / "recolour" / "img" / "0000_rej.png"
+    reasons = sorted(b.reason for b in ds.bad)
+    assert "faces[0] [0, 0, 80, 10] is empty or outside the 64x64 target" in reasons[0]
+    assert "image not found" in reasons[1] and "missing.png" in reasons[1]
