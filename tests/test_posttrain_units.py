@@ -255,3 +255,31 @@ def test_rejected_image_and_faces_are_read_and_checked(tmp_path):
     reasons = sorted(b.reason for b in ds.bad)
     assert "faces[0] [0, 0, 80, 10] is empty or outside the 64x64 target" in reasons[0]
     assert "image not found" in reasons[1] and "missing.png" in reasons[1]
+
+
+def test_reference_is_the_lora_free_base_or_a_frozen_copy(tiny_model_dir):
+    from firered_core.conditioning import PromptEmbeds
+    from firered_core.model import load_model
+    from firered_core.references import RefLatents
+    from firered_core.sampling import transformer_denoiser
+    from firered_core.training.preference import Reference
+
+    g = torch.Generator().manual_seed(5)
+    x, cond = torch.randn(1, 16, 64, generator=g), PromptEmbeds(torch.randn(1, 5, 64, generator=g), None)
+
+    def run(tr):
+        with torch.no_grad():
+            return transformer_denoiser(tr, RefLatents(None, []), [(1, 4, 4)])(x, torch.tensor([0.5]), cond, "c")
+
+    base = run(load_model(tiny_model_dir).transformer.float())
+    lora = lora_transformer(tiny_model_dir)
+    assert not torch.allclose(run(lora), base, atol=1e-4)  # the LoRA changes the output
+    with Reference(lora, "lora").model() as ref:
+        assert ref is lora and torch.allclose(run(ref), base, atol=1e-6)  # same weights, adapter off
+    assert not torch.allclose(run(lora), base, atol=1e-4)  # and back on afterwards
+    full = load_model(tiny_model_dir).transformer.float()
+    reference = Reference(full, "full")
+    with torch.no_grad():
+        full.transformer_blocks[0].attn.to_q.weight.add_(0.5)  # training moves the model...
+    with reference.model() as ref:
+        assert ref is not full and torch.allclose(run(ref), base, atol=1e-6)  # ...not its frozen copy
