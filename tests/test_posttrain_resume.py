@@ -1,4 +1,4 @@
-"""Preference training resumes exactly: the losses after a kill and resume equal the uninterrupted run's."""
+"""Preference and identity training resume exactly: losses after a kill and resume equal the uninterrupted run's."""
 
 from __future__ import annotations
 
@@ -22,3 +22,20 @@ def test_dpo_resume_is_exact(tiny_model_dir, tmp_path):
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # exact: same draws, same reference (the LoRA-disabled base)
+
+
+def test_identity_resume_is_exact(tiny_model_dir, tmp_path):
+    import torch
+    from test_posttrain_units import TinyFaceEmbedder  # noqa: E402
+
+    data = make_dataset(tmp_path / "faces", rows=2, faces=True)
+    torch.manual_seed(0)
+    torch.jit.script(TinyFaceEmbedder()).save(str(tmp_path / "face.pt"))
+    kw = dict(**SMALL, model=str(tiny_model_dir), data=str(data), steps=3, lr=1e-2, checkpoint_every=2,
+              **{"lora.rank": 4, "variants.text_drop": 0.0, "timesteps.shift": None, "identity.enabled": True,
+                 "identity.eta": 10.0, "identity.embedder": str(tmp_path / "face.pt"), "identity.input_size": 16})
+    full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
+    with pytest.raises(SimulatedKill):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
+    assert resumed.losses == full.losses

@@ -3,8 +3,8 @@
 A row is ``{"source_image": str | [str, ...] | null, "target_image" | "edit_image": str, "instruction": str,
 "instruction_cn": str, "inverse_instruction"?: str, "inverse_instruction_cn"?: str, "rejected_image"?: str,
 "faces"?: [[x0, y0, x1, y1], ...]}``: ``rejected_image`` is the dispreferred output of a preference pair (the
-target is the preferred one) and ``faces`` the face boxes in the target's pixels (identity loss). Image paths are relative to
-the JSONL file's folder unless absolute. Each folder under the data root is a task (the folder name); JSONL files
+target is the preferred one) and ``faces`` the face boxes in the target's pixels (identity loss). Image paths are
+relative to the JSONL file's folder unless absolute. Each folder under the data root is a task (the folder name); JSONL files
 directly in the root belong to the task named after the root itself.
 
 A bad row (invalid JSON, missing field, unreadable image) is reported as ``file:line: reason``, skipped and counted;

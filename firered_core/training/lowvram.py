@@ -1,7 +1,8 @@
 """Low-VRAM LoRA training (24 GB cards): three switches on the frozen base, each independent.
 
 - ``fp8_base``: every frozen ``nn.Linear`` (the LoRA's base layers) stores its weight as fp8 e4m3 with one scale per
-  output channel (:class:`Fp8BaseLinear`, a :class:`firered_core.memory.QuantLinear`) and computes in bf16; LoRA factors stay float32.
+  output channel (:class:`Fp8BaseLinear`, a :class:`firered_core.memory.QuantLinear`) and computes in bf16; LoRA
+  factors stay float32.
 - ``block_swap``: all but ``resident_blocks`` transformer blocks keep their frozen tensors in (pinned) CPU memory and
   are streamed in before each block runs, in forward and again in backward (activation checkpointing is switched on
   with it, so backward re-runs each block's forward and its hooks). Trained tensors stay on the device.
