@@ -27,7 +27,7 @@ STAGES = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "artefacts"},
 
 
 def throughput(root: Path, out: Path, engine: str, workers: int) -> list[dict]:
-    cfg = load_pipeline_config(None, input=str(root), output=str(out), analysis_size=256, stages=STAGES,
+    cfg = load_pipeline_config(None, input=str(root / "data"), output=str(out), analysis_size=256, stages=STAGES,
                                engine={"kind": engine, "workers": workers, "shard_size": 16})
     result = run_pipeline(cfg)
     return [s for s in result.summary if s.get("images")]
@@ -48,7 +48,7 @@ def main() -> None:
               f"{args.size} px\n")
         print("| filter | defect classes | planted | TP | FP (clean) | FN | precision | recall |")
         print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-        for r in evaluate_filters(root, truth, work=Path(tmp) / "eval"):
+        for r in evaluate_filters(root / "data", truth, work=Path(tmp) / "eval"):
             print(f"| {r['filter']} | {', '.join(r['classes'])} | {r['positives']} | {r['tp']} | {r['fp']} | "
                   f"{r['fn']} | {r['precision']:.2f} | {r['recall']:.2f} |")
         runs = {"local": throughput(root, Path(tmp) / "out-local", "local", args.workers)}

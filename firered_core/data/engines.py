@@ -13,7 +13,7 @@ import json
 import logging
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
+from multiprocessing import get_all_start_methods, get_context
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -64,15 +64,40 @@ def _ray_map(row: dict, spec: str) -> dict:
     return {"shard": row["shard"], "result": score_shard(spec, row["payload"])}
 
 
-def _local(spec: str, todo: dict[int, str], workers: int):
-    if workers == 0:
-        for idx, payload in todo.items():
-            yield idx, score_shard(spec, payload)
-        return
-    with ProcessPoolExecutor(min(workers, len(todo)), mp_context=get_context("spawn")) as pool:
-        futures = {pool.submit(score_shard, spec, payload): idx for idx, payload in todo.items()}
-        for fut in as_completed(futures):
-            yield futures[fut], fut.result()
+class LocalPool:
+    """The local engine's worker processes, started once per run (on first use) and shared by all its stages."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, spec: str, todo: dict[int, str]):
+        if self.workers == 0:
+            for idx, payload in todo.items():
+                yield idx, score_shard(spec, payload)
+            return
+        if self._pool is None:  # fork where there is one (workers start without re-importing torch, as
+            # DataLoader workers do); spawn elsewhere
+            method = "fork" if "fork" in get_all_start_methods() else "spawn"
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=get_context(method))
+        futures = {self._pool.submit(score_shard, spec, payload): idx for idx, payload in todo.items()}
+        try:
+            for fut in as_completed(futures):
+                yield futures[fut], fut.result()
+        finally:
+            for fut in futures:
+                fut.cancel()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _ray(spec: str, todo: dict[int, str], cfg: EngineConfig, uses_model: bool):
@@ -99,8 +124,9 @@ def _ray(spec: str, todo: dict[int, str], cfg: EngineConfig, uses_model: bool):
 
 
 def run_shards(spec: str, items: list[dict], folder: Path, cfg: EngineConfig, uses_model: bool = False,
-               stop_after: int | None = None, desc: str = "") -> list[dict]:
-    """Scores of ``items`` in order, computing only the shards not yet in ``folder``."""
+               stop_after: int | None = None, desc: str = "", pool: LocalPool | None = None) -> list[dict]:
+    """Scores of ``items`` in order, computing only the shards not yet in ``folder``. The local engine uses
+    ``pool`` (one per run) or, without one, a pool of its own for this call."""
     folder.mkdir(parents=True, exist_ok=True)
     size = cfg.shard_size
     shards = {i // size: items[i:i + size] for i in range(0, len(items), size)}
@@ -111,7 +137,12 @@ def run_shards(spec: str, items: list[dict], folder: Path, cfg: EngineConfig, us
     if done:
         log.info("%s: %d/%d shards already scored, resuming", desc, len(done), len(shards))
     if todo:
-        runner = _ray(spec, todo, cfg, uses_model) if cfg.kind == "ray" else _local(spec, todo, cfg.workers)
+        own = None
+        if cfg.kind == "ray":
+            runner = _ray(spec, todo, cfg, uses_model)
+        else:
+            own = None if pool is not None else LocalPool(cfg.workers)
+            runner = (pool or own).map(spec, todo)
         written = 0
         with tqdm(total=len(shards), initial=len(done), desc=desc, unit="shard", leave=False) as bar:
             for idx, result in runner:
@@ -119,9 +150,10 @@ def run_shards(spec: str, items: list[dict], folder: Path, cfg: EngineConfig, us
                 bar.update(1)
                 written += 1
                 if stop_after is not None and written >= stop_after:
-                    if hasattr(runner, "close"):
-                        runner.close()
+                    runner.close()
                     raise SimulatedKill(f"stopped after {written} shard(s)")
+        if own is not None:
+            own.close()
     out: list[dict] = []
     for i in sorted(shards):
         got = _stored(folder / f"{i:06d}.json", keys[i])

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .config import PipelineConfig, stage_fingerprint
-from .engines import run_shards
+from .engines import LocalPool, run_shards
 from .extras import DataToolError
 from .files import read_jsonl, write_json, write_jsonl, write_text
 from .report import write_index, write_stage_report
@@ -67,6 +67,11 @@ def _prepare_output(cfg: PipelineConfig) -> Path:
 
 def run_pipeline(cfg: PipelineConfig, stop_after_shards: int | None = None) -> RunResult:
     """Run (or resume) every stage; return where the outputs are. ``stop_after_shards`` is for tests only."""
+    with LocalPool(cfg.engine.workers) as pool:
+        return _run(cfg, pool, stop_after_shards)
+
+
+def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) -> RunResult:
     out = _prepare_output(cfg)
     ctx = Context(output=str(out), analysis_size=cfg.analysis_size)
     stages = [build_stage(s.model_dump(), ctx.__dict__) for s in cfg.stages]
@@ -89,7 +94,7 @@ def run_pipeline(cfg: PipelineConfig, stop_after_shards: int | None = None) -> R
             if stage.scores_items and items:
                 spec = json.dumps({"config": scfg.model_dump(), "context": ctx.__dict__}, sort_keys=True)
                 scores = run_shards(spec, items, sdir / "shards", cfg.engine, stage.uses_model,
-                                    stop_after=stop_after_shards, desc=stage.name)
+                                    stop_after=stop_after_shards, desc=stage.name, pool=pool)
             res = stage.decide(rows, items, scores)
             write_json(done, {"rows": res.rows, "decisions": res.decisions, "cutoffs": res.cutoffs,
                               "values": res.values, "extra": res.extra,

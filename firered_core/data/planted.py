@@ -140,7 +140,7 @@ def plant(kind: str, img: Image.Image, rng: np.random.Generator, other: Image.Im
     w, h = img.size
     arr = np.asarray(img, dtype=np.float32)
     if kind == "overexposed":
-        return Image.fromarray(np.clip(255 * (arr / 255.0) ** 0.25 + 40, 0, 255).astype(np.uint8))
+        return Image.fromarray(np.clip(arr * 1.5 + 110, 0, 255).astype(np.uint8))  # blown highlights
     if kind == "underexposed":
         return Image.fromarray(np.clip(arr * 0.15, 0, 255).astype(np.uint8))
     if kind == "desaturated":
@@ -204,11 +204,12 @@ def _copy(img: Image.Image, kind: str, rng: np.random.Generator) -> Image.Image:
 
 def make_planted(root: str | Path, clean: int = 40, per_defect: int = 3, size: int = 128, seed: int = 0,
                  defects: list[str] | None = None, masks: int = 0) -> dict[str, str]:
-    """Write a planted set under ``root/<task>/data.jsonl`` (tasks add, remove, style) and ``root/truth.json``.
-
-    Returns uid -> class. ``masks`` > 0 also writes ``root/masks/masks.jsonl`` (image, mask, label) records.
+    """Write a planted set: rows under ``root/data/<task>/data.jsonl`` (tasks add, remove, style; the pipeline's
+    input is ``root/data``), ``root/truth.json`` and, when ``masks`` > 0, ``root/masks/masks.jsonl``
+    (image, mask, label records for the mask_pairs stage). Returns uid -> class.
     """
-    root = Path(root)
+    top = Path(root)
+    root = top / "data"
     rng = np.random.default_rng(seed)
     kinds = defects if defects is not None else [d for group in DEFECTS.values() for d in group]
     tasks = ["add", "remove", "style"]
@@ -256,8 +257,8 @@ def make_planted(root: str | Path, clean: int = 40, per_defect: int = 3, size: i
         if rows:
             (root / task / "data.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
     if masks:
-        write_masks(root / "masks", masks, size, rng)
-    write_json(root / "truth.json", truth)
+        write_masks(top / "masks", masks, size, rng)
+    write_json(top / "truth.json", truth)
     return truth
 
 
