@@ -282,3 +282,29 @@ def test_cli_demo_and_run(tmp_path, capsys):
     assert "rows per task" in capsys.readouterr().out
     assert main(["run", str(cfg), "stages.photometric.fence=-3"]) == 2
     assert "fence" in capsys.readouterr().err
+
+
+def test_split_tasks_through_a_chat_endpoint(tmp_path, monkeypatch):
+    from fake_openai import FakeOpenAI, Reply
+
+    from firered_core.data.rows import make_row
+    from firered_core.data.stages import build_stage
+
+    rows = [make_row("t/data:1", "t", ["/s.png"], "/t.png", {"instruction": "Add a red hat and make the sky purple"}),
+            make_row("t/data:2", "t", ["/s.png"], "/t.png", {"instruction": "Remove the cup"})]
+    ops = {"operations": [{"instruction": "Add a red hat", "instruction_cn": "添加一顶红帽子"},
+                          {"instruction": "Make the sky purple"}]}
+    monkeypatch.setenv("FIRERED_TEST_KEY", "sk-secret")
+    with FakeOpenAI() as fake:
+        fake.script(Reply.malformed(), Reply.text("```json\n" + json.dumps(ops) + "\n```"))
+        cfg = {"kind": "split_tasks", "base_url": fake.url, "model": "splitter", "api_key_env": "FIRERED_TEST_KEY",
+               "cache_dir": str(tmp_path / "cache")}
+        stage = build_stage({**cfg, "max_retries": 2}, {"output": str(tmp_path)})
+        monkeypatch.setattr("firered_core.llm.client.ChatClient._delay", lambda self, a, r: 0.0)
+        res = stage.decide(rows, rows, [{}, {}])
+        assert fake.calls == 2  # the malformed reply was retried; the single operation needed no call
+        assert res.decisions[0]["verdict"] == "fix" and res.rows[0]["record"]["operations"] == ops["operations"]
+        assert res.decisions[1]["verdict"] == "keep" and "operations" not in res.rows[1]["record"]
+        assert fake.headers[-1]["Authorization"] == "Bearer sk-secret"
+        again = build_stage(cfg, {"output": str(tmp_path)}).decide(rows, rows, [{}, {}])  # resumed: from the cache
+        assert fake.calls == 2 and again.decisions[0]["scores"]["cached"] is True

@@ -164,8 +164,25 @@ class SampleConfig(_Stage):
     seed: int = 0
 
 
+class SplitTasksConfig(_Stage):
+    """Multi-operation instructions split by an OpenAI-compatible chat endpoint (the key from the environment
+    variable ``api_key_env``; replies cached on disk, retried)."""
+
+    kind: Literal["split_tasks"] = "split_tasks"
+    base_url: str = Field(..., description="e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1")
+    model: str = Field(..., min_length=1)
+    api_key_env: str = "OPENAI_API_KEY"
+    max_ops: int = Field(4, ge=2, le=16)
+    only_hinted: bool = Field(True, description="ask only for instructions with a conjunction or list separator")
+    max_retries: int = Field(3, ge=0, le=20)
+    concurrency: int = Field(4, ge=1, le=64)
+    call_budget: int | None = Field(None, ge=0)
+    timeout_s: float = Field(120.0, gt=0, le=3600)
+    cache_dir: str | None = Field(None, description="None: <output>/.work/llm-cache")
+
+
 StageConfig = Annotated[Union[DedupConfig, PairCheckConfig, FineCheckConfig, PhotometricConfig, ArtefactConfig,
-                              MaskPairsConfig, InvertConfig, NegativesConfig, SampleConfig],
+                              MaskPairsConfig, InvertConfig, NegativesConfig, SplitTasksConfig, SampleConfig],
                         Field(discriminator="kind")]
 
 

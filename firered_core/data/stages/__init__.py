@@ -9,11 +9,12 @@ from .dedup import DedupStage
 from .pairs import FineCheckStage, PairCheckStage
 from .photometric import PhotometricStage
 from .sample import SampleStage
+from .split import SplitTasksStage
 from .synthetic import InvertStage, MaskPairsStage, NegativesStage
 
 STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (
     DedupStage, PairCheckStage, FineCheckStage, PhotometricStage, ArtefactStage, MaskPairsStage, InvertStage,
-    NegativesStage, SampleStage)}
+    NegativesStage, SplitTasksStage, SampleStage)}
 
 
 def build_stage(config: dict, context: dict) -> Stage:
