@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -200,6 +201,9 @@ def test_sampling_balances_tasks_and_clusters():
 
 
 def test_config_is_validated_with_clear_messages(tmp_path):
+    shipped = load_pipeline_config(Path(__file__).resolve().parents[1] / "training/configs/curate.yaml",
+                                   ["input=/in", "output=/out"])
+    assert [s.kind for s in shipped.stages][:2] == ["dedup", "photometric"] and shipped.stages[-1].target == 100000
     cfg_file = tmp_path / "c.toml"
     cfg_file.write_text('input = "in"\noutput = "out"\n[[stages]]\nkind = "photometric"\nfence = 2.5\n'
                         '[[stages]]\nkind = "sample"\nname = "balance"\ntarget = 10\n')

@@ -30,16 +30,7 @@ def hamming_pairs(bits: np.ndarray, k: int, radius: int) -> list[tuple[int, int,
     if n < 2:
         return []
     packed = np.packbits(bits.astype(np.uint8), axis=1)
-    k = min(k + 1, n)
-    if available("faiss"):
-        import faiss
-
-        index = faiss.IndexBinaryFlat(bits.shape[1])
-        index.add(packed)
-        dist, idx = index.search(packed, k)
-    else:
-        _numpy_notice()
-        dist, idx = _numpy_knn(packed, k)
+    dist, idx = _search(packed, min(k + 1, n), inner=False)
     return _pairs(dist, idx, lambda d: d <= radius)
 
 
@@ -48,18 +39,20 @@ def cosine_pairs(vectors: np.ndarray, k: int, threshold: float) -> list[tuple[in
     n = len(vectors)
     if n < 2:
         return []
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
-    k = min(k + 1, n)
-    if available("faiss"):
-        import faiss
-
-        index = faiss.IndexFlatIP(x.shape[1])
-        index.add(x)
-        sim, idx = index.search(x, k)
-    else:
-        _numpy_notice()
-        sim, idx = _numpy_knn(x, k, inner=True)
+    sim, idx = _search(np.ascontiguousarray(vectors, dtype=np.float32), min(k + 1, n), inner=True)
     return _pairs(sim, idx, lambda s: s >= threshold)
+
+
+def _search(x: np.ndarray, k: int, inner: bool):
+    """Every row's k nearest rows: packed-bit Hamming distances, or inner products (``inner``)."""
+    if not available("faiss"):
+        _numpy_notice()
+        return _numpy_knn(x, k, inner=inner)
+    import faiss
+
+    index = faiss.IndexFlatIP(x.shape[1]) if inner else faiss.IndexBinaryFlat(x.shape[1] * 8)
+    index.add(x)
+    return index.search(x, k)
 
 
 def _numpy_knn(x: np.ndarray, k: int, inner: bool = False, block: int = 1024):
