@@ -20,11 +20,12 @@ def test_ray_engine_gives_the_local_engines_decisions(tmp_path):
     from firered_core.data.planted import make_planted
 
     torch.manual_seed(0)
-    weights = tmp_path / "r18.safetensors"
-    save_file(torchvision.models.resnet18().state_dict(), str(weights))
+    weights = tmp_path / "mnv3.safetensors"
+    save_file(torchvision.models.mobilenet_v3_small().state_dict(), str(weights))
     make_planted(tmp_path / "raw", clean=6, per_defect=1, size=96, seed=3,
                  defects=["exact_dup", "dup_jpeg", "blurred", "text", "unrelated"])
-    stages = [{"kind": "dedup", "embedding": {"weights": str(weights), "size": 64, "threshold": 0.9999}},
+    stages = [{"kind": "dedup", "embedding": {"arch": "mobilenet_v3_small", "weights": str(weights), "size": 64,
+                                              "threshold": 0.9999}},
               {"kind": "photometric"}, {"kind": "artefacts"}, {"kind": "fine_check"}]
     kw = dict(input=str(tmp_path / "raw" / "data"), analysis_size=128, stages=stages)
     local = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "local"), engine={"workers": 0}, **kw))

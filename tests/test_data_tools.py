@@ -255,10 +255,10 @@ def test_embedding_descriptor_from_a_local_checkpoint(tmp_path):
     from firered_core.data.embeddings import EmbeddingModel
 
     torch.manual_seed(0)
-    weights = tmp_path / "r18.safetensors"
-    save_file(torchvision.models.resnet18().state_dict(), str(weights))
+    weights = tmp_path / "mnv3.safetensors"
+    save_file(torchvision.models.mobilenet_v3_small().state_dict(), str(weights))
     _small_set(tmp_path)
-    emb = {"arch": "resnet18", "weights": str(weights), "size": 64, "threshold": 0.9999}
+    emb = {"arch": "mobilenet_v3_small", "weights": str(weights), "size": 64, "threshold": 0.9999}
     cfg = load_pipeline_config(None, input=str(tmp_path / "raw" / "data"), output=str(tmp_path / "o"), analysis_size=96,
                                stages=[{"kind": "dedup", "exact": False, "use_hashes": False, "embedding": emb}],
                                engine={"workers": 0})
@@ -267,9 +267,9 @@ def test_embedding_descriptor_from_a_local_checkpoint(tmp_path):
     drops = [json.loads(x) for x in result.decisions.read_text().splitlines() if '"drop"' in x]
     assert [truth[d["row"]] for d in drops] == ["exact_dup"]  # same pixels, cosine 1; nothing else that close
     vec = EmbeddingModel(EmbeddingConfig(**emb))(np.zeros((40, 50, 3), np.uint8))
-    assert len(vec) == 512 and abs(np.linalg.norm(vec) - 1) < 1e-5
-    with pytest.raises(DataToolError, match="does not fit torchvision resnet34"):
-        EmbeddingModel(EmbeddingConfig(**{**emb, "arch": "resnet34"}))
+    assert len(vec) == 1024 and abs(np.linalg.norm(vec) - 1) < 1e-5
+    with pytest.raises(DataToolError, match="does not fit torchvision resnet18"):
+        EmbeddingModel(EmbeddingConfig(**{**emb, "arch": "resnet18"}))
     with pytest.raises(DataToolError, match="not found"):
         EmbeddingModel(EmbeddingConfig(**{**emb, "weights": str(tmp_path / "none.safetensors")}))
 

@@ -11,7 +11,7 @@ from .imageops import edge_profile, gray, periodic_ratio
 
 def text_score(arr: np.ndarray) -> float:
     """Overlay text: thin high-contrast strokes (top-hat / black-hat) joined into line blobs; the score is the most
-    stroke crossings along one blob's scan lines. Shape edges cross 2-4 times; a word of text 8 or more."""
+    stroke crossings along one blob's scan lines. Shape edges cross 1-4 times; a word of text 8 or more."""
     cv2 = require("cv2", "the overlay-text / watermark detector (artefacts.text)")
     g = np.clip(gray(arr), 0, 255).astype(np.uint8)
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (9, 9))
@@ -22,8 +22,8 @@ def text_score(arr: np.ndarray) -> float:
         n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         for i in range(1, n):
             x, y, w, h, _ = stats[i]
-            if not (4 <= h <= 48 and w >= 1.5 * h):
-                continue
+            if not (6 <= h <= 48 and w >= 1.5 * h) or y == 0 or y + h == g.shape[0]:
+                continue  # a text line: at least 6 px high, wider than high, off the border (morphology edges)
             box = mask[y:y + h, x:x + w]
             for frac in (0.35, 0.5, 0.65):
                 scan = box[int(frac * (h - 1))]

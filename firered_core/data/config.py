@@ -120,7 +120,7 @@ class ArtefactConfig(_Stage):
     """Heuristics: overlay text / watermark, mosaic, collage borders, QR codes and barcodes (OpenCV)."""
 
     kind: Literal["artefacts"] = "artefacts"
-    text: float | None = Field(9.0, ge=0, description="aligned glyph-like strokes in one line; None = off")
+    text: float | None = Field(8.0, ge=0, description="most stroke crossings along one text-line blob; None = off")
     mosaic: float | None = Field(8.0, ge=0, description="block-grid edge ratio; None = off")
     collage: float | None = Field(0.62, ge=0, le=1, description="share of a straight internal line that is a "
                                                                  "strong edge; None = off")
