@@ -198,8 +198,9 @@ def test_backoff_is_exponential_with_jitter_and_capped():
                                       (dict(call_budget=-1), "call_budget"),
                                       (dict(api_key_env="sk-abc=1"), "api_key_env")])
 def test_endpoint_validation_names_the_field(kw, field):
-    with pytest.raises(FireRedError, match=field):
+    with pytest.raises(FireRedError, match=field) as info:
         ChatEndpoint(**{"base_url": "http://x/v1", "model": "m", **kw})
+    assert info.value.field == field
 
 
 def test_image_part_data_urls(tmp_path, make_image):

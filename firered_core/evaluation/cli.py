@@ -156,8 +156,8 @@ def selection(args) -> tuple[B.BenchSpec, list[B.BenchRow], dict]:
 def cmd_generate(args) -> int:
     from ..cli import check_size_args, load_from_args
     from ..lora import LoraSpec
-    from .generate import (EditSettings, build_manifest, file_sha256, generate, model_identity, pipeline_from_args,
-                           ranks_from_env, write_manifest)
+    from .generate import (EditSettings, build_manifest, file_sha256, generate, model_identity,
+                           pipeline_from_settings, ranks_from_env, write_manifest)
 
     spec, rows, record = selection(args)
     check_size_args(args)
@@ -167,8 +167,8 @@ def cmd_generate(args) -> int:
         import torch
 
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    model, steps = load_from_args(args, device=device)
-    pipeline, speed, speed_changed = pipeline_from_args(model, args)
+    model, steps, speed_settings = load_from_args(args, device=device)
+    pipeline, speed, speed_changed = pipeline_from_settings(model, speed_settings)
     settings = EditSettings.from_args(args, steps)
     bench_id = {"name": spec.name, "fields": spec.fields, "lang": record["lang"],
                 "jsonl_sha256": file_sha256(record["jsonl"])}
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FireRedError, FileNotFoundError) as exc:
+    except (FireRedError, OSError) as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"firered-bench: error: {message}", file=sys.stderr)
         return 2
