@@ -13,7 +13,7 @@ from PIL import Image
 
 from firered_core.data import DataToolError, MissingExtra, load_pipeline_config, run_pipeline
 from firered_core.data.engines import SimulatedKill
-from firered_core.data.planted import DEFECTS, make_planted
+from firered_core.data.planted import make_planted
 
 pytest.importorskip("imagehash")
 pytest.importorskip("cv2")
@@ -267,7 +267,7 @@ def test_embedding_descriptor_from_a_local_checkpoint(tmp_path):
     drops = [json.loads(x) for x in result.decisions.read_text().splitlines() if '"drop"' in x]
     assert [truth[d["row"]] for d in drops] == ["exact_dup"]  # same pixels, cosine 1; nothing else that close
     vec = EmbeddingModel(EmbeddingConfig(**emb))(np.zeros((40, 50, 3), np.uint8))
-    assert len(vec) == 1024 and abs(np.linalg.norm(vec) - 1) < 1e-5
+    assert len(vec) == 1024 and abs(np.linalg.norm(vec) - 1) < 1e-4  # float32 over 1024 values
     with pytest.raises(DataToolError, match="does not fit torchvision resnet18"):
         EmbeddingModel(EmbeddingConfig(**{**emb, "arch": "resnet18"}))
     with pytest.raises(DataToolError, match="not found"):

@@ -10,7 +10,7 @@ from .config import (ArtefactConfig, DedupConfig, FineCheckConfig, PairCheckConf
 from .imageops import single_thread
 from .planted import DEFECTS
 from .rows import read_rows
-from .stages import Context, build_stage
+from .stages import build_stage
 
 # filter -> (stage config, its defect classes, which decision says "flagged")
 FILTERS = {
@@ -27,7 +27,7 @@ FILTERS = {
 
 def evaluate_filters(root: str | Path, truth: dict[str, str], analysis_size: int = 256,
                      work: str | Path | None = None) -> list[dict]:
-    """One dict per filter: tp, fp (clean rows flagged), fn, precision, recall, clean_dropped."""
+    """One dict per filter: positives, tp, fp (clean rows flagged), fn, precision, recall."""
     rows, bad = read_rows(root)
     if bad:
         raise ValueError(f"planted set has bad rows: {bad[:3]}")

@@ -26,10 +26,5 @@ def write_jsonl(path: Path, records: Iterable[dict]) -> None:
     write_text(path, "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in records))
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]
-
-
 def write_json(path: Path, obj) -> None:
     write_text(path, json.dumps(obj, ensure_ascii=False, sort_keys=True, indent=1))

@@ -23,7 +23,7 @@ from pathlib import Path
 from .config import PipelineConfig, stage_fingerprint
 from .engines import LocalPool, run_shards
 from .extras import DataToolError
-from .files import read_jsonl, write_json, write_jsonl, write_text
+from .files import write_json, write_jsonl, write_text
 from .report import write_index, write_stage_report
 from .rows import read_rows, write_rows
 from .stages import Context, build_stage
@@ -119,7 +119,3 @@ def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) ->
                                       "negatives": len(negatives)})
     write_index(out / "report" / "index.html", summary, per_task)
     return RunResult(out, per_task, summary)
-
-
-def load_decisions(path: Path) -> list[dict]:
-    return read_jsonl(path)
