@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -63,6 +64,11 @@ class Stage:
 
     def decide(self, rows: list[dict], items: list[dict], scores: list[dict]) -> StageResult:
         raise NotImplementedError
+
+
+def seeded_rng(seed: int, key: str) -> np.random.Generator:
+    """A generator that depends only on (seed, key): the same choices in every process and engine."""
+    return np.random.default_rng(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16))
 
 
 def keep_all(rows: list[dict], reason: str = "") -> list[dict]:

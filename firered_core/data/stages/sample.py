@@ -4,8 +4,7 @@ round-robin over de-dup clusters so no single picture dominates; strata short of
 from __future__ import annotations
 
 from ..extras import DataToolError
-from .base import DROP, KEEP, Stage, StageResult, decision
-from .synthetic import _seeded
+from .base import DROP, KEEP, Stage, StageResult, decision, seeded_rng
 
 
 def allocate(total: int, caps: dict, weights: dict) -> dict:
@@ -70,7 +69,7 @@ class SampleStage(Stage):
 
     def _round_robin(self, rows, members: list[int], n: int, key: tuple) -> list[int]:
         """One row per cluster per round, clusters and rows in a seeded order."""
-        rng = _seeded(self.cfg.seed, repr(key))
+        rng = seeded_rng(self.cfg.seed, repr(key))
         groups: dict[str, list[int]] = {}
         for i in members:
             c = rows[i].get("cluster", rows[i]["uid"]) if "cluster" in self.cfg.by else rows[i]["uid"]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from pathlib import Path
@@ -14,7 +13,7 @@ from ..extras import DataToolError, require
 from ..files import write_bytes
 from ..imageops import load_rgb, resize_to
 from ..rows import make_row
-from .base import ADD, KEEP, Stage, StageResult, decision, keep_all
+from .base import ADD, KEEP, Stage, StageResult, decision, keep_all, seeded_rng
 
 REMOVE = ("Remove the {label} from Picture 1", "移除图1中的{label_cn}")
 ADD_TEXT = ("Add a {label} to Picture 1", "在图1中添加{label_cn}")
@@ -26,10 +25,6 @@ def _png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, "PNG")
     return buf.getvalue()
-
-
-def _seeded(seed: int, key: str) -> np.random.Generator:
-    return np.random.default_rng(int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:12], 16))
 
 
 class MaskPairsStage(Stage):
@@ -59,7 +54,7 @@ class MaskPairsStage(Stage):
                 raise DataToolError(f"{path}:{line_no}: needs image, mask and label ({exc})") from None
             records.append(item)
         if self.cfg.mode == "paste":
-            order = [int(i) for i in _seeded(self.cfg.seed, "paste").permutation(len(records))]
+            order = [int(i) for i in seeded_rng(self.cfg.seed, "paste").permutation(len(records))]
             for j, i in enumerate(order):  # each object onto the next record's picture, in a seeded cycle
                 records[i]["background"] = records[order[(j + 1) % len(order)]]["image"]
         return records
@@ -176,7 +171,7 @@ class NegativesStage(Stage):
         negatives, decisions = [], []
         for row in rows:
             rec = row["record"]
-            rng = _seeded(self.cfg.seed, row["uid"])
+            rng = seeded_rng(self.cfg.seed, row["uid"])
             made = []
             for _ in range(self.cfg.per_row * 3):
                 if len(made) >= self.cfg.per_row:
