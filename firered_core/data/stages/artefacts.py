@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import artefacts
+from ..artefacts import code_score, collage_score, mosaic_score, text_score
 from ..extras import require
 from ..imageops import downscale, load_rgb
 from ..rows import row_images
@@ -23,13 +23,13 @@ class ArtefactStage(Stage):
             small = downscale(arr, self.ctx.analysis_size)
             got = {}
             if self.cfg.text is not None:
-                got["text"] = artefacts.text_score(small)
+                got["text"] = text_score(small)
             if self.cfg.mosaic is not None:
-                got["mosaic"] = artefacts.mosaic_score(arr)
+                got["mosaic"] = mosaic_score(arr)
             if self.cfg.collage is not None:
-                got["collage"] = artefacts.collage_score(small)
+                got["collage"] = collage_score(small)
             if self.cfg.codes:
-                got["codes"] = artefacts.code_score(small)
+                got["codes"] = code_score(small)
             for k, v in got.items():
                 out[k] = max(out.get(k, 0.0), v)
         return out
