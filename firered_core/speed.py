@@ -11,9 +11,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from .cache import BlockCache, BlockCacheConfig
+from .kernels.attention import ATTENTION_BACKENDS, check_backend
 from .memory import QUANT_MODES
 
-COMPILE_MODES = ("none", "blocks")
+COMPILE_MODES = ("none", "blocks", "blocks-max-autotune", "blocks-cudagraphs")
+# torch.compile mode per COMPILE_MODES value (regional compile of the repeated blocks in each case).
+COMPILE_TORCH_MODE = {"blocks": None, "blocks-max-autotune": "max-autotune-no-cudagraphs",
+                      "blocks-cudagraphs": "reduce-overhead"}
 
 
 @dataclass
@@ -30,6 +34,7 @@ class SpeedSettings:
     quantize: str = "none"
     quantize_text_encoder: str = "none"
     compile: str = "none"
+    attention: str = "sdpa"
     block_swap: int = 0
     vae_tiling: bool = False
     embed_cache: bool = True
@@ -41,6 +46,7 @@ class SpeedSettings:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {QUANT_MODES}")
         if self.compile not in COMPILE_MODES:
             raise ValueError(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
+        check_backend(self.attention)
         if self.block_swap < 0:
             raise ValueError(f"block_swap={self.block_swap} must be >= 0")
         if self.block_swap and self.compile != "none":
@@ -99,8 +105,12 @@ def prepare(model, settings: SpeedSettings, name: str) -> None:
         memory.quantize_transformer(module, settings.quantize)
         if settings.block_swap:
             memory.BlockSwap(module, settings.block_swap, model.device)
-        if settings.compile == "blocks":
-            compile_blocks(module)
+        if settings.attention != "sdpa":
+            from .kernels.attention import set_attention_backend
+
+            set_attention_backend(module, settings.attention, model.device)
+        if settings.compile != "none":
+            compile_blocks(module, mode=COMPILE_TORCH_MODE[settings.compile])
     elif name == "text_encoder":
         memory.quantize_text_encoder(module, settings.quantize_text_encoder)
     elif name == "vae":
@@ -110,7 +120,7 @@ def prepare(model, settings: SpeedSettings, name: str) -> None:
 
 def _component_key(settings: SpeedSettings, name: str) -> tuple:
     if name == "transformer":
-        return (settings.quantize, settings.block_swap, settings.compile)
+        return (settings.quantize, settings.block_swap, settings.compile, settings.attention)
     if name == "text_encoder":
         return (settings.quantize_text_encoder,)
     return (settings.vae_tiling,)
@@ -120,9 +130,13 @@ def compile_blocks(transformer, **kwargs) -> None:
     """torch.compile each repeated block (regional compilation: one graph reused by all 60 blocks).
 
     ``fullgraph=True`` by default, so a graph break (e.g. from a LoRA wrapper) is an error rather than a slowdown.
+    ``mode="reduce-overhead"`` adds CUDA-graph capture of each compiled block (fixed shapes; benchmarks/gpu.py
+    measures it against ``"max-autotune-no-cudagraphs"`` and the default).
     """
     kwargs.setdefault("fullgraph", True)
     kwargs.setdefault("dynamic", False)
+    if kwargs.get("mode") is None:
+        kwargs.pop("mode", None)
     transformer.compile_repeated_blocks(**kwargs)
 
 
@@ -138,10 +152,16 @@ def add_arguments(parser) -> None:
     g.add_argument("--cache-warmup", type=int, default=2, help="block cache: steps always fully computed")
     g.add_argument("--cache-max-consecutive", type=int, default=3, help="block cache: most cached steps in a row")
     g.add_argument("--taylorseer", action="store_true", help="block cache: extrapolate the cached residual")
-    g.add_argument("--quantize", choices=QUANT_MODES, default="none", help="transformer weight-only quantisation")
+    g.add_argument("--quantize", choices=QUANT_MODES, default="none",
+                   help="transformer quantisation: int8 / fp8 weight-only, or int8_mm / fp8_mm with int8 / fp8 "
+                        "matmuls (dynamic per-token activation scales) where the GPU has them")
     g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default="none",
                    help="text encoder weight-only quantisation")
-    g.add_argument("--compile", choices=COMPILE_MODES, default="none", help="torch.compile the transformer blocks")
+    g.add_argument("--compile", choices=COMPILE_MODES, default="none",
+                   help="torch.compile the transformer blocks (default mode, max-autotune without CUDA graphs, or "
+                        "with CUDA graphs)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default="sdpa",
+                   help="joint attention kernel: torch's choice, a preferred SDPA kernel, SageAttention, or auto")
     g.add_argument("--block-swap", type=int, default=0, metavar="N",
                    help="keep N transformer blocks on the device and stream the rest (0 = off)")
     g.add_argument("--vae-tiling", action="store_true", help="decode / encode large images in tiles")
