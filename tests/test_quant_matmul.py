@@ -114,3 +114,20 @@ def test_from_fp8_file_weight_has_no_full_precision_copy():
         FastQuantLinear.from_fp8(stored, torch.ones(3), None, torch.float32)
     with pytest.raises(ValueError, match="float8_e4m3fn"):
         FastQuantLinear.from_fp8(w, 1.0, None, torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["int8", "fp8"])
+def test_fast_layers_trace_without_graph_breaks(mode):
+    """fullgraph=True: the dispatch (device capability, shape rules, padding) must not break the compiled graph."""
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32))
+    quantize_linears(model, f"{mode}_mm")
+    FastQuantLinear.emulate = mode == "fp8"
+    try:
+        x = fresh(10, 3, 7, 64)
+        expected = model(x)
+        compiled = torch.compile(model, backend="eager", fullgraph=True)
+        assert torch.allclose(compiled(x), expected, rtol=1e-6, atol=1e-6)
+    finally:
+        FastQuantLinear.emulate = False
+        torch._dynamo.reset()

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..memory import QuantLinear
-from .matmul import (FP8, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear, scaled_int8_linear,
+from .matmul import (FP8, cuda_capabilities, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear, scaled_int8_linear,
                      shape_fits)
 
 
@@ -33,6 +33,7 @@ class FastQuantLinear(QuantLinear):
         amax = w.abs().amax(dim=1).float().clamp_min(1e-12)
         limit = 127.0 if mode == "int8" else float(torch.finfo(FP8).max)
         self.register_buffer("wscale", (amax / limit).reshape(1, -1))
+        cuda_capabilities()
 
     @classmethod
     def from_fp8(cls, qweight: torch.Tensor, scale: torch.Tensor | float, bias: torch.Tensor | None,
@@ -52,6 +53,7 @@ class FastQuantLinear(QuantLinear):
         layer.register_buffer("scale", wscale.reshape(n, 1).to(dtype))
         layer.register_buffer("wscale", wscale)
         layer.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        cuda_capabilities()
         return layer
 
     def fast_path(self, device: torch.device) -> bool:

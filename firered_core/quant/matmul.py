@@ -17,17 +17,32 @@ FP8_MAX = float(torch.finfo(FP8).max)
 _PAD_M = 32
 
 
+_CAPABILITY: dict[int, tuple[int, int]] = {}
+
+
+def cuda_capabilities() -> dict[int, tuple[int, int]]:
+    """Compute capability of every visible CUDA device, read once (so a compiled forward only reads a dict)."""
+    if not _CAPABILITY and torch.cuda.is_available():
+        for i in range(torch.cuda.device_count()):
+            _CAPABILITY[i] = torch.cuda.get_device_capability(i)
+    return _CAPABILITY
+
+
+def _capability(device: torch.device) -> tuple[int, int]:
+    caps = cuda_capabilities()
+    return caps.get(device.index or 0, (0, 0))  # a tensor's CUDA device always has its index
+
+
 def fp8_matmul_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
-    return (device.type == "cuda" and hasattr(torch, "_scaled_mm")
-            and torch.cuda.get_device_capability(device) >= (8, 9))
+    return device.type == "cuda" and hasattr(torch, "_scaled_mm") and _capability(device) >= (8, 9)
 
 
 def int8_matmul_supported(device: torch.device | str) -> bool:
     device = torch.device(device)
     if not hasattr(torch, "_int_mm"):
         return False
-    return device.type == "cpu" or (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0))
+    return device.type == "cpu" or (device.type == "cuda" and _capability(device) >= (8, 0))
 
 
 def shape_fits(mode: str, in_features: int, out_features: int) -> bool:
