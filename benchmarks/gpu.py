@@ -222,7 +222,8 @@ def print_row(row: dict) -> None:
           f"{_fmt(row.get('psnr'), '6.1f')}{_fmt(row.get('compile_s'), '10.0f')}  {row.get('note', '')}", flush=True)
 
 
-OPTIONS = ("plain", "kernels", "attention", "sage", "fp8", "int8", "compile", "compile-fp8", "cudagraphs",
+OPTIONS = ("plain", "kernels", "attention", "sage", "fp8", "int8", "compile", "compile-fp8", "compile-int8",
+           "cudagraphs",
            "autotune", "cfg40", "cache", "swap", "weights-only")
 
 
@@ -358,6 +359,7 @@ def main(argv: list[str] | None = None) -> None:
         "weights-only": lambda: row("fp8 weight-only (today)", fresh("sdpa", "fp8")[0]),
         "compile": lambda: compiled_row(f"compile, {best_attention}", best_attention),
         "compile-fp8": lambda: compiled_row(f"compile fp8_mm, {best_attention}", best_attention, "fp8_mm"),
+        "compile-int8": lambda: compiled_row(f"compile int8_mm, {best_attention}", best_attention, "int8_mm"),
         "cudagraphs": lambda: compiled_row(f"compile+CUDA graphs, {best_attention}", best_attention,
                                            mode="reduce-overhead"),
         "autotune": lambda: compiled_row(f"compile max-autotune-no-cg", best_attention,

@@ -40,6 +40,8 @@ def test_backend_is_compiled_without_graph_breaks_and_restores(tiny_model_dir, i
     assert set_attention_backend(tr, "flash") == "flash"
     assert set_attention_backend(tr, "flash") == "flash"  # idempotent: no wrapper around a wrapper
     assert type(tr.transformer_blocks[0].attn.processor).__mro__[1].__name__ == "QwenDoubleStreamAttnProcessor2_0"
+    # one class for every block, else a compiled block would recompile per block (dynamo guards on the type)
+    assert len({type(b.attn.processor) for b in tr.transformer_blocks}) == 1
     torch._dynamo.reset()
     compile_blocks(tr, backend="eager")
     try:

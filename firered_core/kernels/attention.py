@@ -60,12 +60,27 @@ def _sage_ready() -> None:
         attention_dispatch.sageattn = sageattn
 
 
-def _wrap_processor(processor, backend: str):
-    """A subclass instance of ``processor``'s class whose ``__call__`` runs under the chosen kernel."""
-    from diffusers.models.attention_dispatch import AttentionBackendName
+_CLASSES: dict[tuple[type, str], type] = {}
 
+
+def _wrap_processor(processor, backend: str):
+    """An instance of a subclass of ``processor``'s class whose ``__call__`` runs under the chosen kernel.
+
+    One subclass per (class, backend), shared by every block: a compiled block guards on the processor's type, so
+    one class per block would recompile the shared graph for each block.
+    """
     base = type(processor)
     inner = getattr(base, "_firered_base", base)
+    cls = _CLASSES.get((inner, backend))
+    if cls is None:
+        cls = _CLASSES[(inner, backend)] = _make_class(inner, backend)
+    wrapped = cls.__new__(cls)
+    wrapped.__dict__.update(processor.__dict__)
+    return wrapped
+
+
+def _make_class(inner: type, backend: str) -> type:
+    from diffusers.models.attention_dispatch import AttentionBackendName
 
     @functools.wraps(inner.__call__)
     def call(self, attn, hidden_states, encoder_hidden_states=None, encoder_hidden_states_mask=None,
@@ -78,11 +93,8 @@ def _wrap_processor(processor, backend: str):
         with sdpa_kernel(_ORDER[backend], set_priority=True):
             return inner.__call__(self, *args, **kwargs)
 
-    cls = type(f"{inner.__name__}_{backend}", (inner,), {"__call__": call, "_firered_base": inner,
+    return type(f"{inner.__name__}_{backend}", (inner,), {"__call__": call, "_firered_base": inner,
                                                           "_firered_backend": backend})
-    wrapped = cls.__new__(cls)
-    wrapped.__dict__.update(processor.__dict__)
-    return wrapped
 
 
 def set_attention_backend(transformer: torch.nn.Module, name: str, device: torch.device | str | None = None) -> str:
