@@ -131,3 +131,37 @@ def test_fast_layers_trace_without_graph_breaks(mode):
     finally:
         FastQuantLinear.emulate = False
         torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("scaled", [True, False])
+def test_fp8_file_runtime_keeps_fp8_and_equals_load_on_cpu(tmp_path, scaled):
+    """fp8_mode="runtime": the file's e4m3 tensors become the layers' weights (no full-precision copy of them);
+    on this CPU the fallback computes exactly what dequantise-at-load computes (float32)."""
+    from test_formats import _fp8_state, run, save
+
+    from firered_core.formats import load_single_file
+    from firered_core.memory import weight_bytes
+
+    ref = _transformer_state()
+    path = save({"model.diffusion_model." + k: v for k, v in _fp8_state(ref, FP8, scaled).items()},
+                tmp_path / "fp8.safetensors")
+    loaded = load_single_file("transformer", path, torch.float32)
+    runtime = load_single_file("transformer", path, torch.float32, fp8_mode="runtime")
+    fast = [m for m in runtime.modules() if isinstance(m, FastQuantLinear)]
+    assert fast and all(m.qweight.dtype == FP8 for m in fast)
+    assert type(runtime.proj_out) is torch.nn.Linear and type(runtime.img_in) is torch.nn.Linear  # kept layers
+    assert weight_bytes(runtime) < 0.5 * weight_bytes(loaded)
+    assert torch.allclose(run(runtime), run(loaded), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="fp8_mode"):
+        load_single_file("transformer", path, torch.float32, fp8_mode="bogus")
+
+
+def _transformer_state() -> dict:
+    from diffusers import QwenImageTransformer2DModel
+
+    from firered_core.demo_models import _perturb_zero_inits, transformer_config
+
+    torch.manual_seed(0)
+    model = QwenImageTransformer2DModel(**transformer_config("tiny")).eval()
+    _perturb_zero_inits(model, 3)
+    return {k: v.detach() for k, v in model.state_dict().items()}
