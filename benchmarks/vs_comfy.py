@@ -140,6 +140,9 @@ def run_comfy(comfy: Path, file: Path, inputs: Path, cfg: float, device: str, dt
     """ComfyUI's loader (``comfy.sd.load_diffusion_model``), model classes and ``comfy.sample.sample_custom``."""
     sys.argv = [sys.argv[0]] + (["--cpu"] if device == "cpu" else [])
     sys.path.insert(0, str(comfy))
+    import comfy.options
+
+    comfy.options.enable_args_parsing()  # as ComfyUI's main.py does, so --cpu is read
     import torch
     from safetensors.torch import load_file, safe_open
 
