@@ -41,7 +41,7 @@ def resolve(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     check_backend(name)
     if name == "sage" and not sage_installed():
-        raise ValueError("attention='sage' needs the sageattention package: pip install 'firered-image-edit[sage]'")
+        raise ValueError("attention='sage' needs the sageattention package: pip install 'comfyui-firered-edit[sage]' (or sageattention)")
     if name != "auto":
         return name
     if device.type != "cuda":
