@@ -41,7 +41,8 @@ def resolve(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     check_backend(name)
     if name == "sage" and not sage_installed():
-        raise ValueError("attention='sage' needs the sageattention package: pip install 'comfyui-firered-edit[sage]' (or sageattention)")
+        raise ValueError("attention='sage' needs the sageattention package: "
+                         "pip install 'comfyui-firered-edit[sage]' (or sageattention)")
     if name != "auto":
         return name
     if device.type != "cuda":

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from ..memory import QuantLinear
-from .matmul import (FP8, cuda_capabilities, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear, scaled_int8_linear,
-                     shape_fits)
+from .matmul import (FP8, cuda_capabilities, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear,
+                     scaled_int8_linear, shape_fits)
 
 
 class FastQuantLinear(QuantLinear):

@@ -95,7 +95,7 @@ def scaled_fp8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tens
 
 def scaled_int8_linear(x: torch.Tensor, qweight: torch.Tensor, wscale: torch.Tensor, bias: torch.Tensor | None,
                        emulate: bool = False) -> torch.Tensor:
-    """``x`` [..., K] times int8 ``qweight`` [N, K] with float32 ``wscale`` [1, N]; int32 accumulation, out in x's dtype.
+    """``x`` [..., K] times int8 ``qweight`` [N, K], float32 ``wscale`` [1, N]; int32 accumulation, out in x's dtype.
 
     The int32 accumulator is exact, so the emulation (float64 products of the same integers) equals the kernel.
     """
