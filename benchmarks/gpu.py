@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import sys
 import time
 import traceback
 
 import numpy as np
 import torch
+
+from benchmarks._common import cell, full_size_transformer, psnr, reset_peak, sync
+from benchmarks._common import peak_vram_gib as peak_gib
 
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0,
                     "4090": 165.0}
@@ -44,54 +46,11 @@ def forward_flops(layers: int, dim: int, tokens: int, text_dim: int, txt: int) -
     return layers * per_block + 2 * txt * text_dim * dim
 
 
-def build_transformer(args, device: torch.device, dtype: torch.dtype):
-    """Random weights directly on the device (meta construction, no CPU copy), deterministic for the seed."""
-    from diffusers import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-
-    config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=args.layers, attention_head_dim=128,
-                  num_attention_heads=args.heads, joint_attention_dim=args.text_dim, axes_dims_rope=(16, 56, 56))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            tr = QwenImageTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    tr.to_empty(device=device)
-    tr.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in tr.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]), generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return tr.eval().requires_grad_(False)
-
-
 def build_vae(device, dtype):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(0)
     return AutoencoderKLQwenImage().to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 class Bench:
@@ -163,8 +122,7 @@ class Bench:
     def psnr(self, image: torch.Tensor) -> float | None:
         if self.reference_image is None:
             return None
-        mse = float(((image - self.reference_image) ** 2).mean())
-        return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+        return psnr(image, self.reference_image)
 
     def row(self, name: str, tr, forward: bool = True, block_cache=None, note: str = "",
             repeats: int | None = None, extra: dict | None = None):
@@ -211,15 +169,10 @@ HEADER = (f"{'option':<30}{'s/fwd':>7}{'TFLOP/s':>8}{'util':>6}{'peak GiB':>9}{'
 TODAY = {"plain": (0.39, 3.33), "compile": (0.31, 2.63), "int8 weights": (0.49, 4.07), "fp8 weights": (0.50, 4.14)}
 
 
-def _fmt(value, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return format(value, spec) if isinstance(value, (int, float)) else "-".rjust(width)
-
-
 def print_row(row: dict) -> None:
-    print(f"{row['option']:<30}{_fmt(row.get('s/forward'), '7.3f')}{_fmt(row.get('tflops'), '8.0f')}"
-          f"{_fmt(row.get('util'), '6.0%')}{_fmt(row.get('peak'), '9.1f')}{_fmt(row.get('e2e'), '7.2f')}"
-          f"{_fmt(row.get('psnr'), '6.1f')}{_fmt(row.get('compile_s'), '10.0f')}  {row.get('note', '')}", flush=True)
+    print(f"{row['option']:<30}{cell(row.get('s/forward'), '7.3f')}{cell(row.get('tflops'), '8.0f')}"
+          f"{cell(row.get('util'), '6.0%')}{cell(row.get('peak'), '9.1f')}{cell(row.get('e2e'), '7.2f')}"
+          f"{cell(row.get('psnr'), '6.1f')}{cell(row.get('compile_s'), '10.0f')}  {row.get('note', '')}", flush=True)
 
 
 OPTIONS = ("plain", "kernels", "attention", "sage", "fp8", "int8", "compile", "compile-fp8", "compile-int8",
@@ -289,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        tr = build_transformer(args, device, bench.dtype)
+        tr = full_size_transformer(args.layers, args.heads, args.text_dim, args.seed, device, bench.dtype)
         count = quantize_transformer(tr, quant)
         if attention != "sdpa":
             set_attention_backend(tr, attention, device)

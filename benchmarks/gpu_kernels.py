@@ -90,8 +90,8 @@ def q4_k_bytes(n: int, k: int, device: torch.device) -> torch.Tensor:
 
 def gguf_table(tokens: int, shapes: list[tuple[int, int]], device: torch.device, dtype: torch.dtype) -> list[dict]:
     """bf16 Linear vs GGUFLinear (eager decode; compiled decode on CUDA) for Q8_0 and Q4_K, per weight shape."""
-    from firered_core.formats.gguf_kernels import dequantize
-    from firered_core.formats.gguf_linear import GGUFLinear
+    from firered_core.formats.gguf.kernels import dequantize
+    from firered_core.formats.gguf.linear import GGUFLinear
     from firered_core.kernels.gguf_fast import fast_dequantize
 
     rows = []

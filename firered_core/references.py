@@ -51,11 +51,15 @@ def resize_lanczos(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), resample=Image.LANCZOS)
 
 
+def vae_range(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, H, W, C] in 0..1 (ComfyUI's IMAGE layout; channels past 3 dropped) -> VAE input [B, 3, 1, H, W]
+    in -1..1 (as diffusers' VaeImageProcessor.preprocess)."""
+    return (2.0 * images[..., :3] - 1.0).permute(0, 3, 1, 2).unsqueeze(2)
+
+
 def vae_pixels(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, 1, H, W] float32 in -1..1 (as diffusers' VaeImageProcessor.preprocess)."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    return (2.0 * t - 1.0).unsqueeze(2)
+    """RGB PIL image -> [1, 3, 1, H, W] float32 in -1..1."""
+    return vae_range(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None])
 
 
 def prepare_references(images: list[Image.Image], vl_area: float = VL_AREA, vae_area: float = VAE_AREA,
@@ -87,15 +91,17 @@ def encode_image(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_references(vae, refs: RefImages, device=None, dtype=None) -> RefLatents:
-    """VAE-encode (mode), normalise and pack every reference; tokens are concatenated in image order."""
+def encode_pixels(vae, pixels: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """[1, 3, 1, H, W] pixels -> packed, normalised latents [1, L, 64] (on ``device`` in ``dtype``, default the VAE's)."""
     device = device or next(vae.parameters()).device
     dtype = dtype or next(vae.parameters()).dtype
+    return L.pack(L.normalize(encode_image(vae, pixels.to(device=device, dtype=dtype)), vae.config))
+
+
+@torch.no_grad()
+def encode_references(vae, refs: RefImages, device=None, dtype=None) -> RefLatents:
+    """VAE-encode (mode), normalise and pack every reference; tokens are concatenated in image order."""
     if len(refs) == 0:
         return RefLatents(None, [])
-    tokens, shapes = [], []
-    for px, (w, h) in zip(refs.vae_pixels, refs.vae_sizes):
-        z = L.normalize(encode_image(vae, px.to(device=device, dtype=dtype)), vae.config)
-        tokens.append(L.pack(z))
-        shapes.append(L.token_grid(h, w))
-    return RefLatents(torch.cat(tokens, dim=1), shapes)
+    tokens = [encode_pixels(vae, px, device, dtype) for px in refs.vae_pixels]
+    return RefLatents(torch.cat(tokens, dim=1), [L.token_grid(h, w) for w, h in refs.vae_sizes])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from firered_core.kernels.attention import attention_backend_of, resolve, sage_installed, set_attention_backend
-from firered_core.speed import SpeedSettings, compile_blocks
+from firered_core.speed import ModelSettings, SettingsError, compile_blocks
 
 from speed_helpers import edit, fresh_model, max_diff
 
@@ -28,8 +28,8 @@ def plain(tiny_model_dir, image):
 
 @pytest.mark.parametrize("backend", ["flash", "efficient", "cudnn"])
 def test_sdpa_backends_match_plain(tiny_model_dir, image, plain, backend):
-    model = fresh_model(tiny_model_dir)
-    out = edit(model, image, SpeedSettings(attention=backend), steps=2).latents
+    model = fresh_model(tiny_model_dir, ModelSettings(attention=backend))
+    out = edit(model, image, steps=2).latents
     assert attention_backend_of(model.transformer) == backend
     assert max_diff(out, plain) < 1e-4
 
@@ -57,8 +57,8 @@ def test_backend_is_compiled_without_graph_breaks_and_restores(tiny_model_dir, i
 def test_resolve_and_validation():
     assert resolve("auto", "cpu") == "sdpa"
     assert resolve("cudnn", "cpu") == "cudnn"
-    with pytest.raises(ValueError, match="attention='bogus'"):
-        SpeedSettings(attention="bogus")
+    with pytest.raises(SettingsError, match="attention='bogus'"):
+        ModelSettings(attention="bogus")
     if not sage_installed():
         with pytest.raises(ValueError, match="sageattention"):
             resolve("sage", "cpu")

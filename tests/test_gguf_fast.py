@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from firered_core.formats.gguf_kernels import BLOCKS, dequantize
+from firered_core.formats.gguf.kernels import BLOCKS, dequantize
 from firered_core.kernels.gguf_fast import compiled_decoder, fast_dequantize
 
 

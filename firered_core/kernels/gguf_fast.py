@@ -1,4 +1,4 @@
-"""Fast runtime GGUF decode: each block kernel of ``formats.gguf_kernels`` compiled into one fused GPU kernel.
+"""Fast runtime GGUF decode: each block kernel of ``formats.gguf.kernels`` compiled into one fused GPU kernel.
 
 The eager torch kernels run a dozen elementwise ops per weight, each a pass over memory in float32, which made a
 runtime GGUF linear cost 2-3x a bf16 one. Compiled (inductor), the decode is one kernel that reads the packed bytes
@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from ..formats.gguf_kernels import BLOCKS, KERNELS, dequantize
+from ..formats.gguf.kernels import BLOCKS, KERNELS, dequantize
 
 _compiled: dict[tuple, Callable] = {}
 
@@ -38,7 +38,7 @@ def compiled_decoder(qtype: int, dtype: torch.dtype, backend: str = "inductor") 
 
 
 def fast_dequantize(packed: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    """:func:`~firered_core.formats.gguf_kernels.dequantize`, compiled on CUDA; the eager kernels elsewhere (and
+    """:func:`~firered_core.formats.gguf.kernels.dequantize`, compiled on CUDA; the eager kernels elsewhere (and
     inside an enclosing ``torch.compile``, which fuses them itself)."""
     if packed.device.type != "cuda" or torch.compiler.is_compiling() or int(qtype) not in KERNELS:
         return dequantize(packed, qtype, shape, dtype)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_kernels import dequantize, packed_nbytes, qtype_name
+from .kernels import dequantize, packed_nbytes, qtype_name
 
 
 class GGUFLinear(nn.Module):
@@ -57,7 +57,7 @@ class GGUFLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from ..kernels.gguf_fast import fast_dequantize
+        from ...kernels.gguf_fast import fast_dequantize
 
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, fast_dequantize(self.qweight, self.qtype, self.weight_shape, x.dtype), bias)
