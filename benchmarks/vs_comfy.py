@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.plain import bench_image, peak_rss_mb
+from benchmarks._common import bench_image, peak_rss_mb
 
 PROMPT, NEGATIVE = "make the sky purple", " "
 
