@@ -74,9 +74,11 @@ class FireRedSpeedSettings:
                                        "tooltip": "Block cache: extrapolate the cached residual to first order "
                                                   "(TaylorSeer) instead of reusing it as is."}),
             "quantize": (list(QUANT_MODES), {"default": defaults.quantize,
-                                             "tooltip": "Loader: weight-only quantisation of the transformer "
-                                                        "(int8 or fp8; half the weight memory of bf16; output "
-                                                        "projections stay full precision). Lossy."}),
+                                             "tooltip": "Loader: quantisation of the transformer (half the "
+                                                        "weight memory of bf16; output projections stay full "
+                                                        "precision). int8 / fp8: weight-only; int8_mm / fp8_mm: "
+                                                        "int8 / fp8 matmuls on GPUs that have them (fastest: "
+                                                        "fp8_mm on RTX 40xx / H100 and newer). Lossy."}),
             "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
                                                           "tooltip": "Loader: weight-only quantisation of the "
                                                                      "Qwen2.5-VL text encoder (vision tower kept)."}),
