@@ -9,3 +9,8 @@ from __future__ import annotations
 
 class FireRedError(ValueError):
     """Bad input: the message names the file, key or value at fault and what would be accepted."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (what front ends print after ``prog: error:``)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

@@ -59,6 +59,8 @@ def load_image(path: str | Path) -> Image.Image:
         with Image.open(path) as img:
             img.load()
             return to_rgb(img)
+    except Image.DecompressionBombError as exc:
+        raise ImageInputError(f"image {path} is refused as a possible decompression bomb: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ImageInputError(f"cannot read image {path}: {exc}") from exc
 

@@ -324,7 +324,7 @@ class Trainer:
             return None
         if r == "auto":
             return ckpt.latest_checkpoint(self.out / "checkpoints")
-        return Path(r)
+        return ckpt.checked_checkpoint(Path(r))
 
     def load(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path)
