@@ -37,7 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "none = text-to-image)")
     p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..1000 (default 40; 8 for the demo "
+                                                            "model)")
     p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (CPU generator: same image on every device)")
     p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
@@ -47,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
+    p.add_argument("--shift", type=float, default=None, help="constant schedule shift, 0..20 (default or 0: the "
+                                                              "dynamic shift)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
     p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
@@ -65,13 +67,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _apply_loras(transformer, args: argparse.Namespace) -> None:
+NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area",
+                   "cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive",
+                   "block_swap")
+
+
+def check_args(args: argparse.Namespace) -> list:
+    """Everything that can be checked before a model is loaded: numbers against their ranges, LoRA strengths,
+    the output path. Returns the parsed LoRA specs."""
+    from .images import check_output_path
+    from .lora import LoraSpec
+    from .validation import check
+
+    check({name: getattr(args, name) for name in NUMERIC_OPTIONS if hasattr(args, name)},
+          spell=lambda name: "--" + name.replace("_", "-"))
+    specs = [LoraSpec.parse(s) for s in args.lora]
+    for text, spec in zip(args.lora, specs):
+        check({"strength": spec.strength}, spell=lambda _: f"--lora {text}: strength",
+              limits={"strength": "lora_strength"})
+    check_output_path(args.output)
+    return specs
+
+
+def _apply_loras(transformer, args: argparse.Namespace, specs: list) -> None:
     """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
-    from .lora import LoraSpec, apply_loras, default_mode
+    from .lora import apply_loras, default_mode
 
     mode = args.lora_mode or default_mode(transformer)
-    report = apply_loras(transformer, [LoraSpec.parse(s) for s in args.lora], mode=mode,
-                         allow_partial=args.allow_partial_lora)
+    report = apply_loras(transformer, specs, mode=mode, allow_partial=args.allow_partial_lora)
     print(f"LoRA mode: {mode}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
 
@@ -92,10 +115,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     from .pipeline import EditPipeline
     from .demo_models import build_model, default_demo_dir
 
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 16):
-            raise ValueError(f"--{name} {value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
+    specs = check_args(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
     images = [load_image(p) for p in args.image]
@@ -103,15 +123,15 @@ def run(args: argparse.Namespace) -> list[Path]:
     if demo:
         print(DEMO_NOTE, file=sys.stderr)
         model_dir = build_model(default_demo_dir(), "tiny")
-        steps = args.steps or 8
+        steps = 8 if args.steps is None else args.steps
     else:
-        model_dir, steps = args.model, args.steps or 40
+        model_dir, steps = args.model, 40 if args.steps is None else args.steps
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
-        _apply_loras(model.transformer, args)
+        _apply_loras(model.transformer, args, specs)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256
@@ -121,7 +141,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     result = EditPipeline(model, from_args(args)).edit(
         images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
-        prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
+        prompt_mode=args.prompt_mode, shift=args.shift or None, match_input=args.match_input_size,
         callback=lambda info: bar.update(1))
     bar.close()
     paths = _output_paths(args.output, len(result.images))

@@ -41,7 +41,9 @@ class Limit:
     multiple: int | None = None
 
     def describe(self) -> str:
-        fmt = (lambda v: f"{v:g}") if self.kind is float else (lambda v: f"{int(v)}")
+        def fmt(v: float) -> str:
+            return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
         text = f"{'a number' if self.kind is float else 'an integer'} in {fmt(self.lo)}..{fmt(self.hi)}"
         return text + (f", a multiple of {self.multiple}" if self.multiple else "")
 
@@ -55,14 +57,20 @@ LIMITS: dict[str, Limit] = {
     "num_images": Limit(int, 1, 64, "images per prompt"),
     "shift": Limit(float, 0.0, 20.0, "constant schedule shift (0 = the dynamic shift)"),
     "denoise": Limit(float, 0.01, 1.0, "share of the schedule run from the input latent"),
-    "vl_area": Limit(float, 56 * 56, 2048 * 2048, "pixel area of the references for the VL encoder"),
+    "vl_area": Limit(float, 32 * 32, 2048 * 2048, "pixel area of the references for the VL encoder"),
     "vae_area": Limit(float, 64 * 64, 4096 * 4096, "pixel area of the references for the VAE"),
-    "vl_size": Limit(int, 56, 2048, "side of the VL copy's square area"),
+    "vl_size": Limit(int, 32, 2048, "side of the VL copy's square area"),
     "vae_size": Limit(int, 64, 4096, "side of the VAE copy's square area"),
     "megapixels": Limit(float, 0.01, 16.0, "output area in units of 1024x1024 pixels"),
     "lora_strength": Limit(float, -10.0, 10.0, "LoRA strength"),
     "stitch_size": Limit(int, 64, 4096, "stitched picture size"),
     "stitch_gap": Limit(int, 0, 256, "gap between stitched pictures"),
+    "cache_threshold": Limit(float, 0.0, 10.0, "block cache threshold (0 = off)"),
+    "cache_first": Limit(int, 1, 200, "blocks the block cache always computes first"),
+    "cache_last": Limit(int, 0, 200, "blocks the block cache always computes last"),
+    "cache_warmup": Limit(int, 0, 1000, "steps the block cache always computes fully"),
+    "cache_max_consecutive": Limit(int, 0, 1000, "most cached steps in a row"),
+    "block_swap": Limit(int, 0, 200, "transformer blocks kept on the device (0 = off)"),
 }
 
 
