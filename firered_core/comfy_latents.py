@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from . import latents as L
+from .validation import require_finite
 
 CHANNELS = 16
 
@@ -28,7 +29,10 @@ def check_raw(samples: torch.Tensor) -> torch.Tensor:
                          "(was it made for another model family?)")
     if samples.shape[2] != 1:
         raise ValueError(f"this latent has {samples.shape[2]} frames; FireRed edits single images (1 frame)")
-    return samples
+    if samples.shape[0] == 0 or samples.shape[-1] == 0 or samples.shape[-2] == 0:
+        raise ValueError(f"the latent is empty (shape {tuple(samples.shape)})")
+    return require_finite(samples, "the LATENT", "it would decode or sample to a black image; the node that made "
+                          "it diverged")
 
 
 def pixel_size(samples: torch.Tensor) -> tuple[int, int]:
