@@ -90,7 +90,7 @@ def test_format_error_is_one_line(files, tiny_model_dir, tmp_path, capsys):
 
 
 def test_lora_on_runtime_gguf_defaults_to_adapter(files, tiny_model_dir, tmp_path, capsys):
-    from firered_core.formats.convert import write_gguf
+    from firered_core.formats.gguf import write_gguf
 
     path = write_gguf(load_file(str(files / "t.safetensors")), tmp_path / "t.gguf", "Q8_0")
     lora = ["--lora", str(files / "good.safetensors")]
