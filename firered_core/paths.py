@@ -57,3 +57,20 @@ def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple
         yield folder, sorted(files)
         if depth < max_depth:
             stack += [(folder / name, depth + 1) for name in sorted(subs, reverse=True)]
+
+
+def read_json(path: str | Path, error: type[FireRedError] = FireRedError, expect: type = dict):
+    """The JSON object in ``path``; ``error`` naming the file, the line and column when it is unreadable, not JSON,
+    or not an ``expect`` (a mapping by default)."""
+    import json
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(value, expect):
+        raise error(f"{path}: holds a JSON {type(value).__name__}, expected a {expect.__name__}")
+    return value
