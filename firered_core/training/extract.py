@@ -35,7 +35,7 @@ from ..model import load_model
 from .alignment import variant_text
 from .buckets import bucket_key
 from .data import load_dataset
-from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
+from .rows import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
 
 log = logging.getLogger(__name__)
 

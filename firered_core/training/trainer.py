@@ -32,7 +32,7 @@ from .buckets import BucketSampler
 from .config import TrainConfig, to_dict
 from .data import load_dataset, parse_weights
 from .ema import EMA
-from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
+from .rows import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
 from .extract import EmbeddingStore
 from .losses import flow_matching_loss
 from .seeding import row_generator, row_rng
