@@ -29,7 +29,7 @@ from ..sampling import noised_start, transformer_denoiser
 from . import checkpoint as ckpt
 from .alignment import align, choose_variant, variant_text
 from .buckets import BucketSampler
-from .config import TrainConfig, to_dict
+from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
 from .ema import EMA
 from .rows import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
@@ -131,7 +131,7 @@ def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
         raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
     if not names:
-        raise ValueError(f"nothing to train: the patterns {cfg.trainable if cfg.method == 'full' else cfg.lora.targets}"
+        raise ConfigError(f"nothing to train: the patterns {cfg.trainable if cfg.method == 'full' else cfg.lora.targets}"
                          " match no parameter of the transformer")
     return names
 
@@ -330,7 +330,7 @@ class Trainer:
         data = ckpt.load_checkpoint(path)
         names = set(data["trainable"])
         if names != set(self.trainable):
-            raise ValueError(f"checkpoint {path} trains {len(names)} tensors, this run {len(self.trainable)}: "
+            raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run {len(self.trainable)}: "
                              "resume with the same method, LoRA targets and trainable patterns")
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
@@ -349,7 +349,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.ema is not None:
             if data["ema"] is None:
-                raise ValueError(f"checkpoint {path} has no EMA state but ema_decay is set")
+                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set")
             self.ema.load_state_dict(data["ema"])
         ckpt.set_rng_state(data["rng"])
         self.step = int(state["step"])
