@@ -20,7 +20,6 @@ from ._errors import blame, check_inputs, input_error
 from .encode import Conditioning
 
 SEED_MODES = ("batch", "increment")
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 log = logging.getLogger(__name__)
 
