@@ -67,9 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area",
-                   "cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive",
-                   "block_swap")
+NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area")
 
 
 def check_args(args: argparse.Namespace) -> list:
@@ -77,9 +75,9 @@ def check_args(args: argparse.Namespace) -> list:
     the output path. Returns the parsed LoRA specs."""
     from .images import check_output_path
     from .lora import LoraSpec
-    from .validation import check
+    from .validation import SPEED_OPTIONS, check
 
-    check({name: getattr(args, name) for name in NUMERIC_OPTIONS if hasattr(args, name)},
+    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
           spell=lambda name: "--" + name.replace("_", "-"))
     specs = [LoraSpec.parse(s) for s in args.lora]
     for text, spec in zip(args.lora, specs):

@@ -59,7 +59,7 @@ LIMITS: dict[str, Limit] = {
     "shift": Limit(float, 0.0, 20.0, "constant schedule shift (0 = the dynamic shift)"),
     "denoise": Limit(float, 0.01, 1.0, "share of the schedule run from the input latent"),
     "vl_area": Limit(float, 32 * 32, 2048 * 2048, "pixel area of the references for the VL encoder"),
-    "vae_area": Limit(float, 64 * 64, 4096 * 4096, "pixel area of the references for the VAE"),
+    "vae_area": Limit(float, 32 * 32, 4096 * 4096, "pixel area of the references for the VAE"),
     "vl_size": Limit(int, 32, 2048, "side of the VL copy's square area"),
     "vae_size": Limit(int, 64, 4096, "side of the VAE copy's square area"),
     "megapixels": Limit(float, 0.01, 16.0, "output area in units of 1024x1024 pixels"),
@@ -93,6 +93,8 @@ Count = Annotated[int, Field(ge=0)]
 Positive = Annotated[float, Field(gt=0.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 
+
+SPEED_OPTIONS = ("cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive", "block_swap")
 
 _ADAPTERS: dict[str, TypeAdapter] = {}
 

@@ -13,8 +13,9 @@ from dataclasses import fields, replace
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
 from firered_core.speed import COMPILE_MODES, SpeedSettings
+from firered_core.validation import SPEED_OPTIONS, widget
 
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 
 RUN_LEVEL = ("batched_cfg", "cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive",
              "taylorseer")
@@ -84,18 +85,19 @@ class FireRedSpeedSettings:
             "block_cache": ("BOOLEAN", {"default": False,
                                         "tooltip": "Sampler: reuse the middle transformer blocks when the first "
                                                    "blocks' output changes little between steps (DBCache; lossy)."}),
-            "cache_threshold": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 1.0, "step": 0.005,
+            "cache_threshold": ("FLOAT", {"default": 0.08, **widget("cache_threshold"), "step": 0.005,
                                           "tooltip": "Block cache: skip the middle blocks when the first blocks' "
                                                      "residual changes less than this (relative L1). 0 = never "
                                                      "skip; ~0.05-0.15 typical; higher = faster, less exact."}),
-            "cache_first": ("INT", {"default": defaults.cache_first, "min": 1, "max": 200,
+            "cache_first": ("INT", {"default": defaults.cache_first, **widget("cache_first"),
                                     "tooltip": "Block cache: blocks always computed first (their change is the "
                                                "probe)."}),
-            "cache_last": ("INT", {"default": defaults.cache_last, "min": 0, "max": 200,
+            "cache_last": ("INT", {"default": defaults.cache_last, **widget("cache_last"),
                                    "tooltip": "Block cache: blocks always computed last."}),
-            "cache_warmup": ("INT", {"default": defaults.cache_warmup, "min": 0, "max": 200,
+            "cache_warmup": ("INT", {"default": defaults.cache_warmup, **widget("cache_warmup"),
                                      "tooltip": "Block cache: first steps always computed in full."}),
-            "cache_max_consecutive": ("INT", {"default": defaults.cache_max_consecutive, "min": 0, "max": 200,
+            "cache_max_consecutive": ("INT", {"default": defaults.cache_max_consecutive,
+                                              **widget("cache_max_consecutive"),
                                               "tooltip": "Block cache: most cached steps in a row before a full "
                                                          "step."}),
             "taylorseer": ("BOOLEAN", {"default": defaults.taylorseer,
@@ -111,7 +113,7 @@ class FireRedSpeedSettings:
             "compile": (list(COMPILE_MODES), {"default": defaults.compile,
                                               "tooltip": "Loader: torch.compile the repeated transformer blocks "
                                                          "(first run slower; not with block swap)."}),
-            "block_swap": ("INT", {"default": defaults.block_swap, "min": 0, "max": 200,
+            "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
                                    "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
                                               "rest from system RAM (0 = off). For small GPUs."}),
             "vae_tiling": ("BOOLEAN", {"default": defaults.vae_tiling,
@@ -133,6 +135,7 @@ class FireRedSpeedSettings:
                       cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,
                       quantize_text_encoder=quantize_text_encoder, compile=compile, block_swap=block_swap,
                       vae_tiling=vae_tiling, embed_cache=embed_cache, embed_cache_dir=embed_cache_dir.strip() or None)
+        check_inputs(self.NAME, {name: values[name] for name in SPEED_OPTIONS})
         with blame(self.NAME, "compile" if block_swap and compile != "none" else "cache_threshold"):
             return (SpeedSettings.from_dict(values),)
 

@@ -26,6 +26,11 @@ from firered_core.lora import LoraError, LoraSpec, apply_loras, linear_modules, 
 from firered_core.validation import OptionError  # noqa: E402
 
 
+SPEED = dict(batched_cfg=False, block_cache=True, cache_threshold=0.08, cache_first=1, cache_last=1, cache_warmup=2,
+             cache_max_consecutive=3, taylorseer=False, quantize="none", quantize_text_encoder="none", compile="none",
+             block_swap=0, vae_tiling=False, embed_cache=True, embed_cache_dir="")
+
+
 def run_cli(args: list[str], capsys) -> tuple[int, str]:
     code = cli.main(["-p", "x", *args])
     return code, capsys.readouterr().err.strip().splitlines()[-1]
@@ -39,7 +44,8 @@ def run_cli(args: list[str], capsys) -> tuple[int, str]:
     (["--num-images", "0"], "--num-images 0"),
     (["--num-images", "-3"], "--num-images -3"),
     (["--seed", str(2**64)], f"--seed {2**64} is not allowed: random seed must be an integer in 0..{2**64 - 1}"),
-    (["--vae-area", "-5"], "--vae-area -5.0"),
+    (["--vae-area", "-5"], "--vae-area -5.0 is not allowed: pixel area of the references for the VAE must be a "
+                           "number in 1024..16777216"),
     (["--vl-area", "0"], "--vl-area 0"),
     (["--width", "100000", "--height", "64"], "223.5 GiB"),
     (["--width", "100"], "--width 100 is not allowed"),
@@ -82,6 +88,8 @@ def test_cli_output_without_permission(tmp_path, capsys):
     ("FireRedStitchImages", dict(image1=torch.rand(1, 8, 8, 3), layout="diagonal", size=64, gap=0),
      "input 'layout': layout 'diagonal'"),
     ("FireRedPadImage", dict(image=torch.zeros(0, 16, 16, 3)), "input 'image': the IMAGE is empty"),
+    ("FireRedSpeedSettings", dict(SPEED, block_swap=-2), "input 'block_swap': -2 is not allowed"),
+    ("FireRedSpeedSettings", dict(SPEED, cache_threshold=float("nan")), "input 'cache_threshold': nan"),
     ("FireRedCropBack", dict(image=torch.zeros(1, 0, 16, 3), crop=None), "input 'image': the IMAGE is empty"),
 ])
 def test_node_inputs_out_of_range_or_empty(node, kwargs, culprit):
@@ -96,7 +104,8 @@ def test_node_inputs_out_of_range_or_empty(node, kwargs, culprit):
     (dict(true_cfg=float("inf")), "input 'true_cfg': inf"),
     (dict(seed=2**64), "input 'seed'"),
     (dict(seed=2**64 - 1, batch_size=2, seed_mode="increment"), "input 'seed': 18446744073709551616"),
-    (dict(latent={"samples": torch.full((1, 16, 1, 4, 4), float("nan"))}), "input 'latent': the LATENT holds 256 non-finite value(s) of 256 (256 NaN, 0 inf)"),
+    (dict(latent={"samples": torch.full((1, 16, 1, 4, 4), float("nan"))}),
+     "input 'latent': the LATENT holds 256 non-finite value(s) of 256 (256 NaN, 0 inf)"),
     (dict(latent={"samples": torch.zeros(0, 16, 1, 4, 4)}), "input 'latent': the latent is empty"),
 ])
 def test_sampler_refuses_bad_numbers_and_latents_before_sampling(model, change, culprit):
