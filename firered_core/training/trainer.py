@@ -131,8 +131,8 @@ def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
         raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
     if not names:
-        raise ConfigError(f"nothing to train: the patterns {cfg.trainable if cfg.method == 'full' else cfg.lora.targets}"
-                         " match no parameter of the transformer")
+        patterns = cfg.trainable if cfg.method == "full" else cfg.lora.targets
+        raise ConfigError(f"nothing to train: the patterns {patterns} match no parameter of the transformer")
     return names
 
 
@@ -330,8 +330,9 @@ class Trainer:
         data = ckpt.load_checkpoint(path)
         names = set(data["trainable"])
         if names != set(self.trainable):
-            raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run {len(self.trainable)}: "
-                             "resume with the same method, LoRA targets and trainable patterns")
+            raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run "
+                                       f"{len(self.trainable)}: resume with the same method, LoRA targets and "
+                                       "trainable patterns")
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
