@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+
 VL_AREA = 384 * 384
 VAE_AREA = 1024 * 1024
 OUTPUT_AREA = 1024 * 1024
@@ -32,8 +33,8 @@ def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> tuple
 
 
 def check_size(width: int, height: int) -> None:
-    """Raise :class:`~firered_core.validation.OptionError` unless both sides are multiples of 16 within the limits
-    (the message suggests the nearest allowed size)."""
+    """Raise :class:`~firered_core.validation.OptionError` (an ``InputError`` whose ``field`` is the side) unless
+    both sides are multiples of 16 within the limits (the message suggests the nearest allowed size)."""
     from .validation import LIMITS, OptionError, check
 
     for name, value in (("width", width), ("height", height)):
@@ -41,7 +42,7 @@ def check_size(width: int, height: int) -> None:
             check({name: int(value)}, spell=lambda n: f"{n}={value}:")
         except OptionError as exc:
             nearest = min(LIMITS[name].hi, max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE))
-            raise OptionError(f"{exc} (nearest allowed: {int(nearest)})") from None
+            raise OptionError(f"{exc} (nearest allowed: {int(nearest)})", field=name) from None
 
 
 def default_output_size(last_image_size: tuple[int, int] | None, area: float = OUTPUT_AREA) -> tuple[int, int]:
@@ -51,11 +52,6 @@ def default_output_size(last_image_size: tuple[int, int] | None, area: float = O
     else:
         w, h = calculate_dimensions(area, last_image_size[0] / last_image_size[1])
     return w // LATENT_MULTIPLE * LATENT_MULTIPLE, h // LATENT_MULTIPLE * LATENT_MULTIPLE
-
-
-def megapixel_size(image_size: tuple[int, int], megapixels: float) -> tuple[int, int]:
-    """Size of about ``megapixels`` MP at the image's aspect ratio, rounded to multiples of 16."""
-    return calculate_dimensions(megapixels * 1_000_000, image_size[0] / image_size[1], LATENT_MULTIPLE)
 
 
 @dataclass(frozen=True)

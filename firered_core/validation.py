@@ -19,15 +19,15 @@ from typing import Annotated, Any, Callable
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 
-from .errors import FireRedError
+from .errors import InputError
 
 MAX_SEED = 2**64 - 1
 MAX_SIDE = 8192  # pixels; larger outputs need more memory than any single accelerator has (see side_memory_note)
 HIDDEN_BYTES = 3072 * 2  # one bf16 hidden state of the 20B transformer per image token
 
 
-class OptionError(FireRedError):
-    """A number given by the user is out of range, not finite or of the wrong type."""
+class OptionError(InputError):
+    """A number given by the user is out of range, not finite or of the wrong type (``field``: the option)."""
 
 
 @dataclass(frozen=True)
@@ -143,7 +143,7 @@ def check(values: dict[str, Any], spell: Callable[[str], str] = lambda name: nam
         try:
             out[name] = check_value((limits or {}).get(name, name), value)
         except OptionError as exc:
-            raise OptionError(f"{spell(name)} {exc}") from None
+            raise OptionError(f"{spell(name)} {exc}", field=name) from None
     return out
 
 

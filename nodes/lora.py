@@ -13,7 +13,6 @@ from firered_core.paths import check_relative_name
 from firered_core.validation import widget
 
 from . import _comfy
-from . import speed as SP
 from ._errors import blame, check_inputs, input_error
 
 log = logging.getLogger(__name__)
@@ -80,7 +79,6 @@ class FireRedLoraLoader:
         spec = LoraSpec(path=path, strength=strength, name=lora_name)
         with blame(self.NAME, "lora_name", LoraError, FormatError):
             view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)
-        SP.attach(view, SP.settings_of(model))
         with _views_lock:
             _views.append(weakref.ref(view))
         stack = ", ".join(f"{name} ({s:g}, {m})" for name, s, m in applied_loras(view.transformer))

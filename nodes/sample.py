@@ -11,7 +11,7 @@ from firered_core.model import FireRedModel
 from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
-from firered_core.speed import SpeedSettings, prepare
+from firered_core.speed import SpeedSettings
 from firered_core.validation import widget
 
 from . import _comfy
@@ -112,11 +112,10 @@ class FireRedSampler:
 
         _comfy.throw_if_interrupted()
         try:
-            with blame(self.NAME, "speed", ValueError, RuntimeError):
-                prepare(model, settings, "transformer")
-            out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps, true_cfg,
-                                         shift=shift if shift > 0 else None, denoise=denoise, init=init,
-                                         callback=on_step)
+            with blame(self.NAME, "model", inputs=("steps", "denoise")):
+                out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
+                                             true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
+                                             init=init, callback=on_step)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],
