@@ -20,8 +20,8 @@ DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model
              "the pipeline runs end to end, but the output image is noise.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how it is placed (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("--model", help="Hugging Face layout folder (model_index.json, transformer/, vae/, ...); "
                                    "omit to run the tiny demo model")
     p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
@@ -36,9 +36,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-mode", choices=GGUF_MODES, default=GGUF_MODES[0],
                    help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
                         "size, default), or dequantise everything at load")
-    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
-                                                                       "none = text-to-image)")
-    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
+                   help="'model' keeps each component on the CPU until it runs")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..1000 (default 40; 8 for the demo "
                                                             "model)")
@@ -50,18 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift, 0..20 (default or 0: the "
                                                               "dynamic shift)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
     p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
                    help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
-                   help="'model' keeps each component on the CPU until it runs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+    add_model_arguments(p)
+    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
+                                                                       "none = text-to-image)")
+    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    add_edit_arguments(p)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
     from .speed import add_arguments
@@ -73,29 +83,24 @@ def build_parser() -> argparse.ArgumentParser:
 NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area")
 
 
-def check_args(args: argparse.Namespace) -> list:
-    """Everything that can be checked before a model is loaded: numbers against their ranges, LoRA strengths,
-    the output path. Returns the parsed LoRA specs."""
-    from .images import check_output_path
+def lora_specs(args: argparse.Namespace) -> list:
+    """The ``--lora FILE[:STRENGTH]`` specs, each strength checked against its range."""
     from .lora import LoraSpec
-    from .validation import SPEED_OPTIONS, check
+    from .validation import check
 
-    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
-          spell=lambda name: "--" + name.replace("_", "-"))
     specs = [LoraSpec.parse(s) for s in args.lora]
     for text, spec in zip(args.lora, specs):
         check({"strength": spec.strength}, spell=lambda _: f"--lora {text}: strength",
               limits={"strength": "lora_strength"})
-    check_output_path(args.output)
     return specs
 
 
-def _apply_loras(transformer, args: argparse.Namespace, specs: list) -> None:
+def _apply_loras(transformer, args: argparse.Namespace) -> None:
     """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
     from .lora import apply_loras, default_mode
 
     mode = args.lora_mode or default_mode(transformer)
-    report = apply_loras(transformer, specs, mode=mode, allow_partial=args.allow_partial_lora)
+    report = apply_loras(transformer, lora_specs(args), mode=mode, allow_partial=args.allow_partial_lora)
     print(f"LoRA mode: {mode}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
 
@@ -107,36 +112,61 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def run(args: argparse.Namespace) -> list[Path]:
+def check_number_args(args: argparse.Namespace) -> None:
+    """Every numeric option present in ``args`` against its range, and each ``--lora`` strength: before any model
+    is loaded, the option named in the error."""
+    from .validation import SPEED_OPTIONS, check
+
+    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
+          spell=lambda name: "--" + name.replace("_", "-"))
+    lora_specs(args)
+
+
+def is_demo(args: argparse.Namespace) -> bool:
+    return args.model is None and not (args.transformer and args.vae and args.text_encoder)
+
+
+def load_from_args(args: argparse.Namespace, device: str | None = None):
+    """The model the model arguments name (the demo model without ``--model``) with its model-level speed settings,
+    LoRAs applied; the default step count for it (40; 8 for the demo); and the speed settings (``.run`` is for the
+    pipeline). ``device`` overrides ``--device`` (one GPU per process in a sharded run)."""
     import torch
-    from tqdm import tqdm
 
-    from .images import load_image
-    from .model import load_model
-    from .pipeline import EditPipeline
     from .demo_models import build_model, default_demo_dir
-
-    specs = check_args(args)
+    from .model import load_model
     from .speed import from_args
 
     speed = from_args(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    images = [load_image(p) for p in args.image]
-    demo = args.model is None and not (args.transformer and args.vae and args.text_encoder)
-    if demo:
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    if is_demo(args):
         print(DEMO_NOTE, file=sys.stderr)
-        model_dir = build_model(default_demo_dir(), "tiny")
-        steps = 8 if args.steps is None else args.steps
+        model_dir, steps = build_model(default_demo_dir(), "tiny"), 8
     else:
-        model_dir, steps = args.model, 40 if args.steps is None else args.steps
+        model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        settings=speed.model, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
-        _apply_loras(model.transformer, args, specs)
+        _apply_loras(model.transformer, args)
+    return model, steps if args.steps is None else args.steps, speed
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from tqdm import tqdm
+
+    from .images import check_output_path, load_image
+    from .pipeline import EditPipeline
+    from .speed import from_args
+
+    check_number_args(args)
+    check_output_path(args.output)
+    from_args(args)  # bad speed settings fail before anything is loaded
+    images = [load_image(p) for p in args.image]
+    demo = is_demo(args)
+    model, steps, speed = load_from_args(args)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256

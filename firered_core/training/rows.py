@@ -1,9 +1,9 @@
-"""Turn a training row into model inputs with the inference code (one piece of code per idea).
+"""A training row's images at its bucket's sizes, and their latents, through the inference stages.
 
 References go through :func:`firered_core.references.prepare_references` / ``encode_references`` at the bucket's
-sizes, instructions through :func:`firered_core.conditioning.encode_prompts` in the run's prompt mode, targets
-through the same VAE encoding and normalisation as references. Offline extraction and online training both call
-these, so cached and online runs see identical tensors.
+sizes, targets through the same VAE encoding and normalisation (:func:`firered_core.references.encode_pixels`).
+Offline extraction and both input builders (:mod:`.inputs`) call these, so cached and online runs see identical
+tensors.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from pathlib import Path
 
 import torch
 
-from .. import latents as L
-from ..conditioning import PromptEmbeds, encode_prompts
 from ..images import load_image
-from ..references import RefLatents, encode_image, encode_references, prepare_references, resize_lanczos, vae_pixels
+from ..references import RefImages, RefLatents, encode_pixels, encode_references, prepare_references, resize_lanczos
+from ..references import vae_pixels
 from .buckets import BucketKey, bucket_sizes
 
 
@@ -46,29 +45,22 @@ def row_images(sample, key: BucketKey, target_area: float, reference_area: float
     return RowImages(sources, target, ssizes, tsize)
 
 
-def encode_target(vae, path: Path, size: tuple[int, int], device=None, dtype=None) -> torch.Tensor:
-    """Target image at ``size`` -> packed, normalised latents [1, L, 64] (float32)."""
-    img = load_image(path)
-    if img.size != tuple(size):
-        img = resize_lanczos(img, *size)
+def row_references(images: RowImages, vl_area: float) -> RefImages:
+    """The row's references prepared for both encoders at its training sizes (none for text-to-image rows)."""
+    return prepare_references([load_image(p) for p in images.sources], vl_area=vl_area,
+                              vae_sizes=images.source_sizes)
+
+
+def vl_images(refs: RefImages):
+    """What the VL encoder sees of ``refs`` (None without references)."""
+    return refs.vl_images if len(refs) else None
+
+
+def row_latents(vae, images: RowImages, refs: RefImages, device=None) -> tuple[torch.Tensor, RefLatents]:
+    """The target at its training size and the references as packed, normalised float32 latents."""
+    img = load_image(images.target)
+    if img.size != tuple(images.target_size):
+        img = resize_lanczos(img, *images.target_size)
     device = device or next(vae.parameters()).device
-    dtype = dtype or next(vae.parameters()).dtype
-    z = L.normalize(encode_image(vae, vae_pixels(img).to(device=device, dtype=dtype)), vae.config)
-    return L.pack(z).float()
-
-
-def prepare_row_references(images: RowImages, vl_area: float):
-    pics = [load_image(p) for p in images.sources]
-    return prepare_references(pics, vl_area=vl_area, vae_sizes=images.source_sizes) if pics else None
-
-
-def encode_row_prompt(text_encoder, processor, text: str | list[str], refs, mode: str, device=None) -> PromptEmbeds:
-    vl = refs.vl_images if refs is not None and len(refs) else None
-    return encode_prompts(text_encoder, processor, text, vl, mode=mode, device=device)
-
-
-def encode_row_references(vae, refs, device=None) -> RefLatents:
-    if refs is None or len(refs) == 0:
-        return RefLatents(None, [])
-    ref = encode_references(vae, refs, device=device)
-    return RefLatents(ref.tokens.float(), ref.shapes)
+    x0 = encode_pixels(vae, vae_pixels(img), device).float()
+    return x0, encode_references(vae, refs, device=device).to(dtype=torch.float32)
