@@ -46,7 +46,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..1000 (default 40; 8 for the demo "
+                                                            "model)")
     p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (CPU generator: same image on every device)")
     p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
@@ -55,7 +56,8 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
-    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
+    p.add_argument("--shift", type=float, default=None, help="constant schedule shift, 0..20 (default or 0: the "
+                                                              "dynamic shift)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
     p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
@@ -78,13 +80,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area")
+
+
+def lora_specs(args: argparse.Namespace) -> list:
+    """The ``--lora FILE[:STRENGTH]`` specs, each strength checked against its range."""
+    from .lora import LoraSpec
+    from .validation import check
+
+    specs = [LoraSpec.parse(s) for s in args.lora]
+    for text, spec in zip(args.lora, specs):
+        check({"strength": spec.strength}, spell=lambda _: f"--lora {text}: strength",
+              limits={"strength": "lora_strength"})
+    return specs
+
+
 def _apply_loras(transformer, args: argparse.Namespace) -> None:
     """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
-    from .lora import LoraSpec, apply_loras, default_mode
+    from .lora import apply_loras, default_mode
 
     mode = args.lora_mode or default_mode(transformer)
-    report = apply_loras(transformer, [LoraSpec.parse(s) for s in args.lora], mode=mode,
-                         allow_partial=args.allow_partial_lora)
+    report = apply_loras(transformer, lora_specs(args), mode=mode, allow_partial=args.allow_partial_lora)
     print(f"LoRA mode: {mode}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
 
@@ -96,11 +112,14 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def check_size_args(args: argparse.Namespace) -> None:
-    from .geometry import LATENT_MULTIPLE, check_size
+def check_number_args(args: argparse.Namespace) -> None:
+    """Every numeric option present in ``args`` against its range, and each ``--lora`` strength: before any model
+    is loaded, the option named in the error."""
+    from .validation import SPEED_OPTIONS, check
 
-    check_size(LATENT_MULTIPLE if args.width is None else args.width,
-               LATENT_MULTIPLE if args.height is None else args.height)
+    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
+          spell=lambda name: "--" + name.replace("_", "-"))
+    lora_specs(args)
 
 
 def is_demo(args: argparse.Namespace) -> bool:
@@ -132,18 +151,19 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
-    return model, args.steps or steps, speed
+    return model, steps if args.steps is None else args.steps, speed
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
-    from .images import load_image
+    from .images import check_output_path, load_image
     from .pipeline import EditPipeline
     from .speed import from_args
 
+    check_number_args(args)
+    check_output_path(args.output)
     from_args(args)  # bad speed settings fail before anything is loaded
-    check_size_args(args)
     images = [load_image(p) for p in args.image]
     demo = is_demo(args)
     model, steps, speed = load_from_args(args)
@@ -154,7 +174,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     result = EditPipeline(model, speed.run).edit(
         images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
-        prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
+        prompt_mode=args.prompt_mode, shift=args.shift or None, match_input=args.match_input_size,
         callback=lambda info: bar.update(1))
     bar.close()
     paths = _output_paths(args.output, len(result.images))
@@ -170,13 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .errors import FireRedError
+    from .errors import FireRedError, one_line
 
     try:
         run(args)
     except (FireRedError, OSError) as exc:
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"firered-edit: error: {message}", file=sys.stderr)
+        print(f"firered-edit: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

@@ -8,7 +8,6 @@ Components load on first use, so a node graph that only encodes prompts never re
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import weakref
@@ -202,7 +201,9 @@ class FireRedModel:
             file = src / "scheduler_config.json" if src.is_dir() else src
             if not file.is_file():
                 raise ModelError(f"scheduler config not found: {file}")
-            return json.loads(file.read_text())
+            from .paths import read_json
+
+            return read_json(file, ModelError)
         if name in ("processor", "tokenizer"):
             return _load_processor(self, src)
         module = _load_module(name, src, self.dtype, self.gguf_mode)

@@ -15,13 +15,14 @@ from PIL import Image
 
 from . import latents as L
 from .errors import InputError
-from .conditioning import PromptEmbeds, encode_prompt_pieces
+from .conditioning import PromptEmbeds, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
 from .model import FireRedModel
 from .references import RefImages, RefLatents, encode_references, prepare_references
-from .sampling import StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
+from .sampling import DIVERGED, StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
 from .speed import RunSettings
+from .validation import check, require_finite
 
 
 @dataclass
@@ -43,6 +44,8 @@ def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | 
     a list of seeds draws each sample from its own.
     """
     shape = (1, 1, 16, height // L.VAE_SCALE, width // L.VAE_SCALE)
+    for s in seed if isinstance(seed, (list, tuple)) else [] if isinstance(seed, torch.Generator) else [seed]:
+        check({"seed": int(s)})
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch:
             raise InputError(f"{len(seed)} seeds given for a batch of {batch}", field="seed")
@@ -63,7 +66,9 @@ def decode_latents(vae, tokens: torch.Tensor, width: int, height: int) -> torch.
 
 @torch.no_grad()
 def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1."""
+    """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1 (NaN / inf latents are refused: they would
+    decode to a black image)."""
+    require_finite(z, "the latent to decode", DIVERGED)
     image = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
     return (image * 0.5 + 0.5).clamp(0, 1).float()
 
@@ -120,11 +125,14 @@ def denoise_latents(model: FireRedModel, settings: RunSettings | None, cond: Pro
     sigma of the shortened schedule and sampling starts there. Returns the latents and the block-cache report.
     """
     batch, dtype = cond.embeds.shape[0], cond.embeds.dtype
+    check({"steps": steps, "true_cfg": true_cfg, "denoise": denoise, "shift": shift})
     noise = make_noise(batch, width, height, seed, dtype, model.device)
     img_shapes = [[L.token_grid(height, width), *ref.shapes]]
+    check_text_length(cond.embeds.shape[1], img_shapes[0])
     sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
     start = noise
     if init is not None and denoise < 1.0:
+        require_finite(init, "the input latent")
         init = init.to(device=model.device, dtype=dtype).expand(batch, -1, -1)
         start = noised_start(init, noise, sigmas[0])
     settings = settings or RunSettings()
@@ -187,6 +195,8 @@ class EditPipeline:
                 ``vae_area`` are then unused.
             output: ``pil`` to decode, ``latent`` to return the packed latents only.
         """
+        check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
+               "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = list(images or [])
         record = None

@@ -18,6 +18,7 @@ import torch
 from .conditioning import PromptEmbeds
 from .errors import InputError
 from .references import RefLatents
+from .validation import finite_number, require_finite
 
 # The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
 SCHEDULER_CONFIG: dict = {
@@ -37,6 +38,8 @@ SCHEDULER_CONFIG: dict = {
     "use_exponential_sigmas": False,
     "use_karras_sigmas": False,
 }
+DIVERGED = ("the edit would be an all-black image. Usual causes: a LoRA with NaN or huge weights, an extreme "
+            "strength or true_cfg, a NaN input latent, or fp16 overflow (use bf16)")
 
 
 def compute_mu(image_seq_len: int, scheduler_config: dict) -> float:
@@ -144,6 +147,7 @@ def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond
     (``cfg.BatchedCFG``). The update is done in float32 and cast back to the model's dtype, as the reference
     scheduler does.
     """
+    finite_number(true_cfg, "true_cfg")
     do_cfg = uncond is not None and true_cfg > 1.0
     both = None
     if do_cfg and batched_cfg:
@@ -160,6 +164,7 @@ def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond
             v = denoiser(latents, t.to(latents.device), cond, "cond")
             if do_cfg:
                 v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
+        require_finite(v, f"the model's prediction at step {i + 1} of {n}", DIVERGED)
         dt = (sigmas[i + 1] - sigmas[i]).to(latents.device)
         x = latents
         latents = (x.to(torch.float32) + dt * v).to(v.dtype)

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 
 from firered_core import preview as P
+from firered_core.paths import walk_folders
 
 try:
     import comfy.model_management as _mm
@@ -52,7 +53,7 @@ def list_model_folders() -> list[str]:
     for base in model_dirs():
         if not base.is_dir():
             continue
-        for root, _dirs, files in os.walk(base, followlinks=True):
+        for root, files in walk_folders(base):
             if "model_index.json" in files:
                 name = Path(root).relative_to(base).as_posix()
                 if name != "." and name not in names:
@@ -85,8 +86,8 @@ def list_loras() -> list[str]:
     names: list[str] = []
     for base in lora_dirs():
         if base.is_dir():
-            names += [p.relative_to(base).as_posix() for p in base.rglob("*")
-                      if p.is_file() and p.suffix.lower() in LORA_EXTENSIONS]
+            names += [(root / f).relative_to(base).as_posix() for root, files in walk_folders(base) for f in files
+                      if Path(f).suffix.lower() in LORA_EXTENSIONS]
     return sorted(set(names))
 
 

@@ -7,9 +7,10 @@ import torch
 from firered_core import geometry as G
 from firered_core import latents as L
 from firered_core import stitch as ST
+from firered_core.validation import widget
 
 from . import _comfy
-from ._errors import input_error
+from ._errors import blame, check_inputs, input_error
 
 SIZE_MODES = ("match input", "megapixels", "width x height")
 CROP_TOOLTIP = "The padding record made with the image; crop back with FireRed Crop Back."
@@ -22,8 +23,12 @@ def empty_latent(width: int, height: int) -> dict:
 
 
 def image_size(node: str, name: str, image: torch.Tensor) -> tuple[int, int]:
-    if image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise input_error(node, name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise input_error(node, name, f"expected an IMAGE [batch, height, width, 3], got {shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise input_error(node, name, f"the IMAGE is empty (shape {tuple(image.shape)}): the node before it "
+                          "produced no picture")
     return image.shape[2], image.shape[1]
 
 
@@ -45,12 +50,12 @@ class FireRedImageSize:
         return {
             "required": {
                 "mode": (list(SIZE_MODES), {"default": "match input", "tooltip": cls.DESCRIPTION}),
-                "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01,
+                "megapixels": ("FLOAT", {"default": 1.0, **widget("megapixels"), "step": 0.01,
                                          "tooltip": "For 'megapixels': output area in units of 1024x1024 pixels, "
                                                     "at the image's aspect ratio (square without an image)."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                "width": ("INT", {"default": 1024, **widget("side"), "step": 1,
                                   "tooltip": "For 'width x height': exact output width in pixels."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                "height": ("INT", {"default": 1024, **widget("side"), "step": 1,
                                    "tooltip": "For 'width x height': exact output height in pixels."}),
             },
             "optional": {
@@ -61,6 +66,8 @@ class FireRedImageSize:
 
     def size(self, mode: str, megapixels: float, width: int, height: int, image: torch.Tensor | None = None
              ) -> tuple[dict, G.PadRecord, int, int]:
+        check_inputs(self.NAME, {"megapixels": megapixels, "width": width, "height": height},
+                     {"width": "side", "height": "side"})
         source = None if image is None else image_size(self.NAME, "image", image)
         if mode == "match input":
             if source is None:
@@ -133,9 +140,9 @@ class FireRedStitchImages:
                 "layout": (list(ST.LAYOUTS), {"default": "row",
                                               "tooltip": "row: side by side at a common height; column: stacked "
                                                          "at a common width; grid: square cells."}),
-                "size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
+                "size": ("INT", {"default": 1024, **widget("stitch_size"), "step": 16,
                                  "tooltip": "Common height (row), width (column) or cell side (grid) in pixels."}),
-                "gap": ("INT", {"default": 0, "min": 0, "max": 256,
+                "gap": ("INT", {"default": 0, **widget("stitch_gap"),
                                 "tooltip": "White pixels between the pictures."}),
             },
             "optional": {f"image{k}": ("IMAGE", {"tooltip": slot}) for k in (2, 3, 4)},
@@ -143,12 +150,14 @@ class FireRedStitchImages:
 
     def stitch(self, image1: torch.Tensor, layout: str, size: int, gap: int, image2: torch.Tensor | None = None,
                image3: torch.Tensor | None = None, image4: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        check_inputs(self.NAME, {"size": size, "gap": gap}, {"size": "stitch_size", "gap": "stitch_gap"})
         pictures = []
         for name, image in (("image1", image1), ("image2", image2), ("image3", image3), ("image4", image4)):
             if image is not None:
                 image_size(self.NAME, name, image)
                 pictures += list(image[..., :3].cpu())
-        return (ST.stitch(pictures, layout, size, gap)[None],)
+        with blame(self.NAME, "layout"):
+            return (ST.stitch(pictures, layout, size, gap)[None],)
 
 
 NODE_CLASS_MAPPINGS = {

@@ -13,6 +13,7 @@ import threading
 import torch
 
 from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_model
+from firered_core.paths import check_relative_name
 from firered_core.speed import ModelSettings, SpeedSettings
 
 from . import _comfy
@@ -95,6 +96,8 @@ class FireRedModelLoader:
 
     def load(self, model_name: str, dtype: str, device: str, offload: str,
              speed: SpeedSettings | None = None) -> tuple[FireRedModel]:
+        with blame(self.NAME, "model_name"):
+            check_relative_name(model_name, "model name")
         path = _comfy.find_model_folder(model_name)
         if path is None:
             searched = ", ".join(str(d) for d in _comfy.model_dirs()) or "no model folder configured"

@@ -9,9 +9,11 @@ import weakref
 from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
+from firered_core.paths import check_relative_name
+from firered_core.validation import widget
 
 from . import _comfy
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class FireRedLoraLoader:
             "lora_name": (_comfy.list_loras(), {
                 "tooltip": "A LoRA file in ComfyUI/models/loras (.safetensors): diffusers / PEFT, ComfyUI, kohya / "
                            "musubi-tuner, DiffSynth key styles; LoKr and LoHa too."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+            "strength": ("FLOAT", {"default": 1.0, **widget("lora_strength"), "step": 0.01,
                                    "tooltip": "How much of the LoRA to add (negative subtracts it)."}),
             "mode": (list(MODES), {
                 "default": "auto",
@@ -66,6 +68,9 @@ class FireRedLoraLoader:
 
     def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
              allow_partial: bool) -> tuple[FireRedModel, str]:
+        check_inputs(self.NAME, {"strength": strength}, {"strength": "lora_strength"})
+        with blame(self.NAME, "lora_name"):
+            check_relative_name(lora_name, "LoRA name")
         path = _comfy.find_lora(lora_name)
         if path is None:
             searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"

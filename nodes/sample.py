@@ -12,14 +12,14 @@ from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
 from firered_core.speed import SpeedSettings
+from firered_core.validation import widget
 
 from . import _comfy
 from . import speed as SP
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 from .encode import Conditioning
 
 SEED_MODES = ("batch", "increment")
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +44,21 @@ class FireRedSampler:
                 "latent": ("LATENT", {"tooltip": "Sets the output size (from FireRed Image Size, or any 16-channel "
                                                  "LATENT with sides multiple of 16 pixels); its content is only "
                                                  "used when denoise < 1."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                "seed": ("INT", {"default": 0, **widget("seed"), "control_after_generate": True,
                                  "tooltip": "Noise seed (drawn on the CPU, so a seed gives the same image on every "
                                             "device)."}),
-                "steps": ("INT", {"default": 40, "min": 1, "max": 200,
+                "steps": ("INT", {"default": 40, **widget("steps"),
                                   "tooltip": "Denoising steps (40 official; 8 with the Lightning LoRA)."}),
-                "true_cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01,
+                "true_cfg": ("FLOAT", {"default": 4.0, **widget("true_cfg"), "step": 0.1, "round": 0.01,
                                        "tooltip": "True CFG scale with per-token norm rescale (4 official; 1 = "
                                                   "off, halves the time, e.g. with the Lightning LoRA)."}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.05,
+                "shift": ("FLOAT", {"default": 0.0, **widget("shift"), "step": 0.05,
                                     "tooltip": "0 = the checkpoint's dynamic shift (depends on the output size); "
                                                "a value > 0 forces a constant shift (ComfyUI's native path uses 3)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                "denoise": ("FLOAT", {"default": 1.0, **widget("denoise"), "step": 0.01,
                                       "tooltip": "1 = start from pure noise; less keeps that much of the input "
                                                  "latent's content."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                "batch_size": ("INT", {"default": 1, **widget("num_images"),
                                        "tooltip": "Images generated in one run."}),
                 "seed_mode": (list(SEED_MODES), {
                     "default": "batch",
@@ -77,6 +77,8 @@ class FireRedSampler:
     def sample(self, model: FireRedModel, positive: Conditioning, latent: dict, seed: int, steps: int,
                true_cfg: float, shift: float, denoise: float, batch_size: int, seed_mode: str,
                negative: Conditioning | None = None, speed: SpeedSettings | None = None) -> tuple[dict]:
+        check_inputs(self.NAME, {"seed": seed, "steps": steps, "true_cfg": true_cfg, "shift": shift,
+                                 "denoise": denoise, "batch_size": batch_size}, {"batch_size": "num_images"})
         with blame(self.NAME, "latent"):
             samples = CL.check_raw(latent["samples"])
             width, height = CL.pixel_size(samples)
@@ -95,6 +97,8 @@ class FireRedSampler:
 
         device = model.device
         seeds = int(seed) if seed_mode == "batch" else [int(seed) + i for i in range(batch)]
+        if seed_mode == "increment":
+            check_inputs(self.NAME, {"seed": seeds[-1]})  # seed + batch - 1 must still be a seed
         ref = refs.latents.to(device, positive.embeds.embeds.dtype) if refs is not None else RefLatents(None, [])
         init = CL.from_raw(samples.to(device), model.vae.config) if denoise < 1.0 else None
         cond = positive.embeds.repeat(batch).to(device)
