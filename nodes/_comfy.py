@@ -103,6 +103,60 @@ def find_lora(name: str) -> Path | None:
     return None
 
 
+SINGLE_FILE_FOLDERS = {"transformer": ("diffusion_models", "unet"), "text_encoder": ("text_encoders", "clip"),
+                       "vae": ("vae",)}
+SINGLE_FILE_DIRS_ENV = "FIRERED_SINGLE_FILE_DIRS"
+COMFYUI_DIR_ENV = "FIRERED_COMFYUI_DIR"
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def single_file_dirs(kind: str) -> list[Path]:
+    """Folders searched for single files of ``kind`` (transformer, text_encoder, vae): ComfyUI's own folders
+    (:data:`SINGLE_FILE_FOLDERS`, extra_model_paths.yaml included), or ``$FIRERED_SINGLE_FILE_DIRS`` outside it."""
+    if IN_COMFY:
+        return [Path(d) for name in SINGLE_FILE_FOLDERS[kind] if name in _fp.folder_names_and_paths
+                for d in _fp.get_folder_paths(name)]
+    return [Path(d) for d in os.environ.get(SINGLE_FILE_DIRS_ENV, "").split(os.pathsep) if d]
+
+
+def _weight_files(base: Path) -> list[str]:
+    """Relative names of the weight files under ``base`` (ComfyUI's lists leave out .gguf, so we walk ourselves)."""
+    if not base.is_dir():
+        return []
+    return [p.relative_to(base).as_posix() for p in base.rglob("*")
+            if p.suffix.lower() in WEIGHT_EXTENSIONS and p.is_file()]
+
+
+def list_single_files(kind: str) -> list[str]:
+    """Names of every weight file in the folders for ``kind``, as ComfyUI's own loaders list them."""
+    return sorted({name for base in single_file_dirs(kind) for name in _weight_files(base)})
+
+
+def find_single_file(kind: str, name: str) -> Path | None:
+    """The file called ``name`` in the first folder for ``kind`` that has it (an absolute path is taken as is)."""
+    if os.path.isabs(name):
+        return Path(name) if os.path.isfile(name) else None
+    for base in single_file_dirs(kind):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def comfy_tokenizer_dir() -> Path | None:
+    """ComfyUI's own Qwen2.5 tokenizer files (``comfy/text_encoders/qwen25_tokenizer``), used for a single-file
+    Qwen2.5-VL; outside ComfyUI found through ``$FIRERED_COMFYUI_DIR`` (None when there is no ComfyUI)."""
+    if IN_COMFY:
+        import comfy
+
+        root = Path(comfy.__file__).parent
+    elif os.environ.get(COMFYUI_DIR_ENV):
+        root = Path(os.environ[COMFYUI_DIR_ENV]) / "comfy"
+    else:
+        return None
+    folder = root / "text_encoders" / "qwen25_tokenizer"
+    return folder if folder.is_dir() else None
+
+
 def torch_device() -> torch.device:
     if IN_COMFY:
         return _mm.get_torch_device()
