@@ -5,6 +5,7 @@ Each helper falls back to plain behaviour when ComfyUI is absent, so every node 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from pathlib import Path
@@ -35,6 +36,43 @@ def register_model_folders() -> None:
     """Register ``models/firered`` with ComfyUI (``models/diffusers`` is already known)."""
     if IN_COMFY:
         _fp.add_model_folder_path(MODEL_FOLDER, os.path.join(_fp.models_dir, MODEL_FOLDER), is_default=True)
+
+
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "example_inputs"
+
+
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (where LoadImage looks); None outside ComfyUI."""
+    return Path(_fp.get_input_directory()) if IN_COMFY else None
+
+
+def install_example_inputs(source: Path = EXAMPLE_INPUTS, target: Path | None = None) -> list[str]:
+    """Copy the pack's example pictures into ComfyUI's input folder when absent, so the shipped workflows find
+    them on a fresh install. An existing file of the same name is never overwritten (the copy is linked into place
+    atomically, failing if the name exists); returns the names copied."""
+    target = target or input_dir()
+    if target is None or not source.is_dir():
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(source.glob("*.png")):
+        dst = target / src.name
+        if dst.exists():
+            continue
+        tmp = target / f".{src.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(src.read_bytes())
+        try:
+            os.link(tmp, dst)
+            copied.append(src.name)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this filesystem: exclusive create, still never overwriting
+            with contextlib.suppress(FileExistsError), open(dst, "xb") as f:
+                f.write(src.read_bytes())
+                copied.append(src.name)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return copied
 
 
 def model_dirs() -> list[Path]:
@@ -166,6 +204,19 @@ def torch_device() -> torch.device:
 def intermediate_device() -> torch.device:
     """Where IMAGE and LATENT outputs live between nodes."""
     return _mm.intermediate_device() if IN_COMFY else torch.device("cpu")
+
+
+def native_vae_decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Decode with ComfyUI's VAE object as its VAE Decode node does: IMAGE ``[B, H, W, C]`` (frames folded in)."""
+    images = vae.decode(samples)
+    if images.ndim == 5:
+        images = images.reshape(-1, *images.shape[-3:])
+    return images.float().clamp(0, 1)
+
+
+def native_vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Encode an IMAGE ``[B, H, W, 3]`` with ComfyUI's VAE object, as its VAE Encode node does (raw latent)."""
+    return vae.encode(pixels)
 
 
 def soft_empty_cache() -> None:
