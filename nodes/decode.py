@@ -11,11 +11,9 @@ import torch
 from firered_core import comfy_latents as CL
 from firered_core.model import FireRedModel
 from firered_core.pipeline import decode_raw
-from firered_core.references import encode_image
-from firered_core.speed import prepare
+from firered_core.references import encode_image, vae_range
 
 from . import _comfy
-from . import speed as SP
 from ._errors import blame, input_error
 from .image import image_size
 
@@ -71,7 +69,6 @@ class FireRedDecode:
         if _native(model):
             images = _comfy.native_vae_decode(model, samples)
             return (images.to(_comfy.intermediate_device()),)
-        prepare(model, SP.settings_of(model), "vae")
         with model.use("vae") as vae:
             images = decode_raw(vae, samples.to(model.device))
         _comfy.soft_empty_cache()
@@ -110,8 +107,7 @@ class FireRedVAEEncode:
         if _native(model):
             z = _comfy.native_vae_encode(model, image[..., :3])
             return ({"samples": CL.check_raw(z).float().to(_comfy.intermediate_device()), **out},)
-        pixels = (2.0 * image[..., :3] - 1.0).permute(0, 3, 1, 2).unsqueeze(2)
-        prepare(model, SP.settings_of(model), "vae")
+        pixels = vae_range(image)
         with model.use("vae") as vae:
             z = encode_image(vae, pixels.to(device=model.device, dtype=model.dtype))
         _comfy.soft_empty_cache()

@@ -15,7 +15,7 @@ import torch
 
 from firered_core.formats import GGUF_MODES, FormatError
 from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_model
-from firered_core.speed import SpeedSettings
+from firered_core.speed import ModelSettings, SpeedSettings
 
 from . import _comfy
 from . import speed as SP
@@ -37,17 +37,18 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
     return "fp32" if device.type == "cpu" else "bf16"
 
 
-def cached_model(path, dtype: str, device: torch.device, offload: str, speed: SpeedSettings | None = None,
+def cached_model(path, dtype: str, device: torch.device, offload: str, settings: ModelSettings | None = None,
                  gguf_mode: str = "runtime", **files) -> FireRedModel:
-    """One lazily loaded model per (folder and/or single files, dtype, device, offload, model-level speed
+    """One lazily loaded model per (folder and/or single files, dtype, device, offload, GGUF mode, model-level speed
     settings): loaders of the same sources and settings share the weights."""
+    settings = settings or ModelSettings()
     sources = tuple(sorted((k, str(Path(v).resolve())) for k, v in files.items() if v is not None))
     key = (str(Path(path).resolve()) if path is not None else None, sources, dtype, str(device), offload, gguf_mode,
-           SP.model_key(speed))
+           settings)
     with _cache_lock:
         if key not in _cache:
-            model = load_model(path, dtype=dtype, device=str(device), offload=offload, gguf_mode=gguf_mode, **files)
-            _cache[key] = SP.attach(model, speed)
+            _cache[key] = load_model(path, dtype=dtype, device=str(device), offload=offload, gguf_mode=gguf_mode,
+                                     settings=settings, **files)
         return _cache[key]
 
 
@@ -151,7 +152,7 @@ class FireRedModelLoader:
             raise input_error(self.NAME, "model_name", missing_model_message(model_name))
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "model_name", ModelError):
-            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed),)
+            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None),)
 
 
 class FireRedSingleFileLoader:
@@ -202,7 +203,8 @@ class FireRedSingleFileLoader:
                 raise input_error(self.NAME, inp, missing_file_message(kind, names[inp]))
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "text_encoder_name", ModelError, FormatError):
-            model = cached_model(None, resolve_dtype(dtype, dev), dev, offload, speed, gguf_mode=gguf_mode,
+            model = cached_model(None, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None,
+                                 gguf_mode=gguf_mode,
                                  default_tokenizer=_comfy.comfy_tokenizer_dir(), **files)
             model.get("processor")  # a text encoder without a usable tokenizer fails here, naming the file
         return (model,)
