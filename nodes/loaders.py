@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
 DEVICE_CHOICES = ("auto", "cpu")
 
-_cache: dict[tuple, FireRedModel] = {}
+# Weak: a model lives while a node output holds it (ComfyUI's node cache), so "Free model and node cache" frees it.
+_cache: "weakref.WeakValueDictionary[tuple, FireRedModel]" = weakref.WeakValueDictionary()
 _cache_lock = threading.Lock()
 
 
@@ -47,8 +49,11 @@ def cached_model(path, dtype: str, device: torch.device, offload: str, settings:
            settings)
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = load_model(path, dtype=dtype, device=str(device), offload=offload, gguf_mode=gguf_mode,
-                                     settings=settings, **files)
+            model = load_model(path, dtype=dtype, device=str(device), offload=offload, gguf_mode=gguf_mode,
+                               settings=settings, **files)
+            if _comfy.IN_COMFY:
+                model.placement = _comfy.ManagedPlacement()
+            _cache[key] = model
         return _cache[key]
 
 
@@ -61,6 +66,8 @@ def unload_all() -> int:
         models = list(_cache.values())
         _cache.clear()
     for model in models:
+        if isinstance(model.placement, _comfy.ManagedPlacement):
+            model.placement.forget()
         model.unload()
     return len(models)
 
