@@ -83,3 +83,25 @@ def write_comfy_single_files(model_dir: str | Path, out_dir: str | Path,
         save_file(cast, str(tmp))
         tmp.replace(paths[kind])
     return paths
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m firered_core.formats.convert MODEL_DIR OUT_DIR [--dtype bf16]``: the single files for ComfyUI's
+    folders (transformer -> models/diffusion_models, text encoder -> models/text_encoders, VAE -> models/vae)."""
+    import argparse
+
+    from ..model import DTYPES
+
+    p = argparse.ArgumentParser(prog="python -m firered_core.formats.convert", description=main.__doc__)
+    p.add_argument("model_dir", help="a FireRed model folder (Hugging Face layout)")
+    p.add_argument("out_dir", help="where to write the three files")
+    p.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="cast weights (default: as stored)")
+    args = p.parse_args(argv)
+    paths = write_comfy_single_files(args.model_dir, args.out_dir, DTYPES[args.dtype] if args.dtype else None)
+    for kind, path in paths.items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
