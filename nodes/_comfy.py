@@ -189,7 +189,7 @@ def comfy_tokenizer_dir() -> Path | None:
     if IN_COMFY:
         import comfy
 
-        root = Path(comfy.__file__).parent
+        root = Path(list(comfy.__path__)[0])  # a namespace package in ComfyUI: no __file__
     elif os.environ.get(COMFYUI_DIR_ENV):
         root = Path(os.environ[COMFYUI_DIR_ENV]) / "comfy"
     else:

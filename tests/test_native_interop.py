@@ -3,7 +3,8 @@
 Without ComfyUI: a stand-in with the API of ComfyUI's ``comfy.sd.VAE`` (IMAGE-layout encode / decode, 5-D output)
 wrapping the tiny model's VAE gives exactly what the FireRed model gives. With ComfyUI (``FIRERED_COMFYUI_DIR`` and
 ``FIRERED_COMFYUI_PYTHON``, its venv's Python): ComfyUI's real VAE object, built by ComfyUI from a full-size Wan 2.1 VAE
-state dict in ComfyUI's key names, matches the FireRed model holding the same weights.
+state dict in ComfyUI's key names, matches the FireRed model holding the same weights; inside ComfyUI the pack finds
+ComfyUI's own Qwen2.5 tokenizer folder.
 """
 
 from __future__ import annotations
@@ -92,6 +93,7 @@ native = comfy.sd.VAE(sd={k: v.contiguous() for k, v in convert_diffusers_vae_st
 spec = importlib.util.spec_from_file_location("firered_pack", pack + "/__init__.py", submodule_search_locations=[pack])
 mod = importlib.util.module_from_spec(spec); sys.modules["firered_pack"] = mod; spec.loader.exec_module(mod)
 assert sys.modules["firered_pack.nodes._comfy"].IN_COMFY
+print("tokenizer", sys.modules["firered_pack.nodes._comfy"].comfy_tokenizer_dir())
 model = FireRedModel()
 model.set("vae", vae)
 enc, dec = mod.NODE_CLASS_MAPPINGS["FireRedVAEEncode"](), mod.NODE_CLASS_MAPPINGS["FireRedDecode"]()
@@ -109,7 +111,9 @@ def test_comfyui_vae_object_matches_the_firered_model(tmp_path):
     out = subprocess.run([COMFY_PY, "-c", SCRIPT, COMFY_DIR, str(S.ROOT)], capture_output=True, text=True,
                          cwd=tmp_path, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
-    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("latent", "image")))
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines()
+                 if line.startswith(("latent", "image", "tokenizer")))
+    assert lines["tokenizer"] == str(Path(COMFY_DIR).resolve() / "comfy" / "text_encoders" / "qwen25_tokenizer")
     shape, diff = lines["latent"].rsplit(" ", 1)
     assert shape == "(1, 16, 1, 8, 12)" and float(diff) < 1e-3, lines
     shapes, diff = lines["image"].rsplit(" ", 1)
