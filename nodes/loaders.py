@@ -1,8 +1,8 @@
-"""Model loading: a FireRed (Qwen-Image-Edit-Plus) Hugging Face folder from ComfyUI's model folders.
+"""Model loading: a FireRed (Qwen-Image-Edit-Plus) Hugging Face folder, or single files, from ComfyUI's folders.
 
-Loaded models are shared between loaders (see :func:`cached_model`): nodes that patch a model (FireRed LoRA Loader)
-return a view of it rather than modify the shared one. ComfyUI's memory manager does not see these models (they are
-not ComfyUI ModelPatchers): FireRed Unload Models drops them.
+Loaded models are shared between loaders (see :func:`cached_model`) while a node output holds them: nodes that patch
+a model (FireRed LoRA Loader) return a view of it rather than modify the shared one. Inside ComfyUI each model's
+components are handed to ComfyUI's memory manager when they run (``_comfy.ManagedPlacement``).
 """
 
 from __future__ import annotations
@@ -219,8 +219,9 @@ class FireRedSingleFileLoader:
 
 class FireRedUnloadModels:
     NAME = "FireRed Unload Models"
-    DESCRIPTION = ("Frees the memory of every FireRed model (ComfyUI's own Unload Models button does not see "
-                   "them). Connect the final image so it runs last; the models reload on their next use.")
+    DESCRIPTION = ("Drops every FireRed model and LoRA view at once, from the device and from RAM (ComfyUI's own "
+                   "Unload Models unloads them from the device too). Connect the final image so it runs last; the "
+                   "models reload on their next use.")
     CATEGORY = "FireRed"
     RETURN_TYPES = ("IMAGE",)
     RETURN_NAMES = ("image",)
