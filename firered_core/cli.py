@@ -20,8 +20,8 @@ DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model
              "the pipeline runs end to end, but the output image is noise.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how it is placed (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("--model", help="Hugging Face layout folder (model_index.json, transformer/, vae/, ...); "
                                    "omit to run the tiny demo model")
     p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
@@ -39,9 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-mode", choices=GGUF_MODES, default=GGUF_MODES[0],
                    help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
                         "size, default), or dequantise everything at load")
-    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
-                                                                       "none = text-to-image)")
-    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
+                   help="'model' keeps each component on the CPU until it runs")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
     p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
@@ -52,17 +58,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
-    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
     p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
                    help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
-                   help="'model' keeps each component on the CPU until it runs")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+    add_model_arguments(p)
+    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
+                                                                       "none = text-to-image)")
+    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    add_edit_arguments(p)
+    p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
     from .speed import add_arguments
@@ -89,31 +99,35 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    import torch
-    from tqdm import tqdm
-
+def check_size_args(args: argparse.Namespace) -> None:
     from .geometry import LATENT_MULTIPLE, check_size
-    from .images import load_image
-    from .model import load_model
-    from .pipeline import EditPipeline
-    from .demo_models import build_model, default_demo_dir
 
+    check_size(LATENT_MULTIPLE if args.width is None else args.width,
+               LATENT_MULTIPLE if args.height is None else args.height)
+
+
+def is_demo(args: argparse.Namespace) -> bool:
+    return args.model is None and not (args.transformer and args.vae and args.text_encoder)
+
+
+def load_from_args(args: argparse.Namespace, device: str | None = None):
+    """The model the model arguments name (the demo model without ``--model``) with its model-level speed settings,
+    LoRAs applied; the default step count for it (40; 8 for the demo); and the speed settings (``.run`` is for the
+    pipeline). ``device`` overrides ``--device`` (one GPU per process in a sharded run)."""
+    import torch
+
+    from .demo_models import build_model, default_demo_dir
+    from .model import load_model
     from .speed import from_args
 
     speed = from_args(args)
-    check_size(LATENT_MULTIPLE if args.width is None else args.width,
-               LATENT_MULTIPLE if args.height is None else args.height)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
-    images = [load_image(p) for p in args.image]
-    demo = args.model is None and not (args.transformer and args.vae and args.text_encoder)
-    if demo:
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    if is_demo(args):
         print(DEMO_NOTE, file=sys.stderr)
-        model_dir = build_model(default_demo_dir(), "tiny")
-        steps = args.steps or 8
+        model_dir, steps = build_model(default_demo_dir(), "tiny"), 8
     else:
-        model_dir, steps = args.model, args.steps or 40
+        model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        settings=speed.model, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder, tokenizer=args.tokenizer)
@@ -121,6 +135,21 @@ def run(args: argparse.Namespace) -> list[Path]:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
+    return model, args.steps or steps, speed
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from tqdm import tqdm
+
+    from .images import load_image
+    from .pipeline import EditPipeline
+    from .speed import from_args
+
+    from_args(args)  # bad speed settings fail before anything is loaded
+    check_size_args(args)
+    images = [load_image(p) for p in args.image]
+    demo = is_demo(args)
+    model, steps, speed = load_from_args(args)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256

@@ -108,9 +108,10 @@ class FireRedSampler:
 
         _comfy.throw_if_interrupted()
         try:
-            out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps, true_cfg,
-                                         shift=shift if shift > 0 else None, denoise=denoise, init=init,
-                                         callback=on_step)
+            with blame(self.NAME, "model", inputs=("steps", "denoise")):
+                out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
+                                             true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
+                                             init=init, callback=on_step)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],

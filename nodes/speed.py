@@ -11,7 +11,7 @@ from __future__ import annotations
 from firered_core.cache import BlockCacheConfig
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
-from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, RUN_FIELDS, ModelSettings, RunSettings, SpeedSettings
+from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
 
 from ._errors import blame, input_error
 

@@ -19,7 +19,8 @@ from .build import build_with_weights, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
 from .identify import common_prefix_for, identify
-from .readers import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
+from .readers import open_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,6 @@ def load_text_encoder(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
                  "only)", ckpt.path)
     model = build_with_weights(lambda: Qwen2_5_VLForConditionalGeneration(config), state, ckpt.path,
                                f"{name} text encoder")
-    model.firered_config_name = name
     return model
 
 
