@@ -80,7 +80,7 @@ def build_tokenizer():
 
 def build_processor(tokenizer=None):
     """The Qwen2-VL processor with the image processor settings of the real checkpoint."""
-    from .formats.text_encoder import qwen25_vl_processor
+    from .processor import qwen25_vl_processor
 
     return qwen25_vl_processor(tokenizer or build_tokenizer())
 

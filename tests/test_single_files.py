@@ -18,8 +18,8 @@ import nodes_support as S  # noqa: E402
 from conftest import random_image  # noqa: E402
 
 from firered_core.formats.convert import COMFY_FILE_NAMES, comfy_text_encoder_state, write_comfy_single_files
-from firered_core.formats.text_encoder import (QWEN25_VL_IMAGE_PROCESSOR, QWEN25_VL_SPECIAL_TOKENS,
-                                               load_text_encoder_processor, processor_from_tokenizer_dir)
+from firered_core.formats.text_encoder import load_text_encoder_processor, processor_from_tokenizer_dir
+from firered_core.processor import QWEN25_VL_IMAGE_PROCESSOR, QWEN25_VL_SPECIAL_TOKENS
 from firered_core.model import load_model
 from firered_core.pipeline import EditPipeline
 

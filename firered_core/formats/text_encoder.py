@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..processor import QWEN25_VL_SPECIAL_TOKENS, qwen25_vl_processor
 from .build import build_with_weights, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
@@ -137,31 +138,6 @@ def load_text_encoder(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     model = build_with_weights(lambda: Qwen2_5_VLForConditionalGeneration(config), state, ckpt.path,
                                f"{name} text encoder")
     return model
-
-
-# The published Qwen2.5-VL image processor (preprocessor_config.json of Qwen/Qwen2.5-VL-7B-Instruct): numbers, so a
-# single-file text encoder needs only tokenizer files.
-QWEN25_VL_IMAGE_PROCESSOR: dict = dict(
-    patch_size=14, temporal_patch_size=2, merge_size=2, min_pixels=3136, max_pixels=12845056,
-    image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-)
-# The special tokens the prompt template and the vision tower use, with their ids in the real vocabulary.
-QWEN25_VL_SPECIAL_TOKENS: dict[str, int] = {
-    "<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645, "<|object_ref_start|>": 151646,
-    "<|object_ref_end|>": 151647, "<|box_start|>": 151648, "<|box_end|>": 151649, "<|quad_start|>": 151650,
-    "<|quad_end|>": 151651, "<|vision_start|>": 151652, "<|vision_end|>": 151653, "<|vision_pad|>": 151654,
-    "<|image_pad|>": 151655, "<|video_pad|>": 151656,
-}
-
-
-def qwen25_vl_processor(tokenizer):
-    """A ``Qwen2VLProcessor`` from a Qwen2 tokenizer and the published Qwen2.5-VL image-processor numbers."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-
-    sizes = {k: v for k, v in QWEN25_VL_IMAGE_PROCESSOR.items() if k not in ("image_mean", "image_std")}
-    norm = dict(image_mean=QWEN25_VL_IMAGE_PROCESSOR["image_mean"], image_std=QWEN25_VL_IMAGE_PROCESSOR["image_std"])
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes, **norm), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(**sizes, **norm))
 
 
 def processor_from_tokenizer_dir(folder: str | Path):
