@@ -27,6 +27,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
     p.add_argument("--vae", help="VAE weights: a folder or a single file")
     p.add_argument("--text-encoder", help="Qwen2.5-VL text encoder: a folder or a single file")
+    p.add_argument("--tokenizer", help="folder with the Qwen2.5-VL tokenizer files (vocab.json, merges.txt, "
+                                       "tokenizer_config.json; a processor/ folder works too) for a single-file "
+                                       "text encoder (default: the model folder's, or files next to the text encoder)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA to apply (repeatable); strength defaults to 1.0")
     p.add_argument("--allow-partial-lora", action="store_true", help="apply a LoRA even if some keys do not match")
@@ -146,7 +149,7 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
         model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        settings=speed.model, transformer=args.transformer, vae=args.vae,
-                       text_encoder=args.text_encoder)
+                       text_encoder=args.text_encoder, tokenizer=args.tokenizer)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from . import _comfy, decode, encode, image, loaders, lora, sample, speed
 
 _comfy.register_model_folders()
+_comfy.install_example_inputs()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     **loaders.NODE_CLASS_MAPPINGS,

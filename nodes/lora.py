@@ -32,6 +32,14 @@ def unload_views() -> int:
     return len(live)
 
 
+def missing_lora_message(lora_name: str) -> str:
+    searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
+    have = _comfy.list_loras()
+    return (f"LoRA file '{lora_name}' not found (searched: {searched}). Put the LoRA file (.safetensors, made for "
+            "FireRed-Image-Edit / Qwen-Image-Edit) in ComfyUI/models/loras, then press R to refresh"
+            + (f"; installed: {', '.join(have[:10])}." if have else "; no LoRA file is installed yet."))
+
+
 class FireRedLoraLoader:
     NAME = "FireRed LoRA Loader"
     DESCRIPTION = ("Applies a LoRA from models/loras to the transformer, with a coverage report. Chain several "
@@ -66,6 +74,11 @@ class FireRedLoraLoader:
                            "in the report). Off: such a LoRA is refused, since it is probably for another model."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name: str) -> bool | str:
+        """Checked before the run, instead of ComfyUI's list check, so the message says where LoRA files go."""
+        return True if _comfy.find_lora(lora_name) else missing_lora_message(lora_name)
+
     def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
              allow_partial: bool) -> tuple[FireRedModel, str]:
         check_inputs(self.NAME, {"strength": strength}, {"strength": "lora_strength"})
@@ -73,9 +86,7 @@ class FireRedLoraLoader:
             check_relative_name(lora_name, "LoRA name")
         path = _comfy.find_lora(lora_name)
         if path is None:
-            searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
-            raise input_error(self.NAME, "lora_name", f"LoRA file '{lora_name}' not found (searched: {searched}). "
-                              "Put LoRA files in ComfyUI/models/loras.")
+            raise input_error(self.NAME, "lora_name", missing_lora_message(lora_name))
         spec = LoraSpec(path=path, strength=strength, name=lora_name)
         with blame(self.NAME, "lora_name", LoraError, FormatError):
             view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)

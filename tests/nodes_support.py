@@ -166,14 +166,27 @@ def check_value(kind, value) -> None:
         assert isinstance(value, expected[kind]), (kind, type(value))
 
 
+class PromptInvalid(AssertionError):
+    """ComfyUI would refuse the prompt before running it (the message is what its error dialog shows)."""
+
+
 def validate_inputs(cls, inputs: dict) -> None:
-    """ComfyUI's prompt validation of widget values: combos in their list, numbers within min/max."""
+    """ComfyUI's prompt validation of widget values: combos in their list, numbers within min/max; inputs a
+    ``VALIDATE_INPUTS`` names skip those checks and go to it instead (True, or the message ComfyUI shows)."""
+    import inspect
+
     spec = cls.INPUT_TYPES()
+    custom = getattr(cls, "VALIDATE_INPUTS", None)
+    own = inspect.getfullargspec(custom).args if custom else []
     for name in spec.get("required", {}):
         assert name in inputs, f"{cls.__name__}: required input {name} missing"
+    if custom:
+        verdict = custom(**{k: v for k, v in inputs.items() if k in own and not isinstance(v, list)})
+        if verdict is not True:
+            raise PromptInvalid(f"{cls.__name__}: {verdict}")
     for section in ("required", "optional"):
         for name, s in spec.get(section, {}).items():
-            if name not in inputs or isinstance(inputs[name], list) and not isinstance(s[0], list):
+            if name not in inputs or name in own or isinstance(inputs[name], list) and not isinstance(s[0], list):
                 continue
             value, options = inputs[name], (s[1] if len(s) > 1 else {})
             if isinstance(s[0], list):
