@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
@@ -54,7 +55,7 @@ def fast(api: dict) -> dict:
 def test_every_required_workflow_is_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"single_image_edit.json", "three_image_composition.json", "text_to_image.json", "seed_sweep.json",
-            "exact_size_edit.json", "lora_edit.json"} <= names
+            "exact_size_edit.json", "lora_edit.json", "masked_edit.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -93,6 +94,28 @@ def test_exact_size_workflow_keeps_odd_input_size(graph_env):
     wf = json.loads((S.ROOT / "workflows" / "exact_size_edit.json").read_text())
     S.execute(fast(graph_env(wf, size=(37, 23))))
     assert S.SaveImage.saved[-1].shape == (1, 23, 37, 3)
+
+
+def test_masked_workflow_keeps_every_pixel_outside_the_painted_mask(graph_env):
+    """A mask painted on an odd-sized picture (as LoadImage gives it: 1 = painted), grown by Grow Mask: outside the
+    grown mask the saved image is the input's own 8-bit pixels; inside it changed."""
+    wf = json.loads((S.ROOT / "workflows" / "masked_edit.json").read_text())
+    api = fast(graph_env(wf, size=(37, 23)))
+    load = next(n for n in api.values() if n["class_type"] == "LoadImage")["inputs"]["image"]
+    painted = torch.zeros(23, 37)
+    painted[6:14, 12:24] = 1
+    S.LoadImage.masks[load] = painted
+    try:
+        S.execute(api)
+    finally:
+        S.LoadImage.masks.clear()
+    grow = next(n for n in api.values() if n["class_type"] == "GrowMask")["inputs"]["expand"]
+    grown = S.GrowMask().expand_mask(painted[None], grow, True)[0][0].numpy() > 0
+    out = (S.SaveImage.saved[-1][0].numpy() * 255).round().astype(np.uint8)
+    src = np.asarray(S.LoadImage.pictures[load])
+    assert out.shape == src.shape == (23, 37, 3)
+    np.testing.assert_array_equal(out[~grown], src[~grown])
+    assert (out[grown] != src[grown]).mean() > 0.5
 
 
 def test_single_image_workflow_equals_headless_pipeline(graph_env, tiny_model_dir):
