@@ -46,6 +46,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
+    p.add_argument("--mask", metavar="FILE",
+                   help="confine the edit of the last image to a mask: white (or, with transparency, the "
+                        "transparent part, as ComfyUI's mask editor saves it) may change, black stays exactly as it "
+                        "is, grey partly; any size (stretched to the image). The output has the image's size")
+    p.add_argument("--feather", type=int, default=8, help="with --mask: pixels over which the edit fades in inside "
+                                                          "the mask's border (default 8; 0 = hard edge)")
+    p.add_argument("--color-match", choices=("off", "mean-std", "histogram"), default="off",
+                   help="with --mask: undo the edit's colour drift measured outside the mask (default off)")
+    p.add_argument("--pack", choices=("auto", "off"), default="auto",
+                   help="with more than 3 images: crop each to its region of interest and pack them into 2-3 "
+                        "composites, rewriting 'Picture N' / '图N' mentions (auto, default), or pass them as they "
+                        "are (off)")
+    p.add_argument("--box", action="append", default=[], metavar="N:X0,Y0,X1,Y1",
+                   help="region of interest of image N (1-based, pixels) for packing (repeatable); other images "
+                        "get an automatic proposal")
+    p.add_argument("--composites", type=int, default=None,
+                   help="number of composites when packing (1-3; default 2 for 4 images, 3 from 5)")
+    p.add_argument("--pack-megapixels", type=float, default=1.0,
+                   help="area of each composite in units of 1024x1024 pixels (default 1)")
+    p.add_argument("--no-roi", action="store_true", help="packing: keep images whole (no automatic cropping)")
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
@@ -76,6 +96,25 @@ def _apply_loras(transformer, args: argparse.Namespace) -> None:
     print(report.summary(), file=sys.stderr)
 
 
+def _pack(images: list, args: argparse.Namespace) -> tuple[list, str]:
+    """Pack more than 3 images into composites (``--pack auto``); print the mapping and the rewritten prompt."""
+    from .images import pil_to_tensor, tensor_to_pil
+    from .packing import PackError, pack_pictures, parse_boxes
+
+    if args.mask:
+        raise PackError("--mask applies to the edited (last) image, which packing would merge into a composite; "
+                        "use --pack off with --mask, or give at most 3 images")
+    if not 0.05 <= args.pack_megapixels <= 16:
+        raise PackError(f"--pack-megapixels {args.pack_megapixels} must be within 0.05..16")
+    result = pack_pictures([pil_to_tensor(i) for i in images], boxes=parse_boxes(";".join(args.box)),
+                           composites=args.composites, area=args.pack_megapixels * 1024 * 1024,
+                           auto_roi=not args.no_roi)
+    prompt = result.rewrite(args.prompt)
+    print(f"packed {len(images)} images into {len(result.composites)} composites:\n{result.table()}\n"
+          f"instruction: {prompt}", file=sys.stderr)
+    return [tensor_to_pil(c) for c in result.composites], prompt
+
+
 def _output_paths(output: str, count: int) -> list[Path]:
     out = Path(output)
     if count == 1:
@@ -98,7 +137,19 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise ValueError(f"--{name} {value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+    if args.feather < 0:
+        raise ValueError(f"--feather {args.feather} must be >= 0 pixels")
     images = [load_image(p) for p in args.image]
+    prompt = args.prompt
+    if len(images) > 3 and args.pack == "auto":
+        images, prompt = _pack(images, args)
+    mask = None
+    if args.mask:
+        from .masks import load_mask
+
+        if not images:
+            raise ValueError("--mask needs an image (-i) to edit")
+        mask = load_mask(args.mask)
     demo = args.model is None and not (args.transformer and args.vae and args.text_encoder)
     if demo:
         print(DEMO_NOTE, file=sys.stderr)
@@ -119,10 +170,10 @@ def run(args: argparse.Namespace) -> list[Path]:
     from .speed import from_args
 
     result = EditPipeline(model, from_args(args)).edit(
-        images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
+        images, prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
         prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
-        callback=lambda info: bar.update(1))
+        callback=lambda info: bar.update(1), mask=mask, feather=args.feather, color_match=args.color_match)
     bar.close()
     paths = _output_paths(args.output, len(result.images))
     for img, path in zip(result.images, paths):

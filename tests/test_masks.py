@@ -163,3 +163,23 @@ def test_mask_rules(tmp_path):
     half[..., 16:] = 0.5
     tokens = M.token_mask(half)
     assert tokens.shape == (1, 2, 1) and tokens[0, :, 0].tolist() == [0.0, 0.5]
+
+
+def test_cli_mask_file_keeps_outside_pixels(tiny_model_dir, make_image, tmp_path, capsys):
+    from firered_core import cli
+
+    picture = make_image(45, 30, seed=5)
+    picture.save(tmp_path / "in.png")
+    painted = np.full((15, 22, 4), 255, np.uint8)  # a half-size mask painted in ComfyUI's mask editor
+    painted[4:10, 6:16, 3] = 0
+    Image.fromarray(painted, "RGBA").save(tmp_path / "mask.png")
+    out = tmp_path / "out.png"
+    assert cli.main(["--model", str(tiny_model_dir), "-i", str(tmp_path / "in.png"), "-p", "red", "--mask",
+                     str(tmp_path / "mask.png"), "--feather", "3", "--color-match", "histogram", "--steps", "2",
+                     "--vl-area", str(56 * 56), "--vae-area", str(64 * 64), "--width", "64", "--height", "48",
+                     "-o", str(out)]) == 0
+    mask = M.resize_mask(M.load_mask(tmp_path / "mask.png"), 45, 30)[0]
+    check_confined(type("R", (), {"images": [Image.open(out)]}), picture, mask)
+    assert cli.main(["--model", str(tiny_model_dir), "-i", str(tmp_path / "in.png"), "-p", "x", "--mask",
+                     str(tmp_path / "nope.png"), "-o", str(out)]) == 2
+    assert "nope.png" in capsys.readouterr().err

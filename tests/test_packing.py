@@ -139,3 +139,22 @@ def test_grids_name_rows_and_columns():
     assert [p.mention("zh") for p in result.placements][-1] == "图1中的第四项（右下）"
     h, w, _ = result.composites[0].shape
     assert (w, h) == (1024, 1024)
+
+
+def test_cli_packs_more_than_three_images(tiny_model_dir, tmp_path, capsys):
+    from firered_core import cli
+    from firered_core.images import tensor_to_pil
+
+    paths = []
+    for k, img in enumerate(objects(5)):
+        paths += ["-i", str(tmp_path / f"p{k}.png")]
+        tensor_to_pil(img).save(paths[-1])
+    out = tmp_path / "out.png"
+    code = cli.main(["--model", str(tiny_model_dir), *paths, "-p", "Put Picture 5 into 图1", "--box", "2:0,0,100,150",
+                     "--pack-megapixels", "0.05", "--steps", "1", "--true-cfg", "1", "--vl-area", str(56 * 56),
+                     "--vae-area", str(64 * 64), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 0 and out.is_file()
+    assert "packed 5 images into 3 composites" in err
+    assert "instruction: Put the second item (right) of Picture 3 into 图1中的第一项（左）" in err
+    assert "0,0,100,150" in err and "box" in err
