@@ -17,7 +17,8 @@ import nodes_support as S  # noqa: E402
 WORKFLOWS = sorted((S.ROOT / "workflows").glob("*.json"))
 # Small sizes for speed: these tests are about the graphs, not the default sizes.
 FAST = {"FireRedSampler": {"steps": 2}, "FireRedReferenceImages": {"vl_size": 56, "vae_size": 64},
-        "FireRedImageSize": {"megapixels": 0.01, "width": 40, "height": 24}}
+        "FireRedImageSize": {"megapixels": 0.01, "width": 40, "height": 24},
+        "FireRedPackPictures": {"megapixels": 0.05}}
 
 
 @pytest.fixture
@@ -55,7 +56,8 @@ def fast(api: dict) -> dict:
 def test_every_required_workflow_is_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"single_image_edit.json", "three_image_composition.json", "text_to_image.json", "seed_sweep.json",
-            "exact_size_edit.json", "lora_edit.json", "masked_edit.json"} <= names
+            "exact_size_edit.json", "lora_edit.json", "masked_edit.json",
+            "five_picture_composition.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -116,6 +118,24 @@ def test_masked_workflow_keeps_every_pixel_outside_the_painted_mask(graph_env):
     assert out.shape == src.shape == (23, 37, 3)
     np.testing.assert_array_equal(out[~grown], src[~grown])
     assert (out[grown] != src[grown]).mean() > 0.5
+
+
+def test_five_picture_workflow_packs_and_rewrites_the_instruction(graph_env):
+    from firered_core import packing
+
+    wf = json.loads((S.ROOT / "workflows" / "five_picture_composition.json").read_text())
+    api = fast(graph_env(wf))
+    results = S.execute(api)
+    pack_id = next(k for k, n in api.items() if n["class_type"] == "FireRedPackPictures")
+    composites = [c for c in results[pack_id][:3] if c is not None]
+    assert len(composites) == 3  # auto: 3 composites for 5 pictures
+    original = api[pack_id]["inputs"]["prompt"]
+    rewritten, table = results[pack_id][3:]
+    assert packing.mentions(original) == [4, 5, 1, 2, 3] and "Picture 4" not in rewritten
+    assert "Picture 3" in rewritten and table in S.PreviewAny.shown
+    encode = next(k for k, n in api.items() if n["class_type"] == "FireRedEncodeInstruction"
+                  and n["inputs"]["prompt"] == [pack_id, 3])
+    assert results[encode][0].prompt == rewritten
 
 
 def test_single_image_workflow_equals_headless_pipeline(graph_env, tiny_model_dir):
