@@ -17,8 +17,8 @@ DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model
              "the pipeline runs end to end, but the output image is noise.")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the model comes from and how it is placed (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("--model", help="Hugging Face layout folder (model_index.json, transformer/, vae/, ...); "
                                    "omit to run the tiny demo model")
     p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
@@ -33,9 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gguf-mode", choices=("runtime", "load"), default="runtime",
                    help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
                         "size, default), or dequantise everything at load")
-    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
-                                                                       "none = text-to-image)")
-    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
+                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--offload", choices=("none", "model"), default="none",
+                   help="'model' keeps each component on the CPU until it runs")
+
+
+def add_edit_arguments(p: argparse.ArgumentParser) -> None:
+    """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
     p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
@@ -46,6 +52,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
+    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
+    p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
+    p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
+    p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
+                   help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
+
+
+def add_mask_and_pack_arguments(p: argparse.ArgumentParser) -> None:
+    """Masked edits (``masks``) and packing more than 3 images (``packing``)."""
     p.add_argument("--mask", metavar="FILE",
                    help="confine the edit of the last image to a mask: white (or, with transparency, the "
                         "transparent part, as ComfyUI's mask editor saves it) may change, black stays exactly as it "
@@ -66,17 +81,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-megapixels", type=float, default=1.0,
                    help="area of each composite in units of 1024x1024 pixels (default 1)")
     p.add_argument("--no-roi", action="store_true", help="packing: keep images whole (no automatic cropping)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
+    add_model_arguments(p)
+    p.add_argument("-i", "--image", action="append", default=[], help="input image (repeatable, 1-3 recommended; "
+                                                                       "none = text-to-image)")
+    p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
+    add_edit_arguments(p)
+    add_mask_and_pack_arguments(p)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
-    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
-    p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
-    p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
-    p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
-                   help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
-    p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
-                   help="compute dtype (default bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=("none", "model"), default="none",
-                   help="'model' keeps each component on the CPU until it runs")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
     from .speed import add_arguments
@@ -122,21 +137,49 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def run(args: argparse.Namespace) -> list[Path]:
-    import torch
-    from tqdm import tqdm
-
-    from .images import load_image
-    from .model import load_model
-    from .pipeline import EditPipeline
-    from .demo_models import build_model, default_demo_dir
-
+def check_size_args(args: argparse.Namespace) -> None:
     for name in ("width", "height"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 16):
             raise ValueError(f"--{name} {value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = args.dtype or ("bf16" if device.startswith("cuda") else "fp32")
+
+
+def is_demo(args: argparse.Namespace) -> bool:
+    return args.model is None and not (args.transformer and args.vae and args.text_encoder)
+
+
+def load_from_args(args: argparse.Namespace, device: str | None = None):
+    """The model the model arguments name (the demo model without ``--model``), LoRAs applied, and the default
+    step count for it (40; 8 for the demo). ``device`` overrides ``--device`` (one GPU per process in a sharded
+    run)."""
+    import torch
+
+    from .demo_models import build_model, default_demo_dir
+    from .model import load_model
+
+    device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    if is_demo(args):
+        print(DEMO_NOTE, file=sys.stderr)
+        model_dir, steps = build_model(default_demo_dir(), "tiny"), 8
+    else:
+        model_dir, steps = args.model, 40
+    model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
+                       transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
+    if args.transformer:
+        model.get("transformer")  # a bad single file fails here, before anything is encoded
+    if args.lora:
+        _apply_loras(model.transformer, args)
+    return model, args.steps or steps
+
+
+def run(args: argparse.Namespace) -> list[Path]:
+    from tqdm import tqdm
+
+    from .images import load_image
+    from .pipeline import EditPipeline
+
+    check_size_args(args)
     if args.feather < 0:
         raise ValueError(f"--feather {args.feather} must be >= 0 pixels")
     images = [load_image(p) for p in args.image]
@@ -150,19 +193,8 @@ def run(args: argparse.Namespace) -> list[Path]:
         if not images:
             raise ValueError("--mask needs an image (-i) to edit")
         mask = load_mask(args.mask)
-    demo = args.model is None and not (args.transformer and args.vae and args.text_encoder)
-    if demo:
-        print(DEMO_NOTE, file=sys.stderr)
-        model_dir = build_model(default_demo_dir(), "tiny")
-        steps = args.steps or 8
-    else:
-        model_dir, steps = args.model, args.steps or 40
-    model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
-                       transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
-    if args.transformer:
-        model.get("transformer")  # a bad single file fails here, before anything is encoded
-    if args.lora:
-        _apply_loras(model.transformer, args)
+    demo = is_demo(args)
+    model, steps = load_from_args(args)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256
