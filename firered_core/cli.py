@@ -81,6 +81,13 @@ def add_mask_and_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pack-megapixels", type=float, default=1.0,
                    help="area of each composite in units of 1024x1024 pixels (default 1)")
     p.add_argument("--no-roi", action="store_true", help="packing: keep images whole (no automatic cropping)")
+    p.add_argument("--recaption-url", default=None,
+                   help="packing: rephrase the rewritten instruction through this OpenAI-compatible endpoint "
+                        "(e.g. https://api.openai.com/v1; off by default; replies cached, failures retried)")
+    p.add_argument("--recaption-model", default=None, help="packing: the endpoint's model name")
+    p.add_argument("--recaption-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
+    p.add_argument("--recaption-images", action="store_true", help="packing: send the composites with the request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,6 +134,13 @@ def _pack(images: list, args: argparse.Namespace) -> tuple[list, str]:
     prompt = result.rewrite(args.prompt)
     print(f"packed {len(images)} images into {len(result.composites)} composites:\n{result.table()}\n"
           f"instruction: {prompt}", file=sys.stderr)
+    if args.recaption_url or args.recaption_model:
+        from .llm import ChatClient
+        from .recaption import endpoint, recaption
+
+        client = ChatClient(endpoint(args.recaption_url, args.recaption_model, args.recaption_key_env))
+        prompt = recaption(client, args.prompt, prompt, result, with_images=args.recaption_images)
+        print(f"recaptioned instruction: {prompt}", file=sys.stderr)
     return [tensor_to_pil(c) for c in result.composites], prompt
 
 

@@ -57,11 +57,22 @@ class FireRedPackPictures:
                                      "tooltip": "Optional regions of interest, one per line: 'N: x0,y0,x1,y1' in "
                                                 "pixels of picture N, e.g. '5: 10,20,300,400'."}),
             },
-            "optional": {f"image{k}": ("IMAGE", {"tooltip": slot.format(k)}) for k in range(2, SLOTS + 1)},
+            "optional": {
+                **{f"image{k}": ("IMAGE", {"tooltip": slot.format(k)}) for k in range(2, SLOTS + 1)},
+                "recaption_url": ("STRING", {"default": "",
+                                             "tooltip": "Optional: an OpenAI-compatible endpoint (e.g. "
+                                                        "https://api.openai.com/v1) that rephrases the rewritten "
+                                                        "instruction naturally. Empty = off. Replies are cached."}),
+                "recaption_model": ("STRING", {"default": "", "tooltip": "The endpoint's model name."}),
+                "recaption_key_env": ("STRING", {"default": "OPENAI_API_KEY",
+                                                 "tooltip": "Environment variable holding the API key (the key "
+                                                            "itself is never stored in the workflow)."}),
+            },
         }
 
     def pack(self, image1: torch.Tensor, prompt: str, composites: str, megapixels: float, auto_crop: bool,
-             boxes: str, **images: torch.Tensor | None) -> tuple:
+             boxes: str, recaption_url: str = "", recaption_model: str = "",
+             recaption_key_env: str = "OPENAI_API_KEY", **images: torch.Tensor | None) -> tuple:
         pictures = []
         for name, image in (("image1", image1), *((f"image{k}", images.get(f"image{k}")) for k in range(2, SLOTS + 1))):
             if image is not None:
@@ -75,6 +86,13 @@ class FireRedPackPictures:
                                       area=megapixels * 1024 * 1024, auto_roi=auto_crop)
         with blame(self.NAME, "prompt"):
             rewritten = result.rewrite(prompt)
+        if recaption_url.strip() or recaption_model.strip():
+            from firered_core.llm import ChatClient
+            from firered_core.recaption import endpoint, recaption
+
+            with blame(self.NAME, "recaption_url"):
+                client = ChatClient(endpoint(recaption_url.strip(), recaption_model.strip(), recaption_key_env))
+                rewritten = recaption(client, prompt, rewritten, result)
         table = result.table()
         log.info("%s: %d pictures -> %d composites\n%s\ninstruction: %s", self.NAME, len(pictures),
                  len(result.composites), table, rewritten)
