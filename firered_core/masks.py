@@ -75,15 +75,9 @@ def mask_from_pil(img: Image.Image) -> torch.Tensor:
 
 def load_mask(path: str | Path) -> torch.Tensor:
     """Read a mask file by the module's rule; raise :class:`MaskError` naming the file on failure."""
-    path = Path(path)
-    if not path.is_file():
-        raise MaskError(f"mask not found: {path}")
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return mask_from_pil(img)
-    except (OSError, SyntaxError) as exc:
-        raise MaskError(f"cannot read mask {path}: {exc}") from exc
+    from .images import open_image
+
+    return mask_from_pil(open_image(path, MaskError, "mask"))
 
 
 def resize_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
