@@ -3,7 +3,8 @@
 Convention (ComfyUI's): a mask is float in 0..1, 1 = may change, 0 = keep; grey = partially editable.
 
 1. **Resize rule.** A mask of another size than its image is stretched to the image's width and height (bilinear,
-   antialiased when shrinking, as ComfyUI stretches a mask onto a latent), then clamped to 0..1. A mask file is
+   antialiased when shrinking, as ComfyUI stretches a mask onto a latent), then clamped to 0..1 (values within 1e-4
+   of 0 or 1 snapped to them). A mask file is
    read as ``1 - alpha`` when it has transparency (what ComfyUI's mask editor writes; LoadImage's convention),
    else as its luminance (white = edit).
 2. **Latent blending.** The mask is max-pooled onto the 16x16-pixel token grid (a token touching the mask may
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 COLOR_MATCH = ("off", "mean-std", "histogram")
 TOKEN_PIXELS = 16  # one packed token covers 16 x 16 pixels (VAE 8x, 2x2 patch)
 MIN_OUTSIDE_PIXELS = 64
+SNAP = 1e-4  # resized mask values this close to 0 or 1 are 0 or 1
 
 
 class MaskError(FireRedError):
@@ -87,7 +89,9 @@ def resize_mask(mask: torch.Tensor, width: int, height: int) -> torch.Tensor:
         return mask
     shrink = width < mask.shape[2] or height < mask.shape[1]
     out = F.interpolate(mask[:, None], size=(height, width), mode="bilinear", align_corners=False, antialias=shrink)
-    return out[:, 0].clamp(0, 1)
+    out = out[:, 0].clamp(0, 1)
+    # float round-off of the filter must not turn "keep" into "barely change" (or "edit" into "almost edit")
+    return torch.where(out < SNAP, 0.0, torch.where(out > 1 - SNAP, 1.0, out))
 
 
 def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:

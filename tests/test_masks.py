@@ -183,3 +183,26 @@ def test_cli_mask_file_keeps_outside_pixels(tiny_model_dir, make_image, tmp_path
     assert cli.main(["--model", str(tiny_model_dir), "-i", str(tmp_path / "in.png"), "-p", "x", "--mask",
                      str(tmp_path / "nope.png"), "-o", str(out)]) == 2
     assert "nope.png" in capsys.readouterr().err
+
+
+def test_nodes_pad_mask_and_masked_composite():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import nodes_support as S
+    from firered_core.geometry import pad_record
+
+    classes = S.classes()
+    record = pad_record(37, 23)
+    (padded,) = classes["FireRedPadMask"]().pad(torch.ones(1, 64, 64), record)  # LoadImage's empty-size mask
+    assert padded.shape == (1, record.padded_height, record.padded_width) and padded.min() == 1
+    source, edited = torch.rand(1, 23, 37, 3), torch.rand(2, 48, 64, 3)  # another size: resized to the source
+    mask = box_mask(37, 23)
+    (out,) = classes["FireRedMaskedComposite"]().composite(edited, source, mask[None], 2, "mean-std")
+    assert out.shape == (2, 23, 37, 3)
+    assert torch.equal(out[:, mask == 0], source.expand(2, -1, -1, -1)[:, mask == 0])
+    with pytest.raises(ValueError, match="FireRed Masked Composite: input 'source'"):
+        classes["FireRedMaskedComposite"]().composite(edited, torch.rand(3, 23, 37, 3), mask[None], 0, "off")
+    with pytest.raises(ValueError, match="input 'mask'.*3 masks for 2 images"):
+        classes["FireRedMaskedComposite"]().composite(edited, source, torch.zeros(3, 23, 37), 0, "off")
