@@ -152,7 +152,7 @@ def test_cli_packs_more_than_three_images(tiny_model_dir, tmp_path, capsys):
     out = tmp_path / "out.png"
     code = cli.main(["--model", str(tiny_model_dir), *paths, "-p", "Put Picture 5 into 图1", "--box", "2:0,0,100,150",
                      "--pack-megapixels", "0.05", "--steps", "1", "--true-cfg", "1", "--vl-area", str(56 * 56),
-                     "--vae-area", str(64 * 64), "-o", str(out)])
+                     "--vae-area", str(64 * 64), "--width", "64", "--height", "48", "-o", str(out)])
     err = capsys.readouterr().err
     assert code == 0 and out.is_file()
     assert "packed 5 images into 3 composites" in err

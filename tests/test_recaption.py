@@ -88,7 +88,7 @@ def test_cli_recaptions_the_packed_instruction(tiny_model_dir, tmp_path, capsys,
     with FakeOpenAI(responder=lambda body: Reply.text("The man of Picture 1 wears the hat of Picture 2")) as fake:
         code = cli.main(["--model", str(tiny_model_dir), *paths, "-p", ORIGINAL, "--pack-megapixels", "0.05",
                          "--steps", "1", "--true-cfg", "1", "--vl-area", str(56 * 56), "--vae-area", str(64 * 64),
-                         "--recaption-url", fake.url, "--recaption-model", "m", "-o", str(tmp_path / "o.png")])
+                         "--recaption-url", fake.url, "--recaption-model", "m", "--width", "64", "--height", "48", "-o", str(tmp_path / "o.png")])
         assert fake.calls == 1
     assert code == 0
     assert "recaptioned instruction: The man of Picture 1 wears the hat of Picture 2" in capsys.readouterr().err
