@@ -66,7 +66,8 @@ def worker(variant: str, args) -> dict:
         settings = dict(VARIANTS[variant])
         if variant.startswith("cache"):
             settings["cache_threshold"] = args.cache_threshold
-        pipe = EditPipeline(load_model(args.model_dir), SpeedSettings.from_dict(settings))
+        speed = SpeedSettings.from_flat(settings)
+        pipe = EditPipeline(load_model(args.model_dir, settings=speed.model), speed.run)
         for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
             pipe.model.get(name)
         calls: list[int] = []

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import InputError
+
 from .transformer_forward import BlockCall
 
 
@@ -30,7 +32,7 @@ class BlockCacheConfig:
 
     def __post_init__(self) -> None:
         if self.first < 1 or self.last < 0 or self.warmup < 0 or self.max_consecutive < 0 or self.threshold < 0:
-            raise ValueError(f"invalid block cache settings: {self}")
+            raise InputError(f"invalid block cache settings: {self}")
 
 
 @dataclass
@@ -55,9 +57,6 @@ class BlockCache:
     def __init__(self, config: BlockCacheConfig):
         self.config = config
         self.branches: dict[str, _Branch] = {}
-
-    def reset(self) -> None:
-        self.branches.clear()
 
     def loop(self, branch: str):
         state = self.branches.setdefault(branch, _Branch())

@@ -16,23 +16,9 @@ from .conditioning import PromptEmbeds
 log = logging.getLogger(__name__)
 
 
-def _full_mask(p: PromptEmbeds) -> torch.Tensor:
-    if p.mask is not None:
-        return p.mask.long()
-    return torch.ones(p.embeds.shape[:2], dtype=torch.long, device=p.embeds.device)
-
-
-def _pad(x: torch.Tensor, length: int) -> torch.Tensor:
-    extra = length - x.shape[1]
-    return x if extra == 0 else torch.cat([x, x.new_zeros(x.shape[0], extra, *x.shape[2:])], dim=1)
-
-
 def stack_prompts(*prompts: PromptEmbeds) -> PromptEmbeds:
     """Concatenate along the batch, padding to the longest; the mask is None only when nothing is padded."""
-    length = max(p.embeds.shape[1] for p in prompts)
-    embeds = torch.cat([_pad(p.embeds, length) for p in prompts])
-    mask = torch.cat([_pad(_full_mask(p), length) for p in prompts])
-    return PromptEmbeds(embeds, None if bool(mask.all()) else mask)
+    return PromptEmbeds.from_pieces([piece for p in prompts for piece in p.pieces()])
 
 
 def _is_oom(exc: BaseException) -> bool:

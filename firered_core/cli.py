@@ -11,7 +11,11 @@ import logging
 import sys
 from pathlib import Path
 
+from .conditioning import PROMPT_MODES
+from .formats import GGUF_MODES
 from .geometry import VAE_AREA, VL_AREA
+from .errors import InputError
+from .model import OFFLOAD_MODES
 
 DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model (random weights): "
              "the pipeline runs end to end, but the output image is noise.")
@@ -30,13 +34,13 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-mode", choices=("merge", "adapter"), default=None,
                    help="merge LoRAs into the weights, or run them as adapters (default: merge; adapter for a "
                         "runtime GGUF transformer, whose packed layers cannot be merged into)")
-    p.add_argument("--gguf-mode", choices=("runtime", "load"), default="runtime",
+    p.add_argument("--gguf-mode", choices=GGUF_MODES, default=GGUF_MODES[0],
                    help="GGUF transformer: keep weights packed and decode them per layer at run time (memory ~ file "
                         "size, default), or dequantise everything at load")
     p.add_argument("--dtype", default=None, choices=("fp32", "bf16", "fp16"),
                    help="compute dtype (default bf16 on GPU, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
-    p.add_argument("--offload", choices=("none", "model"), default="none",
+    p.add_argument("--offload", choices=OFFLOAD_MODES, default=OFFLOAD_MODES[0],
                    help="'model' keeps each component on the CPU until it runs")
 
 
@@ -55,7 +59,7 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
-    p.add_argument("--prompt-mode", choices=("pipeline", "chat"), default="pipeline",
+    p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
                    help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
 
 
@@ -152,10 +156,10 @@ def _output_paths(output: str, count: int) -> list[Path]:
 
 
 def check_size_args(args: argparse.Namespace) -> None:
-    for name in ("width", "height"):
-        value = getattr(args, name)
-        if value is not None and (value <= 0 or value % 16):
-            raise ValueError(f"--{name} {value} is not a positive multiple of 16 (try {max(16, round(value / 16) * 16)})")
+    from .geometry import LATENT_MULTIPLE, check_size
+
+    check_size(LATENT_MULTIPLE if args.width is None else args.width,
+               LATENT_MULTIPLE if args.height is None else args.height)
 
 
 def is_demo(args: argparse.Namespace) -> bool:
@@ -170,6 +174,7 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
 
     from .demo_models import build_model, default_demo_dir
     from .model import load_model
+    from .speed import from_args
 
     device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
@@ -179,7 +184,8 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
     else:
         model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
-                       transformer=args.transformer, vae=args.vae, text_encoder=args.text_encoder)
+                       settings=from_args(args).model, transformer=args.transformer, vae=args.vae,
+                       text_encoder=args.text_encoder)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
@@ -195,7 +201,7 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     check_size_args(args)
     if args.feather < 0:
-        raise ValueError(f"--feather {args.feather} must be >= 0 pixels")
+        raise InputError(f"--feather {args.feather} must be >= 0 pixels", field="feather")
     images = [load_image(p) for p in args.image]
     prompt = args.prompt
     if len(images) > 3 and args.pack == "auto":
@@ -205,7 +211,7 @@ def run(args: argparse.Namespace) -> list[Path]:
         from .masks import load_mask
 
         if not images:
-            raise ValueError("--mask needs an image (-i) to edit")
+            raise InputError("--mask needs an image (-i) to edit", field="mask")
         mask = load_mask(args.mask)
     demo = is_demo(args)
     model, steps = load_from_args(args)
@@ -215,7 +221,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     bar = tqdm(total=steps, desc="sampling", unit="step")
     from .speed import from_args
 
-    result = EditPipeline(model, from_args(args)).edit(
+    result = EditPipeline(model, from_args(args).run).edit(
         images, prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
         prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
@@ -230,16 +236,15 @@ def run(args: argparse.Namespace) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Bad input (a :class:`FireRedError`, or an OS error on a user's file) is one line and exit status 2; anything
+    else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .formats import FormatError
-    from .images import ImageInputError
-    from .lora import LoraError
-    from .model import ModelError
+    from .errors import FireRedError
 
     try:
         run(args)
-    except (ModelError, FormatError, LoraError, ImageInputError, ValueError, FileNotFoundError) as exc:
+    except (FireRedError, OSError) as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"firered-edit: error: {message}", file=sys.stderr)
         return 2

@@ -11,23 +11,24 @@ from __future__ import annotations
 import torch
 
 from . import latents as L
+from .errors import InputError
 
 CHANNELS = 16
 
 
 def check_raw(samples: torch.Tensor) -> torch.Tensor:
-    """Validate a LATENT's ``samples`` and return it 5-D ``[B, 16, 1, h, w]``; raise ValueError saying what is wrong."""
+    """Validate a LATENT's ``samples`` and return it 5-D ``[B, 16, 1, h, w]``; raise InputError saying what is wrong."""
     if not isinstance(samples, torch.Tensor):
-        raise ValueError(f"expected a tensor, got {type(samples).__name__}")
+        raise InputError(f"expected a tensor, got {type(samples).__name__}")
     if samples.ndim == 4:
         samples = samples.unsqueeze(2)
     if samples.ndim != 5:
-        raise ValueError(f"expected a 4-D or 5-D latent, got shape {tuple(samples.shape)}")
+        raise InputError(f"expected a 4-D or 5-D latent, got shape {tuple(samples.shape)}")
     if samples.shape[1] != CHANNELS:
-        raise ValueError(f"this latent has {samples.shape[1]} channels; FireRed's VAE (Wan 2.1) uses {CHANNELS} "
+        raise InputError(f"this latent has {samples.shape[1]} channels; FireRed's VAE (Wan 2.1) uses {CHANNELS} "
                          "(was it made for another model family?)")
     if samples.shape[2] != 1:
-        raise ValueError(f"this latent has {samples.shape[2]} frames; FireRed edits single images (1 frame)")
+        raise InputError(f"this latent has {samples.shape[2]} frames; FireRed edits single images (1 frame)")
     return samples
 
 

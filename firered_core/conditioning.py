@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from .errors import InputError
+
 EDIT_SYSTEM = (
     "Describe the key features of the input image (color, shape, size, texture, objects, background), then explain "
     "how the user's text instruction should alter or modify the image. Generate a new image that meets the user's "
@@ -36,6 +38,21 @@ class PromptEmbeds:
     embeds: torch.Tensor
     mask: torch.Tensor | None
 
+    @classmethod
+    def from_pieces(cls, pieces: list[torch.Tensor]) -> "PromptEmbeds":
+        """Per-prompt [L_i, D] -> [B, L, D] right-padded with zeros to the longest; the mask is None when nothing is
+        padded (the one padding routine: conditioning, the embedding cache and CFG stacking all use it)."""
+        length = max(p.shape[0] for p in pieces)
+        embeds = torch.stack([torch.cat([p, p.new_zeros(length - p.shape[0], *p.shape[1:])]) for p in pieces])
+        mask = torch.stack([torch.arange(length, device=embeds.device) < p.shape[0] for p in pieces]).long()
+        return cls(embeds, None if bool(mask.all()) else mask)
+
+    def pieces(self) -> list[torch.Tensor]:
+        """Each prompt's valid rows [L_i, D] (the padding stripped): the inverse of :meth:`from_pieces`."""
+        if self.mask is None:
+            return list(self.embeds)
+        return [e[: int(m.sum())] for e, m in zip(self.embeds, self.mask)]
+
     def repeat(self, n: int) -> "PromptEmbeds":
         """Each prompt ``n`` times in a row (``num_images_per_prompt``)."""
         if n == 1:
@@ -51,7 +68,7 @@ class PromptEmbeds:
 def build_text(prompt: str, num_images: int, mode: str = "pipeline") -> tuple[str, int]:
     """The full text the VL model reads for ``prompt`` with ``num_images`` images, and how many tokens to drop."""
     if mode not in PROMPT_MODES:
-        raise ValueError(f"prompt mode {mode!r} is not one of {PROMPT_MODES}")
+        raise InputError(f"prompt mode {mode!r} is not one of {PROMPT_MODES}", field="prompt_mode")
     if num_images == 0:
         system, drop, images = T2I_SYSTEM, T2I_DROP, ""
     elif mode == "pipeline":
@@ -75,12 +92,12 @@ def tokenize(processor, prompts: list[str], images: list[Image.Image] | None, mo
 
 
 @torch.no_grad()
-def encode_prompts(text_encoder, processor, prompts: list[str] | str, images: list[Image.Image] | None = None,
-                   mode: str = "pipeline", device=None, dtype=None) -> PromptEmbeds:
-    """Encode instructions with the VL model; keep the last hidden state of valid tokens after the template drop.
+def encode_prompt_pieces(text_encoder, processor, prompts: list[str] | str, images: list[Image.Image] | None = None,
+                         mode: str = "pipeline", device=None, dtype=None) -> list[torch.Tensor]:
+    """Encode instructions with the VL model: per prompt, the last hidden state of its valid tokens after the
+    template drop, [L_i, D] in ``dtype`` (default: the encoder's).
 
     ``images`` are the VL-sized reference copies (``RefImages.vl_images``); every prompt sees all of them.
-    Prompts of different lengths are right-padded with zeros and masked.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = device or next(text_encoder.parameters()).device
@@ -91,11 +108,13 @@ def encode_prompts(text_encoder, processor, prompts: list[str] | str, images: li
         pixel_values=inputs.get("pixel_values"), image_grid_thw=inputs.get("image_grid_thw"),
         output_hidden_states=True,
     )
-    hidden = out.hidden_states[-1]
+    hidden = out.hidden_states[-1].to(dtype=dtype or text_encoder.dtype)
     keep = inputs["attention_mask"].bool()
-    pieces = [h[m][drop:] for h, m in zip(hidden, keep)]
-    length = max(p.shape[0] for p in pieces)
-    embeds = torch.stack([torch.cat([p, p.new_zeros(length - p.shape[0], p.shape[1])]) for p in pieces])
-    mask = torch.stack([torch.arange(length, device=embeds.device) < p.shape[0] for p in pieces]).long()
-    embeds = embeds.to(dtype=dtype or text_encoder.dtype)
-    return PromptEmbeds(embeds, None if bool(mask.all()) else mask)
+    return [h[m][drop:] for h, m in zip(hidden, keep)]
+
+
+def encode_prompts(text_encoder, processor, prompts: list[str] | str, images: list[Image.Image] | None = None,
+                   mode: str = "pipeline", device=None, dtype=None) -> PromptEmbeds:
+    """:func:`encode_prompt_pieces` as one batch, right-padded with zeros and masked."""
+    return PromptEmbeds.from_pieces(encode_prompt_pieces(text_encoder, processor, prompts, images, mode, device,
+                                                         dtype))

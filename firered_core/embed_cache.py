@@ -9,7 +9,7 @@ One disk format for inference and training: ``<dir>/<key[:2]>/<key>.safetensors`
 ``embeds`` [L, D] (one prompt, valid tokens only, after the template drop) and string metadata ``prompt``, ``mode``,
 ``model``, ``images`` (comma-joined image hashes) and ``format`` = ``firered-embeds/1``, written atomically with a
 sorted header (byte-stable). Inference writes it through :class:`EmbedCache` with a ``disk`` folder
-(``SpeedSettings.embed_cache_dir``, CLI ``--embed-cache-dir``); the training extractor
+(``ModelSettings.embed_cache_dir``, CLI ``--embed-cache-dir``); the training extractor
 (``firered_core/training/extract.py``) writes ``<extraction>/embeds`` through the same class, and its row files
 only reference keys. Either side reuses the other's files: inference pointed at an extraction's ``embeds`` folder does
 not run the VL encoder for an extracted (instruction, references, ``vl_area``, prompt mode), and an extraction finds
@@ -117,14 +117,6 @@ def load_embeds(path: str | Path) -> torch.Tensor | None:
         return f.get_tensor("embeds")
 
 
-def pad_embeds(pieces: list[torch.Tensor]) -> PromptEmbeds:
-    """Per-prompt [L_i, D] -> [B, L, D] right-padded with zeros and masked, as ``encode_prompts`` returns them."""
-    length = max(p.shape[0] for p in pieces)
-    embeds = torch.stack([torch.cat([p, p.new_zeros(length - p.shape[0], p.shape[1])]) for p in pieces])
-    mask = torch.stack([torch.arange(length, device=embeds.device) < p.shape[0] for p in pieces]).long()
-    return PromptEmbeds(embeds, None if bool(mask.all()) else mask)
-
-
 class EmbedCache:
     """Memory LRU of per-prompt embeddings, optionally backed by a disk folder. Counts what it encoded."""
 
@@ -156,15 +148,17 @@ class EmbedCache:
             while len(self.items) > self.max_items:
                 self.items.popitem(last=False)
 
-    def encode(self, encode_fn, text_encoder, prompts: list[str], images: list[Image.Image] | None, mode: str,
+    def encode(self, encode_fn, model: str, prompts: list[str], images: list[Image.Image] | None, mode: str,
                device=None, dtype=None) -> PromptEmbeds:
-        """``encode_fn(prompts) -> PromptEmbeds`` runs only for prompts not cached; the batch is re-assembled."""
-        return pad_embeds(self.encode_pieces(encode_fn, text_encoder, prompts, images, mode, device, dtype)[1])
+        """:meth:`encode_pieces` as one padded batch."""
+        return PromptEmbeds.from_pieces(self.encode_pieces(encode_fn, model, prompts, images, mode, device,
+                                                           dtype)[1])
 
-    def encode_pieces(self, encode_fn, text_encoder, prompts: list[str], images: list[Image.Image] | None,
+    def encode_pieces(self, encode_fn, model: str, prompts: list[str], images: list[Image.Image] | None,
                       mode: str, device=None, dtype=None) -> tuple[list[str], list[torch.Tensor]]:
-        """Each prompt's key and [L, D] embedding, encoding (and saving) only the missing ones."""
-        model = model_fingerprint(text_encoder)
+        """Each prompt's key and [L, D] embedding; ``encode_fn(prompts) -> [L_i, D] per prompt`` runs only for the
+        prompts not cached, whose pieces are stored (and saved). ``model`` is the encoder's fingerprint
+        (:func:`model_fingerprint`, ``FireRedModel.prompt_fingerprint``)."""
         hashes = [image_hash(im) for im in images or []]
         keys = [embed_key(model, p, hashes, mode) for p in prompts]
         found = {k: self._get(k, device, dtype) for k in dict.fromkeys(keys)}
@@ -173,10 +167,7 @@ class EmbedCache:
         self.hits += len(prompts) - len(todo)
         self.misses += len(todo)
         if todo:
-            fresh = encode_fn(todo)
-            for i, prompt in enumerate(todo):
-                n = int(fresh.mask[i].sum()) if fresh.mask is not None else fresh.embeds.shape[1]
-                piece = fresh.embeds[i, :n]
+            for prompt, piece in zip(todo, encode_fn(todo)):
                 key = embed_key(model, prompt, hashes, mode)
                 found[key] = piece
                 self._put(key, piece)

@@ -1,7 +1,8 @@
 """The one base of every error that means "the input is wrong" (a file, a number, an image, a config key).
 
 Front ends (the CLI, the nodes, the training scripts) turn a ``FireRedError`` into one clear line for the user;
-anything else is a bug and keeps its traceback.
+anything else is a bug and keeps its traceback. ``field`` names the setting, option or input at fault when the
+error is about one, so a front end can point at it (a node blames that input, not a guess made before the call).
 """
 
 from __future__ import annotations
@@ -9,3 +10,11 @@ from __future__ import annotations
 
 class FireRedError(ValueError):
     """Bad input: the message names the file, key or value at fault and what would be accepted."""
+
+    def __init__(self, message: str = "", *, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class InputError(FireRedError):
+    """A value given to the library (a size, a mode, a count) is out of range or not one of the accepted ones."""

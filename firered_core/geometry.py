@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import InputError
+
 VL_AREA = 384 * 384
 VAE_AREA = 1024 * 1024
 OUTPUT_AREA = 1024 * 1024
@@ -32,11 +34,12 @@ def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> tuple
 
 
 def check_size(width: int, height: int) -> None:
-    """Raise ValueError unless both sides are positive multiples of 16."""
+    """Raise :class:`InputError` (naming the side) unless both sides are positive multiples of 16."""
     for name, value in (("width", width), ("height", height)):
         if value <= 0 or value % LATENT_MULTIPLE:
-            raise ValueError(f"{name}={value} is not a positive multiple of {LATENT_MULTIPLE} "
-                             f"(try {max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)})")
+            raise InputError(f"{name}={value} is not a positive multiple of {LATENT_MULTIPLE} "
+                             f"(try {max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)})",
+                             field=name)
 
 
 def default_output_size(last_image_size: tuple[int, int] | None, area: float = OUTPUT_AREA) -> tuple[int, int]:
@@ -46,11 +49,6 @@ def default_output_size(last_image_size: tuple[int, int] | None, area: float = O
     else:
         w, h = calculate_dimensions(area, last_image_size[0] / last_image_size[1])
     return w // LATENT_MULTIPLE * LATENT_MULTIPLE, h // LATENT_MULTIPLE * LATENT_MULTIPLE
-
-
-def megapixel_size(image_size: tuple[int, int], megapixels: float) -> tuple[int, int]:
-    """Size of about ``megapixels`` MP at the image's aspect ratio, rounded to multiples of 16."""
-    return calculate_dimensions(megapixels * 1_000_000, image_size[0] / image_size[1], LATENT_MULTIPLE)
 
 
 @dataclass(frozen=True)

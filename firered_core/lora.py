@@ -623,12 +623,12 @@ def default_mode(transformer: nn.Module) -> str:
 
 def _refuse_prepared(transformer: nn.Module) -> None:
     """LoRAs go onto plain weights: refuse a transformer already quantised, block-swapped or compiled."""
-    from .memory import QuantLinear
+    from .memory import QuantLinear, is_block_swapped
 
     done = []
     if any(isinstance(m, QuantLinear) for m in transformer.modules()):
         done.append("quantised")
-    if getattr(transformer, "_firered_manages_placement", False):
+    if is_block_swapped(transformer):
         done.append("block-swapped")
     if any(getattr(m, "_compiled_call_impl", None) is not None for m in transformer.modules()):
         done.append("compiled")
@@ -665,8 +665,8 @@ def with_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], m
 
     Every module object is copied and every tensor shared, except that merging gives only the touched layers new
     weight tensors (copy-on-write: the touched weights take twice their memory while both models live) and adapters
-    add only the LoRA's own tensors. The copy is not marked as prepared by :func:`firered_core.speed.prepare`, so
-    speed settings apply to it on its first use. LoRAs already applied to ``transformer`` carry over, so calls
+    add only the LoRA's own tensors. The copy is a new object, not yet prepared, so the model's speed settings
+    apply to it on its first ``model.use``. LoRAs already applied to ``transformer`` carry over, so calls
     chain (and :func:`remove_loras` on the copy restores its source's base weights). ``mode`` None:
     :func:`default_mode`.
     """
@@ -676,7 +676,6 @@ def with_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], m
     state = getattr(transformer, STATE_ATTR, None)
     if state:
         setattr(clone, STATE_ATTR, _remap_state(state, memo))
-    clone.__dict__.pop("_firered_speed", None)
     report = apply_loras(clone, specs, mode or default_mode(transformer), allow_partial)
     return clone, report
 
@@ -692,7 +691,8 @@ class LoraModelView(FireRedModel):
     def __init__(self, base: FireRedModel, specs: Sequence[LoraSpec], mode: str | None = None,
                  allow_partial: bool = False):
         super().__init__(root=base.root, sources=dict(base.sources), dtype=base.dtype, device=base.device,
-                         offload=base.offload, gguf_mode=base.gguf_mode)
+                         offload=base.offload, gguf_mode=base.gguf_mode, settings=base.settings,
+                         placement=base.placement)
         self.base = base
         self.specs = list(specs)
         self.mode = mode

@@ -11,13 +11,17 @@
 from __future__ import annotations
 
 import fnmatch
+import weakref
 
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 QUANT_MODES = ("none", "int8", "fp8")
 KEEP_TRANSFORMER = ("proj_out", "img_in", "txt_in", "norm_out.*", "time_text_embed.*")
 KEEP_TEXT_ENCODER = ("lm_head", "*visual*", "model.visual*")
+_swapped: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
 
 
 class QuantLinear(torch.nn.Module):
@@ -26,7 +30,7 @@ class QuantLinear(torch.nn.Module):
     def __init__(self, linear: torch.nn.Linear, mode: str):
         super().__init__()
         if mode not in ("int8", "fp8"):
-            raise ValueError(f"quantisation {mode!r} is not int8 or fp8")
+            raise InputError(f"quantisation {mode!r} is not int8 or fp8", field="quantize")
         w = linear.weight.detach()
         amax = w.abs().amax(dim=1, keepdim=True).float().clamp_min(1e-12)
         if mode == "int8":
@@ -122,7 +126,7 @@ class BlockSwap:
         for i in self.host:
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))
             self.handles.append(self.blocks[i].register_forward_hook(self._after(i)))
-        transformer._firered_manages_placement = True
+        _swapped.add(transformer)
         self.transformer = transformer
 
     def _copy(self, i: int) -> None:
@@ -167,7 +171,12 @@ class BlockSwap:
         for h in self.handles:
             h.remove()
         self.pending.clear()
-        self.transformer._firered_manages_placement = False
+        _swapped.discard(self.transformer)
+
+
+def is_block_swapped(module: torch.nn.Module) -> bool:
+    """True while a :class:`BlockSwap` places ``module``'s weights itself (it must never be moved as a whole)."""
+    return module in _swapped
 
 
 def enable_vae_tiling(vae, enabled: bool = True) -> None:

@@ -11,12 +11,14 @@ import contextlib
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
 import torch
 from .errors import FireRedError
+from .speed import ModelSettings, prepare_component
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     try:
         return DTYPES[dtype]
     except KeyError:
-        raise ValueError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}") from None
+        raise ModelError(f"dtype {dtype!r} is not one of {sorted(DTYPES)}", field="dtype") from None
 
 
 def _has_weights(folder: Path) -> bool:
@@ -63,9 +65,68 @@ def check_model_folder(path: str | Path) -> Path:
     return path
 
 
+class Placement:
+    """Where components rest and where they run: the one hook around running a component.
+
+    ``FireRedModel.use(name)`` calls :meth:`acquire` right before component ``name`` runs and :meth:`release` right
+    after it (also when it fails); :meth:`home_device` says where a freshly loaded component is put. The default,
+    :class:`OffloadPlacement`, is the model's ``offload`` option. A host with its own memory manager (ComfyUI) plugs
+    in its own by setting ``model.placement`` before the first use; the library never moves a component elsewhere.
+    """
+
+    def home_device(self, model: "FireRedModel", name: str) -> torch.device:
+        return model.device
+
+    def acquire(self, model: "FireRedModel", name: str, module: torch.nn.Module) -> torch.nn.Module:
+        """Make ``module`` ready to run on ``model.device``; returns what to run (normally ``module`` itself)."""
+        return module
+
+    def release(self, model: "FireRedModel", name: str, module: torch.nn.Module) -> None:
+        """``module`` has finished running."""
+
+
+class OffloadPlacement(Placement):
+    """``offload="none"``: everything stays on the device. ``offload="model"``: each large component rests on the
+    CPU and moves to the device only while it runs (the others are sent back first). A block-swapped transformer
+    places its own weights and is never moved as a whole."""
+
+    def home_device(self, model: "FireRedModel", name: str) -> torch.device:
+        return torch.device("cpu") if model.offload == "model" else model.device
+
+    @staticmethod
+    def _moves(model: "FireRedModel", module: torch.nn.Module) -> bool:
+        from .memory import is_block_swapped
+
+        return model.offload == "model" and not is_block_swapped(module)
+
+    def acquire(self, model: "FireRedModel", name: str, module: torch.nn.Module) -> torch.nn.Module:
+        if model.offload == "model":
+            for other, loaded in model.loaded_components().items():
+                if other != name and self._moves(model, loaded):
+                    loaded.to("cpu")
+        if self._moves(model, module):
+            module.to(model.device)
+        return module
+
+    def release(self, model: "FireRedModel", name: str, module: torch.nn.Module) -> None:
+        if self._moves(model, module):
+            module.to("cpu")
+            if model.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+# component object -> ModelSettings.component_key it was prepared with; keyed by the object (weakly), so a component
+# shared by two models (a LoRA view and its base) is prepared once, and a new copy (a LoRA'd transformer) is not.
+_prepared: "weakref.WeakKeyDictionary[torch.nn.Module, tuple]" = weakref.WeakKeyDictionary()
+
+
 @dataclass
 class FireRedModel:
-    """Lazily loaded components of one model, placed on ``device`` in ``dtype``.
+    """Lazily loaded components of one model, placed on ``device`` in ``dtype`` and prepared as ``settings`` say.
+
+    Run a component only through :meth:`use`: it loads the component on first use, prepares it once (quantised,
+    compiled, block-swapped, tiled as ``settings`` say) and lets ``placement`` put it on the device for the run.
+    :meth:`get` is the raw loaded component (for inspection, LoRA patching and saving).
 
     Args:
         root: a Hugging Face layout folder, or None when every component is given in ``sources``.
@@ -74,9 +135,11 @@ class FireRedModel:
         dtype: compute dtype of the transformer, VAE and text encoder.
         device: where computation happens.
         offload: ``none`` keeps everything on ``device``; ``model`` keeps each large component on the CPU and moves
-            it to ``device`` only while it runs.
+            it to ``device`` only while it runs (what :class:`OffloadPlacement` does with it).
         gguf_mode: for a GGUF transformer file, ``runtime`` keeps quantised weights packed and decodes them at each
             call (memory ~ the file size); ``load`` dequantises them to ``dtype`` at load.
+        settings: the model-level speed settings (:class:`~firered_core.speed.ModelSettings`).
+        placement: the hook around each run of a component (:class:`Placement`).
     """
 
     root: Path | None = None
@@ -85,6 +148,8 @@ class FireRedModel:
     device: torch.device = torch.device("cpu")
     offload: str = "none"
     gguf_mode: str = "runtime"
+    settings: ModelSettings = field(default_factory=ModelSettings)
+    placement: Placement = field(default_factory=OffloadPlacement)
     _loaded: dict = field(default_factory=dict, repr=False)
     _lock: threading.RLock = field(default_factory=threading.RLock, repr=False)
 
@@ -92,7 +157,9 @@ class FireRedModel:
         self.dtype = parse_dtype(self.dtype)
         self.device = torch.device(self.device)
         if self.offload not in OFFLOAD_MODES:
-            raise ValueError(f"offload {self.offload!r} is not one of {OFFLOAD_MODES}")
+            raise ModelError(f"offload {self.offload!r} is not one of {OFFLOAD_MODES}", field="offload")
+        if not isinstance(self.settings, ModelSettings):
+            raise TypeError(f"settings must be a ModelSettings, got {type(self.settings).__name__}")
         from .formats import check_gguf_mode
 
         check_gguf_mode(self.gguf_mode)
@@ -104,25 +171,24 @@ class FireRedModel:
             raise ModelError(f"no source for the {name}: give a model folder or the {name} path")
         return self.root / name
 
-    @property
-    def home_device(self) -> torch.device:
-        """Where large components rest between uses."""
-        return torch.device("cpu") if self.offload == "model" else self.device
-
     def get(self, name: str):
-        """The component ``name``, loaded on first use."""
+        """The component ``name`` as loaded (not yet prepared if it never ran), loaded on first use."""
         with self._lock:
             if name not in self._loaded:
                 self._loaded[name] = self._load(name)
             return self._loaded[name]
 
     def set(self, name: str, component) -> None:
-        """Replace a component (e.g. one built in memory, or a LoRA-patched transformer)."""
+        """Replace a component (e.g. one built in memory, or a LoRA-patched transformer); prepared on next use."""
         with self._lock:
             self._loaded[name] = component
 
     def is_loaded(self, name: str) -> bool:
         return name in self._loaded
+
+    def loaded_components(self) -> dict[str, torch.nn.Module]:
+        """The large components (transformer, VAE, text encoder) loaded so far, by name."""
+        return {name: self._loaded[name] for name in COMPONENTS if name in self._loaded}
 
     transformer = property(lambda self: self.get("transformer"))
     vae = property(lambda self: self.get("vae"))
@@ -140,36 +206,45 @@ class FireRedModel:
         if name in ("processor", "tokenizer"):
             return _load_processor(self, src)
         module = _load_module(name, src, self.dtype, self.gguf_mode)
-        return module.to(self.home_device).eval().requires_grad_(False)
+        return module.to(self.placement.home_device(self, name)).eval().requires_grad_(False)
+
+    def prepared(self, name: str) -> torch.nn.Module:
+        """Component ``name`` with the model-level settings applied (once; later calls return it as it is)."""
+        with self._lock:
+            module = self.get(name)
+            wanted = self.settings.component_key(name)
+            done = _prepared.get(module)
+            if done is None:
+                prepare_component(module, name, self.settings, self.device)
+                _prepared[module] = wanted
+            elif done != wanted:
+                raise ModelError(f"the {name} was already prepared with {done}; reload the model to apply {wanted}",
+                                 field="settings")
+            return module
 
     @contextlib.contextmanager
-    def use(self, name: str) -> Iterator:
-        """Yield component ``name`` on the compute device; with offload it goes back to the CPU afterwards."""
-        module = self.get(name)
-        moves = self.offload == "model" and not _manages_placement(module)
-        if self.offload == "model":
-            for other in COMPONENTS:
-                if other != name and other in self._loaded and not _manages_placement(self._loaded[other]):
-                    self._loaded[other].to("cpu")
-        if moves:
-            module.to(self.device)
+    def use(self, name: str) -> Iterator[torch.nn.Module]:
+        """Yield component ``name`` (``transformer``, ``vae``, ``text_encoder``) prepared and on the compute device.
+
+        The one place a component is fetched for running: :meth:`prepared`, then ``placement.acquire`` before the
+        run and ``placement.release`` after it.
+        """
+        module = self.placement.acquire(self, name, self.prepared(name))
         try:
             yield module
         finally:
-            if moves:
-                module.to("cpu")
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+            self.placement.release(self, name, module)
+
+    def prompt_fingerprint(self) -> str:
+        """Identifies the (prepared) text encoder's weights: the model part of prompt-embedding cache keys."""
+        from .embed_cache import model_fingerprint
+
+        return model_fingerprint(self.prepared("text_encoder"))
 
     def unload(self) -> None:
-        """Drop every loaded component (they reload on next use)."""
+        """Drop every loaded component (they reload, and are prepared again, on next use)."""
         with self._lock:
             self._loaded.clear()
-
-
-def _manages_placement(module) -> bool:
-    """A component that places its own weights (block swap) is never moved as a whole."""
-    return bool(getattr(module, "_firered_manages_placement", False))
 
 
 def _load_module(name: str, src: Path, dtype: torch.dtype, gguf_mode: str = "runtime"):
@@ -207,7 +282,8 @@ def _load_processor(model: FireRedModel, src: Path):
 
 
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-               offload: str = "none", gguf_mode: str = "runtime", **sources) -> FireRedModel:
+               offload: str = "none", gguf_mode: str = "runtime", settings: ModelSettings | None = None,
+               **sources) -> FireRedModel:
     """Describe a model to load lazily: a Hugging Face layout folder and/or per-component sources.
 
     The folder is checked at once, so a wrong path fails here with a clear message rather than mid-run.
@@ -221,17 +297,5 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32"
         elif not root.is_dir():
             raise ModelError(f"model folder not found: {root}")
     return FireRedModel(root=root, sources={k: v for k, v in sources.items() if v is not None},
-                        dtype=parse_dtype(dtype), device=torch.device(device), offload=offload, gguf_mode=gguf_mode)
-
-
-def from_components(components: dict, dtype: str | torch.dtype = "fp32", device: str = "cpu",
-                    offload: str = "none") -> FireRedModel:
-    """Wrap already built components (e.g. ``testing.build_components``) as a model."""
-    model = FireRedModel(dtype=parse_dtype(dtype), device=torch.device(device), offload=offload)
-    for name in COMPONENTS:
-        components[name].to(device=model.home_device, dtype=model.dtype)
-        model.set(name, components[name].eval())
-    model.set("processor", components["processor"])
-    sched = components["scheduler"]
-    model.set("scheduler", dict(sched.config) if hasattr(sched, "config") else dict(sched))
-    return model
+                        dtype=parse_dtype(dtype), device=torch.device(device), offload=offload, gguf_mode=gguf_mode,
+                        settings=settings or ModelSettings())

@@ -15,14 +15,15 @@ from PIL import Image
 
 from . import latents as L
 from . import masks as M
-from .conditioning import PromptEmbeds, encode_prompts
+from .errors import InputError
+from .conditioning import PromptEmbeds, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
 from .model import FireRedModel
 from .references import (RefImages, RefLatents, encode_image, encode_references, prepare_references,
                          resize_lanczos, vae_pixels)
 from .sampling import StepHook, StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
-from .speed import SpeedSettings, prepare
+from .speed import RunSettings
 
 
 @dataclass
@@ -46,7 +47,7 @@ def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | 
     shape = (1, 1, 16, height // L.VAE_SCALE, width // L.VAE_SCALE)
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch:
-            raise ValueError(f"{len(seed)} seeds given for a batch of {batch}")
+            raise InputError(f"{len(seed)} seeds given for a batch of {batch}", field="seed")
         noise = torch.cat([torch.randn(shape, generator=torch.Generator().manual_seed(int(s)), dtype=dtype)
                            for s in seed])
     else:
@@ -80,7 +81,37 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
 
 
-def denoise_latents(model: FireRedModel, settings: SpeedSettings, cond: PromptEmbeds, uncond: PromptEmbeds | None,
+def encode_instructions(model: FireRedModel, prompts: list[str], refs: RefImages | None,
+                        mode: str = "pipeline") -> PromptEmbeds:
+    """The conditioning stage: prompt embeddings; with the model's embedding cache on, a (model, prompt, images,
+    mode) is encoded once."""
+    images = refs.vl_images if refs is not None and len(refs) else None
+
+    def encode(todo: list[str]) -> list[torch.Tensor]:
+        with model.use("text_encoder") as te:
+            return encode_prompt_pieces(te, model.processor, todo, images, mode=mode, device=model.device)
+    cache = model.settings.embed_cache_obj()
+    if cache is None:
+        return PromptEmbeds.from_pieces(encode(prompts))
+    return cache.encode(encode, model.prompt_fingerprint(), prompts, images, mode, device=model.device,
+                        dtype=model.prepared("text_encoder").dtype)
+
+
+def encode_reference_latents(model: FireRedModel, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
+    """The references' VAE stage: packed tokens of every reference (empty for text-to-image)."""
+    if refs is None or len(refs) == 0:
+        return RefLatents(None, [])
+    with model.use("vae") as vae:
+        return encode_references(vae, refs, device=model.device, dtype=dtype)
+
+
+def decode_to_pixels(model: FireRedModel, tokens: torch.Tensor, width: int, height: int) -> torch.Tensor:
+    """The decode stage: packed model-space latents -> images [B, 3, H, W] in 0..1."""
+    with model.use("vae") as vae:
+        return decode_latents(vae, tokens, width, height)
+
+
+def denoise_latents(model: FireRedModel, settings: RunSettings | None, cond: PromptEmbeds, uncond: PromptEmbeds | None,
                     ref: RefLatents, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
                     steps: int, true_cfg: float, shift: float | None = None, denoise: float = 1.0,
                     init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None,
@@ -101,7 +132,7 @@ def denoise_latents(model: FireRedModel, settings: SpeedSettings, cond: PromptEm
     if init is not None and denoise < 1.0:
         init = init.to(device=model.device, dtype=dtype).expand(batch, -1, -1)
         start = noised_start(init, noise, sigmas[0])
-    prepare(model, settings, "transformer")
+    settings = settings or RunSettings()
     block_cache = settings.new_block_cache()
     with model.use("transformer") as transformer:
         denoiser = transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache)
@@ -111,32 +142,21 @@ def denoise_latents(model: FireRedModel, settings: SpeedSettings, cond: PromptEm
 
 
 class EditPipeline:
-    """Instruction-driven editing with a :class:`FireRedModel` (FireRed's official settings by default)."""
+    """Instruction-driven editing with a :class:`FireRedModel` (FireRed's official settings by default).
 
-    def __init__(self, model: FireRedModel, settings: SpeedSettings | None = None):
+    Model-level speed settings (quantisation, compile, block swap, VAE tiling, embedding cache) are the model's
+    (``load_model(..., settings=ModelSettings(...))``); ``settings`` here are the run-level ones.
+    """
+
+    def __init__(self, model: FireRedModel, settings: RunSettings | None = None):
         self.model = model
-        self.settings = settings or SpeedSettings()
+        self.settings = settings or RunSettings()
 
     def encode_prompts(self, prompts: list[str], refs: RefImages | None, mode: str = "pipeline") -> PromptEmbeds:
-        """Prompt embeddings; with the embedding cache on, a (model, prompt, images, mode) is encoded once."""
-        images = refs.vl_images if refs is not None and len(refs) else None
-        cache = self.settings.embed_cache_obj()
-        prepare(self.model, self.settings, "text_encoder")
-        te = self.model.text_encoder
-
-        def encode(todo: list[str]) -> PromptEmbeds:
-            with self.model.use("text_encoder") as te:
-                return encode_prompts(te, self.model.processor, todo, images, mode=mode, device=self.model.device)
-        if cache is None:
-            return encode(prompts)
-        return cache.encode(encode, te, prompts, images, mode, device=self.model.device, dtype=te.dtype)
+        return encode_instructions(self.model, prompts, refs, mode)
 
     def encode_references(self, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
-        if refs is None or len(refs) == 0:
-            return RefLatents(None, [])
-        prepare(self.model, self.settings, "vae")
-        with self.model.use("vae") as vae:
-            return encode_references(vae, refs, device=self.model.device, dtype=dtype)
+        return encode_reference_latents(self.model, refs, dtype)
 
     def source_latents(self, refs: RefImages, ref: RefLatents, image: Image.Image, width: int, height: int,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -147,7 +167,6 @@ class EditPipeline:
             return ref.tokens[:, -int(np.prod(ref.shapes[-1])):]
         if image.size != (width, height):
             image = resize_lanczos(image, width, height)
-        prepare(self.model, self.settings, "vae")
         with self.model.use("vae") as vae:
             z = encode_image(vae, vae_pixels(image).to(device=self.model.device, dtype=vae.dtype))
             return L.pack(L.normalize(z, vae.config)).to(dtype)
@@ -207,7 +226,7 @@ class EditPipeline:
         record = None
         if match_input:
             if not images:
-                raise ValueError("match_input needs at least one image")
+                raise InputError("match_input needs at least one image", field="match_input")
             images, records = zip(*(pad_image(img) for img in images))
             record = records[-1]
             width, height = record.padded_width, record.padded_height
@@ -239,9 +258,7 @@ class EditPipeline:
                                          true_cfg, shift=shift, callback=callback, latent_hook=hook)
         if output == "latent":
             return EditResult(None, latents, width, height, stats)
-        prepare(self.model, self.settings, "vae")
-        with self.model.use("vae") as vae:
-            pixels = decode_latents(vae, latents, width, height)
+        pixels = decode_to_pixels(self.model, latents, width, height)
         if record is not None:
             pixels = crop_back(pixels.permute(0, 2, 3, 1), record).permute(0, 3, 1, 2)
             width, height = record.width, record.height

@@ -51,11 +51,15 @@ def resize_lanczos(img: Image.Image, width: int, height: int) -> Image.Image:
     return img.resize((width, height), resample=Image.LANCZOS)
 
 
+def vae_range(images: torch.Tensor) -> torch.Tensor:
+    """Images [B, H, W, C] in 0..1 (ComfyUI's IMAGE layout; channels past 3 dropped) -> VAE input [B, 3, 1, H, W]
+    in -1..1 (as diffusers' VaeImageProcessor.preprocess)."""
+    return (2.0 * images[..., :3] - 1.0).permute(0, 3, 1, 2).unsqueeze(2)
+
+
 def vae_pixels(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> [1, 3, 1, H, W] float32 in -1..1 (as diffusers' VaeImageProcessor.preprocess)."""
-    arr = np.asarray(img, dtype=np.float32) / 255.0
-    t = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
-    return (2.0 * t - 1.0).unsqueeze(2)
+    """RGB PIL image -> [1, 3, 1, H, W] float32 in -1..1."""
+    return vae_range(torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)[None])
 
 
 def prepare_references(images: list[Image.Image], vl_area: float = VL_AREA, vae_area: float = VAE_AREA,

@@ -8,6 +8,7 @@ written out here because they are the loop every feature (previews, interruption
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -15,6 +16,7 @@ import numpy as np
 import torch
 
 from .conditioning import PromptEmbeds
+from .errors import InputError
 from .references import RefLatents
 
 # The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
@@ -56,9 +58,9 @@ def make_sigmas(steps: int, image_seq_len: int, scheduler_config: dict, shift: f
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if steps < 1:
-        raise ValueError(f"steps={steps} must be at least 1")
+        raise InputError(f"steps={steps} must be at least 1", field="steps")
     if not 0.0 < denoise <= 1.0:
-        raise ValueError(f"denoise={denoise} must be in (0, 1]")
+        raise InputError(f"denoise={denoise} must be in (0, 1]", field="denoise")
     config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
     total = steps if denoise >= 1.0 else max(steps, int(round(steps / denoise)))
     if shift is not None:
@@ -128,21 +130,13 @@ def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attenti
             out = run_transformer(transformer, inp, cond.embeds, cond.mask, timestep, img_shapes * x.shape[0],
                                   attention_kwargs, block_cache.loop(branch))
             return out[:, : x.shape[1]]
-        ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else _null()
+        ctx = transformer.cache_context(branch) if hasattr(transformer, "cache_context") else contextlib.nullcontext()
         with ctx:
             out = transformer(hidden_states=inp, timestep=timestep, encoder_hidden_states=cond.embeds,
                               encoder_hidden_states_mask=cond.mask, img_shapes=img_shapes * x.shape[0],
                               attention_kwargs=attention_kwargs or {}, return_dict=False)[0]
         return out[:, : x.shape[1]]
     return run
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 @torch.no_grad()

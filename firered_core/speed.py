@@ -1,64 +1,103 @@
-"""One settings object for every speed / memory option, shared by the CLI, the ComfyUI settings node and benches.
+"""Speed and memory options, typed and validated, in the two halves they apply to.
 
-Model-level options (quantisation, compile, block swap, VAE tiling) are applied once per component, lazily, the
-first time the pipeline uses it (:func:`prepare`); run-level options (batched CFG, block cache, embedding cache) are
-read by the pipeline on every edit. The defaults are today's behaviour: every option off except the in-memory
-embedding cache, which is lossless.
+- :class:`ModelSettings` belong to the model (quantisation, compile, block swap, VAE tiling, the embedding cache):
+  they are part of its identity, a :class:`~firered_core.model.FireRedModel` holds them and applies them to each
+  component once, the first time ``model.use(name)`` runs it (:func:`prepare_component`).
+- :class:`RunSettings` belong to one edit (batched CFG, the block cache): the pipeline and the sampler node read
+  them on every run.
+
+:class:`SpeedSettings` is both halves together, as one set of CLI flags or one ComfyUI node produces them. Every
+default is today's behaviour: every option off except the in-memory embedding cache, which is lossless. Bad values
+raise :class:`SettingsError` naming the field.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cache import BlockCache, BlockCacheConfig
+from .errors import FireRedError
 from .memory import QUANT_MODES
 
 COMPILE_MODES = ("none", "blocks")
+QuantMode = Literal[QUANT_MODES]  # type: ignore[valid-type]
+CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]
+_CACHE = BlockCacheConfig()
 
 
-@dataclass
-class SpeedSettings:
-    """Speed and memory options. ``cache_threshold`` 0 disables the block cache; ``block_swap`` 0 disables it."""
+class SettingsError(FireRedError):
+    """A speed / memory setting is out of range, unknown or inconsistent; ``field`` names it."""
 
-    batched_cfg: bool = False
-    cache_threshold: float = 0.0
-    cache_first: int = BlockCacheConfig.first
-    cache_last: int = BlockCacheConfig.last
-    cache_warmup: int = BlockCacheConfig.warmup
-    cache_max_consecutive: int = BlockCacheConfig.max_consecutive
-    taylorseer: bool = False
-    quantize: str = "none"
-    quantize_text_encoder: str = "none"
-    compile: str = "none"
-    block_swap: int = 0
+
+class _Settings(BaseModel):
+    """Frozen, no unknown fields; a validation error becomes one :class:`SettingsError` naming the field."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def __init__(self, **values) -> None:
+        try:
+            super().__init__(**values)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            field = ".".join(str(p) for p in first["loc"]) or None
+            value = f"={first['input']!r}" if "input" in first and first["type"] != "extra_forbidden" else ""
+            raise SettingsError(f"speed setting {field}{value}: {first['msg']}", field=field) from None
+        self._check()
+
+    def _check(self) -> None:
+        """Rules between fields (raise :class:`SettingsError`)."""
+
+
+class ModelSettings(_Settings):
+    """What the model is prepared with: applied once per component by ``FireRedModel.use``."""
+
+    quantize: QuantMode = "none"
+    quantize_text_encoder: QuantMode = "none"
+    compile: CompileMode = "none"
+    block_swap: int = Field(0, ge=0, le=1000)
     vae_tiling: bool = False
     embed_cache: bool = True
     embed_cache_dir: str | None = None
 
-    def __post_init__(self) -> None:
-        for name in ("quantize", "quantize_text_encoder"):
-            if getattr(self, name) not in QUANT_MODES:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not one of {QUANT_MODES}")
-        if self.compile not in COMPILE_MODES:
-            raise ValueError(f"compile={self.compile!r} is not one of {COMPILE_MODES}")
-        if self.block_swap < 0:
-            raise ValueError(f"block_swap={self.block_swap} must be >= 0")
+    def _check(self) -> None:
         if self.block_swap and self.compile != "none":
-            raise ValueError("block swap moves weights inside the blocks' forward; it cannot be compiled")
-        self.cache_config()
+            raise SettingsError("block swap moves weights inside the blocks' forward; it cannot be compiled "
+                                "(set compile to none or block_swap to 0)", field="compile")
 
-    @classmethod
-    def from_dict(cls, values: dict | None) -> "SpeedSettings":
-        """Build from a plain dict (unknown keys are an error, so a typo in a node or a flag is not ignored)."""
-        values = dict(values or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"unknown speed settings {unknown}; known: {sorted(known)}")
-        return cls(**values)
+    def component_key(self, name: str) -> tuple:
+        """The fields that change component ``name`` when it is prepared (other components ignore them)."""
+        if name == "transformer":
+            return (self.quantize, self.block_swap, self.compile)
+        if name == "text_encoder":
+            return (self.quantize_text_encoder,)
+        if name == "vae":
+            return (self.vae_tiling,)
+        return ()
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    def embed_cache_obj(self):
+        """The prompt-embedding cache these settings ask for (None when it is off)."""
+        from .embed_cache import EmbedCache, default_cache
+
+        if not self.embed_cache:
+            return None
+        if self.embed_cache_dir:
+            return _disk_caches.setdefault(self.embed_cache_dir, EmbedCache(disk=self.embed_cache_dir))
+        return default_cache()
+
+
+class RunSettings(_Settings):
+    """What one edit runs with. ``cache_threshold`` 0 turns the block cache off."""
+
+    batched_cfg: bool = False
+    cache_threshold: float = Field(0.0, ge=0.0)
+    cache_first: int = Field(_CACHE.first, ge=1)
+    cache_last: int = Field(_CACHE.last, ge=0)
+    cache_warmup: int = Field(_CACHE.warmup, ge=0)
+    cache_max_consecutive: int = Field(_CACHE.max_consecutive, ge=0)
+    taylorseer: bool = _CACHE.taylorseer
 
     def cache_config(self) -> BlockCacheConfig | None:
         if self.cache_threshold <= 0:
@@ -71,49 +110,47 @@ class SpeedSettings:
         config = self.cache_config()
         return None if config is None else BlockCache(config)
 
-    def embed_cache_obj(self):
-        from .embed_cache import EmbedCache, default_cache
 
-        if not self.embed_cache:
-            return None
-        if self.embed_cache_dir:
-            return _disk_caches.setdefault(self.embed_cache_dir, EmbedCache(disk=self.embed_cache_dir))
-        return default_cache()
+MODEL_FIELDS = tuple(ModelSettings.model_fields)
+RUN_FIELDS = tuple(RunSettings.model_fields)
+
+
+class SpeedSettings(_Settings):
+    """Both halves, as one set of CLI flags or one ComfyUI settings node gives them."""
+
+    model: ModelSettings = ModelSettings()
+    run: RunSettings = RunSettings()
+
+    @classmethod
+    def from_flat(cls, values: dict | None) -> "SpeedSettings":
+        """From flat field names (``quantize``, ``batched_cfg`` ...); an unknown name is an error, so a typo in a
+        node or a flag is never ignored."""
+        values = dict(values or {})
+        unknown = sorted(set(values) - set(MODEL_FIELDS) - set(RUN_FIELDS))
+        if unknown:
+            raise SettingsError(f"unknown speed settings {unknown}; known: {sorted(MODEL_FIELDS + RUN_FIELDS)}",
+                                field=unknown[0])
+        return cls(model=ModelSettings(**{k: v for k, v in values.items() if k in MODEL_FIELDS}),
+                   run=RunSettings(**{k: v for k, v in values.items() if k in RUN_FIELDS}))
 
 
 _disk_caches: dict = {}
 
 
-def prepare(model, settings: SpeedSettings, name: str) -> None:
-    """Apply the model-level options to component ``name`` of a ``FireRedModel`` once (idempotent)."""
+def prepare_component(module: torch.nn.Module, name: str, settings: ModelSettings, device: torch.device) -> None:
+    """Apply ``settings`` to component ``name`` in place. Called once per component by ``FireRedModel.use``."""
     from . import memory
 
-    module = model.get(name)
-    wanted = _component_key(settings, name)
-    done = getattr(module, "_firered_speed", None)
-    if done == wanted:
-        return
-    if done is not None:
-        raise RuntimeError(f"the {name} was already prepared with {done}; reload the model to apply {wanted}")
     if name == "transformer":
         memory.quantize_transformer(module, settings.quantize)
         if settings.block_swap:
-            memory.BlockSwap(module, settings.block_swap, model.device)
+            memory.BlockSwap(module, settings.block_swap, device)
         if settings.compile == "blocks":
             compile_blocks(module)
     elif name == "text_encoder":
         memory.quantize_text_encoder(module, settings.quantize_text_encoder)
     elif name == "vae":
         memory.enable_vae_tiling(module, settings.vae_tiling)
-    module._firered_speed = wanted
-
-
-def _component_key(settings: SpeedSettings, name: str) -> tuple:
-    if name == "transformer":
-        return (settings.quantize, settings.block_swap, settings.compile)
-    if name == "text_encoder":
-        return (settings.quantize_text_encoder,)
-    return (settings.vae_tiling,)
 
 
 def compile_blocks(transformer, **kwargs) -> None:
@@ -128,27 +165,29 @@ def compile_blocks(transformer, **kwargs) -> None:
 
 def add_arguments(parser) -> None:
     """The speed flags of the CLI (``--batched-cfg``, ``--cache-threshold`` ...), one per setting."""
+    m, r = ModelSettings(), RunSettings()
     g = parser.add_argument_group("speed and memory")
     g.add_argument("--batched-cfg", action="store_true", help="run both CFG branches in one forward")
-    g.add_argument("--cache-threshold", type=float, default=0.0,
+    g.add_argument("--cache-threshold", type=float, default=r.cache_threshold,
                    help="block cache: skip middle blocks when the first blocks' residual changes less than this "
                         "(relative L1; 0 = off, ~0.05-0.15 typical)")
-    g.add_argument("--cache-first", type=int, default=1, help="block cache: blocks always computed first")
-    g.add_argument("--cache-last", type=int, default=1, help="block cache: blocks always computed last")
-    g.add_argument("--cache-warmup", type=int, default=2, help="block cache: steps always fully computed")
-    g.add_argument("--cache-max-consecutive", type=int, default=3, help="block cache: most cached steps in a row")
+    g.add_argument("--cache-first", type=int, default=r.cache_first, help="block cache: blocks always computed first")
+    g.add_argument("--cache-last", type=int, default=r.cache_last, help="block cache: blocks always computed last")
+    g.add_argument("--cache-warmup", type=int, default=r.cache_warmup, help="block cache: steps always fully computed")
+    g.add_argument("--cache-max-consecutive", type=int, default=r.cache_max_consecutive,
+                   help="block cache: most cached steps in a row")
     g.add_argument("--taylorseer", action="store_true", help="block cache: extrapolate the cached residual")
-    g.add_argument("--quantize", choices=QUANT_MODES, default="none", help="transformer weight-only quantisation")
-    g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default="none",
+    g.add_argument("--quantize", choices=QUANT_MODES, default=m.quantize, help="transformer weight-only quantisation")
+    g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default=m.quantize_text_encoder,
                    help="text encoder weight-only quantisation")
-    g.add_argument("--compile", choices=COMPILE_MODES, default="none", help="torch.compile the transformer blocks")
-    g.add_argument("--block-swap", type=int, default=0, metavar="N",
+    g.add_argument("--compile", choices=COMPILE_MODES, default=m.compile, help="torch.compile the transformer blocks")
+    g.add_argument("--block-swap", type=int, default=m.block_swap, metavar="N",
                    help="keep N transformer blocks on the device and stream the rest (0 = off)")
     g.add_argument("--vae-tiling", action="store_true", help="decode / encode large images in tiles")
     g.add_argument("--no-embed-cache", dest="embed_cache", action="store_false",
                    help="encode the prompt even if the same one was encoded before")
-    g.add_argument("--embed-cache-dir", default=None, help="also keep prompt embeddings in this folder")
+    g.add_argument("--embed-cache-dir", default=m.embed_cache_dir, help="also keep prompt embeddings in this folder")
 
 
 def from_args(args) -> SpeedSettings:
-    return SpeedSettings.from_dict({f.name: getattr(args, f.name) for f in fields(SpeedSettings)})
+    return SpeedSettings.from_flat({name: getattr(args, name) for name in MODEL_FIELDS + RUN_FIELDS})

@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .errors import InputError
+
 LAYOUTS = ("row", "column", "grid")
 
 
@@ -43,9 +45,9 @@ def stitch(images: list[torch.Tensor], layout: str = "row", size: int = 1024, ga
     separate the pictures.
     """
     if not images:
-        raise ValueError("no pictures to stitch")
+        raise InputError("no pictures to stitch")
     if layout not in LAYOUTS:
-        raise ValueError(f"layout {layout!r} is not one of {LAYOUTS}")
+        raise InputError(f"layout {layout!r} is not one of {LAYOUTS}", field="layout")
     if layout == "row":
         cells = [_fit(i, max(1, round(i.shape[1] * size / i.shape[0])), size, background) for i in images]
         cols, rows = len(cells), 1

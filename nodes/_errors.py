@@ -3,23 +3,30 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Iterable, Iterator
+
+from firered_core.errors import FireRedError
 
 
-class NodeInputError(ValueError):
+class NodeInputError(FireRedError):
     """A node input is missing, malformed or inconsistent; the message says which and how to fix it."""
 
 
 def input_error(node: str, input_name: str, message: str) -> NodeInputError:
-    return NodeInputError(f"{node}: input '{input_name}': {message}")
+    return NodeInputError(f"{node}: input '{input_name}': {message}", field=input_name)
 
 
 @contextlib.contextmanager
-def blame(node: str, input_name: str, *errors: type[BaseException]) -> Iterator[None]:
-    """Re-raise ``errors`` (ValueError by default) from the block as a :class:`NodeInputError` on ``input_name``."""
+def blame(node: str, input_name: str, *errors: type[BaseException], inputs: Iterable[str] = ()) -> Iterator[None]:
+    """Re-raise ``errors`` (:class:`FireRedError` by default) from the block as a :class:`NodeInputError`.
+
+    The input blamed is the one the error names (its ``field``) when that is one of ``inputs`` (the node's inputs
+    whose values went into the block under their own names), else ``input_name``.
+    """
     try:
         yield
     except NodeInputError:
         raise
-    except errors or (ValueError,) as exc:
-        raise input_error(node, input_name, str(exc)) from exc
+    except errors or (FireRedError,) as exc:
+        field = getattr(exc, "field", None)
+        raise input_error(node, field if field in set(inputs) else input_name, str(exc)) from exc

@@ -7,11 +7,9 @@ import torch
 from firered_core import comfy_latents as CL
 from firered_core.model import FireRedModel
 from firered_core.pipeline import decode_raw
-from firered_core.references import encode_image
-from firered_core.speed import prepare
+from firered_core.references import encode_image, vae_range
 
 from . import _comfy
-from . import speed as SP
 from ._errors import blame, input_error
 from .image import image_size
 
@@ -36,7 +34,6 @@ class FireRedDecode:
     def decode(self, model: FireRedModel, latent: dict) -> tuple[torch.Tensor]:
         with blame(self.NAME, "latent"):
             samples = CL.check_raw(latent["samples"])
-        prepare(model, SP.settings_of(model), "vae")
         with model.use("vae") as vae:
             images = decode_raw(vae, samples.to(model.device))
         _comfy.soft_empty_cache()
@@ -65,8 +62,7 @@ class FireRedVAEEncode:
         if width % 16 or height % 16:
             raise input_error(self.NAME, "image", f"{width}x{height} is not a multiple of 16 on each side; "
                               "pad it with FireRed Pad Image (and crop back after decoding)")
-        pixels = (2.0 * image[..., :3] - 1.0).permute(0, 3, 1, 2).unsqueeze(2)
-        prepare(model, SP.settings_of(model), "vae")
+        pixels = vae_range(image)
         with model.use("vae") as vae:
             z = encode_image(vae, pixels.to(device=model.device, dtype=model.dtype))
         _comfy.soft_empty_cache()

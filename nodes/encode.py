@@ -10,10 +10,9 @@ from firered_core import geometry as G
 from firered_core.conditioning import PROMPT_MODES, PromptEmbeds
 from firered_core.images import tensor_to_pil
 from firered_core.model import FireRedModel
-from firered_core.pipeline import EditPipeline
+from firered_core.pipeline import encode_instructions, encode_reference_latents
 from firered_core.references import NATIVE_MAX_REFERENCES, RefImages, RefLatents, prepare_references
 
-from . import speed as SP
 from ._errors import blame, input_error
 from .image import image_size
 
@@ -92,7 +91,7 @@ class FireRedReferenceImages:
             raise input_error(self.NAME, "image1", "connect at least one image (for text-to-image, leave the "
                               "refs input of FireRed Encode Instruction empty instead)")
         refs = prepare_references(pictures, vl_size * vl_size, vae_size * vae_size, vae_sizes=exact or None)
-        latents = EditPipeline(model, SP.settings_of(model)).encode_references(refs, model.dtype)
+        latents = encode_reference_latents(model, refs, model.dtype)
         return (References(refs, latents),)
 
 
@@ -128,9 +127,8 @@ class FireRedEncodeInstruction:
 
     def encode(self, model: FireRedModel, prompt: str, prompt_mode: str, refs: References | None = None
                ) -> tuple[Conditioning]:
-        with blame(self.NAME, "prompt"):
-            embeds = EditPipeline(model, SP.settings_of(model)).encode_prompts(
-                [prompt], refs.images if refs is not None else None, prompt_mode)
+        with blame(self.NAME, "prompt", inputs=("prompt_mode",)):
+            embeds = encode_instructions(model, [prompt], refs.images if refs is not None else None, prompt_mode)
         return (Conditioning(embeds, refs, prompt, prompt_mode),)
 
 

@@ -13,7 +13,7 @@ import threading
 import torch
 
 from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_model
-from firered_core.speed import SpeedSettings
+from firered_core.speed import ModelSettings, SpeedSettings
 
 from . import _comfy
 from . import speed as SP
@@ -36,13 +36,14 @@ def resolve_dtype(dtype: str, device: torch.device) -> str:
 
 
 def cached_model(path, dtype: str, device: torch.device, offload: str,
-                 speed: SpeedSettings | None = None) -> FireRedModel:
+                 settings: ModelSettings | None = None) -> FireRedModel:
     """One lazily loaded model per (folder, dtype, device, offload, model-level speed settings): loaders of the same
     path and settings share the weights."""
-    key = (str(path.resolve()), dtype, str(device), offload, SP.model_key(speed))
+    settings = settings or ModelSettings()
+    key = (str(path.resolve()), dtype, str(device), offload, settings)
     with _cache_lock:
         if key not in _cache:
-            _cache[key] = SP.attach(load_model(path, dtype=dtype, device=str(device), offload=offload), speed)
+            _cache[key] = load_model(path, dtype=dtype, device=str(device), offload=offload, settings=settings)
         return _cache[key]
 
 
@@ -101,7 +102,7 @@ class FireRedModelLoader:
                               f"{searched}). Put the Hugging Face folder of FireRed-Image-Edit in models/firered.")
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "model_name", ModelError):
-            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed),)
+            return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None),)
 
 
 class FireRedUnloadModels:

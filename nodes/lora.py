@@ -11,7 +11,6 @@ from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_lor
 from firered_core.model import FireRedModel
 
 from . import _comfy
-from . import speed as SP
 from ._errors import blame, input_error
 
 log = logging.getLogger(__name__)
@@ -75,7 +74,6 @@ class FireRedLoraLoader:
         spec = LoraSpec(path=path, strength=strength, name=lora_name)
         with blame(self.NAME, "lora_name", LoraError, FormatError):
             view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)
-        SP.attach(view, SP.settings_of(model))
         with _views_lock:
             _views.append(weakref.ref(view))
         stack = ", ".join(f"{name} ({s:g}, {m})" for name, s, m in applied_loras(view.transformer))

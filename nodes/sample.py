@@ -12,7 +12,7 @@ from firered_core.model import FireRedModel
 from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
-from firered_core.speed import SpeedSettings, prepare
+from firered_core.speed import SpeedSettings
 
 from . import _comfy
 from . import speed as SP
@@ -118,11 +118,10 @@ class FireRedSampler:
 
         _comfy.throw_if_interrupted()
         try:
-            with blame(self.NAME, "speed", ValueError, RuntimeError):
-                prepare(model, settings, "transformer")
-            out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps, true_cfg,
-                                         shift=shift if shift > 0 else None, denoise=denoise, init=init,
-                                         callback=on_step, latent_hook=hook)
+            with blame(self.NAME, "model", inputs=("steps", "denoise")):
+                out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
+                                             true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
+                                             init=init, callback=on_step, latent_hook=hook)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],

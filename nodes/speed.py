@@ -1,64 +1,36 @@
-"""Speed and memory settings (:class:`firered_core.speed.SpeedSettings`) as one node, and where each field applies.
+"""Speed and memory settings (:class:`firered_core.speed.SpeedSettings`) as one node, and where each half applies.
 
-Model-level fields (quantisation, compile, block swap, VAE tiling, embedding cache) belong to the model: FireRed
-Model Loader's ``speed`` input sets them, and every node applies them through ``firered_core.speed.prepare`` the
-first time it uses a component. Run-level fields (batched CFG, block cache) are read by FireRed Sampler from its own
+The model-level half (quantisation, compile, block swap, VAE tiling, embedding cache) belongs to the model: FireRed
+Model Loader's ``speed`` input gives it to the model it loads, which applies it when each component first runs
+(``FireRedModel.use``). The run-level half (batched CFG, block cache) is read by FireRed Sampler from its own
 ``speed`` input.
 """
 
 from __future__ import annotations
 
-from dataclasses import fields, replace
-
+from firered_core.cache import BlockCacheConfig
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
-from firered_core.speed import COMPILE_MODES, SpeedSettings
+from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
 
 from ._errors import blame, input_error
 
-RUN_LEVEL = ("batched_cfg", "cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive",
-             "taylorseer")
-MODEL_LEVEL = tuple(f.name for f in fields(SpeedSettings) if f.name not in RUN_LEVEL)
-SETTINGS_ATTR = "_firered_node_speed"
 SPEED_TYPE = "FIRERED_SPEED"
 
 
-def model_level(settings: SpeedSettings) -> SpeedSettings:
-    """``settings`` with the run-level fields at their defaults (what a model carries)."""
-    defaults = SpeedSettings()
-    return replace(settings, **{name: getattr(defaults, name) for name in RUN_LEVEL})
-
-
-def model_key(settings: SpeedSettings | None) -> tuple:
-    """The model-level fields as a cache key: models loaded with different ones are different models."""
-    settings = settings or SpeedSettings()
-    return tuple(getattr(settings, name) for name in MODEL_LEVEL)
-
-
-def attach(model: FireRedModel, settings: SpeedSettings | None) -> FireRedModel:
-    setattr(model, SETTINGS_ATTR, model_level(settings or SpeedSettings()))
-    return model
-
-
-def settings_of(model: FireRedModel) -> SpeedSettings:
-    """The model-level settings the model was loaded with (defaults when none)."""
-    return getattr(model, SETTINGS_ATTR, None) or SpeedSettings()
-
-
-def for_sampler(node: str, model: FireRedModel, speed: SpeedSettings | None) -> SpeedSettings:
-    """The model's settings with the sampler's run-level fields; a model-level field set only on the sampler is an
-    error (it must reach the loader, where the model is prepared)."""
-    own = settings_of(model)
+def for_sampler(node: str, model: FireRedModel, speed: SpeedSettings | None) -> RunSettings:
+    """The sampler's run-level settings; a model-level field set only on the sampler is an error (it must reach the
+    loader, where the model gets its settings)."""
     if speed is None:
-        return own
-    defaults = SpeedSettings()
-    for name in MODEL_LEVEL:
-        wanted = getattr(speed, name)
-        if wanted != getattr(defaults, name) and wanted != getattr(own, name):
+        return RunSettings()
+    defaults = ModelSettings()
+    for name in MODEL_FIELDS:
+        wanted = getattr(speed.model, name)
+        if wanted != getattr(defaults, name) and wanted != getattr(model.settings, name):
             raise input_error(node, "speed", f"{name}={wanted!r} applies when the model loads, but the model was "
-                              f"loaded with {name}={getattr(own, name)!r}: connect this settings node to FireRed "
-                              "Model Loader's speed input as well")
-    return replace(own, **{name: getattr(speed, name) for name in RUN_LEVEL})
+                              f"loaded with {name}={getattr(model.settings, name)!r}: connect this settings node to "
+                              "FireRed Model Loader's speed input as well")
+    return speed.run
 
 
 class FireRedSpeedSettings:
@@ -75,30 +47,30 @@ class FireRedSpeedSettings:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        defaults = SpeedSettings()
+        defaults, run = ModelSettings(), RunSettings()
         return {"required": {
-            "batched_cfg": ("BOOLEAN", {"default": defaults.batched_cfg,
+            "batched_cfg": ("BOOLEAN", {"default": run.batched_cfg,
                                         "tooltip": "Sampler: run the instruction and negative passes of true CFG in "
                                                    "one batched forward (same result, faster on a GPU; falls back "
                                                    "to two passes when memory is short)."}),
             "block_cache": ("BOOLEAN", {"default": False,
                                         "tooltip": "Sampler: reuse the middle transformer blocks when the first "
                                                    "blocks' output changes little between steps (DBCache; lossy)."}),
-            "cache_threshold": ("FLOAT", {"default": 0.08, "min": 0.0, "max": 1.0, "step": 0.005,
+            "cache_threshold": ("FLOAT", {"default": BlockCacheConfig.threshold, "min": 0.0, "max": 1.0, "step": 0.005,
                                           "tooltip": "Block cache: skip the middle blocks when the first blocks' "
                                                      "residual changes less than this (relative L1). 0 = never "
                                                      "skip; ~0.05-0.15 typical; higher = faster, less exact."}),
-            "cache_first": ("INT", {"default": defaults.cache_first, "min": 1, "max": 200,
+            "cache_first": ("INT", {"default": run.cache_first, "min": 1, "max": 200,
                                     "tooltip": "Block cache: blocks always computed first (their change is the "
                                                "probe)."}),
-            "cache_last": ("INT", {"default": defaults.cache_last, "min": 0, "max": 200,
+            "cache_last": ("INT", {"default": run.cache_last, "min": 0, "max": 200,
                                    "tooltip": "Block cache: blocks always computed last."}),
-            "cache_warmup": ("INT", {"default": defaults.cache_warmup, "min": 0, "max": 200,
+            "cache_warmup": ("INT", {"default": run.cache_warmup, "min": 0, "max": 200,
                                      "tooltip": "Block cache: first steps always computed in full."}),
-            "cache_max_consecutive": ("INT", {"default": defaults.cache_max_consecutive, "min": 0, "max": 200,
+            "cache_max_consecutive": ("INT", {"default": run.cache_max_consecutive, "min": 0, "max": 200,
                                               "tooltip": "Block cache: most cached steps in a row before a full "
                                                          "step."}),
-            "taylorseer": ("BOOLEAN", {"default": defaults.taylorseer,
+            "taylorseer": ("BOOLEAN", {"default": run.taylorseer,
                                        "tooltip": "Block cache: extrapolate the cached residual to first order "
                                                   "(TaylorSeer) instead of reusing it as is."}),
             "quantize": (list(QUANT_MODES), {"default": defaults.quantize,
@@ -133,8 +105,8 @@ class FireRedSpeedSettings:
                       cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,
                       quantize_text_encoder=quantize_text_encoder, compile=compile, block_swap=block_swap,
                       vae_tiling=vae_tiling, embed_cache=embed_cache, embed_cache_dir=embed_cache_dir.strip() or None)
-        with blame(self.NAME, "compile" if block_swap and compile != "none" else "cache_threshold"):
-            return (SpeedSettings.from_dict(values),)
+        with blame(self.NAME, "cache_threshold", inputs=values):
+            return (SpeedSettings.from_flat(values),)
 
 
 NODE_CLASS_MAPPINGS = {"FireRedSpeedSettings": FireRedSpeedSettings}

@@ -6,20 +6,20 @@ import torch
 
 from firered_core.model import load_model
 from firered_core.pipeline import EditPipeline
-from firered_core.speed import SpeedSettings
+from firered_core.speed import ModelSettings, RunSettings
 
 EDIT = dict(width=64, height=64, vae_area=128 * 128, vl_area=128 * 128, true_cfg=4.0, seed=3, output="latent")
 PROMPT = "make the sky a deep orange sunset"
 
 
-def fresh_model(model_dir, **kw):
+def fresh_model(model_dir, settings: ModelSettings | None = None, **kw):
     """A model of its own: speed options change components in place, so never the shared fixture."""
-    return load_model(model_dir, **kw)
+    return load_model(model_dir, settings=settings, **kw)
 
 
-def edit(model, image, settings: SpeedSettings | None = None, steps: int = 3, **kw):
+def edit(model, image, run: RunSettings | None = None, steps: int = 3, **kw):
     args = {**EDIT, "steps": steps, **kw}
-    return EditPipeline(model, settings).edit([image], PROMPT, **args)
+    return EditPipeline(model, run).edit([image], PROMPT, **args)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

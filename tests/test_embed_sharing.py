@@ -14,7 +14,7 @@ from firered_core.embed_cache import load_embeds
 from firered_core.images import load_image
 from firered_core.model import load_model
 from firered_core.pipeline import EditPipeline
-from firered_core.speed import SpeedSettings
+from firered_core.speed import ModelSettings
 from firered_core.training import extract as extract_module
 from firered_core.training.data import load_dataset
 from firered_core.training.extract import EmbeddingStore, ExtractConfig, extract
@@ -55,11 +55,11 @@ def run_extraction(model_dir, data_dir, out: Path, monkeypatch) -> tuple[dict, l
     return summary, counters[0]
 
 
-def edit(model_dir, row, settings: SpeedSettings, vl_area: float = AREA) -> tuple[torch.Tensor, int]:
+def edit(model_dir, row, settings: ModelSettings, vl_area: float = AREA) -> tuple[torch.Tensor, int]:
     """One edit of the row's instruction and source image; returns the latents and the text-encoder forwards."""
-    model = load_model(model_dir)
+    model = load_model(model_dir, settings=settings)
     calls = count_calls(model.text_encoder)
-    out = EditPipeline(model, settings).edit([load_image(row.sources[0])], row.instruction, vl_area=vl_area, **EDIT)
+    out = EditPipeline(model).edit([load_image(row.sources[0])], row.instruction, vl_area=vl_area, **EDIT)
     return out.latents, len(calls)
 
 
@@ -72,12 +72,12 @@ def test_inference_reuses_extracted_embeddings(tiny_model_dir, data_dir, row, tm
     with safe_open(str(tmp_path / "ext" / store.manifest["rows"][row.uid]), "pt") as f:
         assert list(f.keys()) == [] and "embeds.en" in f.metadata()  # a reference, not a second copy
 
-    plain, plain_calls = edit(tiny_model_dir, row, SpeedSettings(embed_cache=False))
-    cached, cached_calls = edit(tiny_model_dir, row, SpeedSettings(embed_cache_dir=str(tmp_path / "ext" / "embeds")))
+    plain, plain_calls = edit(tiny_model_dir, row, ModelSettings(embed_cache=False))
+    cached, cached_calls = edit(tiny_model_dir, row, ModelSettings(embed_cache_dir=str(tmp_path / "ext" / "embeds")))
     assert plain_calls == 1 and cached_calls == 0
     assert torch.equal(cached, plain)
 
-    other, other_calls = edit(tiny_model_dir, row, SpeedSettings(embed_cache_dir=str(tmp_path / "ext" / "embeds")),
+    other, other_calls = edit(tiny_model_dir, row, ModelSettings(embed_cache_dir=str(tmp_path / "ext" / "embeds")),
                               vl_area=32 * 32)
     assert other_calls == 1  # another VL size is another key
     assert len(list((tmp_path / "ext" / "embeds").rglob("*.safetensors"))) == 3
@@ -85,7 +85,7 @@ def test_inference_reuses_extracted_embeddings(tiny_model_dir, data_dir, row, tm
 
 def test_extraction_reuses_inference_embeddings(tiny_model_dir, data_dir, row, tmp_path, monkeypatch):
     embeds = tmp_path / "ext" / "embeds"
-    _, calls = edit(tiny_model_dir, row, SpeedSettings(embed_cache_dir=str(embeds)))
+    _, calls = edit(tiny_model_dir, row, ModelSettings(embed_cache_dir=str(embeds)))
     (written,) = embeds.rglob("*.safetensors")
     before = written.read_bytes()
     assert calls == 1

@@ -148,8 +148,17 @@ def test_native_latent_seeds_sampler_and_decodes(model):
     C2 = C["FireRedSampler"]().sample
     refs = C["FireRedReferenceImages"]().prepare(model, 56, "area", 64, image1=image(48, 32))[0]
     pos = C["FireRedEncodeInstruction"]().encode(model, "x", "pipeline", refs)[0]
-    result = C2(model, pos, native, 0, 2, 1.0, 0.0, 0.5, 1, "batch")[0]
-    assert result["samples"].shape == (1, 16, 1, 4, 4)
+    result = C2(model, pos, native, 0, 2, 1.0, 0.0, 0.5, 1, "batch")[0]["samples"]
+    assert result.shape == (1, 16, 1, 4, 4)
+    other = C2(model, pos, {"samples": native["samples"] * -1.0}, 0, 2, 1.0, 0.0, 0.5, 1, "batch")[0]["samples"]
+    assert float((result - other).abs().max()) > 1e-2  # the input latent's content is the starting point
+    from firered_core import comfy_latents as CL
+    from firered_core.pipeline import denoise_latents
+
+    init = CL.from_raw(native["samples"], model.vae.config)
+    tokens, _ = denoise_latents(model, None, pos.embeds, None, pos.refs.latents, 32, 32, 0, 2, 1.0, denoise=0.5,
+                                init=init)
+    torch.testing.assert_close(result, CL.to_raw(tokens, 32, 32, model.vae.config).float(), rtol=1e-5, atol=1e-5)
     decoded = C["FireRedDecode"]().decode(model, native)[0]
     assert decoded.shape == (1, 32, 32, 3)
     assert C["FireRedCropBack"]().crop(decoded, crop)[0].shape == (1, 20, 30, 3)

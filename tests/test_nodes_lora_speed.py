@@ -110,8 +110,16 @@ def test_block_cache_threshold_zero_and_batched_cfg_give_the_plain_output(model)
     plain = edit(model)
     assert torch.equal(edit(model, speed(block_cache=True, cache_threshold=0.0)), plain)
     torch.testing.assert_close(edit(model, speed(batched_cfg=True)), plain, rtol=1e-5, atol=1e-5)
-    cached = edit(model, speed(block_cache=True, cache_threshold=0.5, cache_warmup=0))
-    assert cached.shape == plain.shape and torch.isfinite(cached).all()
+    from firered_core import comfy_latents as CL
+    from firered_core.pipeline import denoise_latents
+
+    settings = speed(block_cache=True, cache_threshold=10.0, cache_warmup=0, cache_last=0)
+    cached = edit(model, settings)
+    pos, neg = _conds[id(model.text_encoder)]
+    tokens, stats = denoise_latents(model, settings.run, pos.embeds, neg.embeds, pos.refs.latents, 32, 32, 3, 2, 4.0)
+    assert stats["block_cache"]["computed"] < stats["block_cache"]["total"]  # these settings do skip blocks
+    assert not torch.equal(cached, plain)
+    torch.testing.assert_close(cached, CL.to_raw(tokens, 32, 32, model.vae.config).float(), rtol=1e-6, atol=1e-6)
 
 
 def test_model_level_settings_belong_to_the_loader(model_dirs):
@@ -147,5 +155,5 @@ def test_speed_settings_errors_name_the_input():
     with pytest.raises(S.submodule("_errors").NodeInputError, match="'compile'.*block swap"):
         speed(compile="blocks", block_swap=2)
     settings = speed(block_cache=True, cache_threshold=0.1, embed_cache_dir=" ")
-    assert settings.cache_threshold == 0.1 and settings.embed_cache_dir is None
-    assert speed().cache_threshold == 0.0
+    assert settings.run.cache_threshold == 0.1 and settings.model.embed_cache_dir is None
+    assert speed().run.cache_threshold == 0.0

@@ -120,13 +120,24 @@ def test_cli_demo_writes_an_image(tmp_path, monkeypatch, tiny_model_dir, make_im
 @pytest.mark.parametrize("args, message", [
     (["--model", "/definitely/not/here"], "model folder not found: /definitely/not/here"),
     (["--model", "{model}", "-i", "/no/such.png"], "image not found: /no/such.png"),
-    (["--model", "{model}", "--width", "100"], "--width 100 is not a positive multiple of 16"),
+    (["--model", "{model}", "--width", "100"], "width=100 is not a positive multiple of 16 (try 96)"),
 ])
 def test_cli_errors_are_one_clear_line(args, message, capsys, tiny_model_dir):
     args = [a.replace("{model}", str(tiny_model_dir)) for a in args]
     assert cli.main(["-p", "x", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1] == f"firered-edit: error: {message}" or message in err[-1]
+    assert err[-1].startswith("firered-edit: error: ") and message in err[-1]
+    assert not any("Traceback" in line for line in err)
+
+
+def test_cli_internal_bug_keeps_its_traceback(monkeypatch):
+    """Only bad input (FireRedError, OSError) becomes exit status 2; a bug is not disguised as bad input."""
+    def broken(args):
+        raise KeyError("internal")
+
+    monkeypatch.setattr(cli, "run", broken)
+    with pytest.raises(KeyError, match="internal"):
+        cli.main(["-p", "x"])
 
 
 def test_one_step_schedule_is_finite():

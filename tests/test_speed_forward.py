@@ -7,7 +7,7 @@ import torch
 from diffusers import QwenImageTransformer2DModel
 
 from firered_core.cache import BlockCache, BlockCacheConfig
-from firered_core.speed import SpeedSettings
+from firered_core.speed import RunSettings
 from firered_core.demo_models import transformer_config
 from firered_core.transformer_forward import run_transformer
 
@@ -43,8 +43,8 @@ def test_block_forward_equals_diffusers(zero_cond_t):
 def test_cache_threshold_zero_runs_every_block_and_is_exact(tiny_model_dir, make_image):
     image = make_image(64, 48)
     plain = edit(fresh_model(tiny_model_dir), image, steps=4)
-    settings = SpeedSettings(cache_threshold=1e-9, cache_warmup=0)
-    zero = edit(fresh_model(tiny_model_dir), image, SpeedSettings.from_dict({"cache_threshold": 0.0}), steps=4)
+    settings = RunSettings(cache_threshold=1e-9, cache_warmup=0)
+    zero = edit(fresh_model(tiny_model_dir), image, RunSettings(cache_threshold=0.0), steps=4)
     assert zero.stats is None and torch.equal(zero.latents, plain.latents)
     tiny = edit(fresh_model(tiny_model_dir), image, settings, steps=4)
     report = tiny.stats["block_cache"]
@@ -57,8 +57,8 @@ def test_cache_skips_blocks_within_bound(tiny_model_dir, make_image, taylorseer)
     image = make_image(64, 48)
     model_dir = tiny_model_dir
     plain = edit(fresh_model(model_dir), image, steps=8)
-    settings = SpeedSettings(cache_threshold=10.0, cache_first=1, cache_last=0, cache_warmup=2,
-                             cache_max_consecutive=2, taylorseer=taylorseer)
+    settings = RunSettings(cache_threshold=10.0, cache_first=1, cache_last=0, cache_warmup=2,
+                           cache_max_consecutive=2, taylorseer=taylorseer)
     cached = edit(fresh_model(model_dir), image, settings, steps=8)
     report = cached.stats["block_cache"]
     err = rel_err(cached.latents, plain.latents)

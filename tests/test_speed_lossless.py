@@ -9,12 +9,13 @@ import torch
 from firered_core.cfg import BatchedCFG, stack_prompts
 from firered_core.conditioning import PromptEmbeds
 from firered_core.embed_cache import EmbedCache, load_embeds
-from firered_core.pipeline import EditPipeline
-from firered_core.speed import SpeedSettings
+from firered_core.pipeline import EditPipeline, encode_instructions
+from firered_core.speed import ModelSettings, RunSettings
 
 from speed_helpers import EDIT, PROMPT, edit, fresh_model, max_diff
 
 TOL = 1e-5
+NO_CACHE = ModelSettings(embed_cache=False)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +27,7 @@ def image():
 
 @pytest.fixture(scope="module")
 def plain(tiny_model_dir, image):
-    return edit(fresh_model(tiny_model_dir), image, SpeedSettings(embed_cache=False)).latents
+    return edit(fresh_model(tiny_model_dir, NO_CACHE), image).latents
 
 
 def count_calls(module):
@@ -36,7 +37,7 @@ def count_calls(module):
 
 
 def test_batched_cfg_matches_two_passes(tiny_model_dir, image, plain):
-    out = edit(fresh_model(tiny_model_dir), image, SpeedSettings(batched_cfg=True))
+    out = edit(fresh_model(tiny_model_dir), image, RunSettings(batched_cfg=True))
     assert max_diff(out.latents, plain) < TOL
 
 
@@ -68,29 +69,29 @@ def test_batched_cfg_falls_back_on_out_of_memory():
 
 
 def test_model_offload_matches(tiny_model_dir, image, plain):
-    out = edit(fresh_model(tiny_model_dir, offload="model"), image, SpeedSettings(embed_cache=False))
+    out = edit(fresh_model(tiny_model_dir, NO_CACHE, offload="model"), image)
     assert max_diff(out.latents, plain) < TOL
 
 
 @pytest.mark.parametrize("resident", [0, 1])
 def test_block_swap_matches(tiny_model_dir, image, plain, resident):
-    model = fresh_model(tiny_model_dir, offload="model")
-    out = edit(model, image, SpeedSettings(block_swap=resident or 0, embed_cache=False))
+    model = fresh_model(tiny_model_dir, ModelSettings(block_swap=resident, embed_cache=False), offload="model")
+    out = edit(model, image)
     if resident == 0:
         from firered_core.memory import BlockSwap
 
         swap = BlockSwap(model.transformer, 0, "cpu")
-        out = edit(model, image, SpeedSettings(embed_cache=False))
+        out = edit(model, image)
         assert len(swap.host) == len(model.transformer.transformer_blocks)
         swap.remove()
     assert max_diff(out.latents, plain) < TOL
 
 
 def test_embedding_cache_skips_encoder_and_matches(tiny_model_dir, image, plain, tmp_path):
-    model = fresh_model(tiny_model_dir)
+    settings = ModelSettings(embed_cache_dir=str(tmp_path / "embeds"))
+    model = fresh_model(tiny_model_dir, settings)
     calls = count_calls(model.text_encoder)
-    settings = SpeedSettings(embed_cache_dir=str(tmp_path / "embeds"))
-    pipe = EditPipeline(model, settings)
+    pipe = EditPipeline(model)
     first = pipe.edit([image], PROMPT, steps=3, **EDIT).latents
     after_first = len(calls)
     second = pipe.edit([image], PROMPT, steps=3, **EDIT).latents
@@ -99,34 +100,29 @@ def test_embedding_cache_skips_encoder_and_matches(tiny_model_dir, image, plain,
     files = sorted((tmp_path / "embeds").rglob("*.safetensors"))
     assert len(files) == 2 and load_embeds(files[0]).ndim == 2
 
-    other = fresh_model(tiny_model_dir)
-    other_calls = count_calls(other.text_encoder)
-    disk = EditPipeline(other, SpeedSettings(embed_cache_dir=None, embed_cache=False))
-    disk.settings = settings
     from firered_core import speed
 
-    speed._disk_caches.clear()
-    third = disk.edit([image], PROMPT, steps=3, **EDIT).latents
+    speed._disk_caches.clear()  # a new process: only the disk folder is shared
+    other = fresh_model(tiny_model_dir, settings)
+    other_calls = count_calls(other.text_encoder)
+    third = EditPipeline(other).edit([image], PROMPT, steps=3, **EDIT).latents
     assert len(other_calls) == 0 and torch.equal(third, first)
 
 
 def test_embedding_cache_key_changes_with_prompt_and_image(tiny_model_dir, image):
     from conftest import random_image
 
-    model = fresh_model(tiny_model_dir)
-    cache = EmbedCache()
-    pipe = EditPipeline(model, SpeedSettings())
+    model = fresh_model(tiny_model_dir, NO_CACHE)
+    cache, fingerprint = EmbedCache(), model.prompt_fingerprint()
     from firered_core.references import prepare_references
 
     refs = prepare_references([image], 128 * 128, 128 * 128)
     refs2 = prepare_references([random_image(64, 48, seed=5)], 128 * 128, 128 * 128)
     for prompts, r in [(["a"], refs), (["a"], refs), (["b"], refs), (["a"], refs2), (["a", "b"], refs)]:
-        cache.encode(lambda todo, r=r: EditPipeline.encode_prompts(
-            EditPipeline(model, SpeedSettings(embed_cache=False)), todo, r), model.text_encoder, prompts,
-            r.vl_images, "pipeline")
+        cache.encode(lambda todo, r=r: encode_instructions(model, todo, r).pieces(), fingerprint, prompts,
+                     r.vl_images, "pipeline")
     assert (cache.misses, cache.hits) == (3, 3)
-    direct = EditPipeline(model, SpeedSettings(embed_cache=False)).encode_prompts(["a", "b"], refs)
-    again = cache.encode(None, model.text_encoder, ["a", "b"], refs.vl_images, "pipeline")
+    direct = encode_instructions(model, ["a", "b"], refs)
+    again = cache.encode(None, fingerprint, ["a", "b"], refs.vl_images, "pipeline")
     assert torch.equal(direct.embeds, again.embeds)
     assert (direct.mask is None) == (again.mask is None)
-    del pipe

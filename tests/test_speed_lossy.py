@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from firered_core.memory import QuantLinear, quantize_text_encoder, quantize_transformer, weight_bytes
-from firered_core.speed import SpeedSettings, compile_blocks
+from firered_core.speed import ModelSettings, compile_blocks
 
 from speed_helpers import edit, fresh_model, max_diff, rel_err
 
@@ -55,8 +55,8 @@ def test_output_projections_stay_full_precision(tiny_model_dir):
 
 @pytest.mark.parametrize("mode", ["int8", "fp8"])
 def test_quantised_edit_within_bound(tiny_model_dir, image, plain, mode):
-    settings = SpeedSettings(quantize=mode, quantize_text_encoder=mode)
-    out = edit(fresh_model(tiny_model_dir), image, settings).latents
+    settings = ModelSettings(quantize=mode, quantize_text_encoder=mode)
+    out = edit(fresh_model(tiny_model_dir, settings), image).latents
     err = rel_err(out, plain)
     print(f"{mode}: relative latent error {err:.4f} (bound {QUANT_BOUND[mode]})")
     assert err < QUANT_BOUND[mode]
@@ -97,12 +97,12 @@ def test_vae_tiling_decodes_large_images_in_tiles_within_bound(tiny_model_dir, i
     import numpy as np
 
     def run(tiling: bool):
-        model = fresh_model(tiny_model_dir)
+        model = fresh_model(tiny_model_dir, ModelSettings(vae_tiling=tiling))
         calls = []
         vae = model.vae
         original = vae.tiled_decode
         vae.tiled_decode = lambda *a, **k: calls.append(1) or original(*a, **k)
-        out = edit(model, image, SpeedSettings(vae_tiling=tiling), steps=1, width=384, height=320,
+        out = edit(model, image, steps=1, width=384, height=320,
                    output="pil").images[0]
         return np.asarray(out, dtype=np.float64), len(calls)
 

@@ -19,7 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from firered_core.training.extract import ALL_VARIANTS, ExtractConfig, extract  # noqa: E402
+from firered_core.conditioning import PROMPT_MODES  # noqa: E402
+from firered_core.geometry import VAE_AREA, VL_AREA  # noqa: E402
+from firered_core.training.alignment import VARIANTS  # noqa: E402
+from firered_core.training.extract import ExtractConfig, extract  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,14 +30,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", required=True, help="model folder or file, as the trainer's `model`")
     p.add_argument("--data", required=True, nargs="+", help="data root(s): one folder per task, *.jsonl inside")
     p.add_argument("--out", required=True, help="output folder (rows/, manifest.json)")
-    p.add_argument("--variants", nargs="+", default=list(ALL_VARIANTS), choices=ALL_VARIANTS,
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS,
                    help="instruction variants to embed (default: all)")
-    p.add_argument("--prompt-mode", default="pipeline", choices=("pipeline", "chat"),
+    p.add_argument("--prompt-mode", default=PROMPT_MODES[0], choices=PROMPT_MODES,
                    help="'pipeline' (Picture N: labels, as inference) or 'chat' (FireRed's trainer template)")
-    p.add_argument("--vl-area", type=float, default=384 * 384, help="pixel area of references for the text encoder")
+    p.add_argument("--vl-area", type=float, default=VL_AREA, help="pixel area of references for the text encoder")
     p.add_argument("--cache-latents", action="store_true", help="also cache VAE latents of targets and references")
-    p.add_argument("--target-area", type=float, default=1024 * 1024, help="training pixel area of the target")
-    p.add_argument("--reference-area", type=float, default=1024 * 1024, help="training pixel area of references")
+    p.add_argument("--target-area", type=float, default=VAE_AREA, help="training pixel area of the target")
+    p.add_argument("--reference-area", type=float, default=VAE_AREA, help="training pixel area of references")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="encoder dtype")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)

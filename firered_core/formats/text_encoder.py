@@ -135,7 +135,6 @@ def load_text_encoder(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
                  "only)", ckpt.path)
     model = build_with_weights(lambda: Qwen2_5_VLForConditionalGeneration(config), state, ckpt.path,
                                f"{name} text encoder")
-    model.firered_config_name = name
     return model
 
 

@@ -33,13 +33,13 @@ from ..embed_cache import EmbedCache, embed_path, load_embeds, write_safetensors
 from ..geometry import VAE_AREA, VL_AREA
 from ..model import load_model
 from .alignment import variant_text
+from .alignment import VARIANTS
 from .buckets import bucket_key
 from .data import load_dataset
 from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
 
 log = logging.getLogger(__name__)
 
-ALL_VARIANTS = ("en", "cn", "empty", "inverse", "inverse_cn")
 MANIFEST = "manifest.json"
 FORMAT = "firered-embeddings/2"
 EMBEDS = "embeds"
@@ -50,7 +50,7 @@ class ExtractConfig:
     model: str
     data: str | list
     output_dir: str
-    variants: list[str] = field(default_factory=lambda: ["en", "cn", "empty", "inverse", "inverse_cn"])
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     prompt_mode: str = "pipeline"
     vl_area: float = VL_AREA
     cache_latents: bool = False
@@ -62,9 +62,9 @@ class ExtractConfig:
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:
             raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
-        bad = set(self.variants) - set(ALL_VARIANTS)
+        bad = set(self.variants) - set(VARIANTS)
         if bad:
-            raise ValueError(f"unknown variant(s) {sorted(bad)}; choose from {ALL_VARIANTS}")
+            raise ValueError(f"unknown variant(s) {sorted(bad)}; choose from {VARIANTS}")
 
 
 class SimulatedCrash(RuntimeError):
@@ -98,8 +98,8 @@ def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[di
             if v != "empty" and not text:
                 continue
             (keys[f"embeds.{v}"],), _ = cache.encode_pieces(
-                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device),
-                te, [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
+                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device).pieces(),
+                model.prompt_fingerprint(), [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
         if cfg.cache_latents:
             prefix = "latents.inverse_" if inverse else "latents."
             tensors[prefix + "target"] = encode_target(vae, images.target, images.target_size, model.device).cpu()
