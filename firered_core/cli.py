@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .conditioning import PROMPT_MODES
 from .formats import GGUF_MODES
-from .geometry import VAE_AREA, VL_AREA
 from .errors import InputError
+from .geometry import VAE_AREA, VL_AREA
 from .model import OFFLOAD_MODES
 
 DEMO_NOTE = ("firered-edit: no --model given, using the built-in tiny demo model (random weights): "
@@ -167,15 +167,16 @@ def is_demo(args: argparse.Namespace) -> bool:
 
 
 def load_from_args(args: argparse.Namespace, device: str | None = None):
-    """The model the model arguments name (the demo model without ``--model``), LoRAs applied, and the default
-    step count for it (40; 8 for the demo). ``device`` overrides ``--device`` (one GPU per process in a sharded
-    run)."""
+    """The model the model arguments name (the demo model without ``--model``) with its model-level speed settings,
+    LoRAs applied; the default step count for it (40; 8 for the demo); and the speed settings (``.run`` is for the
+    pipeline). ``device`` overrides ``--device`` (one GPU per process in a sharded run)."""
     import torch
 
     from .demo_models import build_model, default_demo_dir
     from .model import load_model
     from .speed import from_args
 
+    speed = from_args(args)
     device = device or args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     if is_demo(args):
@@ -184,13 +185,13 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
     else:
         model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
-                       settings=from_args(args).model, transformer=args.transformer, vae=args.vae,
+                       settings=speed.model, transformer=args.transformer, vae=args.vae,
                        text_encoder=args.text_encoder)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
-    return model, args.steps or steps
+    return model, args.steps or steps, speed
 
 
 def run(args: argparse.Namespace) -> list[Path]:
@@ -198,7 +199,9 @@ def run(args: argparse.Namespace) -> list[Path]:
 
     from .images import load_image
     from .pipeline import EditPipeline
+    from .speed import from_args
 
+    from_args(args)  # bad speed settings fail before anything is loaded
     check_size_args(args)
     if args.feather < 0:
         raise InputError(f"--feather {args.feather} must be >= 0 pixels", field="feather")
@@ -214,14 +217,12 @@ def run(args: argparse.Namespace) -> list[Path]:
             raise InputError("--mask needs an image (-i) to edit", field="mask")
         mask = load_mask(args.mask)
     demo = is_demo(args)
-    model, steps = load_from_args(args)
+    model, steps, speed = load_from_args(args)
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256
     bar = tqdm(total=steps, desc="sampling", unit="step")
-    from .speed import from_args
-
-    result = EditPipeline(model, from_args(args).run).edit(
+    result = EditPipeline(model, speed.run).edit(
         images, prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
         prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,

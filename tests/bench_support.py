@@ -7,6 +7,7 @@ written here; nothing is copied from FireRed's files.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 from conftest import random_image
@@ -63,7 +64,7 @@ def make_bench(root: Path, size=(32, 32)) -> Path:
 
 def instruction_of(body: dict) -> str:
     prompt = body["messages"][0]["content"][-1]["text"]
-    return prompt.split("editing instruction is : ", 1)[1].split(".\n", 1)[0]
+    return re.search(r"editing instruction is : (.*?)\.(?:\n|$)", prompt).group(1)
 
 
 class Judge:

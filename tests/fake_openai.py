@@ -111,7 +111,10 @@ class FakeOpenAI:
 
     def _answer(self, handler: BaseHTTPRequestHandler, reply: Reply | None, body: dict) -> None:
         if reply is None:
-            reply = self.responder(body)
+            try:
+                reply = self.responder(body)
+            except Exception as exc:  # a broken responder answers 500, naming the error, instead of hanging
+                reply = Reply.status(500, text=f"fake responder failed: {exc!r}")
         if reply.kind == "slow":
             time.sleep(reply.delay_s)
         if reply.kind == "status":

@@ -4,7 +4,7 @@ sharded generation on the tiny model, and the whole generate -> judge -> report 
 from __future__ import annotations
 
 import json
-import math
+import re
 import shutil
 import subprocess
 
@@ -162,6 +162,36 @@ def test_judge_means_equal_hand_computed_failures_counted_rerun_is_free(bench, t
         assert all(r["cached"] for r in final if r["score"] is not None)
 
 
+def test_gedit_style_bench_scores_sqrt_of_sc_times_pq(tmp_path):
+    jsonl = tmp_path / "gedit.jsonl"
+    rows = [("a1", "background_change", "make it night"), ("a2", "background_change", "add snow"),
+            ("b1", "text_change", "write SALE")]
+    lines = []
+    for n, (key, task, text) in enumerate(rows):
+        random_image(32, 32, seed=n).save(tmp_path / f"{key}.png")
+        lines.append(json.dumps({"key": key, "task_type": task, "instruction": text, "input_image": f"{key}.png"}))
+    jsonl.write_text("\n".join(lines))
+    spec = B.load_spec("gedit")
+    selected = B.read_rows(spec, jsonl)
+    out = tmp_path / "run"
+    for row in selected:
+        B.output_path(out, row).parent.mkdir(parents=True, exist_ok=True)
+        random_image(32, 32, seed=9).save(B.output_path(out, row))
+    replies = {"make it night": "Brief reasoning: ok\nSemantic Consistency: 9\nPerceptual Quality: 4",
+               "add snow": "**Semantic Consistency:** 2/10\n**Perceptual Quality:** 8/10",
+               "write SALE": "Semantic Consistency: 10\nPerceptual Quality: 11"}  # 11 is out of range
+    with FakeOpenAI(lambda body: Reply.text(replies[instruction_of(body)])) as fake:
+        client = ChatClient(ChatEndpoint(base_url=fake.url, model="j", max_retries=1, backoff_s=0.001,
+                                         max_backoff_s=0.002))
+        records = judge_rows(spec, selected, out, dict(spec.prompts), client)
+    summary = aggregate_judge(spec, records)
+    # O = sqrt(SC x PQ): sqrt(36) = 6 and sqrt(16) = 4 -> 5; text_change failed (PQ 11 is outside 0-10)
+    assert summary["tasks"]["background_change"]["mean"] == pytest.approx(5.0)
+    assert summary["tasks"]["text_change"]["failures"] == 1 and summary["overall"]["mean"] == pytest.approx(5.0)
+    assert "outside 0-10" in summary["tasks"]["text_change"]["failed"][0]["error"]
+    assert summary["overall"]["tasks_without_score"] == ["text_change"]
+
+
 # ---- offline metrics -------------------------------------------------------------------------------------------
 
 def test_shift_metric_finds_a_planted_3px_shift_and_zero_for_identical():
@@ -295,7 +325,8 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
         {"add": 2 - 11 / 3, "remove": 4 - 2.5, "text": 3 - 3})
     assert [(c["key"], round(c["delta"], 4)) for c in result["changed"]] == [
         ("add/add-1", -2.0), ("remove/remove-1", 2.0), ("text/text-1", round(3 - 4 / 3, 4))]
-    assert "add/add-1" in out.read_text(encoding="utf-8")
+    assert result["settings"] == ["edit.seed: 43 -> 7"]
+    assert "add/add-1" in out.read_text(encoding="utf-8") and "edit.seed: 43 -&gt; 7" in out.read_text(encoding="utf-8")
 
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
@@ -309,3 +340,21 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
     header = sum(1 for p in pixels if p == (243, 243, 243))  # the tables' header cells (#f3f3f3)
     dark = sum(1 for p in pixels if max(p) < 100)
     assert header > 2000 and dark > 2000  # the tables and their text were drawn, not a blank page
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["metrics", "--out", "{tmp}/none"], "--jsonl is needed"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}"], "--judge-url and --judge-model are needed"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}", "--judge-url", "api.example.com", "--judge-model", "m"],
+     "base_url 'api.example.com' must start with http"),
+    (["judge", "--out", "{tmp}/none", "--jsonl", "{bench}", "--prompts", "{tmp}/missing.json",
+      "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"], "judge prompts .*missing.json not found"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--bench", "nope"], "neither a built-in"),
+    (["report", "--compare", "{tmp}/a", "{tmp}/b"], "scores.json not found"),
+])
+def test_cli_errors_are_one_line(argv, message, bench, tmp_path, capsys):
+    argv = [a.format(tmp=tmp_path, bench=bench) for a in argv]
+    assert bench_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("firered-bench: error: ")
+    assert re.search(message, err[0])

@@ -66,8 +66,8 @@ def test_transient_failures_are_retried(first):
 
 def test_timeout_is_retried():
     with FakeOpenAI() as fake:
-        fake.script(Reply.slow(1.5), Reply.text("in time"))
-        result = ChatClient(endpoint(fake, timeout_s=0.2)).complete(user("x"))
+        fake.script(Reply.slow(3.0), Reply.text("in time"))
+        result = ChatClient(endpoint(fake, timeout_s=0.6)).complete(user("x"))
     assert (result.text, result.attempts) == ("in time", 2)
 
 
@@ -198,8 +198,9 @@ def test_backoff_is_exponential_with_jitter_and_capped():
                                       (dict(call_budget=-1), "call_budget"),
                                       (dict(api_key_env="sk-abc=1"), "api_key_env")])
 def test_endpoint_validation_names_the_field(kw, field):
-    with pytest.raises(FireRedError, match=field):
+    with pytest.raises(FireRedError, match=field) as info:
         ChatEndpoint(**{"base_url": "http://x/v1", "model": "m", **kw})
+    assert info.value.field == field
 
 
 def test_image_part_data_urls(tmp_path, make_image):
@@ -217,3 +218,10 @@ def test_image_part_data_urls(tmp_path, make_image):
     with pytest.raises(FireRedError, match="does not exist"):
         image_part(tmp_path / "missing.png")
     assert json.dumps(text_part("图B")) and text_part(3) == {"type": "text", "text": "3"}
+
+
+def test_budget_holds_under_concurrency():
+    with FakeOpenAI(lambda body: Reply.slow(0.05, "ok")) as fake:
+        results = ChatClient(endpoint(fake, call_budget=3, concurrency=4)).map([user(str(i)) for i in range(8)])
+    assert fake.calls == 3
+    assert sum(isinstance(r, BudgetExceeded) for r in results) == 5

@@ -185,6 +185,8 @@ def read_rows(spec: BenchSpec, jsonl: str | Path, root: str | Path | None = None
     Every problem (bad JSON, a missing key, an unknown task, a duplicate id, an unsafe id) is an error naming the
     file and line: a bench silently shorter than it should be would change its averages.
     """
+    if limit is not None and limit < 1:
+        raise BenchError(f"--limit {limit} must be at least 1 (rows per task)")
     jsonl = Path(jsonl)
     root = Path(root) if root is not None else jsonl.parent
     lang = lang or spec.default_lang

@@ -156,19 +156,19 @@ def selection(args) -> tuple[B.BenchSpec, list[B.BenchRow], dict]:
 def cmd_generate(args) -> int:
     from ..cli import check_size_args, load_from_args
     from ..lora import LoraSpec
-    from .generate import (EditSettings, build_manifest, file_sha256, generate, model_identity, pipeline_from_args,
-                           ranks_from_env, write_manifest)
+    from .generate import (EditSettings, build_manifest, file_sha256, generate, model_identity,
+                           pipeline_from_settings, ranks_from_env, write_manifest)
 
     spec, rows, record = selection(args)
     check_size_args(args)
     rank, world, local = ranks_from_env()
     device = args.device
-    if device is None and world > 1:
+    if world > 1 and device in (None, "cuda"):  # one GPU per process: LOCAL_RANK picks it
         import torch
 
         device = f"cuda:{local}" if torch.cuda.is_available() else "cpu"
-    model, steps = load_from_args(args, device=device)
-    pipeline, speed, speed_changed = pipeline_from_args(model, args)
+    model, steps, speed_settings = load_from_args(args, device=device)
+    pipeline, speed, speed_changed = pipeline_from_settings(model, speed_settings)
     settings = EditSettings.from_args(args, steps)
     bench_id = {"name": spec.name, "fields": spec.fields, "lang": record["lang"],
                 "jsonl_sha256": file_sha256(record["jsonl"])}
@@ -191,6 +191,8 @@ def cmd_metrics(args) -> int:
     from .generate import write_json_atomic
     from .metrics import mask_path, metrics_dict, sample_metrics
 
+    if not 0.0 < args.threshold < 1.0:
+        raise FireRedError(f"--threshold {args.threshold} must be in (0, 1): a mean RGB difference")
     spec, rows, _ = selection(args)
     records = []
     for row in tqdm(rows, desc="metrics", unit="img", disable=None):
@@ -200,9 +202,13 @@ def cmd_metrics(args) -> int:
             record["error"] = f"no output image {out}"
         else:
             mask = mask_path(args.masks, row.key)
-            m = sample_metrics(load_image(row.source), load_image(out), load_image(mask) if mask else None,
-                               args.threshold)
-            record.update(metrics_dict(m))
+            try:
+                m = sample_metrics(load_image(row.source), load_image(out), load_image(mask) if mask else None,
+                                   args.threshold)
+            except FireRedError as exc:  # an unreadable picture: counted as a failure, the rest goes on
+                record["error"] = str(exc)
+            else:
+                record.update(metrics_dict(m))
         records.append(record)
     write_json_atomic(Path(args.out) / METRICS, {"threshold": args.threshold, "masks": args.masks,
                                                  "records": records})
@@ -248,6 +254,8 @@ def cmd_report(args) -> int:
     from .report import build_scores, load_scores, write_compare, write_report, write_scores
 
     if args.compare:
+        if args.top < 1:
+            raise FireRedError(f"--top {args.top} must be at least 1")
         path = write_compare(load_scores(args.compare[0]), load_scores(args.compare[1]), args.output, args.top)
         print(f"wrote {path}", file=sys.stderr)
         return 0
@@ -259,7 +267,7 @@ def cmd_report(args) -> int:
     judge = dict(judged["judge"]) if judged else None
     if judge and args.failures:
         judge["failure_policy"] = args.failures
-    scores = build_scores(run=getattr(args, "name", None) or out.resolve().name, out=out, spec=spec, rows=rows,
+    scores = build_scores(run=out.resolve().name, out=out, spec=spec, rows=rows,
                           manifest=read_manifest(out), judge=judge,
                           judge_records=judged["records"] if judged else None,
                           metric_records=measured["records"] if measured else None)
@@ -286,12 +294,13 @@ def cmd_run(args) -> int:
         if not dist.is_initialized():
             dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
         dist.barrier()
+        dist.destroy_process_group()
         if rank != 0:
             return code
     cmd_metrics(args)
     if args.judge_url:
         cmd_judge(args)
-    args.compare, args.failures = None, args.failures if args.judge_url else None
+    args.compare, args.failures = None, None  # the judge's own policy (judge.json)
     cmd_report(args)
     return code
 
@@ -305,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)
-    except (FireRedError, FileNotFoundError) as exc:
+    except (FireRedError, OSError) as exc:
         message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
         print(f"firered-bench: error: {message}", file=sys.stderr)
         return 2

@@ -92,15 +92,16 @@ class EditSettings:
                     prompt_mode=self.prompt_mode, shift=self.shift, match_input=self.match_input)
 
 
-def pipeline_from_args(model, args):
-    """The one place that turns the CLI's speed flags into a pipeline; also returns them as a dict (for the
-    manifest's identity) and the ones that differ from the defaults (for the report)."""
+def pipeline_from_settings(model, speed):
+    """The one place that knows the shape of the speed settings: the run half goes to the pipeline (the model half
+    is already the model's). Also returns them as a dict (the manifest's identity) and the fields that differ from
+    the defaults (the report's settings line)."""
     from ..pipeline import EditPipeline
-    from ..speed import SpeedSettings, from_args
+    from ..speed import SpeedSettings
 
-    settings = from_args(args)
-    values, defaults = settings.to_dict(), SpeedSettings().to_dict()
-    return EditPipeline(model, settings), values, {k: v for k, v in values.items() if v != defaults.get(k)}
+    values, defaults = speed.model_dump(), SpeedSettings().model_dump()
+    changed = {k: v for half, fields in values.items() for k, v in fields.items() if v != defaults[half][k]}
+    return EditPipeline(model, speed.run), values, changed
 
 
 def file_sha256(path: str | Path) -> str:
@@ -140,9 +141,10 @@ def build_manifest(*, bench: dict, selection: dict, edit: EditSettings, speed: d
             "world_size": world_size}
 
 
-def _diff(a, b, prefix: str = "") -> list[str]:
+def diff(a, b, prefix: str = "") -> list[str]:
+    """Dotted paths where two nested dicts differ, as 'path: a -> b'."""
     if isinstance(a, dict) and isinstance(b, dict):
-        return [d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+        return [d for k in sorted(set(a) | set(b)) for d in diff(a.get(k), b.get(k), f"{prefix}{k}.")]
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
 
 
@@ -158,7 +160,7 @@ def write_manifest(out: str | Path, manifest: dict, force: bool = False) -> None
     path = Path(out) / MANIFEST
     if path.is_file() and not force:
         old = json.loads(path.read_text(encoding="utf-8"))
-        diffs = _diff(old.get("identity"), manifest["identity"])
+        diffs = diff(old.get("identity"), manifest["identity"])
         if diffs:
             raise RunMismatch(f"{path}: this folder holds a run made with other settings ({'; '.join(diffs[:6])}); "
                               "use another --out, or --force to mix them")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from .generate import write_json_atomic
+from .generate import diff, write_json_atomic
 
 SCORES = "scores.json"
 REPORT = "report.html"
@@ -58,6 +58,8 @@ def build_scores(*, run: str, out: str | Path, spec, rows, manifest: dict | None
     samples = []
     for row in rows:
         j, m = by_key_j.get(row.key, {}), by_key_m.get(row.key)
+        if m is not None:
+            m = {k: v for k, v in m.items() if k not in ("id", "task", "key")}
         samples.append({"id": row.id, "task": row.task, "key": row.key, "instruction": row.instruction,
                         "source": str(row.source), "output": str(output_path(out, row)),
                         "score": j.get("score"), "scores": j.get("scores"), "reasoning": j.get("reasoning"),
@@ -80,7 +82,7 @@ def write_scores(out: str | Path, scores: dict) -> Path:
 
 def load_scores(run: str | Path) -> dict:
     path = Path(run)
-    path = path / SCORES if path.is_dir() else path
+    path = path if path.suffix == ".json" else path / SCORES
     if not path.is_file():
         from ..errors import FireRedError
 
@@ -108,8 +110,10 @@ def _thumb(image: str | Path, dest: Path) -> bool:
 
 
 def make_thumbs(run_dir: str | Path, samples: list[dict]) -> None:
+    from tqdm import tqdm
+
     root = Path(run_dir) / THUMBS
-    for s in samples:
+    for s in tqdm(samples, desc="thumbnails", unit="row", disable=None, leave=False):
         name = s["key"].replace("/", "__") + ".jpg"
         s["_thumb_src"] = str(root / "src" / name) if _thumb(s["source"], root / "src" / name) else None
         s["_thumb_out"] = str(root / "out" / name) if _thumb(s["output"], root / "out" / name) else None
@@ -161,8 +165,10 @@ def _task_table(scores: dict) -> str:
         out = [f"<td class=l>{html.escape(task)}</td>"]
         if tasks:
             fails = t["failures"] if t else 0
+            n = f" <span class=muted>n={t['n']}</span>" if t and "n" in t else ""  # what the mean stands on
             out += [f"<td>{t['rows'] if t else '–'}</td><td>{t['judged'] if t else '–'}</td>",
-                    f"<td class='{'bad' if fails else ''}'>{fails}</td><td><b>{_fmt(t['mean'] if t else None)}</b></td>"]
+                    f"<td class='{'bad' if fails else ''}'>{fails}</td><td><b>{_fmt(t['mean'] if t else None)}</b>"
+                    f"{n}</td>"]
             crit = "<br>".join(f"{html.escape(c)} {_fmt(v, 2)}" for c, v in ((t or {}).get("criteria") or {}).items())
             out.append(f"<td class='l muted'>{crit}</td>")
         if metrics:
@@ -257,8 +263,12 @@ def compare(a: dict, b: dict, top: int = 20) -> dict:
         if sa and sa.get("score") is not None and sb.get("score") is not None:
             changed.append({"key": sb["key"], "delta": sb["score"] - sa["score"], "a": sa, "b": sb})
     changed.sort(key=lambda c: (-abs(c["delta"]), c["key"]))
+    settings = diff((a.get("settings") or {}).get("identity"), (b.get("settings") or {}).get("identity"))
+    judges = [(s.get("judge") or {}).get("model") for s in (a, b)]
+    if judges[0] != judges[1]:
+        settings.append(f"judge: {judges[0]!r} -> {judges[1]!r}")
     return {"tasks": rows, "overall": {"a": oa, "b": ob, "delta": None if oa is None or ob is None else ob - oa},
-            "changed": changed[:top]}
+            "changed": changed[:top], "settings": settings}
 
 
 def write_compare(a: dict, b: dict, path: str | Path, top: int = 20) -> Path:
@@ -288,7 +298,9 @@ def write_compare(a: dict, b: dict, path: str | Path, top: int = 20) -> Path:
                     f"<td>{_img(sb.get('_thumb_out'), base, sb['output'])}<br>{_fmt(sb['score'])}</td>"
                     f"<td class=reason>A: {html.escape(sa.get('reasoning') or '')}\nB: "
                     f"{html.escape(sb.get('reasoning') or '')}</td></tr>")
-    body = (f"<h1>{na} vs {nb}</h1><h2>Per task</h2>{table}<h2>Samples that changed most</h2>"
+    diffs = "".join(f"<li><code>{html.escape(d)}</code></li>" for d in result["settings"][:30])
+    diffs = f"<p>What differs (A -> B):</p><ul>{diffs}</ul>" if diffs else "<p class=muted>same settings</p>"
+    body = (f"<h1>{na} vs {nb}</h1>{diffs}<h2>Per task</h2>{table}<h2>Samples that changed most</h2>"
             f"<table class=grid><tr><th class=l>sample</th><th>source</th><th>A</th><th>B</th>"
             f"<th class=l>reasoning</th></tr>{''.join(grid)}</table>")
     path.write_text(_page(f"{a['run']} vs {b['run']}", body), encoding="utf-8")

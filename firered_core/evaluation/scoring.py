@@ -13,7 +13,7 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
-from .benches import BenchSpec, Criterion
+from .benches import BenchError, BenchSpec, Criterion
 
 _FORMAT_LINE = re.compile(r"^\s*([^:\n]+?)\s*:\s*a number from (\d+) to (\d+)", re.IGNORECASE | re.MULTILINE)
 _SCORE_LINE = re.compile(r"^(?P<name>[A-Za-z][\w &'/()\-]*?)\s*(?::|=|-)\s*(?P<value>\d+(?:\.\d+)?)"
@@ -29,8 +29,8 @@ def criteria_from_prompt(prompt: str) -> tuple[Criterion, ...]:
              for m in _FORMAT_LINE.finditer(prompt)]
     found = [c for c in found if c.name.lower() != REASONING]
     if not found:
-        raise ValueError("the judge prompt names no criteria (expected lines like 'Prompt Compliance: A number "
-                         "from 1 to 5.')")
+        raise BenchError("the judge prompt names no criteria (expected lines like 'Prompt Compliance: A number "
+                         "from 1 to 5.'; or give the bench's criteria)")
     return tuple(found)
 
 

@@ -71,12 +71,14 @@ class ChatEndpoint:
         url = str(self.base_url).rstrip("/")
         if not url.startswith(("http://", "https://")):
             raise FireRedError(f"base_url {self.base_url!r} must start with http:// or https:// "
-                               "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)")
+                               "(e.g. https://api.openai.com/v1 or http://127.0.0.1:8000/v1)", field="base_url")
         object.__setattr__(self, "base_url", url)
         if not str(self.model).strip():
-            raise FireRedError("model must name the served model (e.g. 'gpt-4.1' or 'Qwen/Qwen2.5-VL-72B-Instruct')")
+            raise FireRedError("model must name the served model (e.g. 'gpt-4.1' or 'Qwen/Qwen2.5-VL-72B-Instruct')",
+                              field="model")
         if not str(self.api_key_env).strip() or "=" in self.api_key_env:
-            raise FireRedError(f"api_key_env {self.api_key_env!r} must be the NAME of an environment variable")
+            raise FireRedError(f"api_key_env {self.api_key_env!r} must be the NAME of an environment variable",
+                              field="api_key_env")
         _check_range("timeout_s", self.timeout_s, 0.001, 3600)
         _check_range("max_retries", self.max_retries, 0, 100, integer=True)
         _check_range("backoff_s", self.backoff_s, 0, 3600)
@@ -92,10 +94,10 @@ class ChatEndpoint:
 
 def _check_range(name: str, value, low, high, integer: bool = False) -> None:
     if integer and (isinstance(value, bool) or not isinstance(value, int)):
-        raise FireRedError(f"{name}={value!r} must be an integer in [{low}, {high}]")
+        raise FireRedError(f"{name}={value!r} must be an integer in [{low}, {high}]", field=name)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
             or not low <= value <= high:
-        raise FireRedError(f"{name}={value!r} must be a number in [{low}, {high}]")
+        raise FireRedError(f"{name}={value!r} must be a number in [{low}, {high}]", field=name)
 
 
 @dataclass
