@@ -56,8 +56,8 @@ def fast(api: dict) -> dict:
 def test_every_required_workflow_is_shipped():
     names = {p.name for p in WORKFLOWS}
     assert {"single_image_edit.json", "three_image_composition.json", "text_to_image.json", "seed_sweep.json",
-            "exact_size_edit.json", "lora_edit.json", "masked_edit.json",
-            "five_picture_composition.json"} <= names
+            "exact_size_edit.json", "lora_edit.json", "FireRed - Edit inside a mask.json",
+            "FireRed - Combine more than three pictures.json"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
@@ -101,7 +101,7 @@ def test_exact_size_workflow_keeps_odd_input_size(graph_env):
 def test_masked_workflow_keeps_every_pixel_outside_the_painted_mask(graph_env):
     """A mask painted on an odd-sized picture (as LoadImage gives it: 1 = painted), grown by Grow Mask: outside the
     grown mask the saved image is the input's own 8-bit pixels; inside it changed."""
-    wf = json.loads((S.ROOT / "workflows" / "masked_edit.json").read_text())
+    wf = json.loads((S.ROOT / "workflows" / "FireRed - Edit inside a mask.json").read_text())
     api = fast(graph_env(wf, size=(37, 23)))
     load = next(n for n in api.values() if n["class_type"] == "LoadImage")["inputs"]["image"]
     painted = torch.zeros(23, 37)
@@ -123,7 +123,7 @@ def test_masked_workflow_keeps_every_pixel_outside_the_painted_mask(graph_env):
 def test_five_picture_workflow_packs_and_rewrites_the_instruction(graph_env):
     from firered_core import packing
 
-    wf = json.loads((S.ROOT / "workflows" / "five_picture_composition.json").read_text())
+    wf = json.loads((S.ROOT / "workflows" / "FireRed - Combine more than three pictures.json").read_text())
     api = fast(graph_env(wf))
     results = S.execute(api)
     pack_id = next(k for k, n in api.items() if n["class_type"] == "FireRedPackPictures")
