@@ -78,7 +78,7 @@ class PackResult:
             if p.picture == picture:
                 return p
         raise PackError(f"the instruction mentions Picture {picture}, but only {len(self.placements)} pictures "
-                        "were given")
+                        "were given", field="prompt")
 
     def rewrite(self, prompt: str) -> str:
         """Replace every picture mention by its new composite and position (one pass: no mention is rewritten
@@ -172,7 +172,7 @@ def check_box(box: Box, width: int, height: int, picture: int) -> Box:
     x0, y0, x1, y1 = max(0, x0), max(0, y0), min(width, x1), min(height, y1)
     if x1 - x0 < 1 or y1 - y0 < 1:
         raise PackError(f"box {tuple(box)} for Picture {picture} is empty inside its {width}x{height} picture "
-                        "(x0,y0,x1,y1 in pixels, x1 > x0, y1 > y0)")
+                        "(x0,y0,x1,y1 in pixels, x1 > x0, y1 > y0)", field="boxes")
     return x0, y0, x1, y1
 
 
@@ -185,7 +185,8 @@ def parse_boxes(text: str) -> dict[int, Box]:
             continue
         m = re.fullmatch(r"(\d+)\s*[:=]\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)\s*,\s*(-?\d+)", part)
         if not m:
-            raise PackError(f"box {part!r}: expected 'PICTURE: x0,y0,x1,y1' in pixels, e.g. '5: 10,20,300,400'")
+            raise PackError(f"box {part!r}: expected 'PICTURE: x0,y0,x1,y1' in pixels, e.g. '5: 10,20,300,400'",
+                            field="boxes")
         boxes[int(m.group(1))] = tuple(int(m.group(k)) for k in range(2, 6))
     return boxes
 
@@ -369,10 +370,10 @@ def pack_pictures(images: list[torch.Tensor], boxes: dict[int, Box] | None = Non
     boxes, masks = boxes or {}, masks or {}
     for k in (*boxes, *masks):
         if not 1 <= k <= n:
-            raise PackError(f"a box or mask is given for Picture {k}, but there are {n} pictures")
+            raise PackError(f"a box or mask is given for Picture {k}, but there are {n} pictures", field="boxes")
     k_out = composites or default_composites(n)
     if not 1 <= k_out <= min(MAX_COMPOSITES, n):
-        raise PackError(f"composites={k_out}: give 1-{min(MAX_COMPOSITES, n)} for {n} pictures")
+        raise PackError(f"composites={k_out}: give 1-{min(MAX_COMPOSITES, n)} for {n} pictures", field="composites")
     crops, crop_boxes, sources = [], [], []
     for i, img in enumerate(images, 1):
         if img.ndim != 3 or img.shape[-1] < 3:

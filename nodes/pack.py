@@ -80,7 +80,7 @@ class FireRedPackPictures:
                 pictures += list(image[..., :3].cpu().float())
         with blame(self.NAME, "boxes"):
             parsed = PK.parse_boxes(boxes)
-        with blame(self.NAME, "image1"):
+        with blame(self.NAME, "image1", inputs=("boxes", "composites")):
             result = PK.pack_pictures(pictures, boxes=parsed,
                                       composites=None if composites == "auto" else int(composites),
                                       area=megapixels * 1024 * 1024, auto_roi=auto_crop)

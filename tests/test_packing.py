@@ -158,3 +158,22 @@ def test_cli_packs_more_than_three_images(tiny_model_dir, tmp_path, capsys):
     assert "packed 5 images into 3 composites" in err
     assert "instruction: Put the second item (right) of Picture 3 into 图1中的第一项（左）" in err
     assert "0,0,100,150" in err and "box" in err
+
+
+def test_pack_node_blames_the_input_at_fault():
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.dirname(__file__))
+    import nodes_support as S
+
+    node = S.classes()["FireRedPackPictures"]()
+    pictures = {f"image{k}": objects(4)[k - 1][None] for k in range(2, 5)}
+    with pytest.raises(ValueError, match="FireRed Pack Pictures: input 'boxes': .*Picture 2 is empty"):
+        node.pack(objects(1)[0][None], "x", "auto", 0.05, True, "2: 5,5,5,9", **pictures)
+    with pytest.raises(ValueError, match="input 'composites'"):
+        node.pack(objects(1)[0][None], "x", "3", 0.05, True, "", image2=pictures["image2"])
+    with pytest.raises(ValueError, match="input 'prompt': .*Picture 7"):
+        node.pack(objects(1)[0][None], "Picture 7", "auto", 0.05, True, "", **pictures)
+    one, two, three, prompt, table = node.pack(objects(1)[0][None], "图4", "auto", 0.05, True, "", **pictures)
+    assert three is None and prompt == "图2中的第二项（右）" and "Picture 4" in table
