@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import sys
 import time
 import traceback
 
 import numpy as np
 import torch
+
+from benchmarks._common import cell, full_size_transformer, psnr, reset_peak, sync
+from benchmarks._common import peak_vram_gib as peak_gib
 
 PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0,
                     "4090": 165.0}
@@ -43,54 +45,11 @@ def forward_flops(layers: int, dim: int, tokens: int, text_dim: int, txt: int) -
     return layers * per_block + 2 * txt * text_dim * dim
 
 
-def build_transformer(args, device: torch.device, dtype: torch.dtype):
-    """Random weights directly on the device (meta construction, no CPU copy), deterministic for the seed."""
-    from diffusers import QwenImageTransformer2DModel
-    from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
-
-    config = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=args.layers, attention_head_dim=128,
-                  num_attention_heads=args.heads, joint_attention_dim=args.text_dim, axes_dims_rope=(16, 56, 56))
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device("meta"):
-            tr = QwenImageTransformer2DModel(**config)
-    finally:
-        torch.set_default_dtype(default)
-    tr.to_empty(device=device)
-    tr.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
-    gen = torch.Generator(device).manual_seed(args.seed)
-    with torch.no_grad():
-        for name, p in tr.named_parameters():
-            if p.ndim == 2:
-                p.normal_(0.0, 0.5 / math.sqrt(p.shape[1]), generator=gen)
-            elif "norm" in name:
-                p.fill_(1.0)
-            else:
-                p.zero_()
-    return tr.eval().requires_grad_(False)
-
-
 def build_vae(device, dtype):
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(0)
     return AutoencoderKLQwenImage().to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def reset_peak(device):
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
 class Bench:
@@ -162,8 +121,7 @@ class Bench:
     def psnr(self, image: torch.Tensor) -> float | None:
         if self.reference_image is None:
             return None
-        mse = float(((image - self.reference_image) ** 2).mean())
-        return float("inf") if mse == 0 else 10 * math.log10(1.0 / mse)
+        return psnr(image, self.reference_image)
 
     def row(self, name: str, tr, forward: bool = True, block_cache=None, note: str = "",
             repeats: int | None = None):
@@ -206,14 +164,9 @@ class Bench:
 HEADER = f"{'option':<22}{'s/fwd':>8}{'util':>7}{'peak GiB':>10}{'e2e s':>8}{'PSNR':>7}  note"
 
 
-def _fmt(value, spec: str) -> str:
-    width = int(spec.split(".")[0])
-    return format(value, spec) if isinstance(value, (int, float)) else "-".rjust(width)
-
-
 def print_row(row: dict) -> None:
-    print(f"{row['option']:<22}{_fmt(row.get('s/forward'), '8.3f')}{_fmt(row.get('util'), '7.1%')}"
-          f"{_fmt(row.get('peak'), '10.1f')}{_fmt(row.get('e2e'), '8.2f')}{_fmt(row.get('psnr'), '7.1f')}"
+    print(f"{row['option']:<22}{cell(row.get('s/forward'), '8.3f')}{cell(row.get('util'), '7.1%')}"
+          f"{cell(row.get('peak'), '10.1f')}{cell(row.get('e2e'), '8.2f')}{cell(row.get('psnr'), '7.1f')}"
           f"  {row.get('note', '')}", flush=True)
 
 
@@ -263,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        state["tr"] = build_transformer(args, device, bench.dtype)
+        state["tr"] = full_size_transformer(args.layers, args.heads, args.text_dim, args.seed, device,
+                                             bench.dtype)
         return state["tr"]
 
     def plain():

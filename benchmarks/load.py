@@ -23,7 +23,8 @@ from pathlib import Path
 
 import torch
 
-from firered_core.formats.convert import write_gguf
+from benchmarks._common import status_mb
+from firered_core.formats.gguf import write_gguf
 
 FORMATS = ("safetensors-fp32", "comfy-bf16", "comfy-fp8_e4m3fn", "comfy-fp8_scaled", "gguf-Q8_0-load",
            "gguf-Q8_0-runtime", "gguf-Q4_0-runtime", "torch-pt")
@@ -82,13 +83,6 @@ def write_formats(out: Path, names: list[str]) -> dict[str, Path]:
     return paths
 
 
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"{field} not in /proc/self/status (Linux only)")
-
-
 def _forward(module: torch.nn.Module) -> None:
     """One small forward pass (256 image tokens, 16 text tokens): touches every weight once."""
     cfg = module.config
@@ -110,16 +104,16 @@ def _measure(path: str, dtype: str, mode: str) -> None:
 
     torch.set_num_threads(2)
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
-    base, anon = _status_mb("VmRSS"), _status_mb("RssAnon")
+    base, anon = status_mb("VmRSS"), status_mb("RssAnon")
     t0 = time.perf_counter()
     module = load_single_file("transformer", path, getattr(torch, dtype), gguf_mode=mode)
     seconds = time.perf_counter() - t0
-    peak, anon_after = _status_mb("VmHWM") - base, _status_mb("RssAnon") - anon
+    peak, anon_after = status_mb("VmHWM") - base, status_mb("RssAnon") - anon
     tensors = list(module.parameters()) + list(module.buffers())
     size = sum(t.numel() * t.element_size() for t in tensors)
     _forward(module)
     print(json.dumps({"seconds": seconds, "peak_mb": peak, "before_mb": base, "model_mb": size / 2 ** 20,
-                      "anon_mb": anon_after, "fwd_peak_mb": _status_mb("VmHWM") - base}))
+                      "anon_mb": anon_after, "fwd_peak_mb": status_mb("VmHWM") - base}))
 
 
 def main(argv: list[str] | None = None) -> None:

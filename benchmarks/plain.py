@@ -11,33 +11,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM), in MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def bench_image(size: int):
-    import numpy as np
-    from PIL import Image
-
-    rs = np.random.RandomState(0)
-    h, w = size * 3 // 4, size
-    y, x = np.mgrid[0:h, 0:w]
-    arr = np.stack([x / w, y / h, rs.rand(h, w) * 0.3], -1)
-    return Image.fromarray((arr.clip(0, 1) * 255).astype("uint8"))
+from benchmarks._common import (bench_image, machine, our_edit, our_pipeline, peak_rss_mb, reference_edit,
+                               reference_pipeline, run_worker)
 
 
 def worker(side: str, model_dir: str, size: int, steps: int, threads: int, device: str = "cpu",
@@ -49,35 +28,17 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int, devic
     torch.set_num_threads(threads)
     torch_dtype = parse_dtype(dtype)
     image = bench_image(size)
-    area = size * size
-    prompt, neg, cfg, seed = "make the sky purple", " ", 4.0, 0
     t0 = time.perf_counter()
     if side == "reference":
-        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as mod
-        from diffusers import QwenImageEditPlusPipeline
-
-        mod.VAE_IMAGE_SIZE = area
-        pipe = QwenImageEditPlusPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype).to(device)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = reference_pipeline(model_dir, size * size, torch_dtype, device)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out = pipe(image=[image], prompt=prompt, negative_prompt=neg, true_cfg_scale=cfg, height=size, width=size,
-                   num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="np").images
-        pixels = out[0]
+        pixels = reference_edit(pipe, image, size, steps)
     else:
-        from firered_core.model import load_model
-        from firered_core.pipeline import EditPipeline
-
-        pipe = EditPipeline(load_model(model_dir, dtype=torch_dtype, device=device))
-        for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
-            pipe.model.get(name)
+        pipe = our_pipeline(model_dir, None, torch_dtype, device)
         load = time.perf_counter() - t0
         t1 = time.perf_counter()
-        res = pipe.edit([image], prompt, neg, steps=steps, true_cfg=cfg, seed=seed, width=size, height=size,
-                        vae_area=area)
-        import numpy as np
-
-        pixels = np.asarray(res.images[0], dtype=np.float32) / 255.0
+        pixels, _ = our_edit(pipe, image, size, steps)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     edit = time.perf_counter() - t1
@@ -87,13 +48,12 @@ def worker(side: str, model_dir: str, size: int, steps: int, threads: int, devic
 
 
 def run_side(side: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.plain", "--worker", side, "--model-dir", str(args.model_dir),
-           "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--device", args.device, "--dtype", args.dtype]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode:
-        raise RuntimeError(f"{side} worker failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_worker("benchmarks.plain", ["--worker", side, "--model-dir", str(args.model_dir), "--size",
+                                          str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
+                                          "--device", args.device, "--dtype", args.dtype])
+    if "error" in res:
+        raise RuntimeError(f"{side} worker failed:\n{res['stderr']}")
+    return res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,14 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     best = {side: min(rs, key=lambda r: r["edit_s"]) for side, rs in results.items()}
     peak = {side: max(r["peak_rss_mb"] for r in rs) for side, rs in results.items()}
     ref, ours = best["reference"], best["ours"]
-    machine = platform.processor() or platform.machine()
-    if args.device.startswith("cuda"):
-        import torch
-
-        machine = f"{torch.cuda.get_device_name()} + {machine}"
-    print(f"machine: {machine}, {os.cpu_count()} cpus, torch threads "
-          f"{args.threads}; preset {args.preset}, 1 reference, {args.size}x{args.size}, {args.steps} steps, "
-          f"true CFG 4, {args.dtype} on {args.device}")
+    print(f"machine: {machine(args.threads, args.device)}; preset {args.preset}, 1 reference, {args.size}x{args.size}, "
+          f"{args.steps} steps, true CFG 4, {args.dtype} on {args.device}")
     print(f"{'':<22}{'reference':>12}{'ours':>12}{'ratio':>9}")
     print(f"{'edit wall time (s)':<22}{ref['edit_s']:>12.2f}{ours['edit_s']:>12.2f}"
           f"{ours['edit_s'] / ref['edit_s']:>9.2f}")

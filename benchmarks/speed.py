@@ -14,16 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.plain import bench_image, peak_rss_mb
+from benchmarks._common import (bench_image, cell, machine, our_edit, our_pipeline, peak_rss_mb, psnr,
+                               reference_edit, reference_pipeline, run_worker)
 
 VARIANTS: dict[str, dict] = {
     "plain": {},
@@ -44,72 +42,53 @@ def worker(variant: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     image = bench_image(args.size)
-    area = args.size * args.size
-    prompt, neg, cfg, seed = "make the sky purple", " ", 4.0, 0
     stats: dict = {}
     if variant == "reference":
-        import diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus as mod
-        from diffusers import QwenImageEditPlusPipeline
-
-        mod.VAE_IMAGE_SIZE = area
-        pipe = QwenImageEditPlusPipeline.from_pretrained(args.model_dir)
-        pipe.set_progress_bar_config(disable=True)
+        pipe = reference_pipeline(args.model_dir, args.size * args.size)
         t1 = time.perf_counter()
-        pixels = pipe(image=[image], prompt=prompt, negative_prompt=neg, true_cfg_scale=cfg, height=args.size,
-                      width=args.size, num_inference_steps=args.steps, generator=torch.Generator().manual_seed(seed),
-                      output_type="np").images[0]
+        pixels = reference_edit(pipe, image, args.size, args.steps)
     else:
-        from firered_core.model import load_model
-        from firered_core.pipeline import EditPipeline
         from firered_core.speed import SpeedSettings
 
         settings = dict(VARIANTS[variant])
         if variant.startswith("cache"):
             settings["cache_threshold"] = args.cache_threshold
-        speed = SpeedSettings.from_flat(settings)
-        pipe = EditPipeline(load_model(args.model_dir, settings=speed.model), speed.run)
-        for name in ("transformer", "vae", "text_encoder", "processor", "scheduler"):
-            pipe.model.get(name)
+        pipe = our_pipeline(args.model_dir, SpeedSettings.from_flat(settings))
         calls: list[int] = []
         pipe.model.text_encoder.register_forward_pre_hook(lambda m, a: calls.append(1))
-
-        def run():
-            return pipe.edit([image], prompt, neg, steps=args.steps, true_cfg=cfg, seed=seed, width=args.size,
-                             height=args.size, vae_area=area)
         if variant == "second edit":
-            run()
+            our_edit(pipe, image, args.size, args.steps)
             calls.clear()
         t1 = time.perf_counter()
-        res = run()
-        pixels = np.asarray(res.images[0], dtype=np.float32) / 255.0
+        pixels, res = our_edit(pipe, image, args.size, args.steps)
         stats["encoder_runs"] = len(calls)
         if res.stats and "block_cache" in res.stats:
             report = res.stats["block_cache"]
             stats["blocks"] = f"{report['computed']}/{report['total']}"
     edit = time.perf_counter() - t1
-    np.save(Path(args.out_dir) / f"{variant.replace(' ', '_').replace('+', '_')}.npy", pixels)
+    np.save(pixels_file(args.out_dir, variant), pixels)
     return {"variant": variant, "edit_s": edit, "peak_rss_mb": peak_rss_mb(), **stats}
 
 
+def pixels_file(out_dir: str, variant: str) -> Path:
+    return Path(out_dir) / f"{variant.replace(' ', '_').replace('+', '_')}.npy"
+
+
 def run_variant(variant: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.speed", "--worker", variant, "--model-dir", str(args.model_dir),
-           "--size", str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
-           "--cache-threshold", str(args.cache_threshold), "--out-dir", args.out_dir]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if out.returncode:
-        return {"variant": variant, "error": out.stderr.strip().splitlines()[-1][:120] if out.stderr else "failed"}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    res = run_worker("benchmarks.speed", ["--worker", variant, "--model-dir", str(args.model_dir), "--size",
+                                          str(args.size), "--steps", str(args.steps), "--threads", str(args.threads),
+                                          "--cache-threshold", str(args.cache_threshold), "--out-dir", args.out_dir])
+    return {"variant": variant, "error": res["error"][:120]} if "error" in res else res
 
 
-def psnr(out_dir: str, variant: str) -> float | None:
+def quality(out_dir: str, variant: str) -> float | None:
+    """PSNR of a variant's image against the plain path's (None for plain itself or a missing image)."""
     import numpy as np
 
-    base = Path(out_dir) / "plain.npy"
-    other = Path(out_dir) / f"{variant.replace(' ', '_').replace('+', '_')}.npy"
+    base, other = pixels_file(out_dir, "plain"), pixels_file(out_dir, variant)
     if variant == "plain" or not base.exists() or not other.exists():
         return None
-    mse = float(((np.load(base) - np.load(other)) ** 2).mean())
-    return math.inf if mse == 0 else 10 * math.log10(1.0 / mse)
+    return psnr(np.load(other), np.load(base))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -134,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     build_model(args.model_dir, args.preset)
     args.out_dir = args.out_dir or tempfile.mkdtemp(prefix="firered-bench-")
     variants = [v for v in args.variants.split(",") if v]
-    machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus, {args.threads} torch threads"
-    print(f"machine: {machine}; preset {args.preset}, 1 reference, {args.size}x{args.size} output and VAE "
+    print(f"machine: {machine(args.threads)}; preset {args.preset}, 1 reference, {args.size}x{args.size} output and VAE "
           f"reference, {args.steps} steps, true CFG 4, fp32 on cpu; cache threshold {args.cache_threshold}")
     print(f"{'variant':<14}{'edit s':>8}{'x ref':>7}{'x plain':>8}{'RSS MiB':>9}{'x ref':>7}{'PSNR dB':>9}  note",
           flush=True)
@@ -149,15 +127,14 @@ def main(argv: list[str] | None = None) -> int:
         t_ref = row["edit_s"] / ref["edit_s"] if "edit_s" in ref else None
         t_plain = row["edit_s"] / plain["edit_s"] if "edit_s" in plain else None
         m_ref = row["peak_rss_mb"] / ref["peak_rss_mb"] if "peak_rss_mb" in ref else None
-        quality = psnr(args.out_dir, variant)
+        db = quality(args.out_dir, variant)
         note = []
         if "encoder_runs" in row:
             note.append(f"VL encoder runs {row['encoder_runs']}")
         if "blocks" in row:
             note.append(f"blocks {row['blocks']}")
-        fmt = lambda v, spec: format(v, spec) if v is not None else "-".rjust(int(spec.split(".")[0]))  # noqa: E731
-        print(f"{variant:<14}{row['edit_s']:>8.2f}{fmt(t_ref, '7.2f')}{fmt(t_plain, '8.2f')}"
-              f"{row['peak_rss_mb']:>9.0f}{fmt(m_ref, '7.2f')}{fmt(quality, '9.1f')}  {', '.join(note)}", flush=True)
+        print(f"{variant:<14}{row['edit_s']:>8.2f}{cell(t_ref, '7.2f')}{cell(t_plain, '8.2f')}"
+              f"{row['peak_rss_mb']:>9.0f}{cell(m_ref, '7.2f')}{cell(db, '9.1f')}  {', '.join(note)}", flush=True)
     return 0
 
 

@@ -6,13 +6,13 @@
 from __future__ import annotations
 
 import argparse
-import resource
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from benchmarks._common import peak_rss_mb
 from firered_core.demo_models import build_model
 from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
@@ -22,7 +22,7 @@ from firered_core.training.trainer import Trainer
 def peak_memory_mb() -> float:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return peak_rss_mb()
 
 
 def bench(preset: str, steps: int, size: int, method: str, root: Path, model: str | None = None) -> dict:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from types import SimpleNamespace
 from pathlib import Path
 
 import torch
@@ -22,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def main() -> None:
     from peft import LoraConfig
 
-    from benchmarks.gpu import build_transformer
+    from benchmarks._common import full_size_transformer
     from firered_core.training.config import LORA_TARGETS
     from firered_core.sampling import noised_start
     from firered_core.training.losses import flow_matching_loss
@@ -37,7 +36,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     a = p.parse_args()
     dev = torch.device("cuda")
-    model = build_transformer(SimpleNamespace(layers=a.layers, heads=24, text_dim=3584, seed=0), dev, torch.bfloat16)
+    model = full_size_transformer(a.layers, 24, 3584, 0, dev, torch.bfloat16)
     model.train()
     model.enable_gradient_checkpointing()
     model.requires_grad_(a.method == "full")

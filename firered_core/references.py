@@ -91,15 +91,17 @@ def encode_image(vae, pixels: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_references(vae, refs: RefImages, device=None, dtype=None) -> RefLatents:
-    """VAE-encode (mode), normalise and pack every reference; tokens are concatenated in image order."""
+def encode_pixels(vae, pixels: torch.Tensor, device=None, dtype=None) -> torch.Tensor:
+    """[1, 3, 1, H, W] pixels -> packed, normalised latents [1, L, 64] (on ``device`` in ``dtype``, default the VAE's)."""
     device = device or next(vae.parameters()).device
     dtype = dtype or next(vae.parameters()).dtype
+    return L.pack(L.normalize(encode_image(vae, pixels.to(device=device, dtype=dtype)), vae.config))
+
+
+@torch.no_grad()
+def encode_references(vae, refs: RefImages, device=None, dtype=None) -> RefLatents:
+    """VAE-encode (mode), normalise and pack every reference; tokens are concatenated in image order."""
     if len(refs) == 0:
         return RefLatents(None, [])
-    tokens, shapes = [], []
-    for px, (w, h) in zip(refs.vae_pixels, refs.vae_sizes):
-        z = L.normalize(encode_image(vae, px.to(device=device, dtype=dtype)), vae.config)
-        tokens.append(L.pack(z))
-        shapes.append(L.token_grid(h, w))
-    return RefLatents(torch.cat(tokens, dim=1), shapes)
+    tokens = [encode_pixels(vae, px, device, dtype) for px in refs.vae_pixels]
+    return RefLatents(torch.cat(tokens, dim=1), [L.token_grid(h, w) for w, h in refs.vae_sizes])

@@ -61,7 +61,15 @@ def error_lines(capsys) -> list[str]:
 def test_single_file_transformer_and_vae_give_the_folder_image(files, folder_image, tiny_model_dir, tmp_path):
     rc, single = edit(files, tmp_path, "single", "--model", str(tiny_model_dir), "--transformer",
                       str(files / "t.safetensors"), "--vae", str(files / "vae.safetensors"))
-    assert rc == 0 and np.array_equal(folder_image, single)
+    # Same weights, config and rope tables, but not the same memory: the folder is loaded by diffusers as it loads it
+    # (weights memory-mapped at the file's 8-byte offsets, kept so the folder path stays bit-identical to the diffusers
+    # reference), the single file's weights are copied to 64-byte boundaries (formats.dequant). CPU matmuls take other
+    # SIMD paths for unaligned weights (last-ulp differences, checked: aligning the folder's weights makes the images
+    # equal), so a pixel may move by 1/255 where a value sits on a rounding edge. Any real difference (a weight, the
+    # config, the prefix) changes far more than that.
+    assert rc == 0 and folder_image.shape == single.shape
+    diff = np.abs(folder_image.astype(np.int16) - single.astype(np.int16))
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.02, (diff.max(), (diff > 0).mean())
 
 
 def test_good_lora_prints_its_coverage(files, tiny_model_dir, tmp_path, capsys):
@@ -90,7 +98,7 @@ def test_format_error_is_one_line(files, tiny_model_dir, tmp_path, capsys):
 
 
 def test_lora_on_runtime_gguf_defaults_to_adapter(files, tiny_model_dir, tmp_path, capsys):
-    from firered_core.formats.convert import write_gguf
+    from firered_core.formats.gguf import write_gguf
 
     path = write_gguf(load_file(str(files / "t.safetensors")), tmp_path / "t.gguf", "Q8_0")
     lora = ["--lora", str(files / "good.safetensors")]

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from firered_core.formats.convert import write_gguf
+from firered_core.formats.gguf import write_gguf
 from safetensors.torch import save_file
 
 from firered_core.formats import (FormatError, convert_diffusers_vae_state, detect_transformer_config,

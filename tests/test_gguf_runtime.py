@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from firered_core.formats import GGUFLinear, load_single_file
-from firered_core.formats.gguf_kernels import BLOCKS, dequantize
+from firered_core.formats.gguf import BLOCKS, dequantize
 from firered_core.lora import LoraError, LoraSpec, apply_loras, lora_state_dict, remove_loras
 from firered_core.memory import weight_bytes
 from test_formats import _write_gguf, run, transformer  # noqa: F401  (module fixture)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -89,13 +90,26 @@ def test_sampler_weights_counts_and_rank_slices(data_root):
     assert 0.65 < share_a < 0.85  # 3:1 weights over equal-sized tasks
 
 
-def test_source_count_agrees_across_ranks_and_ignores_rank(data_root):
+def test_ranks_draw_the_same_batches_whatever_their_own_randomness(data_root):
+    """Each rank builds its own sampler; ranks differ only in their process-wide RNG states (seeded per rank by
+    accelerate and consumed differently by each rank's work), so a sampler that drew from those would split them."""
     ds = load_dataset(data_root)
-    r0 = BucketSampler(ds.samples, 1, world_size=2, seed=5)
-    r1 = BucketSampler(ds.samples, 1, world_size=2, seed=5)
-    for _ in range(50):
-        a, b = r0.next(), r1.next()
-        assert a == b and len(a.key[2]) == a.key[1]
+    ranks = [BucketSampler(ds.samples, 2, world_size=2, seed=5) for _ in range(2)]
+    counts = set()
+    for step in range(60):
+        draws = []
+        for rank, sampler in enumerate(ranks):
+            random.seed(1000 * rank + step)
+            np.random.seed(1000 * rank + step)
+            torch.manual_seed(1000 * rank + step)
+            draws.append(sampler.next())
+        a, b = draws
+        assert a == b, f"step {step}: rank 0 drew {a}, rank 1 drew {b}"
+        rows = [ds.samples[i] for i in a.for_rank(0, 2) + b.for_rank(1, 2)]
+        assert {len(r.sources) for r in rows} == {a.key[1]} == {len(a.key[2])}
+        assert {bucket_key(r) for r in rows} == {a.key}
+        counts.add(a.key[1])
+    assert counts == {0, 1, 2}  # the source count itself varies from step to step
 
 
 def test_sampler_state_resumes_exactly(data_root):
@@ -116,13 +130,16 @@ def test_sampler_covers_a_bucket_before_repeating(data_root):
     ds = load_dataset(data_root)
     s = BucketSampler(ds.samples, 1, seed=0)
     seen: dict = {}
-    for _ in range(200):
+    for _ in range(400):
         b = s.next()
         seen.setdefault(b.key, []).append(b.indices[0])
+    assert set(seen) == set(s.buckets) and max(len(m) for m in s.buckets.values()) >= 2
     for key, rows in seen.items():
-        size = len(s.buckets[key])
-        first = rows[:size]
-        assert len(first) < size or sorted(first) == sorted(s.buckets[key])
+        members = sorted(s.buckets[key])
+        epochs = len(rows) // len(members)
+        assert epochs >= 2, f"bucket {key} drawn {len(rows)} times, fewer than two passes over {len(members)} rows"
+        for e in range(epochs):
+            assert sorted(rows[e * len(members):(e + 1) * len(members)]) == members, f"bucket {key}, pass {e}"
 
 
 def test_stratified_rotating_intervals():

@@ -11,11 +11,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .dequant import describe_storage
 from .errors import FormatError
-from .gguf_linear import GGUFLinear
-from .gguf_runtime import GGUF_MODES, check_gguf_mode
-from .readers import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
+from .gguf import GGUF_MODES, GGUFLinear, check_gguf_mode
+from .readers import open_checkpoint
 from .text_encoder import detect_text_encoder_config, load_text_encoder_processor
 from .transformer import detect_transformer_config
 from .vae import convert_comfy_vae_state, convert_diffusers_vae_state, detect_vae_config
@@ -24,7 +23,7 @@ KINDS = ("transformer", "vae", "text_encoder")
 
 __all__ = ["GGUF_MODES", "KINDS", "Checkpoint", "FormatError", "GGUFLinear", "check_gguf_mode",
            "convert_comfy_vae_state", "convert_diffusers_vae_state",
-           "describe_storage", "detect_text_encoder_config", "detect_transformer_config", "detect_vae_config",
+           "detect_text_encoder_config", "detect_transformer_config", "detect_vae_config",
            "load_single_file", "load_text_encoder_processor", "open_checkpoint"]
 
 

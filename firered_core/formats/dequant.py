@@ -1,4 +1,5 @@
-"""Turn stored tensors (fp8, ComfyUI "scaled" fp8, GGUF quantisations) into compute-dtype tensors.
+"""Turn stored tensors (fp8, ComfyUI "scaled" fp8, GGUF quantisations) into compute-dtype tensors (GGUF blocks are
+decoded by :mod:`firered_core.formats.gguf.kernels` when the GGUF reader is indexed).
 
 Error bounds (relative to the largest magnitude in the tensor or block they come from; stated so tests can check):
 
@@ -13,11 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 
-from .errors import FormatError
-from .readers import Checkpoint
+from .checkpoint import Checkpoint
 
 FP8_DTYPES = (torch.float8_e4m3fn, torch.float8_e5m2)
 SCALE_SUFFIXES = (".scale_weight", ".weight_scale")
@@ -41,21 +40,6 @@ def weight_scale_key(ckpt: Checkpoint, key: str) -> str | None:
         if base + suffix in ckpt:
             return base + suffix
     return None
-
-
-def dequantize_gguf(data, qtype, shape: tuple[int, ...], name: str = "") -> torch.Tensor:
-    """Decode one GGUF tensor to float32 with the ``gguf`` package's reference dequantiser."""
-    import gguf
-
-    try:
-        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.array(data, dtype=np.float32)
-        else:
-            arr = gguf.quants.dequantize(np.asarray(data), qtype)
-    except NotImplementedError as exc:
-        raise FormatError(f"{name}: GGUF type {getattr(qtype, 'name', qtype)} cannot be dequantised by the "
-                          "installed gguf package") from exc
-    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape)
 
 
 def iter_dequantized(ckpt: Checkpoint, dtype: torch.dtype, rename: Callable[[str], str | None] = lambda k: k,
@@ -88,15 +72,3 @@ def iter_dequantized(ckpt: Checkpoint, dtype: torch.dtype, rename: Callable[[str
             # differences); a copy makes a lossless load bit-identical to the original model.
             tensor = tensor.clone()
         yield new, tensor
-
-
-def describe_storage(ckpt: Checkpoint) -> str:
-    """A short human summary of how weights are stored (for logs and errors): ``bf16``, ``fp8_e4m3fn scaled``..."""
-    if ckpt.kind == "gguf":
-        kinds = sorted({ckpt.quant_type(k) for k in ckpt})
-        return "gguf " + "/".join(kinds)
-    names = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16",
-             torch.float8_e4m3fn: "fp8_e4m3fn", torch.float8_e5m2: "fp8_e5m2"}
-    kinds = sorted({names.get(ckpt.dtype(k), str(ckpt.dtype(k))) for k in ckpt if not is_aux_key(k)})
-    scaled = any(k.endswith(SCALE_SUFFIXES) for k in ckpt)
-    return "/".join(kinds) + (" scaled" if scaled else "")

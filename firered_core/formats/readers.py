@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import struct
-import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import torch
 
+from .checkpoint import Checkpoint
 from .errors import FormatError
+from .gguf.reader import GGUFCheckpoint
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -25,38 +25,6 @@ SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
 }
 LEGACY_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
 _MAX_HEADER = 100 * 1024 * 1024
-
-
-class Checkpoint(Mapping):
-    """A read-only ``{key: tensor}`` view of a file that loads each tensor only when it is indexed.
-
-    ``shape(key)`` and ``dtype(key)`` answer from the header without reading data. ``metadata`` holds the file's
-    string metadata (safetensors ``__metadata__``, GGUF key/values). ``quant_type(key)`` names the GGUF
-    quantisation of a tensor, or None.
-    """
-
-    def __init__(self, path: Path, kind: str):
-        self.path = path
-        self.kind = kind
-        self.metadata: dict[str, str] = {}
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        raise NotImplementedError
-
-    def dtype(self, key: str) -> torch.dtype | None:
-        raise NotImplementedError
-
-    def quant_type(self, key: str) -> str | None:
-        return None
-
-    def close(self) -> None:
-        """Drop file handles and maps (tensors already returned stay valid)."""
-
-    def __enter__(self) -> Checkpoint:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -117,59 +85,6 @@ def _read_safetensors_header(path: Path) -> dict:
     return header
 
 
-class GGUFCheckpoint(Checkpoint):
-    """GGUF tensors dequantised to float32 on indexing (``raw(key)`` gives the quantised bytes)."""
-
-    def __init__(self, path: Path):
-        super().__init__(path, "gguf")
-        import gguf
-
-        try:
-            self._reader = gguf.GGUFReader(str(path), "r")
-        except Exception as exc:
-            raise FormatError(f"{path}: not a readable GGUF file ({type(exc).__name__}: {exc})") from exc
-        self._tensors = {t.name: t for t in self._reader.tensors}
-        for field in self._reader.fields.values():
-            if field.types and field.types[0] == gguf.GGUFValueType.STRING and len(field.types) == 1:
-                self.metadata[field.name] = str(bytes(field.parts[field.data[0]]), "utf-8", "replace")
-
-    def __getitem__(self, key: str) -> torch.Tensor:
-        from .dequant import dequantize_gguf
-
-        t = self._tensors[key]
-        return dequantize_gguf(t.data, t.tensor_type, self.shape(key), name=f"{self.path}:{key}")
-
-    def raw(self, key: str):
-        return self._tensors[key]
-
-    def packed(self, key: str) -> tuple[torch.Tensor, int]:
-        """``(bytes, qtype id)`` of a tensor as stored: a uint8 tensor sharing the file's read-only memory map
-        (no copy; never write into it), for :class:`~firered_core.formats.gguf_linear.GGUFLinear`."""
-        t = self._tensors[key]
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*not writable.*")
-            data = torch.from_numpy(t.data.reshape(-1).view(np.uint8))
-        return data, int(t.tensor_type)
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._tensors)
-
-    def __len__(self) -> int:
-        return len(self._tensors)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(int(d) for d in reversed(self._tensors[key].shape))
-
-    def dtype(self, key: str) -> torch.dtype | None:
-        return None
-
-    def quant_type(self, key: str) -> str | None:
-        return self._tensors[key].tensor_type.name
-
-    def close(self) -> None:
-        self._reader = None
-
-
 class TorchCheckpoint(Checkpoint):
     """A legacy torch file, read with ``weights_only=True`` (no pickle code runs) and memory-mapped."""
 
@@ -220,19 +135,3 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.suffix.lower() == ".gguf":
         raise FormatError(f"{path}: named .gguf but does not start with the GGUF magic (found {magic[:4]!r})")
     return SafetensorsCheckpoint(path)
-
-
-def shape_of(value) -> tuple[int, ...]:
-    """The shape of a tensor, of a header entry, or of a plain shape tuple."""
-    if hasattr(value, "shape"):
-        return tuple(value.shape)
-    if isinstance(value, Mapping) and "shape" in value:
-        return tuple(value["shape"])
-    return tuple(value)
-
-
-def shapes(source: Mapping) -> dict[str, tuple[int, ...]]:
-    """``{key: shape}`` for a checkpoint (header only), a state dict, or a mapping of shapes."""
-    if isinstance(source, Checkpoint):
-        return {k: source.shape(k) for k in source}
-    return {k: shape_of(v) for k, v in source.items()}

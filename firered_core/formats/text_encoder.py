@@ -19,7 +19,8 @@ from .build import build_with_weights, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
 from .identify import common_prefix_for, identify
-from .readers import Checkpoint, open_checkpoint
+from .checkpoint import Checkpoint
+from .readers import open_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -19,7 +18,7 @@ from .build import build_with_weights, metadata_config, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
 from .identify import common_prefix_for, identify
-from .readers import Checkpoint, open_checkpoint, shapes
+from .checkpoint import Checkpoint, shapes
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +110,7 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
 
-    from .gguf_runtime import check_gguf_mode, packed_summary, packed_weight_keys, swap_in_packed
+    from .gguf.runtime import check_gguf_mode, packed_summary, packed_weight_keys, swap_in_packed
 
     check_gguf_mode(gguf_mode)
 
@@ -144,8 +143,3 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
     if ckpt.kind == "gguf":
         log.info("%s: gguf_mode=%s, %s", ckpt.path, gguf_mode, packed_summary(module))
     return module
-
-
-def load_transformer_file(path: str | Path, dtype: torch.dtype, gguf_mode: str = "runtime") -> nn.Module:
-    with open_checkpoint(path) as ckpt:
-        return load_transformer(ckpt, dtype, gguf_mode=gguf_mode)

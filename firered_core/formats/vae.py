@@ -20,7 +20,7 @@ from .build import build_with_weights, metadata_config, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
 from .identify import identify
-from .readers import Checkpoint, shapes
+from .checkpoint import Checkpoint, shapes
 
 log = logging.getLogger(__name__)
 

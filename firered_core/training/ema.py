@@ -6,6 +6,9 @@ averages are not dominated by the initial weights.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 
 
@@ -30,6 +33,19 @@ class EMA:
     def copy_to(self, named_params: dict[str, torch.Tensor]) -> None:
         for k, p in named_params.items():
             p.copy_(self.shadow[k].to(p.dtype))
+
+    @contextlib.contextmanager
+    def applied(self, named_params: dict[str, torch.Tensor]) -> Iterator[None]:
+        """The averaged weights in ``named_params`` for the duration of the block (e.g. validation), then the trained
+        ones back exactly."""
+        saved = {n: p.detach().clone() for n, p in named_params.items()}
+        self.copy_to(named_params)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in named_params.items():
+                    p.copy_(saved[n])
 
     def state_dict(self) -> dict:
         return {"tensors": dict(self.shadow), "updates": self.updates, "decay": self.decay}

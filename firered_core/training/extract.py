@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from ..conditioning import PROMPT_MODES
+from ..conditioning import PROMPT_MODES, encode_prompts
 from ..embed_cache import EmbedCache, embed_path, load_embeds, write_safetensors
 from ..geometry import VAE_AREA, VL_AREA
 from ..model import load_model
@@ -36,7 +36,7 @@ from .alignment import variant_text
 from .alignment import VARIANTS
 from .buckets import bucket_key
 from .data import load_dataset
-from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
+from .rows import row_images, row_latents, row_references, vl_images
 
 log = logging.getLogger(__name__)
 
@@ -91,19 +91,19 @@ def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[di
         if not names or (inverse and not sample.has_inverse):
             continue
         images = row_images(sample, key, cfg.target_area, cfg.reference_area, inverse=inverse)
-        refs = prepare_row_references(images, cfg.vl_area)
-        vl = refs.vl_images if refs is not None and len(refs) else None
+        refs = row_references(images, cfg.vl_area)
+        vl = vl_images(refs)
         for v in names:
             text = variant_text(sample, v)
             if v != "empty" and not text:
                 continue
             (keys[f"embeds.{v}"],), _ = cache.encode_pieces(
-                lambda todo: encode_row_prompt(te, proc, todo, refs, cfg.prompt_mode, device=model.device).pieces(),
+                lambda todo: encode_prompts(te, proc, todo, vl, mode=cfg.prompt_mode, device=model.device).pieces(),
                 model.prompt_fingerprint(), [text], vl, cfg.prompt_mode, device=model.device, dtype=te.dtype)
         if cfg.cache_latents:
             prefix = "latents.inverse_" if inverse else "latents."
-            tensors[prefix + "target"] = encode_target(vae, images.target, images.target_size, model.device).cpu()
-            ref = encode_row_references(vae, refs, model.device)
+            x0, ref = row_latents(vae, images, refs, model.device)
+            tensors[prefix + "target"] = x0.cpu()
             if ref.tokens is not None:
                 tensors[prefix + "refs"] = ref.tokens.cpu()
     return tensors, keys

@@ -1,7 +1,8 @@
 """The trainer: LoRA or full fine-tuning of the transformer with flow matching, on one CPU or many GPUs.
 
-Distribution is accelerate's: DDP when launched with several processes, FSDP (wrapping ``QwenImageTransformerBlock``)
-when ``fsdp: true``. Every random choice of a step (bucket, rows, variant, alignment, sigma, noise) is a function of
+Distribution is accelerate's (:mod:`.distributed`): DDP when launched with several processes, FSDP (wrapping
+``QwenImageTransformerBlock``) when ``fsdp: true``. Row inputs come from :mod:`.inputs` (online or cached), validation
+grids from :mod:`.validation`, weight averaging from :mod:`.ema`. Every random choice of a step (bucket, rows, variant, alignment, sigma, noise) is a function of
 ``(seed, step, row position in the global batch)``, so a resumed run repeats the losses of an uninterrupted one and a
 2-process run sees what a 1-process run with twice the batch sees. Each process runs its rows one at a time and
 accumulates gradients (rows may differ in text length and, after alignment, in reference count).
@@ -18,38 +19,23 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image
 
-from .. import latents as L
-from ..conditioning import PromptEmbeds
-from ..images import load_image
 from ..model import load_model
-from ..references import RefLatents
 from ..sampling import noised_start, transformer_denoiser
 from . import checkpoint as ckpt
-from .alignment import align, choose_variant, variant_text
-from .buckets import BucketSampler
+from .buckets import BucketSampler, bucket_key
 from .config import TrainConfig, to_dict
 from .data import load_dataset, parse_weights
+from .distributed import make_accelerator
 from .ema import EMA
-from .encode import encode_row_prompt, encode_row_references, encode_target, prepare_row_references, row_images
-from .extract import EmbeddingStore
+from .inputs import RowInputs, input_builder, open_embeddings
 from .losses import flow_matching_loss
-from .seeding import row_generator, row_rng
+from .seeding import row_generator
 from .timesteps import sample_sigmas
+from .validation import image_grid, save_grid, validation_rows
 
 log = logging.getLogger(__name__)
-BLOCK_CLASS = "QwenImageTransformerBlock"
 EVAL_STEP = 10**9  # seeds evaluation draws apart from any training step
-
-
-@dataclass
-class RowInputs:
-    x0: torch.Tensor  # [1, L, 64]
-    ref: RefLatents
-    cond: PromptEmbeds
-    img_shapes: list
-    variant: str
 
 
 @dataclass
@@ -58,61 +44,6 @@ class TrainResult:
     checkpoint: Path | None = None
     exports: dict[str, Path] = field(default_factory=dict)
     samples_per_s: float = 0.0
-
-
-def make_accelerator(cfg: TrainConfig):
-    from accelerate import Accelerator, DistributedDataParallelKwargs
-    from accelerate.state import AcceleratorState
-
-    if not torch.distributed.is_initialized():
-        AcceleratorState._reset_state()
-    kwargs = {}
-    plugin = None
-    if cfg.fsdp:
-        from accelerate import FullyShardedDataParallelPlugin
-
-        plugin = FullyShardedDataParallelPlugin(
-            auto_wrap_policy="transformer_based_wrap", transformer_cls_names_to_wrap=[BLOCK_CLASS],
-            use_orig_params=True, state_dict_type="FULL_STATE_DICT")
-        kwargs["fsdp_plugin"] = plugin
-    else:
-        # The last block's text-stream output (attn.to_add_out, txt_mlp) never reaches the prediction, so those
-        # trained tensors get no gradient. Without unused-parameter detection DDP never finds the buckets holding
-        # them ready: they are not all-reduced (each rank steps with its own gradients) and the next forward fails
-        # with "Expected to have finished reduction in the prior iteration".
-        kwargs["kwargs_handlers"] = [DistributedDataParallelKwargs(find_unused_parameters=True)]
-    tracker = cfg.tracker if cfg.tracker not in (None, "none", "") else None
-    # Without an accelerator, torchrun-style env (WORLD_SIZE > 1) only becomes a gloo process group with cpu=True.
-    acc = Accelerator(mixed_precision=cfg.mixed_precision, log_with=tracker, project_dir=cfg.output_dir,
-                      cpu=not torch.cuda.is_available(), **kwargs)
-    if plugin is not None:
-        enable_cpu_fsdp(acc, plugin)
-    return acc
-
-
-def enable_cpu_fsdp(acc, plugin) -> None:
-    """Give several CPU processes (gloo) the FSDP that accelerate gives several GPUs.
-
-    accelerate 1.15 switches to FSDP only for multi-accelerator launches: on CPU it keeps ``MULTI_CPU``, silently drops
-    the plugin and wraps the model in DDP (without unused-parameter detection, so the 2nd step fails with "Expected to
-    have finished reduction"). torch's FSDP itself runs on CPU with gloo, so the state is switched to FSDP as
-    accelerate does for GPUs; from there ``prepare``, ``no_sync``, ``clip_grad_norm_`` and ``get_state_dict`` take
-    accelerate's own FSDP path (``FullyShardedDataParallel`` with ``device_id=acc.device``), the one a GPU run takes.
-    The device becomes plain ``cpu``: accelerate's multi-CPU ``cpu:0`` fails FSDP's check against the current CPU
-    device ("Inconsistent compute device and `device_id` on rank 0: cpu vs cpu:0"); both name the same memory.
-    """
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.MULTI_CPU:
-        return
-    if acc.state.mixed_precision != "no":
-        plugin.set_mixed_precision(acc.state.mixed_precision)
-    acc.state.fsdp_plugin = plugin
-    # Both shared states, as accelerate writes FSDP for GPUs: every later AcceleratorState() re-reads PartialState's.
-    for state in (PartialState(), acc.state):
-        state.distributed_type = DistributedType.FSDP
-        state.device = torch.device("cpu")
 
 
 def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
@@ -145,16 +76,14 @@ class Trainer:
         self.dataset = load_dataset(cfg.data)
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
-        self.store = EmbeddingStore(cfg.embeddings, cfg.prompt_mode) if cfg.embeddings else None
-        if self.store is not None and (cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0):
-            raise ValueError("random instruction alignment rewrites the instruction, so it needs online encoding: "
-                             "unset `embeddings` or set alignment rates to 0")
+        store = open_embeddings(cfg)
         if cfg.fsdp and cfg.ema_decay > 0:
             raise ValueError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
         if cfg.fsdp and cfg.dump_grads:
             raise ValueError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
         self.scheduler_config = self.model.scheduler_config
+        self.inputs = input_builder(cfg, self.model, self.acc.device, store)
         transformer = self.model.transformer
         self.trainable = mark_trainable(transformer, cfg)
         if cfg.gradient_checkpointing:
@@ -192,40 +121,7 @@ class Trainer:
 
     # -- inputs -----------------------------------------------------------------------------------------------
     def row_inputs(self, sample, key, step: int, pos: int) -> RowInputs:
-        cfg = self.cfg
-        variant = choose_variant(sample.has_inverse, row_rng(cfg.seed, step, pos, "variant"), cfg.variants)
-        inverse = variant.startswith("inverse")
-        text = variant_text(sample, variant)
-        order = None
-        if not inverse and len(sample.sources) > 1 and self.store is None:
-            order, (text,) = align(len(sample.sources), [text], row_rng(cfg.seed, step, pos, "alignment"),
-                                   cfg.alignment)
-        images = row_images(sample, key, cfg.target_area, cfg.reference_area, inverse=inverse, order=order)
-        device = self.acc.device
-        cached = self.store.load(sample.uid) if self.store is not None else {}
-        prefix = "latents.inverse_" if inverse else "latents."
-        if self.store is not None:
-            if f"embeds.{variant}" not in cached:
-                raise KeyError(f"row {sample.uid} has no cached '{variant}' embedding in {self.store.root}: "
-                               f"extract that variant or set its rate to 0")
-            cond = PromptEmbeds(cached[f"embeds.{variant}"][None].to(device, torch.float32), None)
-        refs = None
-        if self.store is None or prefix + "target" not in cached:
-            refs = prepare_row_references(images, cfg.vl_area)
-        if self.store is None:
-            cond = encode_row_prompt(self.model.text_encoder, self.model.processor, text, refs, cfg.prompt_mode,
-                                     device=device)
-            cond = PromptEmbeds(cond.embeds.float(), cond.mask)
-        if prefix + "target" in cached:
-            x0 = cached[prefix + "target"].to(device)
-            tokens = cached.get(prefix + "refs")
-            ref = RefLatents(None if tokens is None else tokens.to(device),
-                             [L.token_grid(h, w) for w, h in images.source_sizes])
-        else:
-            x0 = encode_target(self.model.vae, images.target, images.target_size, device)
-            ref = encode_row_references(self.model.vae, refs, device)
-        tw, th = images.target_size
-        return RowInputs(x0, ref, cond, [[L.token_grid(th, tw), *ref.shapes]], variant)
+        return self.inputs.row_inputs(sample, key, step, pos)
 
     def row_loss(self, inputs: RowInputs, step: int, pos: int) -> torch.Tensor:
         cfg = self.cfg
@@ -242,8 +138,6 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, rows: int = 4, draws: int = 2) -> float:
         """Mean loss of the first ``rows`` rows at fixed noise levels and noise (comparable across training)."""
-        from .buckets import bucket_key
-
         self.transformer.eval()
         total, n = 0.0, 0
         for i, sample in enumerate(self.dataset.samples[:rows]):
@@ -357,60 +251,24 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- validation -------------------------------------------------------------------------------------------
-    @contextlib.contextmanager
-    def ema_weights(self):
-        if self.ema is None:
-            yield
-            return
-        params = self.named_trainable()
-        saved = {n: p.detach().clone() for n, p in params.items()}
-        self.ema.copy_to(params)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(saved[n])
-
     def validate(self) -> Path | None:
+        """Edit the first validation rows with the current (EMA, if any) weights; rank 0 saves and logs the grid."""
         from ..pipeline import EditPipeline
 
-        cfg, val = self.cfg, self.cfg.validation
         if not (self.cfg.fsdp or self.acc.is_main_process):
             self.acc.wait_for_everyone()
             return None
-        self.model.set("transformer", self.transformer if cfg.fsdp else self.module)
-        pipe = EditPipeline(self.model)
-        from .buckets import bucket_key
-
-        rows = []
+        self.model.set("transformer", self.transformer if self.cfg.fsdp else self.module)
         self.transformer.eval()
-        with self.ema_weights(), torch.no_grad():
-            for sample in self.dataset.samples[: val.rows]:
-                images = row_images(sample, bucket_key(sample), cfg.target_area, cfg.reference_area)
-                sources = [load_image(p) for p in sample.sources]
-                w, h = images.target_size
-                result = pipe.edit(sources, sample.instruction, steps=val.steps, true_cfg=val.true_cfg,
-                                   seed=val.seed, width=w, height=h, vl_area=cfg.vl_area,
-                                   vae_area=cfg.reference_area, prompt_mode=cfg.prompt_mode)
-                rows.append([*sources, load_image(sample.target), result.images[0]])
+        weights = self.ema.applied(self.named_trainable()) if self.ema is not None else contextlib.nullcontext()
+        with weights, torch.no_grad():
+            rows = validation_rows(EditPipeline(self.model), self.dataset.samples, self.cfg)
         self.transformer.train()
         path = None
         if self.acc.is_main_process:
-            grid = image_grid(rows)
-            path = self.out / "validation" / f"step-{self.step:08d}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            grid.save(path)
-            self.log_image(grid)
+            path = save_grid(image_grid(rows), self.out, self.step, self.acc.trackers)
         self.acc.wait_for_everyone()
         return path
-
-    def log_image(self, grid: Image.Image) -> None:
-        import numpy as np
-
-        for tracker in self.acc.trackers:
-            if hasattr(tracker, "log_images"):
-                tracker.log_images({"validation": np.asarray(grid)[None]}, step=self.step, dataformats="NHWC")
 
     # -- the loop ---------------------------------------------------------------------------------------------
     def run(self) -> TrainResult:
@@ -478,19 +336,6 @@ class Trainer:
 
 class SimulatedKill(RuntimeError):
     """Raised by ``stop_after`` (tests): the run ends abruptly after a step, as a killed job would."""
-
-
-def image_grid(rows: list[list[Image.Image]], height: int = 128) -> Image.Image:
-    """One row per example (sources, target, output), each picture scaled to ``height``."""
-    scaled = [[im.resize((max(1, round(im.width * height / im.height)), height)) for im in row] for row in rows]
-    width = max(sum(im.width for im in row) for row in scaled)
-    grid = Image.new("RGB", (width, height * len(scaled)), "white")
-    for r, row in enumerate(scaled):
-        x = 0
-        for im in row:
-            grid.paste(im, (x, r * height))
-            x += im.width
-    return grid
 
 
 def train(cfg: TrainConfig) -> TrainResult:

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gguf_kernels import dequantize, packed_nbytes, qtype_name
+from .kernels import dequantize, packed_nbytes, qtype_name
 
 
 class GGUFLinear(nn.Module):

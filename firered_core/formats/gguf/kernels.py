@@ -1,4 +1,5 @@
-"""GGUF block dequantisation in torch, so packed weights can be decoded on the device that runs the layer.
+"""GGUF block dequantisation: torch kernels (decode on the device that runs the layer) and the ``gguf`` package's
+numpy reference (:func:`dequantize_reference`, for types without a kernel and for dequantise-at-load).
 
 Each kernel ports the ``gguf`` package's numpy reference (``gguf.quants``) operation for operation in float32, so the
 result is bit-identical to ``gguf.quants.dequantize`` in eager mode (tests check this on random bytes). Input: the
@@ -10,7 +11,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
 import torch
+
+from ..errors import FormatError
 
 QK_K = 256
 # qtype id -> (name, values per block, bytes per block); ids are ggml's GGMLQuantizationType values.
@@ -178,3 +182,19 @@ def dequantize(packed: torch.Tensor, qtype: int, shape: tuple[int, ...],
         raise ValueError(f"{packed.numel()} bytes of {qtype_name(qtype)} do not hold a {tuple(shape)} tensor")
     out = KERNELS[qtype](packed.reshape(-1, nbytes))
     return out.reshape(shape).to(dtype)
+
+
+def dequantize_reference(data, qtype, shape: tuple[int, ...], name: str = "") -> torch.Tensor:
+    """Decode one GGUF tensor to float32 with the ``gguf`` package's numpy reference dequantiser (every type it
+    knows, on the CPU); ``name`` is the file and key for the error when the package cannot decode the type."""
+    import gguf
+
+    try:
+        if qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
+            arr = np.array(data, dtype=np.float32)
+        else:
+            arr = gguf.quants.dequantize(np.asarray(data), qtype)
+    except NotImplementedError as exc:
+        raise FormatError(f"{name}: GGUF type {getattr(qtype, 'name', qtype)} cannot be dequantised by the "
+                          "installed gguf package") from exc
+    return torch.from_numpy(np.ascontiguousarray(arr)).reshape(shape)

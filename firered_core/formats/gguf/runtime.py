@@ -13,10 +13,10 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
-from .errors import FormatError
-from .gguf_kernels import qtype_name, supported
-from .gguf_linear import GGUFLinear
-from .readers import Checkpoint
+from ..checkpoint import Checkpoint
+from ..errors import FormatError
+from .kernels import qtype_name, supported
+from .linear import GGUFLinear
 
 log = logging.getLogger(__name__)
 

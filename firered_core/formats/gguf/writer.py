@@ -1,9 +1,9 @@
-"""Writing checkpoints in the formats users hold (conversion tools, kept apart from the runtime readers)."""
+"""Writing GGUF files (a conversion tool for tests and benchmarks, kept apart from the runtime readers)."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
