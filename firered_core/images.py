@@ -51,19 +51,24 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file and convert it to RGB; raise :class:`ImageInputError` naming the file on failure."""
+def open_image(path: str | Path, error: type[FireRedError] = ImageInputError, what: str = "image") -> Image.Image:
+    """Open and fully read an image file as it is (no conversion); raise ``error`` naming the file on failure."""
     path = Path(path)
     if not path.is_file():
-        raise ImageInputError(f"image not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return img
     except Image.DecompressionBombError as exc:
-        raise ImageInputError(f"image {path} is refused as a possible decompression bomb: {exc}") from None
+        raise error(f"{what} {path} is refused as a possible decompression bomb: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageInputError(f"cannot read image {path}: {exc}") from exc
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file and convert it to RGB; raise :class:`ImageInputError` naming the file on failure."""
+    return to_rgb(open_image(path))
 
 
 def check_output_path(path: str | Path) -> Path:

@@ -72,6 +72,7 @@ LIMITS: dict[str, Limit] = {
     "cache_warmup": Limit(int, 0, 1000, "steps the block cache always computes fully"),
     "cache_max_consecutive": Limit(int, 0, 1000, "most cached steps in a row"),
     "block_swap": Limit(int, 0, 200, "transformer blocks kept on the device (0 = off)"),
+    "feather": Limit(int, 0, 512, "pixels over which a masked edit fades in inside the mask"),
 }
 
 

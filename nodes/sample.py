@@ -6,6 +6,7 @@ import logging
 
 from firered_core import comfy_latents as CL
 from firered_core import geometry as G
+from firered_core import masks as M
 from firered_core import preview as P
 from firered_core.model import FireRedModel
 from firered_core.pipeline import denoise_latents
@@ -28,7 +29,9 @@ class FireRedSampler:
     NAME = "FireRed Sampler"
     DESCRIPTION = ("Generates the edited image: flow-matching Euler steps with the checkpoint's schedule and true "
                    "classifier-free guidance (FireRed defaults: 40 steps, true CFG 4). The LATENT input sets the "
-                   "size; with denoise < 1 its content is the starting point.")
+                   "size; with denoise < 1 its content is the starting point. A LATENT with a noise mask (ComfyUI's "
+                   "Set Latent Noise Mask on the encoded source) confines the edit: outside the mask the latents "
+                   "follow the source at every step; grey mask values are edited for fewer steps.")
     CATEGORY = "FireRed"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -42,8 +45,9 @@ class FireRedSampler:
                 "model": ("FIRERED_MODEL", {"tooltip": "From FireRed Model Loader."}),
                 "positive": ("FIRERED_COND", {"tooltip": "The encoded instruction; its references are used."}),
                 "latent": ("LATENT", {"tooltip": "Sets the output size (from FireRed Image Size, or any 16-channel "
-                                                 "LATENT with sides multiple of 16 pixels); its content is only "
-                                                 "used when denoise < 1."}),
+                                                 "LATENT with sides multiple of 16 pixels); its content is used "
+                                                 "when denoise < 1, or as the source of a masked edit when it "
+                                                 "carries a noise mask (Set Latent Noise Mask)."}),
                 "seed": ("INT", {"default": 0, **widget("seed"), "control_after_generate": True,
                                  "tooltip": "Noise seed (drawn on the CPU, so a seed gives the same image on every "
                                             "device)."}),
@@ -103,6 +107,12 @@ class FireRedSampler:
         init = CL.from_raw(samples.to(device), model.vae.config) if denoise < 1.0 else None
         cond = positive.embeds.repeat(batch).to(device)
         uncond = negative.embeds.repeat(batch).to(device) if true_cfg > 1.0 else None
+        hook = None
+        if latent.get("noise_mask") is not None:
+            with blame(self.NAME, "latent"):
+                mask = M.fit_batch(M.resize_mask(latent["noise_mask"].cpu(), width, height), batch,
+                                   "latent's noise mask")
+                hook = M.blend_hook(CL.from_raw(samples.to(device), model.vae.config), M.token_mask(mask))
         settings = SP.for_sampler(self.NAME, model, speed)
         bar, preview = _comfy.progress_bar(steps), _comfy.previewer()
 
@@ -115,7 +125,7 @@ class FireRedSampler:
             with blame(self.NAME, "model", inputs=("steps", "denoise")):
                 out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
                                              true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
-                                             init=init, callback=on_step)
+                                             init=init, callback=on_step, latent_hook=hook)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],

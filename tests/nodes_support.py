@@ -38,6 +38,7 @@ class LoadImage:
     """Stand-in for ComfyUI's LoadImage: pictures come from ``LoadImage.pictures`` by name."""
 
     pictures: dict[str, Image.Image] = {}
+    masks: dict[str, torch.Tensor] = {}  # painted masks (1 = painted); none = ComfyUI's empty 64x64 mask
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("IMAGE", "MASK")
     FUNCTION = "load"
@@ -50,7 +51,47 @@ class LoadImage:
     def load(self, image):
         arr = np.asarray(self.pictures[image].convert("RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)[None]
-        return t, torch.zeros(1, t.shape[1], t.shape[2])
+        return t, self.masks.get(image, torch.zeros(64, 64))[None].float()
+
+
+class GrowMask:
+    """Stand-in for ComfyUI's GrowMask: ``expand`` pixels of dilation (< 0: erosion), square or tapered corners."""
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("MASK",)
+    FUNCTION = "expand_mask"
+    CATEGORY = "mask"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",), "expand": ("INT", {"default": 0, "min": -16384, "max": 16384}),
+                             "tapered_corners": ("BOOLEAN", {"default": True})}}
+
+    def expand_mask(self, mask, expand, tapered_corners):
+        sign = 1.0 if expand > 0 else -1.0
+        m = sign * mask.reshape(-1, 1, *mask.shape[-2:]).float()
+        for _ in range(abs(expand)):
+            p = torch.nn.functional.pad(m, (1, 1, 1, 1), value=-torch.inf)
+            shifts = [p[..., 1 + dy:p.shape[-2] - 1 + dy, 1 + dx:p.shape[-1] - 1 + dx]
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1) if not (tapered_corners and dx and dy)]
+            m = torch.stack(shifts).amax(0)
+        return ((sign * m)[:, 0],)
+
+
+class SetLatentNoiseMask:
+    """Stand-in for ComfyUI's SetLatentNoiseMask."""
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
 
 
 class SaveImage:
@@ -91,7 +132,7 @@ class PreviewAny:
 
 def classes() -> dict[str, type]:
     return {**load_pack().NODE_CLASS_MAPPINGS, "LoadImage": LoadImage, "SaveImage": SaveImage,
-            "PreviewAny": PreviewAny}
+            "PreviewAny": PreviewAny, "GrowMask": GrowMask, "SetLatentNoiseMask": SetLatentNoiseMask}
 
 
 def object_info() -> dict:

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -20,11 +21,13 @@ SINGLE_FILES = "FireRed - Edit one picture (single files)"
 EXACT = "FireRed - Edit at the exact input size"
 SWEEP = "FireRed - Four variations (seed sweep)"
 LORA = "FireRed - Edit with a LoRA and speed settings"
-REQUIRED = {EDIT_ONE, SINGLE_FILES, EXACT, SWEEP, LORA, "FireRed - Combine three pictures", "FireRed - Text to image"}
+REQUIRED = {EDIT_ONE, SINGLE_FILES, EXACT, SWEEP, LORA, "FireRed - Combine three pictures", "FireRed - Text to image",
+            "FireRed - Edit inside a mask", "FireRed - Combine more than three pictures"}
 LOSSLESS_OFF = {"block_cache": False, "quantize": "none", "quantize_text_encoder": "none"}
 # Small sizes for speed: these tests are about the graphs, not the default sizes.
 FAST = {"FireRedSampler": {"steps": 2}, "FireRedReferenceImages": {"vl_size": 56, "vae_size": 64},
-        "FireRedImageSize": {"megapixels": 0.01, "width": 40, "height": 24}}
+        "FireRedImageSize": {"megapixels": 0.01, "width": 40, "height": 24},
+        "FireRedPackPictures": {"megapixels": 0.05}}
 
 
 @pytest.fixture(scope="module")
@@ -170,6 +173,46 @@ def test_exact_size_workflow_keeps_odd_input_size(graph_env):
     wf = json.loads((S.ROOT / "workflows" / f"{EXACT}.json").read_text())
     S.execute(fast(graph_env(wf, size=(37, 23))))
     assert S.SaveImage.saved[-1].shape == (1, 23, 37, 3)
+
+
+def test_masked_workflow_keeps_every_pixel_outside_the_painted_mask(graph_env):
+    """A mask painted on an odd-sized picture (as LoadImage gives it: 1 = painted), grown by Grow Mask: outside the
+    grown mask the saved image is the input's own 8-bit pixels; inside it changed."""
+    wf = json.loads((S.ROOT / "workflows" / "FireRed - Edit inside a mask.json").read_text())
+    api = fast(graph_env(wf, size=(37, 23)))
+    load = next(n for n in api.values() if n["class_type"] == "LoadImage")["inputs"]["image"]
+    painted = torch.zeros(23, 37)
+    painted[6:14, 12:24] = 1
+    S.LoadImage.masks[load] = painted
+    try:
+        S.execute(api)
+    finally:
+        S.LoadImage.masks.clear()
+    grow = next(n for n in api.values() if n["class_type"] == "GrowMask")["inputs"]["expand"]
+    grown = S.GrowMask().expand_mask(painted[None], grow, True)[0][0].numpy() > 0
+    out = (S.SaveImage.saved[-1][0].numpy() * 255).round().astype(np.uint8)
+    src = np.asarray(S.LoadImage.pictures[load])
+    assert out.shape == src.shape == (23, 37, 3)
+    np.testing.assert_array_equal(out[~grown], src[~grown])
+    assert (out[grown] != src[grown]).mean() > 0.5
+
+
+def test_five_picture_workflow_packs_and_rewrites_the_instruction(graph_env):
+    from firered_core import packing
+
+    wf = json.loads((S.ROOT / "workflows" / "FireRed - Combine more than three pictures.json").read_text())
+    api = fast(graph_env(wf))
+    results = S.execute(api)
+    pack_id = next(k for k, n in api.items() if n["class_type"] == "FireRedPackPictures")
+    composites = [c for c in results[pack_id][:3] if c is not None]
+    assert len(composites) == 3  # auto: 3 composites for 5 pictures
+    original = api[pack_id]["inputs"]["prompt"]
+    rewritten, table = results[pack_id][3:]
+    assert packing.mentions(original) == [4, 5, 1, 2, 3] and "Picture 4" not in rewritten
+    assert "Picture 3" in rewritten and table in S.PreviewAny.shown
+    encode = next(k for k, n in api.items() if n["class_type"] == "FireRedEncodeInstruction"
+                  and n["inputs"]["prompt"] == [pack_id, 3])
+    assert results[encode][0].prompt == rewritten
 
 
 @pytest.mark.parametrize("name", [EDIT_ONE, SINGLE_FILES])
