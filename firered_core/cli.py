@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .conditioning import PROMPT_MODES
 from .formats import GGUF_MODES
+from .errors import InputError
 from .geometry import VAE_AREA, VL_AREA
 from .model import OFFLOAD_MODES
 
@@ -27,6 +28,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--transformer", help="transformer weights: a folder or a single file (safetensors / GGUF)")
     p.add_argument("--vae", help="VAE weights: a folder or a single file")
     p.add_argument("--text-encoder", help="Qwen2.5-VL text encoder: a folder or a single file")
+    p.add_argument("--tokenizer", help="folder with the Qwen2.5-VL tokenizer files (vocab.json, merges.txt, "
+                                       "tokenizer_config.json; a processor/ folder works too) for a single-file "
+                                       "text encoder (default: the model folder's, or files next to the text encoder)")
     p.add_argument("--lora", action="append", default=[], metavar="FILE[:STRENGTH]",
                    help="LoRA to apply (repeatable); strength defaults to 1.0")
     p.add_argument("--allow-partial-lora", action="store_true", help="apply a LoRA even if some keys do not match")
@@ -46,7 +50,8 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 40; 8 for the demo model)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..1000 (default 40; 8 for the demo "
+                                                            "model)")
     p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
     p.add_argument("--seed", type=int, default=0, help="random seed (CPU generator: same image on every device)")
     p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
@@ -55,11 +60,43 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--match-input-size", action="store_true",
                    help="output exactly the last image's size (padded to a multiple of 16 and cropped back: "
                         "no zoom, no shift); overrides --width/--height/--vae-area")
-    p.add_argument("--shift", type=float, default=None, help="constant schedule shift (default: dynamic)")
+    p.add_argument("--shift", type=float, default=None, help="constant schedule shift, 0..20 (default or 0: the "
+                                                              "dynamic shift)")
     p.add_argument("--vl-area", type=int, default=VL_AREA, help="pixel area of references for the VL encoder")
     p.add_argument("--vae-area", type=int, default=VAE_AREA, help="pixel area of references for the VAE")
     p.add_argument("--prompt-mode", choices=PROMPT_MODES, default=PROMPT_MODES[0],
                    help="'pipeline' (Picture N labels, the official inference) or 'chat' (FireRed's trainer)")
+
+
+def add_mask_and_pack_arguments(p: argparse.ArgumentParser) -> None:
+    """Masked edits (``masks``) and packing more than 3 images (``packing``)."""
+    p.add_argument("--mask", metavar="FILE",
+                   help="confine the edit of the last image to a mask: white (or, with transparency, the "
+                        "transparent part, as ComfyUI's mask editor saves it) may change, black stays exactly as it "
+                        "is, grey partly; any size (stretched to the image). The output has the image's size")
+    p.add_argument("--feather", type=int, default=8, help="with --mask: pixels over which the edit fades in inside "
+                                                          "the mask's border (default 8; 0 = hard edge)")
+    p.add_argument("--color-match", choices=("off", "mean-std", "histogram"), default="off",
+                   help="with --mask: undo the edit's colour drift measured outside the mask (default off)")
+    p.add_argument("--pack", choices=("auto", "off"), default="auto",
+                   help="with more than 3 images: crop each to its region of interest and pack them into 2-3 "
+                        "composites, rewriting 'Picture N' / '图N' mentions (auto, default), or pass them as they "
+                        "are (off)")
+    p.add_argument("--box", action="append", default=[], metavar="N:X0,Y0,X1,Y1",
+                   help="region of interest of image N (1-based, pixels) for packing (repeatable); other images "
+                        "get an automatic proposal")
+    p.add_argument("--composites", type=int, default=None,
+                   help="number of composites when packing (1-3; default 2 for 4 images, 3 from 5)")
+    p.add_argument("--pack-megapixels", type=float, default=1.0,
+                   help="area of each composite in units of 1024x1024 pixels (default 1)")
+    p.add_argument("--no-roi", action="store_true", help="packing: keep images whole (no automatic cropping)")
+    p.add_argument("--recaption-url", default=None,
+                   help="packing: rephrase the rewritten instruction through this OpenAI-compatible endpoint "
+                        "(e.g. https://api.openai.com/v1; off by default; replies cached, failures retried)")
+    p.add_argument("--recaption-model", default=None, help="packing: the endpoint's model name")
+    p.add_argument("--recaption-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's API key (default OPENAI_API_KEY)")
+    p.add_argument("--recaption-images", action="store_true", help="packing: send the composites with the request")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,6 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                        "none = text-to-image)")
     p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
     add_edit_arguments(p)
+    add_mask_and_pack_arguments(p)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -78,15 +116,56 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area",
+                   "feather")
+
+
+def lora_specs(args: argparse.Namespace) -> list:
+    """The ``--lora FILE[:STRENGTH]`` specs, each strength checked against its range."""
+    from .lora import LoraSpec
+    from .validation import check
+
+    specs = [LoraSpec.parse(s) for s in args.lora]
+    for text, spec in zip(args.lora, specs):
+        check({"strength": spec.strength}, spell=lambda _: f"--lora {text}: strength",
+              limits={"strength": "lora_strength"})
+    return specs
+
+
 def _apply_loras(transformer, args: argparse.Namespace) -> None:
     """Apply every ``--lora`` and print its coverage (keys matched / unmatched, modules touched)."""
-    from .lora import LoraSpec, apply_loras, default_mode
+    from .lora import apply_loras, default_mode
 
     mode = args.lora_mode or default_mode(transformer)
-    report = apply_loras(transformer, [LoraSpec.parse(s) for s in args.lora], mode=mode,
-                         allow_partial=args.allow_partial_lora)
+    report = apply_loras(transformer, lora_specs(args), mode=mode, allow_partial=args.allow_partial_lora)
     print(f"LoRA mode: {mode}", file=sys.stderr)
     print(report.summary(), file=sys.stderr)
+
+
+def _pack(images: list, args: argparse.Namespace) -> tuple[list, str]:
+    """Pack more than 3 images into composites (``--pack auto``); print the mapping and the rewritten prompt."""
+    from .images import pil_to_tensor, tensor_to_pil
+    from .packing import PackError, pack_pictures, parse_boxes
+
+    if args.mask:
+        raise PackError("--mask applies to the edited (last) image, which packing would merge into a composite; "
+                        "use --pack off with --mask, or give at most 3 images")
+    if not 0.05 <= args.pack_megapixels <= 16:
+        raise PackError(f"--pack-megapixels {args.pack_megapixels} must be within 0.05..16")
+    result = pack_pictures([pil_to_tensor(i) for i in images], boxes=parse_boxes(";".join(args.box)),
+                           composites=args.composites, area=args.pack_megapixels * 1024 * 1024,
+                           auto_roi=not args.no_roi)
+    prompt = result.rewrite(args.prompt)
+    print(f"packed {len(images)} images into {len(result.composites)} composites:\n{result.table()}\n"
+          f"instruction: {prompt}", file=sys.stderr)
+    if args.recaption_url or args.recaption_model:
+        from .llm import ChatClient
+        from .recaption import endpoint, recaption
+
+        client = ChatClient(endpoint(args.recaption_url, args.recaption_model, args.recaption_key_env))
+        prompt = recaption(client, args.prompt, prompt, result, with_images=args.recaption_images)
+        print(f"recaptioned instruction: {prompt}", file=sys.stderr)
+    return [tensor_to_pil(c) for c in result.composites], prompt
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -96,11 +175,14 @@ def _output_paths(output: str, count: int) -> list[Path]:
     return [out.with_name(f"{out.stem}_{i}{out.suffix or '.png'}") for i in range(count)]
 
 
-def check_size_args(args: argparse.Namespace) -> None:
-    from .geometry import LATENT_MULTIPLE, check_size
+def check_number_args(args: argparse.Namespace) -> None:
+    """Every numeric option present in ``args`` against its range, and each ``--lora`` strength: before any model
+    is loaded, the option named in the error."""
+    from .validation import SPEED_OPTIONS, check
 
-    check_size(LATENT_MULTIPLE if args.width is None else args.width,
-               LATENT_MULTIPLE if args.height is None else args.height)
+    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
+          spell=lambda name: "--" + name.replace("_", "-"))
+    lora_specs(args)
 
 
 def is_demo(args: argparse.Namespace) -> bool:
@@ -127,24 +209,35 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
         model_dir, steps = args.model, 40
     model = load_model(model_dir, dtype=dtype, device=device, offload=args.offload, gguf_mode=args.gguf_mode,
                        settings=speed.model, transformer=args.transformer, vae=args.vae,
-                       text_encoder=args.text_encoder)
+                       text_encoder=args.text_encoder, tokenizer=args.tokenizer)
     if args.transformer:
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
-    return model, args.steps or steps, speed
+    return model, steps if args.steps is None else args.steps, speed
 
 
 def run(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
-    from .images import load_image
+    from .images import check_output_path, load_image
     from .pipeline import EditPipeline
     from .speed import from_args
 
+    check_number_args(args)
+    check_output_path(args.output)
     from_args(args)  # bad speed settings fail before anything is loaded
-    check_size_args(args)
     images = [load_image(p) for p in args.image]
+    prompt = args.prompt
+    if len(images) > 3 and args.pack == "auto":
+        images, prompt = _pack(images, args)
+    mask = None
+    if args.mask:
+        from .masks import load_mask
+
+        if not images:
+            raise InputError("--mask needs an image (-i) to edit", field="mask")
+        mask = load_mask(args.mask)
     demo = is_demo(args)
     model, steps, speed = load_from_args(args)
     width, height = args.width, args.height
@@ -152,10 +245,10 @@ def run(args: argparse.Namespace) -> list[Path]:
         width = height = 256
     bar = tqdm(total=steps, desc="sampling", unit="step")
     result = EditPipeline(model, speed.run).edit(
-        images, args.prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
+        images, prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
         width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
-        prompt_mode=args.prompt_mode, shift=args.shift, match_input=args.match_input_size,
-        callback=lambda info: bar.update(1))
+        prompt_mode=args.prompt_mode, shift=args.shift or None, match_input=args.match_input_size,
+        callback=lambda info: bar.update(1), mask=mask, feather=args.feather, color_match=args.color_match)
     bar.close()
     paths = _output_paths(args.output, len(result.images))
     for img, path in zip(result.images, paths):
@@ -170,13 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     else is a bug and keeps its traceback."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    from .errors import FireRedError
+    from .errors import FireRedError, one_line
 
     try:
         run(args)
     except (FireRedError, OSError) as exc:
-        message = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-        print(f"firered-edit: error: {message}", file=sys.stderr)
+        print(f"firered-edit: error: {one_line(exc)}", file=sys.stderr)
         return 2
     return 0
 

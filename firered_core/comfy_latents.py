@@ -12,6 +12,7 @@ import torch
 
 from . import latents as L
 from .errors import InputError
+from .validation import require_finite
 
 CHANNELS = 16
 
@@ -29,7 +30,10 @@ def check_raw(samples: torch.Tensor) -> torch.Tensor:
                          "(was it made for another model family?)")
     if samples.shape[2] != 1:
         raise InputError(f"this latent has {samples.shape[2]} frames; FireRed edits single images (1 frame)")
-    return samples
+    if samples.shape[0] == 0 or samples.shape[-1] == 0 or samples.shape[-2] == 0:
+        raise InputError(f"the latent is empty (shape {tuple(samples.shape)})")
+    return require_finite(samples, "the LATENT", "it would decode or sample to a black image; the node that made "
+                          "it diverged")
 
 
 def pixel_size(samples: torch.Tensor) -> tuple[int, int]:

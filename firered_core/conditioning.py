@@ -29,6 +29,26 @@ EDIT_DROP = 64
 T2I_DROP = 34
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT_MODES = ("pipeline", "chat")
+ROPE_POSITIONS = 4096  # diffusers' QwenEmbedRope table; text positions start after the largest image's half-side
+
+
+def text_token_limit(img_shapes: list | tuple = ()) -> int:
+    """How many instruction tokens (template drop done, image tokens included) the transformer can place after
+    images of ``img_shapes`` (``(frames, rows, cols)`` of tokens): its rotary table has 4096 positions and the text
+    starts after the largest image's half-side."""
+    start = max([max(rows // 2, cols // 2) for _, rows, cols in img_shapes] or [1])
+    return ROPE_POSITIONS - start
+
+
+def check_text_length(tokens: int, img_shapes: list | tuple = ()) -> None:
+    """Refuse an instruction longer than :func:`text_token_limit` up front, saying how long it is."""
+    limit = text_token_limit(img_shapes)
+    if tokens > limit:
+        from .validation import OptionError
+
+        raise OptionError(f"the instruction is {tokens} tokens long (the VL image tokens of the references "
+                          f"included) but at most {limit} fit the transformer's text positions"
+                          f"{' at this output size' if img_shapes else ''}: shorten the prompt")
 
 
 @dataclass
@@ -102,6 +122,7 @@ def encode_prompt_pieces(text_encoder, processor, prompts: list[str] | str, imag
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     device = device or next(text_encoder.parameters()).device
     inputs, drop = tokenize(processor, prompts, images, mode)
+    check_text_length(int(inputs["attention_mask"].sum(dim=1).max()) - drop)  # before the encoder runs
     inputs = inputs.to(device)
     out = text_encoder(
         input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],

@@ -80,12 +80,9 @@ def build_tokenizer():
 
 def build_processor(tokenizer=None):
     """The Qwen2-VL processor with the image processor settings of the real checkpoint."""
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
+    from .processor import qwen25_vl_processor
 
-    tokenizer = tokenizer or build_tokenizer()
-    sizes = dict(min_pixels=3136, max_pixels=12845056, patch_size=14, temporal_patch_size=2, merge_size=2)
-    return Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**sizes), tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(**sizes))
+    return qwen25_vl_processor(tokenizer or build_tokenizer())
 
 
 def transformer_config(preset: str = "tiny") -> dict:

@@ -18,3 +18,8 @@ class FireRedError(ValueError):
 
 class InputError(FireRedError):
     """A value given to the library (a size, a mode, a count) is out of range or not one of the accepted ones."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The error's message on one line (what front ends print after ``prog: error:``)."""
+    return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

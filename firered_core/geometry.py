@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import InputError
 
 VL_AREA = 384 * 384
 VAE_AREA = 1024 * 1024
@@ -34,12 +33,16 @@ def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> tuple
 
 
 def check_size(width: int, height: int) -> None:
-    """Raise :class:`InputError` (naming the side) unless both sides are positive multiples of 16."""
+    """Raise :class:`~firered_core.validation.OptionError` (an ``InputError`` whose ``field`` is the side) unless
+    both sides are multiples of 16 within the limits (the message suggests the nearest allowed size)."""
+    from .validation import LIMITS, OptionError, check
+
     for name, value in (("width", width), ("height", height)):
-        if value <= 0 or value % LATENT_MULTIPLE:
-            raise InputError(f"{name}={value} is not a positive multiple of {LATENT_MULTIPLE} "
-                             f"(try {max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE)})",
-                             field=name)
+        try:
+            check({name: int(value)}, spell=lambda n: f"{n}={value}:")
+        except OptionError as exc:
+            nearest = min(LIMITS[name].hi, max(LATENT_MULTIPLE, round(value / LATENT_MULTIPLE) * LATENT_MULTIPLE))
+            raise OptionError(f"{exc} (nearest allowed: {int(nearest)})", field=name) from None
 
 
 def default_output_size(last_image_size: tuple[int, int] | None, area: float = OUTPUT_AREA) -> tuple[int, int]:

@@ -8,6 +8,7 @@ rejected with the file named.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -50,17 +51,46 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path) -> Image.Image:
-    """Open an image file and convert it to RGB; raise :class:`ImageInputError` naming the file on failure."""
+def open_image(path: str | Path, error: type[FireRedError] = ImageInputError, what: str = "image") -> Image.Image:
+    """Open and fully read an image file as it is (no conversion); raise ``error`` naming the file on failure."""
     path = Path(path)
     if not path.is_file():
-        raise ImageInputError(f"image not found: {path}")
+        raise error(f"{what} not found: {path}")
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            return img
+    except Image.DecompressionBombError as exc:
+        raise error(f"{what} {path} is refused as a possible decompression bomb: {exc}") from None
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise ImageInputError(f"cannot read image {path}: {exc}") from exc
+        raise error(f"cannot read {what} {path}: {exc}") from exc
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file and convert it to RGB; raise :class:`ImageInputError` naming the file on failure."""
+    return to_rgb(open_image(path))
+
+
+def check_output_path(path: str | Path) -> Path:
+    """Refuse, before any work is done, an output path that could not be written: an existing folder, a path under
+    a file, a folder without write permission, or an extension Pillow cannot save."""
+    path = Path(path)
+    if path.is_dir():
+        raise ImageInputError(f"output {path} is an existing folder; give a file name such as {path / 'edit.png'}")
+    extensions = Image.registered_extensions()
+    suffix = path.suffix.lower()
+    if suffix not in extensions or extensions[suffix] not in Image.SAVE:
+        raise ImageInputError(f"output {path}: unknown image file extension {suffix or '(none)'!r}; use .png, "
+                              ".jpg, .webp, .tif or .bmp")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ImageInputError(f"output {path}: {parent} is a file, not a folder")
+    target = path if path.exists() else parent
+    if not os.access(target, os.W_OK):
+        raise ImageInputError(f"output {path}: no permission to write {'it' if target == path else target}")
+    return path
 
 
 def pil_to_tensor(img: Image.Image) -> torch.Tensor:

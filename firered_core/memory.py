@@ -3,6 +3,8 @@
 - Quantisation stores each Linear weight as int8 or fp8 (e4m3) with one scale per output channel and dequantises
   it to the activation dtype at every call: half the weight memory of bf16, the matmul itself unchanged. Output
   projections (``proj_out``, ``lm_head``), the input embeddings and the vision tower stay in full precision.
+- ``int8_mm`` / ``fp8_mm`` store the same weights but also quantise the activations per token at call time and run the
+  matmul itself in int8 / fp8 where the device has the kernel (``firered_core.quant``); elsewhere they dequantise.
 - Block swap keeps the first ``resident`` transformer blocks on the device and streams the others from (pinned) CPU
   memory, one block ahead on a side CUDA stream, so only ``resident + 2`` blocks occupy the device at once.
 - VAE tiling is diffusers' own (``enable_tiling``); it only changes images larger than one tile.
@@ -18,7 +20,7 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-QUANT_MODES = ("none", "int8", "fp8")
+QUANT_MODES = ("none", "int8", "fp8", "int8_mm", "fp8_mm")
 KEEP_TRANSFORMER = ("proj_out", "img_in", "txt_in", "norm_out.*", "time_text_embed.*")
 KEEP_TEXT_ENCODER = ("lm_head", "*visual*", "model.visual*")
 _swapped: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
@@ -70,12 +72,17 @@ def quantize_linears(module: torch.nn.Module, mode: str, keep: tuple[str, ...] =
     """
     if mode == "none":
         return 0
+    layer_class = QuantLinear
+    if mode.endswith("_mm"):
+        from .quant import FastQuantLinear
+
+        layer_class, mode = FastQuantLinear, mode[: -len("_mm")]
     count = 0
     for name, child in list(module.named_modules()):
         for child_name, sub in list(child.named_children()):
             full = f"{name}.{child_name}" if name else child_name
             if type(sub) is torch.nn.Linear and not _kept(full, keep):
-                setattr(child, child_name, QuantLinear(sub, mode))
+                setattr(child, child_name, layer_class(sub, mode))
                 count += 1
     return count
 

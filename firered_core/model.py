@@ -8,7 +8,6 @@ Components load on first use, so a node graph that only encodes prompts never re
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import weakref
@@ -131,7 +130,9 @@ class FireRedModel:
     Args:
         root: a Hugging Face layout folder, or None when every component is given in ``sources``.
         sources: per-component overrides: a folder or a single file (``transformer``, ``vae``, ``text_encoder``,
-            ``tokenizer``, ``processor``, ``scheduler``).
+            ``tokenizer``, ``processor``, ``scheduler``); ``default_tokenizer``: tokenizer files used for a
+            single-file text encoder that has none beside it. Without a model folder the scheduler is the
+            published one (``sampling.SCHEDULER_CONFIG``).
         dtype: compute dtype of the transformer, VAE and text encoder.
         device: where computation happens.
         offload: ``none`` keeps everything on ``device``; ``model`` keeps each large component on the CPU and moves
@@ -197,12 +198,21 @@ class FireRedModel:
     scheduler_config = property(lambda self: self.get("scheduler"))
 
     def _load(self, name: str):
+        if name == "scheduler" and self.root is None and "scheduler" not in self.sources:
+            from .sampling import SCHEDULER_CONFIG
+
+            return dict(SCHEDULER_CONFIG)
+        if name in ("processor", "tokenizer") and "processor" not in self.sources and (
+                self.root is None or self.sources.get("tokenizer")):
+            return _single_file_processor(self)
         src = self.source(name)
         if name == "scheduler":
             file = src / "scheduler_config.json" if src.is_dir() else src
             if not file.is_file():
                 raise ModelError(f"scheduler config not found: {file}")
-            return json.loads(file.read_text())
+            from .paths import read_json
+
+            return read_json(file, ModelError)
         if name in ("processor", "tokenizer"):
             return _load_processor(self, src)
         module = _load_module(name, src, self.dtype, self.gguf_mode)
@@ -281,6 +291,24 @@ def _load_processor(model: FireRedModel, src: Path):
     raise ModelError(f"processor / tokenizer not found in {src}")
 
 
+def _single_file_processor(model: FireRedModel):
+    """The processor when no model folder provides it, or when a ``tokenizer`` folder is named: that folder, files
+    next to a single-file text encoder, or the ``default_tokenizer`` source (e.g. ComfyUI's Qwen2.5 tokenizer)."""
+    from .formats import FormatError, load_text_encoder_processor
+    from .formats.text_encoder import processor_from_tokenizer_dir
+
+    tokenizer, te = model.sources.get("tokenizer"), model.source("text_encoder")
+    try:
+        if te.is_file():
+            return load_text_encoder_processor(te, tokenizer=tokenizer,
+                                               default_tokenizer=model.sources.get("default_tokenizer"))
+        if tokenizer:
+            return processor_from_tokenizer_dir(tokenizer)
+    except FormatError as exc:
+        raise ModelError(str(exc)) from exc
+    raise ModelError(f"no tokenizer for the text encoder {te}: give a tokenizer folder (--tokenizer DIR)")
+
+
 def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32", device: str = "cpu",
                offload: str = "none", gguf_mode: str = "runtime", settings: ModelSettings | None = None,
                **sources) -> FireRedModel:
@@ -291,7 +319,7 @@ def load_model(path: str | Path | None = None, dtype: str | torch.dtype = "fp32"
     root = None
     if path is not None:
         root = Path(path)
-        given = {k for k, v in sources.items() if v is not None}
+        given = {k for k, v in sources.items() if v is not None and k not in ("tokenizer", "default_tokenizer")}
         if not given:
             check_model_folder(root)
         elif not root.is_dir():

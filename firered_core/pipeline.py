@@ -14,14 +14,17 @@ import torch
 from PIL import Image
 
 from . import latents as L
+from . import masks as M
 from .errors import InputError
-from .conditioning import PromptEmbeds, encode_prompt_pieces
+from .conditioning import PromptEmbeds, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
 from .model import FireRedModel
-from .references import RefImages, RefLatents, encode_references, prepare_references
-from .sampling import StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
+from .references import (RefImages, RefLatents, encode_image, encode_references, prepare_references,
+                         resize_lanczos, vae_pixels)
+from .sampling import DIVERGED, StepHook, StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
 from .speed import RunSettings
+from .validation import check, require_finite
 
 
 @dataclass
@@ -43,6 +46,8 @@ def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | 
     a list of seeds draws each sample from its own.
     """
     shape = (1, 1, 16, height // L.VAE_SCALE, width // L.VAE_SCALE)
+    for s in seed if isinstance(seed, (list, tuple)) else [] if isinstance(seed, torch.Generator) else [seed]:
+        check({"seed": int(s)})
     if isinstance(seed, (list, tuple)):
         if len(seed) != batch:
             raise InputError(f"{len(seed)} seeds given for a batch of {batch}", field="seed")
@@ -63,7 +68,9 @@ def decode_latents(vae, tokens: torch.Tensor, width: int, height: int) -> torch.
 
 @torch.no_grad()
 def decode_raw(vae, z: torch.Tensor) -> torch.Tensor:
-    """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1."""
+    """Raw VAE latents [B, 16, 1, h, w] -> images [B, 3, H, W] in 0..1 (NaN / inf latents are refused: they would
+    decode to a black image)."""
+    require_finite(z, "the latent to decode", DIVERGED)
     image = vae.decode(z.to(vae.dtype), return_dict=False)[0][:, :, 0]
     return (image * 0.5 + 0.5).clamp(0, 1).float()
 
@@ -112,26 +119,33 @@ def decode_to_pixels(model: FireRedModel, tokens: torch.Tensor, width: int, heig
 def denoise_latents(model: FireRedModel, settings: RunSettings | None, cond: PromptEmbeds, uncond: PromptEmbeds | None,
                     ref: RefLatents, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
                     steps: int, true_cfg: float, shift: float | None = None, denoise: float = 1.0,
-                    init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None
+                    init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None,
+                    latent_hook: Callable[[torch.Tensor], StepHook] | None = None
                     ) -> tuple[torch.Tensor, dict | None]:
     """The sampling stage: noise (from a CPU generator) -> packed model-space latents [B, L, 64].
 
     One sample per row of ``cond``. With ``denoise`` < 1, ``init`` (packed, model space) is noised to the first
-    sigma of the shortened schedule and sampling starts there. Returns the latents and the block-cache report.
+    sigma of the shortened schedule and sampling starts there. ``latent_hook``, given the drawn noise, returns the
+    per-step hook of :func:`sampling.sample` (e.g. :func:`masks.blend_hook`). Returns the latents and the
+    block-cache report.
     """
     batch, dtype = cond.embeds.shape[0], cond.embeds.dtype
+    check({"steps": steps, "true_cfg": true_cfg, "denoise": denoise, "shift": shift})
     noise = make_noise(batch, width, height, seed, dtype, model.device)
     img_shapes = [[L.token_grid(height, width), *ref.shapes]]
+    check_text_length(cond.embeds.shape[1], img_shapes[0])
     sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
     start = noise
     if init is not None and denoise < 1.0:
+        require_finite(init, "the input latent")
         init = init.to(device=model.device, dtype=dtype).expand(batch, -1, -1)
         start = noised_start(init, noise, sigmas[0])
     settings = settings or RunSettings()
     block_cache = settings.new_block_cache()
     with model.use("transformer") as transformer:
         denoiser = transformer_denoiser(transformer, ref, img_shapes, block_cache=block_cache)
-        latents = sample(denoiser, start, sigmas, cond, uncond, true_cfg, callback, batched_cfg=settings.batched_cfg)
+        latents = sample(denoiser, start, sigmas, cond, uncond, true_cfg, callback, batched_cfg=settings.batched_cfg,
+                         step_hook=latent_hook(noise) if latent_hook is not None else None)
     return latents, ({"block_cache": block_cache.report()} if block_cache is not None else None)
 
 
@@ -152,6 +166,19 @@ class EditPipeline:
     def encode_references(self, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
         return encode_reference_latents(self.model, refs, dtype)
 
+    def source_latents(self, refs: RefImages, ref: RefLatents, image: Image.Image, width: int, height: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """The edited (last) image's packed model-space latents [1, L, 64] at the generation size: the last
+        reference's own tokens when it was encoded at exactly that size (always so on the exact-size path), else an
+        encode of a copy resized to it."""
+        if refs.vae_sizes[-1] == (width, height):
+            return ref.tokens[:, -int(np.prod(ref.shapes[-1])):]
+        if image.size != (width, height):
+            image = resize_lanczos(image, width, height)
+        with self.model.use("vae") as vae:
+            z = encode_image(vae, vae_pixels(image).to(device=self.model.device, dtype=vae.dtype))
+            return L.pack(L.normalize(z, vae.config)).to(dtype)
+
     @torch.inference_mode()
     def edit(
         self,
@@ -171,6 +198,9 @@ class EditPipeline:
         match_input: bool = False,
         output: str = "pil",
         callback: Callable[[StepInfo], None] | None = None,
+        mask: torch.Tensor | Image.Image | None = None,
+        feather: int = 0,
+        color_match: str = "off",
     ) -> EditResult:
         """Edit ``images`` (0 = text-to-image, 1-3 native) following ``prompt``.
 
@@ -186,9 +216,23 @@ class EditPipeline:
                 the output is made at the last image's padded size and cropped back. ``width``/``height`` and
                 ``vae_area`` are then unused.
             output: ``pil`` to decode, ``latent`` to return the packed latents only.
+            mask: confines the edit of the last image (``masks``: 1 = may change; any size, stretched to the
+                image; one mask or one per output image). The output then has the last image's size and every
+                pixel outside the mask is the input's own.
+            feather: pixels over which the composite fades in inside the mask's border.
+            color_match: ``off``, ``mean-std`` or ``histogram`` (``masks.color_match``).
         """
+        check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
+               "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = list(images or [])
+        source = src_mask = None
+        if mask is not None:
+            if not images:
+                raise M.MaskError("a mask needs an image to edit (the mask applies to the last image)")
+            source = pil_to_tensor(images[-1])[None]
+            src_mask = M.fit_batch(M.resize_mask(mask, source.shape[2], source.shape[1]),
+                                   len(prompts) * num_images)
         record = None
         if match_input:
             if not images:
@@ -214,12 +258,22 @@ class EditPipeline:
         dtype = cond.embeds.dtype
         ref = self.encode_references(refs, dtype)
 
+        hook = None
+        if src_mask is not None:
+            gen_mask = (pad_to_multiple(src_mask[..., None])[0][..., 0] if record is not None
+                        else M.resize_mask(src_mask, width, height))
+            hook = M.blend_hook(self.source_latents(refs, ref, images[-1], width, height, dtype),
+                                M.token_mask(gen_mask))
         latents, stats = denoise_latents(self.model, self.settings, cond, uncond, ref, width, height, seed, steps,
-                                         true_cfg, shift=shift, callback=callback)
+                                         true_cfg, shift=shift, callback=callback, latent_hook=hook)
         if output == "latent":
             return EditResult(None, latents, width, height, stats)
         pixels = decode_to_pixels(self.model, latents, width, height)
         if record is not None:
             pixels = crop_back(pixels.permute(0, 2, 3, 1), record).permute(0, 3, 1, 2)
             width, height = record.width, record.height
+        if source is not None:
+            height, width = source.shape[1:3]
+            edited = M.resize_image(pixels.permute(0, 2, 3, 1).cpu(), width, height)
+            pixels = M.finish(edited, source, src_mask, feather, color_match).permute(0, 3, 1, 2)
         return EditResult(to_pil(pixels), latents, width, height, stats)

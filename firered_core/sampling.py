@@ -18,6 +18,7 @@ import torch
 from .conditioning import PromptEmbeds
 from .errors import InputError
 from .references import RefLatents
+from .validation import finite_number, require_finite
 
 # The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
 SCHEDULER_CONFIG: dict = {
@@ -37,6 +38,8 @@ SCHEDULER_CONFIG: dict = {
     "use_exponential_sigmas": False,
     "use_karras_sigmas": False,
 }
+DIVERGED = ("the edit would be an all-black image. Usual causes: a LoRA with NaN or huge weights, an extreme "
+            "strength or true_cfg, a NaN input latent, or fp16 overflow (use bf16)")
 
 
 def compute_mu(image_seq_len: int, scheduler_config: dict) -> float:
@@ -106,6 +109,11 @@ class StepInfo:
     denoised: torch.Tensor | None = None
 
 
+# Called after every Euler step with (step index, the new sigma, the latents there); returns the latents to go on
+# from. The one place a feature may steer the trajectory (masked edits hold unmasked tokens to the source's).
+StepHook = Callable[[int, float, torch.Tensor], torch.Tensor]
+
+
 class Denoiser(Protocol):
     def __call__(self, x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor: ...
 
@@ -137,13 +145,15 @@ def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attenti
 @torch.no_grad()
 def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond: PromptEmbeds,
            uncond: PromptEmbeds | None = None, true_cfg: float = 1.0,
-           callback: Callable[[StepInfo], None] | None = None, batched_cfg: bool = False) -> torch.Tensor:
+           callback: Callable[[StepInfo], None] | None = None, batched_cfg: bool = False,
+           step_hook: StepHook | None = None) -> torch.Tensor:
     """Euler integration of the flow from ``sigmas[0]`` to ``sigmas[-1]``.
 
     True CFG runs when ``uncond`` is given and ``true_cfg > 1``; ``batched_cfg`` runs both branches in one forward
     (``cfg.BatchedCFG``). The update is done in float32 and cast back to the model's dtype, as the reference
-    scheduler does.
+    scheduler does. ``step_hook`` may replace the latents after each step (before the callback sees them).
     """
+    finite_number(true_cfg, "true_cfg")
     do_cfg = uncond is not None and true_cfg > 1.0
     both = None
     if do_cfg and batched_cfg:
@@ -160,9 +170,12 @@ def sample(denoiser: Denoiser, latents: torch.Tensor, sigmas: torch.Tensor, cond
             v = denoiser(latents, t.to(latents.device), cond, "cond")
             if do_cfg:
                 v = apply_true_cfg(v, denoiser(latents, t.to(latents.device), uncond, "uncond"), true_cfg)
+        require_finite(v, f"the model's prediction at step {i + 1} of {n}", DIVERGED)
         dt = (sigmas[i + 1] - sigmas[i]).to(latents.device)
         x = latents
         latents = (x.to(torch.float32) + dt * v).to(v.dtype)
+        if step_hook is not None:
+            latents = step_hook(i, float(sigmas[i + 1]), latents)
         if callback is not None:
             denoised = x.float() - sigmas[i].to(x.device) * v.float()
             callback(StepInfo(i, n, float(sigmas[i + 1]), latents, denoised))

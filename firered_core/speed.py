@@ -20,9 +20,14 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cache import BlockCache, BlockCacheConfig
 from .errors import FireRedError
+from .kernels.attention import ATTENTION_BACKENDS
 from .memory import QUANT_MODES
 
-COMPILE_MODES = ("none", "blocks")
+COMPILE_MODES = ("none", "blocks", "blocks-max-autotune", "blocks-cudagraphs")
+# torch.compile mode per COMPILE_MODES value (regional compile of the repeated blocks in each case).
+COMPILE_TORCH_MODE = {"blocks": None, "blocks-max-autotune": "max-autotune-no-cudagraphs",
+                      "blocks-cudagraphs": "reduce-overhead"}
+AttentionBackend = Literal[ATTENTION_BACKENDS]  # type: ignore[valid-type]
 QuantMode = Literal[QUANT_MODES]  # type: ignore[valid-type]
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]
 _CACHE = BlockCacheConfig()
@@ -57,6 +62,7 @@ class ModelSettings(_Settings):
     quantize: QuantMode = "none"
     quantize_text_encoder: QuantMode = "none"
     compile: CompileMode = "none"
+    attention: AttentionBackend = "sdpa"
     block_swap: int = Field(0, ge=0, le=1000)
     vae_tiling: bool = False
     embed_cache: bool = True
@@ -70,7 +76,7 @@ class ModelSettings(_Settings):
     def component_key(self, name: str) -> tuple:
         """The fields that change component ``name`` when it is prepared (other components ignore them)."""
         if name == "transformer":
-            return (self.quantize, self.block_swap, self.compile)
+            return (self.quantize, self.block_swap, self.compile, self.attention)
         if name == "text_encoder":
             return (self.quantize_text_encoder,)
         if name == "vae":
@@ -145,8 +151,12 @@ def prepare_component(module: torch.nn.Module, name: str, settings: ModelSetting
         memory.quantize_transformer(module, settings.quantize)
         if settings.block_swap:
             memory.BlockSwap(module, settings.block_swap, device)
-        if settings.compile == "blocks":
-            compile_blocks(module)
+        if settings.attention != "sdpa":
+            from .kernels.attention import set_attention_backend
+
+            set_attention_backend(module, settings.attention, device)
+        if settings.compile != "none":
+            compile_blocks(module, mode=COMPILE_TORCH_MODE[settings.compile])
     elif name == "text_encoder":
         memory.quantize_text_encoder(module, settings.quantize_text_encoder)
     elif name == "vae":
@@ -157,10 +167,30 @@ def compile_blocks(transformer, **kwargs) -> None:
     """torch.compile each repeated block (regional compilation: one graph reused by all 60 blocks).
 
     ``fullgraph=True`` by default, so a graph break (e.g. from a LoRA wrapper) is an error rather than a slowdown.
+    ``mode="reduce-overhead"`` adds CUDA-graph capture of each compiled block (fixed shapes; benchmarks/gpu.py
+    measures it against ``"max-autotune-no-cudagraphs"`` and the default).
     """
     kwargs.setdefault("fullgraph", True)
     kwargs.setdefault("dynamic", False)
+    if kwargs.get("mode") is None:
+        kwargs.pop("mode", None)
     transformer.compile_repeated_blocks(**kwargs)
+    if kwargs.get("mode") == "reduce-overhead":
+        for block in transformer.transformer_blocks:
+            _clone_outputs(block)
+
+
+def _clone_outputs(block) -> None:
+    """With CUDA graphs every block replays the same graph, whose outputs live in static memory that the next
+    block's replay overwrites: hand the loop copies (one activation copy per block, microseconds)."""
+    compiled = block._compiled_call_impl
+    if compiled is None or getattr(compiled, "_firered_clones", False):
+        return
+
+    def call(*args, **kwargs):
+        return tuple(t.clone() for t in compiled(*args, **kwargs))
+    call._firered_clones = True
+    block._compiled_call_impl = call
 
 
 def add_arguments(parser) -> None:
@@ -177,10 +207,16 @@ def add_arguments(parser) -> None:
     g.add_argument("--cache-max-consecutive", type=int, default=r.cache_max_consecutive,
                    help="block cache: most cached steps in a row")
     g.add_argument("--taylorseer", action="store_true", help="block cache: extrapolate the cached residual")
-    g.add_argument("--quantize", choices=QUANT_MODES, default=m.quantize, help="transformer weight-only quantisation")
+    g.add_argument("--quantize", choices=QUANT_MODES, default=m.quantize,
+                   help="transformer quantisation: int8 / fp8 weight-only, or int8_mm / fp8_mm with int8 / fp8 "
+                        "matmuls (dynamic per-token activation scales) where the GPU has them")
     g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default=m.quantize_text_encoder,
                    help="text encoder weight-only quantisation")
-    g.add_argument("--compile", choices=COMPILE_MODES, default=m.compile, help="torch.compile the transformer blocks")
+    g.add_argument("--compile", choices=COMPILE_MODES, default=m.compile,
+                   help="torch.compile the transformer blocks (default mode, max-autotune without CUDA graphs, or "
+                        "with CUDA graphs)")
+    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=m.attention,
+                   help="joint attention kernel: torch's choice, a preferred SDPA kernel, SageAttention, or auto")
     g.add_argument("--block-swap", type=int, default=m.block_swap, metavar="N",
                    help="keep N transformer blocks on the device and stream the rest (0 = off)")
     g.add_argument("--vae-tiling", action="store_true", help="decode / encode large images in tiles")

@@ -17,7 +17,7 @@ from .errors import InputError
 LAYOUTS = ("row", "column", "grid")
 
 
-def _resize(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
+def resize_picture(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """[H, W, C] in 0..1 -> [height, width, C] (area-averaging when shrinking, bicubic when enlarging)."""
     if (image.shape[1], image.shape[0]) == (width, height):
         return image
@@ -33,7 +33,7 @@ def _fit(image: torch.Tensor, width: int, height: int, background: float) -> tor
     w, h = max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))
     cell = torch.full((height, width, image.shape[2]), background, dtype=image.dtype)
     top, left = (height - h) // 2, (width - w) // 2
-    cell[top:top + h, left:left + w] = _resize(image, w, h)
+    cell[top:top + h, left:left + w] = resize_picture(image, w, h)
     return cell
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from . import _comfy, decode, encode, image, loaders, lora, sample, speed
+from . import _comfy, decode, encode, image, loaders, lora, pack, sample, speed
 
 _comfy.register_model_folders()
+_comfy.install_example_inputs()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     **loaders.NODE_CLASS_MAPPINGS,
@@ -14,5 +15,6 @@ NODE_CLASS_MAPPINGS: dict[str, type] = {
     **sample.NODE_CLASS_MAPPINGS,
     **decode.NODE_CLASS_MAPPINGS,
     **image.NODE_CLASS_MAPPINGS,
+    **pack.NODE_CLASS_MAPPINGS,
 }
 NODE_DISPLAY_NAME_MAPPINGS: dict[str, str] = {key: cls.NAME for key, cls in NODE_CLASS_MAPPINGS.items()}

@@ -5,6 +5,8 @@ Each helper falls back to plain behaviour when ComfyUI is absent, so every node 
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import threading
 from pathlib import Path
@@ -13,6 +15,8 @@ from typing import Callable
 import torch
 
 from firered_core import preview as P
+from firered_core.model import Placement
+from firered_core.paths import walk_folders
 
 try:
     import comfy.model_management as _mm
@@ -22,6 +26,7 @@ except ImportError:
     _mm = _cu = _fp = None
 
 IN_COMFY = _fp is not None
+log = logging.getLogger(__name__)
 MODEL_FOLDER = "firered"
 MODEL_FOLDERS = (MODEL_FOLDER, "diffusers")
 MODEL_DIRS_ENV = "FIRERED_MODEL_DIRS"
@@ -35,6 +40,43 @@ def register_model_folders() -> None:
     """Register ``models/firered`` with ComfyUI (``models/diffusers`` is already known)."""
     if IN_COMFY:
         _fp.add_model_folder_path(MODEL_FOLDER, os.path.join(_fp.models_dir, MODEL_FOLDER), is_default=True)
+
+
+EXAMPLE_INPUTS = Path(__file__).resolve().parents[1] / "example_inputs"
+
+
+def input_dir() -> Path | None:
+    """ComfyUI's input folder (where LoadImage looks); None outside ComfyUI."""
+    return Path(_fp.get_input_directory()) if IN_COMFY else None
+
+
+def install_example_inputs(source: Path = EXAMPLE_INPUTS, target: Path | None = None) -> list[str]:
+    """Copy the pack's example pictures into ComfyUI's input folder when absent, so the shipped workflows find
+    them on a fresh install. An existing file of the same name is never overwritten (the copy is linked into place
+    atomically, failing if the name exists); returns the names copied."""
+    target = target or input_dir()
+    if target is None or not source.is_dir():
+        return []
+    target.mkdir(parents=True, exist_ok=True)
+    copied = []
+    for src in sorted(source.glob("*.png")):
+        dst = target / src.name
+        if dst.exists():
+            continue
+        tmp = target / f".{src.name}.{os.getpid()}.tmp"
+        tmp.write_bytes(src.read_bytes())
+        try:
+            os.link(tmp, dst)
+            copied.append(src.name)
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this filesystem: exclusive create, still never overwriting
+            with contextlib.suppress(FileExistsError), open(dst, "xb") as f:
+                f.write(src.read_bytes())
+                copied.append(src.name)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return copied
 
 
 def model_dirs() -> list[Path]:
@@ -52,7 +94,7 @@ def list_model_folders() -> list[str]:
     for base in model_dirs():
         if not base.is_dir():
             continue
-        for root, _dirs, files in os.walk(base, followlinks=True):
+        for root, files in walk_folders(base):
             if "model_index.json" in files:
                 name = Path(root).relative_to(base).as_posix()
                 if name != "." and name not in names:
@@ -85,8 +127,8 @@ def list_loras() -> list[str]:
     names: list[str] = []
     for base in lora_dirs():
         if base.is_dir():
-            names += [p.relative_to(base).as_posix() for p in base.rglob("*")
-                      if p.is_file() and p.suffix.lower() in LORA_EXTENSIONS]
+            names += [(root / f).relative_to(base).as_posix() for root, files in walk_folders(base) for f in files
+                      if Path(f).suffix.lower() in LORA_EXTENSIONS]
     return sorted(set(names))
 
 
@@ -103,6 +145,60 @@ def find_lora(name: str) -> Path | None:
     return None
 
 
+SINGLE_FILE_FOLDERS = {"transformer": ("diffusion_models", "unet"), "text_encoder": ("text_encoders", "clip"),
+                       "vae": ("vae",)}
+SINGLE_FILE_DIRS_ENV = "FIRERED_SINGLE_FILE_DIRS"
+COMFYUI_DIR_ENV = "FIRERED_COMFYUI_DIR"
+WEIGHT_EXTENSIONS = (".safetensors", ".sft", ".gguf", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def single_file_dirs(kind: str) -> list[Path]:
+    """Folders searched for single files of ``kind`` (transformer, text_encoder, vae): ComfyUI's own folders
+    (:data:`SINGLE_FILE_FOLDERS`, extra_model_paths.yaml included), or ``$FIRERED_SINGLE_FILE_DIRS`` outside it."""
+    if IN_COMFY:
+        return [Path(d) for name in SINGLE_FILE_FOLDERS[kind] if name in _fp.folder_names_and_paths
+                for d in _fp.get_folder_paths(name)]
+    return [Path(d) for d in os.environ.get(SINGLE_FILE_DIRS_ENV, "").split(os.pathsep) if d]
+
+
+def _weight_files(base: Path) -> list[str]:
+    """Relative names of the weight files under ``base`` (ComfyUI's lists leave out .gguf, so we walk ourselves)."""
+    if not base.is_dir():
+        return []
+    return [p.relative_to(base).as_posix() for p in base.rglob("*")
+            if p.suffix.lower() in WEIGHT_EXTENSIONS and p.is_file()]
+
+
+def list_single_files(kind: str) -> list[str]:
+    """Names of every weight file in the folders for ``kind``, as ComfyUI's own loaders list them."""
+    return sorted({name for base in single_file_dirs(kind) for name in _weight_files(base)})
+
+
+def find_single_file(kind: str, name: str) -> Path | None:
+    """The file called ``name`` in the first folder for ``kind`` that has it (an absolute path is taken as is)."""
+    if os.path.isabs(name):
+        return Path(name) if os.path.isfile(name) else None
+    for base in single_file_dirs(kind):
+        if (base / name).is_file():
+            return base / name
+    return None
+
+
+def comfy_tokenizer_dir() -> Path | None:
+    """ComfyUI's own Qwen2.5 tokenizer files (``comfy/text_encoders/qwen25_tokenizer``), used for a single-file
+    Qwen2.5-VL; outside ComfyUI found through ``$FIRERED_COMFYUI_DIR`` (None when there is no ComfyUI)."""
+    if IN_COMFY:
+        import comfy
+
+        root = Path(list(comfy.__path__)[0])  # a namespace package in ComfyUI: no __file__
+    elif os.environ.get(COMFYUI_DIR_ENV):
+        root = Path(os.environ[COMFYUI_DIR_ENV]) / "comfy"
+    else:
+        return None
+    folder = root / "text_encoders" / "qwen25_tokenizer"
+    return folder if folder.is_dir() else None
+
+
 def torch_device() -> torch.device:
     if IN_COMFY:
         return _mm.get_torch_device()
@@ -112,6 +208,19 @@ def torch_device() -> torch.device:
 def intermediate_device() -> torch.device:
     """Where IMAGE and LATENT outputs live between nodes."""
     return _mm.intermediate_device() if IN_COMFY else torch.device("cpu")
+
+
+def native_vae_decode(vae, samples: torch.Tensor) -> torch.Tensor:
+    """Decode with ComfyUI's VAE object as its VAE Decode node does: IMAGE ``[B, H, W, C]`` (frames folded in)."""
+    images = vae.decode(samples)
+    if images.ndim == 5:
+        images = images.reshape(-1, *images.shape[-3:])
+    return images.float().clamp(0, 1)
+
+
+def native_vae_encode(vae, pixels: torch.Tensor) -> torch.Tensor:
+    """Encode an IMAGE ``[B, H, W, 3]`` with ComfyUI's VAE object, as its VAE Encode node does (raw latent)."""
+    return vae.encode(pixels)
 
 
 def soft_empty_cache() -> None:
@@ -173,3 +282,176 @@ def previewer() -> Callable[[torch.Tensor], object | None]:
             return lambda z: None
         return lambda z: impl.decode_latent_to_preview_image("JPEG", z)
     return lambda z: ("JPEG", P.latent_to_rgb(z), PREVIEW_SIZE)
+
+
+# ---------------------------------------------------------------- ComfyUI's memory manager
+
+FREE_MARGIN = 1.2  # room asked for beyond a component's weights (activations), as a factor
+COMPONENT_CLASS = {"transformer": "FireRedTransformer", "vae": "FireRedVAE", "text_encoder": "FireRedTextEncoder"}
+
+
+class ComponentHolder(torch.nn.Module):
+    """A FireRed component as ComfyUI's ``ModelPatcher`` expects a model: the attributes its loader reads and writes
+    live here (diffusers / transformers models have a read-only ``device``), the weights in ``inner``."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device):
+        super().__init__()
+        self.inner = module
+        self.device = device
+        self.model_loaded_weight_memory = 0
+        self.lowvram_patch_counter = 0
+        self.model_lowvram = False
+        self.current_weight_patches_uuid = None
+
+
+def holder_for(name: str, module: torch.nn.Module, device: torch.device) -> ComponentHolder:
+    """The holder, of a class named for the component (ComfyUI logs "Requested to load FireRedTransformer")."""
+    cls = type(COMPONENT_CLASS.get(name, "FireRedComponent"), (ComponentHolder,), {})
+    return cls(module, device)
+
+
+class PlainMemoryManager:
+    """ComfyUI's memory-manager contract without ComfyUI (tests, scripts): a list of loaded handles, most recent
+    first; loading one frees others (least recent first) until it fits in ``budget`` bytes (None = unlimited)."""
+
+    def __init__(self, budget: int | None = None, offload: torch.device = torch.device("cpu")):
+        self.budget, self.offload, self.loaded = budget, offload, []
+
+    def wrap(self, name: str, module: torch.nn.Module, device: torch.device):
+        return holder_for(name, module, device)
+
+    def size(self, handle) -> int:
+        from firered_core.memory import weight_bytes
+
+        return weight_bytes(handle)
+
+    def free_bytes(self, device: torch.device) -> int | None:
+        return None if self.budget is None else self.budget - sum(self.size(h) for h in self.loaded)
+
+    def free(self, nbytes: int, device: torch.device) -> None:
+        while self.loaded and self.budget is not None and self.free_bytes(device) < nbytes:
+            self.unload(self.loaded[-1])
+
+    def load(self, handle) -> None:
+        if handle in self.loaded:
+            self.loaded.remove(handle)
+        self.free(self.size(handle), handle.device)
+        handle.to(handle.device)
+        self.loaded.insert(0, handle)
+
+    def unload(self, handle) -> None:
+        if handle in self.loaded:
+            self.loaded.remove(handle)
+            handle.to(self.offload)
+
+    def unload_all(self) -> None:
+        for handle in list(self.loaded):
+            self.unload(handle)
+
+
+class ComfyMemoryManager:
+    """ComfyUI's own memory manager: each component a ``ModelPatcher`` loaded with ``load_models_gpu`` (so ComfyUI
+    frees its other models for it, unloads it for them, and its Unload Models / Free buttons and POST /free reach
+    it)."""
+
+    def wrap(self, name: str, module: torch.nn.Module, device: torch.device):
+        import comfy.model_patcher
+
+        return comfy.model_patcher.ModelPatcher(holder_for(name, module, device), load_device=device,
+                                                offload_device=_mm.unet_offload_device())
+
+    def size(self, handle) -> int:
+        return handle.model_size()
+
+    def free_bytes(self, device: torch.device) -> int | None:
+        return None if device.type == "cpu" else _mm.get_free_memory(device)
+
+    def free(self, nbytes: int, device: torch.device) -> None:
+        _mm.free_memory(nbytes, device)
+
+    def load(self, handle) -> None:
+        _mm.load_models_gpu([handle], force_full_load=True)
+
+    def unload(self, handle) -> None:
+        for loaded in list(_mm.current_loaded_models):
+            if loaded.model is handle:
+                loaded.model_unload()
+                _mm.current_loaded_models.remove(loaded)
+
+    @property
+    def loaded(self) -> list:
+        return [m.model for m in _mm.current_loaded_models if m.model is not None]
+
+
+def memory_manager():
+    return ComfyMemoryManager() if IN_COMFY else PlainMemoryManager()
+
+
+def _fit_blocks(transformer: torch.nn.Module, free: int) -> int:
+    """How many transformer blocks fit in ``free`` bytes beside the rest of the transformer."""
+    from firered_core.memory import weight_bytes
+
+    blocks = list(transformer.transformer_blocks)
+    rest = weight_bytes(transformer) - sum(weight_bytes(b) for b in blocks)
+    per_block = max(1, weight_bytes(blocks[0]))
+    return max(0, min(len(blocks), int((free / FREE_MARGIN - rest) // per_block)))
+
+
+class ManagedPlacement(Placement):
+    """The :class:`firered_core.model.Placement` of FireRed models inside ComfyUI: before a component runs it is
+    handed to the memory manager (which frees ComfyUI's other models to make room and moves it to the device), and
+    it stays known there, so ComfyUI can unload it for its own models and its Unload Models / Free buttons and
+    POST /free unload it. ``offload="model"`` hands it back right after it ran. A transformer larger than the free
+    memory even after ComfyUI freed everything it could runs with block swap (the blocks that fit stay resident),
+    with a log line, instead of running out of memory."""
+
+    def __init__(self, manager=None):
+        self.manager = manager or memory_manager()
+        self.handles: dict[str, tuple[torch.nn.Module, object]] = {}
+
+    def home_device(self, model, name: str) -> torch.device:
+        return torch.device("cpu") if model.device.type != "cpu" else model.device
+
+    def handle(self, model, name: str, module: torch.nn.Module):
+        """The manager's handle of ``module`` (one per component name: a new module, e.g. a LoRA view's
+        transformer, replaces the old one, which is unloaded first)."""
+        old = self.handles.get(name)
+        if old is not None and old[0] is module:
+            return old[1]
+        if old is not None:
+            self.manager.unload(old[1])
+        handle = self.manager.wrap(name, module, model.device)
+        self.handles[name] = (module, handle)
+        return handle
+
+    def acquire(self, model, name: str, module: torch.nn.Module) -> torch.nn.Module:
+        from firered_core.memory import BlockSwap, is_block_swapped
+
+        if is_block_swapped(module):
+            return module
+        handle = self.handle(model, name, module)
+        need = int(self.manager.size(handle) * FREE_MARGIN)
+        self.manager.free(need, model.device)
+        free = self.manager.free_bytes(model.device)
+        if free is not None and need > free and name == "transformer" and hasattr(module, "transformer_blocks"):
+            resident = _fit_blocks(module, free)
+            log.warning(
+                "FireRed: the transformer (%.1f GB) does not fit in the %.1f GB free on %s; running it with block "
+                "swap (%d of %d blocks resident) instead of running out of memory", need / FREE_MARGIN / 2**30,
+                free / 2**30, model.device, resident, len(module.transformer_blocks))
+            self.manager.unload(handle)
+            del self.handles[name]
+            BlockSwap(module, resident, model.device)
+            return module
+        self.manager.load(handle)
+        return module
+
+    def release(self, model, name: str, module: torch.nn.Module) -> None:
+        if model.offload == "model" and name in self.handles and self.handles[name][0] is module:
+            self.manager.unload(self.handles[name][1])
+
+    def forget(self) -> None:
+        """Unload every component from the manager and drop the handles (the model is being unloaded)."""
+        for _module, handle in self.handles.values():
+            self.manager.unload(handle)
+        self.handles.clear()

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from firered_core.errors import FireRedError
+from firered_core.validation import check
 
 
 class NodeInputError(FireRedError):
@@ -14,6 +15,12 @@ class NodeInputError(FireRedError):
 
 def input_error(node: str, input_name: str, message: str) -> NodeInputError:
     return NodeInputError(f"{node}: input '{input_name}': {message}", field=input_name)
+
+
+def check_inputs(node: str, values: dict[str, Any], limits: dict[str, str] | None = None) -> None:
+    """Check numeric inputs against :data:`firered_core.validation.LIMITS` (``limits`` maps an input to its entry
+    when the names differ); the error names the node and the input."""
+    check(values, spell=lambda name: f"{node}: input '{name}':", limits=limits)
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ from firered_core.images import tensor_to_pil
 from firered_core.model import FireRedModel
 from firered_core.pipeline import encode_instructions, encode_reference_latents
 from firered_core.references import NATIVE_MAX_REFERENCES, RefImages, RefLatents, prepare_references
+from firered_core.validation import widget
 
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 from .image import image_size
 
 VAE_SIZING = ("area", "match input")
@@ -54,7 +55,7 @@ class FireRedReferenceImages:
         return {
             "required": {
                 "model": ("FIRERED_MODEL", {"tooltip": MODEL_TOOLTIP}),
-                "vl_size": ("INT", {"default": 384, "min": 56, "max": 2048, "step": 8,
+                "vl_size": ("INT", {"default": 384, **widget("vl_size"), "step": 8,
                                     "tooltip": "Side of the square area the VL encoder's copy is resized to "
                                                "(aspect kept; 384 = the pipeline's 384x384 area)."}),
                 "vae_sizing": (list(VAE_SIZING), {
@@ -62,7 +63,7 @@ class FireRedReferenceImages:
                     "tooltip": "area: the VAE copy is resized to vae_size x vae_size pixels of area (pipeline). "
                                "match input: no resize, only padded to a multiple of 16, so it lines up pixel for "
                                "pixel with a 'match input' output."}),
-                "vae_size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 32,
+                "vae_size": ("INT", {"default": 1024, **widget("vae_size"), "step": 32,
                                      "tooltip": "Side of the square area of the VAE copy for 'area' sizing "
                                                 "(1024 = the pipeline's ~1 MP)."}),
             },
@@ -72,6 +73,7 @@ class FireRedReferenceImages:
     def prepare(self, model: FireRedModel, vl_size: int, vae_sizing: str, vae_size: int,
                 image1: torch.Tensor | None = None, image2: torch.Tensor | None = None,
                 image3: torch.Tensor | None = None) -> tuple[References]:
+        check_inputs(self.NAME, {"vl_size": vl_size, "vae_size": vae_size})
         pictures, exact = [], []
         for name, image in (("image1", image1), ("image2", image2), ("image3", image3)):
             if image is None:

@@ -6,10 +6,12 @@ import torch
 
 from firered_core import geometry as G
 from firered_core import latents as L
+from firered_core import masks as M
 from firered_core import stitch as ST
+from firered_core.validation import widget
 
 from . import _comfy
-from ._errors import input_error
+from ._errors import blame, check_inputs, input_error
 
 SIZE_MODES = ("match input", "megapixels", "width x height")
 CROP_TOOLTIP = "The padding record made with the image; crop back with FireRed Crop Back."
@@ -22,8 +24,12 @@ def empty_latent(width: int, height: int) -> dict:
 
 
 def image_size(node: str, name: str, image: torch.Tensor) -> tuple[int, int]:
-    if image.ndim != 4 or image.shape[-1] not in (3, 4):
-        raise input_error(node, name, f"expected an IMAGE [batch, height, width, 3], got shape {tuple(image.shape)}")
+    if not isinstance(image, torch.Tensor) or image.ndim != 4 or image.shape[-1] not in (3, 4):
+        shape = tuple(image.shape) if isinstance(image, torch.Tensor) else type(image).__name__
+        raise input_error(node, name, f"expected an IMAGE [batch, height, width, 3], got {shape}")
+    if image.shape[0] == 0 or image.shape[1] == 0 or image.shape[2] == 0:
+        raise input_error(node, name, f"the IMAGE is empty (shape {tuple(image.shape)}): the node before it "
+                          "produced no picture")
     return image.shape[2], image.shape[1]
 
 
@@ -45,12 +51,12 @@ class FireRedImageSize:
         return {
             "required": {
                 "mode": (list(SIZE_MODES), {"default": "match input", "tooltip": cls.DESCRIPTION}),
-                "megapixels": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 16.0, "step": 0.01,
+                "megapixels": ("FLOAT", {"default": 1.0, **widget("megapixels"), "step": 0.01,
                                          "tooltip": "For 'megapixels': output area in units of 1024x1024 pixels, "
                                                     "at the image's aspect ratio (square without an image)."}),
-                "width": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                "width": ("INT", {"default": 1024, **widget("side"), "step": 1,
                                   "tooltip": "For 'width x height': exact output width in pixels."}),
-                "height": ("INT", {"default": 1024, "min": 16, "max": 8192, "step": 1,
+                "height": ("INT", {"default": 1024, **widget("side"), "step": 1,
                                    "tooltip": "For 'width x height': exact output height in pixels."}),
             },
             "optional": {
@@ -61,6 +67,8 @@ class FireRedImageSize:
 
     def size(self, mode: str, megapixels: float, width: int, height: int, image: torch.Tensor | None = None
              ) -> tuple[dict, G.PadRecord, int, int]:
+        check_inputs(self.NAME, {"megapixels": megapixels, "width": width, "height": height},
+                     {"width": "side", "height": "side"})
         source = None if image is None else image_size(self.NAME, "image", image)
         if mode == "match input":
             if source is None:
@@ -90,6 +98,31 @@ class FireRedPadImage:
     def pad(self, image: torch.Tensor) -> tuple[torch.Tensor, G.PadRecord]:
         image_size(self.NAME, "image", image)
         return G.pad_to_multiple(image)
+
+
+class FireRedPadMask:
+    NAME = "FireRed Pad Mask"
+    DESCRIPTION = ("Brings an image's mask to the generation size the way its image was brought there: stretched "
+                   "to the image's size (a mask of another size, e.g. LoadImage's empty 64x64 one), then padded like "
+                   "FireRed Pad Image / Image Size 'match input' (edges repeated). Feed it to Set Latent Noise Mask.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("mask",)
+    OUTPUT_TOOLTIPS = ("The mask at the padded (generation) size.",)
+    FUNCTION = "pad"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "mask": ("MASK", {"tooltip": "1 = edit, 0 = keep; any size (stretched to the image)."}),
+            "crop": ("FIRERED_CROP", {"tooltip": "The padding record of the image (FireRed Pad Image or FireRed "
+                                                 "Image Size)."}),
+        }}
+
+    def pad(self, mask: torch.Tensor, crop: G.PadRecord) -> tuple[torch.Tensor]:
+        with blame(self.NAME, "mask"):
+            mask = M.resize_mask(mask.cpu(), crop.width, crop.height)
+        return (G.pad_to_multiple(mask[..., None])[0][..., 0].to(_comfy.intermediate_device()),)
 
 
 class FireRedCropBack:
@@ -133,9 +166,9 @@ class FireRedStitchImages:
                 "layout": (list(ST.LAYOUTS), {"default": "row",
                                               "tooltip": "row: side by side at a common height; column: stacked "
                                                          "at a common width; grid: square cells."}),
-                "size": ("INT", {"default": 1024, "min": 64, "max": 4096, "step": 16,
+                "size": ("INT", {"default": 1024, **widget("stitch_size"), "step": 16,
                                  "tooltip": "Common height (row), width (column) or cell side (grid) in pixels."}),
-                "gap": ("INT", {"default": 0, "min": 0, "max": 256,
+                "gap": ("INT", {"default": 0, **widget("stitch_gap"),
                                 "tooltip": "White pixels between the pictures."}),
             },
             "optional": {f"image{k}": ("IMAGE", {"tooltip": slot}) for k in (2, 3, 4)},
@@ -143,15 +176,62 @@ class FireRedStitchImages:
 
     def stitch(self, image1: torch.Tensor, layout: str, size: int, gap: int, image2: torch.Tensor | None = None,
                image3: torch.Tensor | None = None, image4: torch.Tensor | None = None) -> tuple[torch.Tensor]:
+        check_inputs(self.NAME, {"size": size, "gap": gap}, {"size": "stitch_size", "gap": "stitch_gap"})
         pictures = []
         for name, image in (("image1", image1), ("image2", image2), ("image3", image3), ("image4", image4)):
             if image is not None:
                 image_size(self.NAME, name, image)
                 pictures += list(image[..., :3].cpu())
-        return (ST.stitch(pictures, layout, size, gap)[None],)
+        with blame(self.NAME, "layout"):
+            return (ST.stitch(pictures, layout, size, gap)[None],)
+
+
+class FireRedMaskedComposite:
+    NAME = "FireRed Masked Composite"
+    DESCRIPTION = ("Finishes a masked edit: puts the edited image back onto the source through the mask, so every "
+                   "pixel outside the mask is the source's own (bit for bit). 'feather' fades the edit in over that "
+                   "many pixels inside the mask's border; 'color_match' first undoes the edit's colour drift, "
+                   "measured outside the mask.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE",)
+    RETURN_NAMES = ("image",)
+    OUTPUT_TOOLTIPS = ("The source with the edit inside the mask.",)
+    FUNCTION = "composite"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The edited images (after FireRed Crop Back; another size is resized "
+                                           "to the source's)."}),
+            "source": ("IMAGE", {"tooltip": "The original image (one, or one per edited image)."}),
+            "mask": ("MASK", {"tooltip": "1 = edited, 0 = kept (any size: stretched to the source); the mask "
+                                         "the edit was made with."}),
+            "feather": ("INT", {"default": 8, "min": 0, "max": 256,
+                                "tooltip": "Pixels over which the edit fades in inside the mask's border (0 = "
+                                           "hard edge). Outside the mask nothing changes either way."}),
+            "color_match": (list(M.COLOR_MATCH), {
+                "default": "off",
+                "tooltip": "Undo the edit's colour/brightness drift, measured where the result should equal the "
+                           "source: mean-std (mean and spread per channel in Lab) or histogram (per RGB channel)."}),
+        }}
+
+    def composite(self, image: torch.Tensor, source: torch.Tensor, mask: torch.Tensor, feather: int,
+                  color_match: str) -> tuple[torch.Tensor]:
+        image_size(self.NAME, "image", image)
+        width, height = image_size(self.NAME, "source", source)
+        if source.shape[0] not in (1, image.shape[0]):
+            raise input_error(self.NAME, "source", f"{source.shape[0]} source images for {image.shape[0]} edited "
+                              "ones; give one source or one per edited image")
+        edited = M.resize_image(image[..., :3].cpu().float(), width, height)
+        with blame(self.NAME, "mask"):
+            mask = M.fit_batch(M.resize_mask(mask.cpu(), width, height), image.shape[0])
+        out = M.finish(edited, source[..., :3].cpu().float(), mask, feather, color_match)
+        return (out.to(_comfy.intermediate_device()),)
 
 
 NODE_CLASS_MAPPINGS = {
+    "FireRedPadMask": FireRedPadMask,
+    "FireRedMaskedComposite": FireRedMaskedComposite,
     "FireRedImageSize": FireRedImageSize,
     "FireRedStitchImages": FireRedStitchImages,
     "FireRedPadImage": FireRedPadImage,

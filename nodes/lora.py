@@ -9,9 +9,11 @@ import weakref
 from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
+from firered_core.paths import check_relative_name
+from firered_core.validation import widget
 
 from . import _comfy
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,14 @@ def unload_views() -> int:
     for view in live:
         view.unload()
     return len(live)
+
+
+def missing_lora_message(lora_name: str) -> str:
+    searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
+    have = _comfy.list_loras()
+    return (f"LoRA file '{lora_name}' not found (searched: {searched}). Put the LoRA file (.safetensors, made for "
+            "FireRed-Image-Edit / Qwen-Image-Edit) in ComfyUI/models/loras, then press R to refresh"
+            + (f"; installed: {', '.join(have[:10])}." if have else "; no LoRA file is installed yet."))
 
 
 class FireRedLoraLoader:
@@ -50,7 +60,7 @@ class FireRedLoraLoader:
             "lora_name": (_comfy.list_loras(), {
                 "tooltip": "A LoRA file in ComfyUI/models/loras (.safetensors): diffusers / PEFT, ComfyUI, kohya / "
                            "musubi-tuner, DiffSynth key styles; LoKr and LoHa too."}),
-            "strength": ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01,
+            "strength": ("FLOAT", {"default": 1.0, **widget("lora_strength"), "step": 0.01,
                                    "tooltip": "How much of the LoRA to add (negative subtracts it)."}),
             "mode": (list(MODES), {
                 "default": "auto",
@@ -64,13 +74,19 @@ class FireRedLoraLoader:
                            "in the report). Off: such a LoRA is refused, since it is probably for another model."}),
         }}
 
+    @classmethod
+    def VALIDATE_INPUTS(cls, lora_name: str) -> bool | str:
+        """Checked before the run, instead of ComfyUI's list check, so the message says where LoRA files go."""
+        return True if _comfy.find_lora(lora_name) else missing_lora_message(lora_name)
+
     def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
              allow_partial: bool) -> tuple[FireRedModel, str]:
+        check_inputs(self.NAME, {"strength": strength}, {"strength": "lora_strength"})
+        with blame(self.NAME, "lora_name"):
+            check_relative_name(lora_name, "LoRA name")
         path = _comfy.find_lora(lora_name)
         if path is None:
-            searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
-            raise input_error(self.NAME, "lora_name", f"LoRA file '{lora_name}' not found (searched: {searched}). "
-                              "Put LoRA files in ComfyUI/models/loras.")
+            raise input_error(self.NAME, "lora_name", missing_lora_message(lora_name))
         spec = LoraSpec(path=path, strength=strength, name=lora_name)
         with blame(self.NAME, "lora_name", LoraError, FormatError):
             view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)

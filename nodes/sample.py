@@ -6,20 +6,21 @@ import logging
 
 from firered_core import comfy_latents as CL
 from firered_core import geometry as G
+from firered_core import masks as M
 from firered_core import preview as P
 from firered_core.model import FireRedModel
 from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
 from firered_core.speed import SpeedSettings
+from firered_core.validation import widget
 
 from . import _comfy
 from . import speed as SP
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 from .encode import Conditioning
 
 SEED_MODES = ("batch", "increment")
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ class FireRedSampler:
     NAME = "FireRed Sampler"
     DESCRIPTION = ("Generates the edited image: flow-matching Euler steps with the checkpoint's schedule and true "
                    "classifier-free guidance (FireRed defaults: 40 steps, true CFG 4). The LATENT input sets the "
-                   "size; with denoise < 1 its content is the starting point.")
+                   "size; with denoise < 1 its content is the starting point. A LATENT with a noise mask (ComfyUI's "
+                   "Set Latent Noise Mask on the encoded source) confines the edit: outside the mask the latents "
+                   "follow the source at every step; grey mask values are edited for fewer steps.")
     CATEGORY = "FireRed"
     RETURN_TYPES = ("LATENT",)
     RETURN_NAMES = ("latent",)
@@ -42,23 +45,24 @@ class FireRedSampler:
                 "model": ("FIRERED_MODEL", {"tooltip": "From FireRed Model Loader."}),
                 "positive": ("FIRERED_COND", {"tooltip": "The encoded instruction; its references are used."}),
                 "latent": ("LATENT", {"tooltip": "Sets the output size (from FireRed Image Size, or any 16-channel "
-                                                 "LATENT with sides multiple of 16 pixels); its content is only "
-                                                 "used when denoise < 1."}),
-                "seed": ("INT", {"default": 0, "min": 0, "max": MAX_SEED, "control_after_generate": True,
+                                                 "LATENT with sides multiple of 16 pixels); its content is used "
+                                                 "when denoise < 1, or as the source of a masked edit when it "
+                                                 "carries a noise mask (Set Latent Noise Mask)."}),
+                "seed": ("INT", {"default": 0, **widget("seed"), "control_after_generate": True,
                                  "tooltip": "Noise seed (drawn on the CPU, so a seed gives the same image on every "
                                             "device)."}),
-                "steps": ("INT", {"default": 40, "min": 1, "max": 200,
+                "steps": ("INT", {"default": 40, **widget("steps"),
                                   "tooltip": "Denoising steps (40 official; 8 with the Lightning LoRA)."}),
-                "true_cfg": ("FLOAT", {"default": 4.0, "min": 1.0, "max": 20.0, "step": 0.1, "round": 0.01,
+                "true_cfg": ("FLOAT", {"default": 4.0, **widget("true_cfg"), "step": 0.1, "round": 0.01,
                                        "tooltip": "True CFG scale with per-token norm rescale (4 official; 1 = "
                                                   "off, halves the time, e.g. with the Lightning LoRA)."}),
-                "shift": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 20.0, "step": 0.05,
+                "shift": ("FLOAT", {"default": 0.0, **widget("shift"), "step": 0.05,
                                     "tooltip": "0 = the checkpoint's dynamic shift (depends on the output size); "
                                                "a value > 0 forces a constant shift (ComfyUI's native path uses 3)."}),
-                "denoise": ("FLOAT", {"default": 1.0, "min": 0.01, "max": 1.0, "step": 0.01,
+                "denoise": ("FLOAT", {"default": 1.0, **widget("denoise"), "step": 0.01,
                                       "tooltip": "1 = start from pure noise; less keeps that much of the input "
                                                  "latent's content."}),
-                "batch_size": ("INT", {"default": 1, "min": 1, "max": 64,
+                "batch_size": ("INT", {"default": 1, **widget("num_images"),
                                        "tooltip": "Images generated in one run."}),
                 "seed_mode": (list(SEED_MODES), {
                     "default": "batch",
@@ -77,6 +81,8 @@ class FireRedSampler:
     def sample(self, model: FireRedModel, positive: Conditioning, latent: dict, seed: int, steps: int,
                true_cfg: float, shift: float, denoise: float, batch_size: int, seed_mode: str,
                negative: Conditioning | None = None, speed: SpeedSettings | None = None) -> tuple[dict]:
+        check_inputs(self.NAME, {"seed": seed, "steps": steps, "true_cfg": true_cfg, "shift": shift,
+                                 "denoise": denoise, "batch_size": batch_size}, {"batch_size": "num_images"})
         with blame(self.NAME, "latent"):
             samples = CL.check_raw(latent["samples"])
             width, height = CL.pixel_size(samples)
@@ -95,10 +101,18 @@ class FireRedSampler:
 
         device = model.device
         seeds = int(seed) if seed_mode == "batch" else [int(seed) + i for i in range(batch)]
+        if seed_mode == "increment":
+            check_inputs(self.NAME, {"seed": seeds[-1]})  # seed + batch - 1 must still be a seed
         ref = refs.latents.to(device, positive.embeds.embeds.dtype) if refs is not None else RefLatents(None, [])
         init = CL.from_raw(samples.to(device), model.vae.config) if denoise < 1.0 else None
         cond = positive.embeds.repeat(batch).to(device)
         uncond = negative.embeds.repeat(batch).to(device) if true_cfg > 1.0 else None
+        hook = None
+        if latent.get("noise_mask") is not None:
+            with blame(self.NAME, "latent"):
+                mask = M.fit_batch(M.resize_mask(latent["noise_mask"].cpu(), width, height), batch,
+                                   "latent's noise mask")
+                hook = M.blend_hook(CL.from_raw(samples.to(device), model.vae.config), M.token_mask(mask))
         settings = SP.for_sampler(self.NAME, model, speed)
         bar, preview = _comfy.progress_bar(steps), _comfy.previewer()
 
@@ -111,7 +125,7 @@ class FireRedSampler:
             with blame(self.NAME, "model", inputs=("steps", "denoise")):
                 out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
                                              true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
-                                             init=init, callback=on_step)
+                                             init=init, callback=on_step, latent_hook=hook)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],

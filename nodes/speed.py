@@ -12,8 +12,9 @@ from firered_core.cache import BlockCacheConfig
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
 from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
+from firered_core.validation import SPEED_OPTIONS, widget
 
-from ._errors import blame, input_error
+from ._errors import blame, check_inputs, input_error
 
 SPEED_TYPE = "FIRERED_SPEED"
 
@@ -56,34 +57,38 @@ class FireRedSpeedSettings:
             "block_cache": ("BOOLEAN", {"default": False,
                                         "tooltip": "Sampler: reuse the middle transformer blocks when the first "
                                                    "blocks' output changes little between steps (DBCache; lossy)."}),
-            "cache_threshold": ("FLOAT", {"default": BlockCacheConfig.threshold, "min": 0.0, "max": 1.0, "step": 0.005,
+            "cache_threshold": ("FLOAT", {"default": BlockCacheConfig.threshold, **widget("cache_threshold"),
+                                          "step": 0.005,
                                           "tooltip": "Block cache: skip the middle blocks when the first blocks' "
                                                      "residual changes less than this (relative L1). 0 = never "
                                                      "skip; ~0.05-0.15 typical; higher = faster, less exact."}),
-            "cache_first": ("INT", {"default": run.cache_first, "min": 1, "max": 200,
+            "cache_first": ("INT", {"default": run.cache_first, **widget("cache_first"),
                                     "tooltip": "Block cache: blocks always computed first (their change is the "
                                                "probe)."}),
-            "cache_last": ("INT", {"default": run.cache_last, "min": 0, "max": 200,
+            "cache_last": ("INT", {"default": run.cache_last, **widget("cache_last"),
                                    "tooltip": "Block cache: blocks always computed last."}),
-            "cache_warmup": ("INT", {"default": run.cache_warmup, "min": 0, "max": 200,
+            "cache_warmup": ("INT", {"default": run.cache_warmup, **widget("cache_warmup"),
                                      "tooltip": "Block cache: first steps always computed in full."}),
-            "cache_max_consecutive": ("INT", {"default": run.cache_max_consecutive, "min": 0, "max": 200,
+            "cache_max_consecutive": ("INT", {"default": run.cache_max_consecutive,
+                                              **widget("cache_max_consecutive"),
                                               "tooltip": "Block cache: most cached steps in a row before a full "
                                                          "step."}),
             "taylorseer": ("BOOLEAN", {"default": run.taylorseer,
                                        "tooltip": "Block cache: extrapolate the cached residual to first order "
                                                   "(TaylorSeer) instead of reusing it as is."}),
             "quantize": (list(QUANT_MODES), {"default": defaults.quantize,
-                                             "tooltip": "Loader: weight-only quantisation of the transformer "
-                                                        "(int8 or fp8; half the weight memory of bf16; output "
-                                                        "projections stay full precision). Lossy."}),
+                                             "tooltip": "Loader: quantisation of the transformer (half the "
+                                                        "weight memory of bf16; output projections stay full "
+                                                        "precision). int8 / fp8: weight-only; int8_mm / fp8_mm: "
+                                                        "int8 / fp8 matmuls on GPUs that have them (fastest: "
+                                                        "fp8_mm on RTX 40xx / H100 and newer). Lossy."}),
             "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
                                                           "tooltip": "Loader: weight-only quantisation of the "
                                                                      "Qwen2.5-VL text encoder (vision tower kept)."}),
             "compile": (list(COMPILE_MODES), {"default": defaults.compile,
                                               "tooltip": "Loader: torch.compile the repeated transformer blocks "
                                                          "(first run slower; not with block swap)."}),
-            "block_swap": ("INT", {"default": defaults.block_swap, "min": 0, "max": 200,
+            "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
                                    "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
                                               "rest from system RAM (0 = off). For small GPUs."}),
             "vae_tiling": ("BOOLEAN", {"default": defaults.vae_tiling,
@@ -105,6 +110,7 @@ class FireRedSpeedSettings:
                       cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,
                       quantize_text_encoder=quantize_text_encoder, compile=compile, block_swap=block_swap,
                       vae_tiling=vae_tiling, embed_cache=embed_cache, embed_cache_dir=embed_cache_dir.strip() or None)
+        check_inputs(self.NAME, {name: values[name] for name in SPEED_OPTIONS})
         with blame(self.NAME, "cache_threshold", inputs=values):
             return (SpeedSettings.from_flat(values),)
 

@@ -38,6 +38,7 @@ class LoadImage:
     """Stand-in for ComfyUI's LoadImage: pictures come from ``LoadImage.pictures`` by name."""
 
     pictures: dict[str, Image.Image] = {}
+    masks: dict[str, torch.Tensor] = {}  # painted masks (1 = painted); none = ComfyUI's empty 64x64 mask
     RETURN_TYPES = ("IMAGE", "MASK")
     RETURN_NAMES = ("IMAGE", "MASK")
     FUNCTION = "load"
@@ -50,7 +51,47 @@ class LoadImage:
     def load(self, image):
         arr = np.asarray(self.pictures[image].convert("RGB"), dtype=np.float32) / 255.0
         t = torch.from_numpy(arr)[None]
-        return t, torch.zeros(1, t.shape[1], t.shape[2])
+        return t, self.masks.get(image, torch.zeros(64, 64))[None].float()
+
+
+class GrowMask:
+    """Stand-in for ComfyUI's GrowMask: ``expand`` pixels of dilation (< 0: erosion), square or tapered corners."""
+
+    RETURN_TYPES = ("MASK",)
+    RETURN_NAMES = ("MASK",)
+    FUNCTION = "expand_mask"
+    CATEGORY = "mask"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"mask": ("MASK",), "expand": ("INT", {"default": 0, "min": -16384, "max": 16384}),
+                             "tapered_corners": ("BOOLEAN", {"default": True})}}
+
+    def expand_mask(self, mask, expand, tapered_corners):
+        sign = 1.0 if expand > 0 else -1.0
+        m = sign * mask.reshape(-1, 1, *mask.shape[-2:]).float()
+        for _ in range(abs(expand)):
+            p = torch.nn.functional.pad(m, (1, 1, 1, 1), value=-torch.inf)
+            shifts = [p[..., 1 + dy:p.shape[-2] - 1 + dy, 1 + dx:p.shape[-1] - 1 + dx]
+                      for dy in (-1, 0, 1) for dx in (-1, 0, 1) if not (tapered_corners and dx and dy)]
+            m = torch.stack(shifts).amax(0)
+        return ((sign * m)[:, 0],)
+
+
+class SetLatentNoiseMask:
+    """Stand-in for ComfyUI's SetLatentNoiseMask."""
+
+    RETURN_TYPES = ("LATENT",)
+    RETURN_NAMES = ("LATENT",)
+    FUNCTION = "set_mask"
+    CATEGORY = "latent/inpaint"
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"samples": ("LATENT",), "mask": ("MASK",)}}
+
+    def set_mask(self, samples, mask):
+        return ({**samples, "noise_mask": mask.reshape(-1, 1, mask.shape[-2], mask.shape[-1])},)
 
 
 class SaveImage:
@@ -91,7 +132,7 @@ class PreviewAny:
 
 def classes() -> dict[str, type]:
     return {**load_pack().NODE_CLASS_MAPPINGS, "LoadImage": LoadImage, "SaveImage": SaveImage,
-            "PreviewAny": PreviewAny}
+            "PreviewAny": PreviewAny, "GrowMask": GrowMask, "SetLatentNoiseMask": SetLatentNoiseMask}
 
 
 def object_info() -> dict:
@@ -166,14 +207,27 @@ def check_value(kind, value) -> None:
         assert isinstance(value, expected[kind]), (kind, type(value))
 
 
+class PromptInvalid(AssertionError):
+    """ComfyUI would refuse the prompt before running it (the message is what its error dialog shows)."""
+
+
 def validate_inputs(cls, inputs: dict) -> None:
-    """ComfyUI's prompt validation of widget values: combos in their list, numbers within min/max."""
+    """ComfyUI's prompt validation of widget values: combos in their list, numbers within min/max; inputs a
+    ``VALIDATE_INPUTS`` names skip those checks and go to it instead (True, or the message ComfyUI shows)."""
+    import inspect
+
     spec = cls.INPUT_TYPES()
+    custom = getattr(cls, "VALIDATE_INPUTS", None)
+    own = inspect.getfullargspec(custom).args if custom else []
     for name in spec.get("required", {}):
         assert name in inputs, f"{cls.__name__}: required input {name} missing"
+    if custom:
+        verdict = custom(**{k: v for k, v in inputs.items() if k in own and not isinstance(v, list)})
+        if verdict is not True:
+            raise PromptInvalid(f"{cls.__name__}: {verdict}")
     for section in ("required", "optional"):
         for name, s in spec.get(section, {}).items():
-            if name not in inputs or isinstance(inputs[name], list) and not isinstance(s[0], list):
+            if name not in inputs or name in own or isinstance(inputs[name], list) and not isinstance(s[0], list):
                 continue
             value, options = inputs[name], (s[1] if len(s) > 1 else {})
             if isinstance(s[0], list):

@@ -14,6 +14,7 @@ import nodes_support as S  # noqa: E402
 
 KNOWN_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "IMAGE", "MASK", "LATENT",
                "FIRERED_MODEL", "FIRERED_REFS", "FIRERED_COND", "FIRERED_CROP", "FIRERED_SPEED"}
+NATIVE_TYPES = {"VAE"}  # ComfyUI's own objects a FireRed input also takes (a union type such as FIRERED_MODEL,VAE)
 
 
 @pytest.fixture(scope="session")
@@ -26,10 +27,21 @@ def lora_dir(tiny_model_dir, tmp_path_factory):
     return folder
 
 
+@pytest.fixture(scope="session")
+def single_file_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model as the single files in ComfyUI's formats (what FireRed Single-File Loader lists)."""
+    from firered_core.formats.convert import write_comfy_single_files
+
+    folder = tmp_path_factory.mktemp("single-files")
+    write_comfy_single_files(tiny_model_dir, folder)
+    return folder
+
+
 @pytest.fixture
-def model_dirs(tiny_model_dir, lora_dir, monkeypatch):
+def model_dirs(tiny_model_dir, lora_dir, single_file_dir, monkeypatch):
     monkeypatch.setenv("FIRERED_MODEL_DIRS", str(tiny_model_dir.parent))
     monkeypatch.setenv("FIRERED_LORA_DIRS", str(lora_dir))
+    monkeypatch.setenv("FIRERED_SINGLE_FILE_DIRS", str(single_file_dir))
     return tiny_model_dir
 
 
@@ -65,7 +77,7 @@ def test_input_types_well_formed(name, model_dirs):
                 assert s[0], f"{name}.{input_name}: empty combo"
                 assert options.get("default", s[0][0]) in s[0]
                 continue
-            assert s[0] in KNOWN_TYPES, (name, input_name, s[0])
+            assert set(s[0].split(",")) <= KNOWN_TYPES | NATIVE_TYPES, (name, input_name, s[0])
             if s[0] in ("INT", "FLOAT"):
                 assert options["min"] <= options["default"] <= options["max"], (name, input_name)
                 assert isinstance(options["default"], int if s[0] == "INT" else float)
@@ -79,7 +91,8 @@ def test_custom_types_have_producers_and_consumers():
     produced, consumed = set(), set()
     for cls in S.load_pack().NODE_CLASS_MAPPINGS.values():
         produced |= set(cls.RETURN_TYPES)
-        consumed |= {s[0] for inputs in cls.INPUT_TYPES().values() for s in inputs.values() if isinstance(s[0], str)}
+        consumed |= {t for inputs in cls.INPUT_TYPES().values() for s in inputs.values() if isinstance(s[0], str)
+                     for t in s[0].split(",")}
     custom = {t for t in KNOWN_TYPES if t.startswith("FIRERED_")}
     assert custom <= produced and custom <= consumed
 

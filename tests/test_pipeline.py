@@ -120,7 +120,8 @@ def test_cli_demo_writes_an_image(tmp_path, monkeypatch, tiny_model_dir, make_im
 @pytest.mark.parametrize("args, message", [
     (["--model", "/definitely/not/here"], "model folder not found: /definitely/not/here"),
     (["--model", "{model}", "-i", "/no/such.png"], "image not found: /no/such.png"),
-    (["--model", "{model}", "--width", "100"], "width=100 is not a positive multiple of 16 (try 96)"),
+    (["--model", "{model}", "--width", "100"], "--width 100 is not allowed: output width in pixels must be an "
+                                               "integer in 16..8192, a multiple of 16"),
 ])
 def test_cli_errors_are_one_clear_line(args, message, capsys, tiny_model_dir):
     args = [a.replace("{model}", str(tiny_model_dir)) for a in args]

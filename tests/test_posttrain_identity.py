@@ -51,8 +51,11 @@ def test_identity_training_lowers_the_face_embedding_distance(tiny_model_dir, tm
     assert after < 0.7 * before, (before, after)
 
 
-def test_identity_needs_an_embedder(tiny_model_dir, tmp_path):
-    from firered_core.training.config import load_config as load
+def test_identity_needs_an_embedder_and_checks_its_ranges():
+    from firered_core.training.config import ConfigError
+    from firered_core.training.identity import IdentityConfig, IdentityError, IdentityObjective
 
-    with pytest.raises(ValueError, match="identity.embedder"):
-        load(None, **{"identity.enabled": True})
+    with pytest.raises(IdentityError, match="identity.embedder"):
+        IdentityObjective(IdentityConfig(enabled=True), vae=None)
+    with pytest.raises(ConfigError, match="identity.cutoff"):
+        load_config(None, **{"identity.cutoff": 1.5})

@@ -20,12 +20,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from firered_core.conditioning import PROMPT_MODES  # noqa: E402
+from firered_core.errors import FireRedError, one_line  # noqa: E402
 from firered_core.geometry import VAE_AREA, VL_AREA  # noqa: E402
 from firered_core.training.alignment import VARIANTS  # noqa: E402
 from firered_core.training.extract import ExtractConfig, extract  # noqa: E402
+from firered_core.validation import check  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+    """Exit 0, or 2 with one line on stderr for bad options, bad data or an unreadable file."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="model folder or file, as the trainer's `model`")
     p.add_argument("--data", required=True, nargs="+", help="data root(s): one folder per task, *.jsonl inside")
@@ -45,15 +48,23 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from accelerate import PartialState
 
-    state = PartialState(cpu=not torch.cuda.is_available())
-    cfg = ExtractConfig(model=a.model, data=a.data, output_dir=a.out, variants=a.variants, prompt_mode=a.prompt_mode,
-                        vl_area=a.vl_area, cache_latents=a.cache_latents, target_area=a.target_area,
-                        reference_area=a.reference_area, dtype=a.dtype)
-    summary = extract(cfg, state.process_index, state.num_processes, str(state.device), a.stop_after,
-                      wait=state.wait_for_everyone)
+    try:
+        check({"vl_area": a.vl_area, "target_area": a.target_area, "reference_area": a.reference_area},
+              spell=lambda name: "--" + name.replace("_", "-"),
+              limits={"target_area": "vae_area", "reference_area": "vae_area"})
+        state = PartialState(cpu=not torch.cuda.is_available())
+        cfg = ExtractConfig(model=a.model, data=a.data, output_dir=a.out, variants=a.variants,
+                            prompt_mode=a.prompt_mode, vl_area=a.vl_area, cache_latents=a.cache_latents,
+                            target_area=a.target_area, reference_area=a.reference_area, dtype=a.dtype)
+        summary = extract(cfg, state.process_index, state.num_processes, str(state.device), a.stop_after,
+                          wait=state.wait_for_everyone)
+    except (FireRedError, OSError) as exc:
+        print(f"extract_embeddings.py: error: {one_line(exc)}", file=sys.stderr)
+        return 2
     logging.info("rank %d: encoded %d rows, skipped %d finished, %d bad rows", state.process_index,
                  summary["encoded"], summary["skipped"], summary["bad_rows"])
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

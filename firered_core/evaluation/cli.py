@@ -154,13 +154,13 @@ def selection(args) -> tuple[B.BenchSpec, list[B.BenchRow], dict]:
 # ---- commands --------------------------------------------------------------------------------------------------
 
 def cmd_generate(args) -> int:
-    from ..cli import check_size_args, load_from_args
+    from ..cli import check_number_args, load_from_args
     from ..lora import LoraSpec
     from .generate import (EditSettings, build_manifest, file_sha256, generate, model_identity,
                            pipeline_from_settings, ranks_from_env, write_manifest)
 
     spec, rows, record = selection(args)
-    check_size_args(args)
+    check_number_args(args)
     rank, world, local = ranks_from_env()
     device = args.device
     if world > 1 and device in (None, "cuda"):  # one GPU per process: LOCAL_RANK picks it

@@ -28,14 +28,16 @@ __all__ = ["GGUF_MODES", "KINDS", "Checkpoint", "FormatError", "GGUFLinear", "ch
 
 
 def load_single_file(kind: str, path: str | Path, dtype: torch.dtype = torch.float32,
-                     device: str | torch.device = "cpu", gguf_mode: str = "runtime") -> nn.Module:
+                     device: str | torch.device = "cpu", gguf_mode: str = "runtime",
+                     fp8_mode: str = "load") -> nn.Module:
     """Load one component (``transformer``, ``vae`` or ``text_encoder``) from a single weights file.
 
     The format is read from the file's first bytes; the architecture from its tensors. fp8 and scaled fp8 weights
     are dequantised to ``dtype`` while loading, one tensor at a time. A GGUF transformer keeps its quantised Linear
     weights packed (:class:`GGUFLinear`, decoded at each call) with ``gguf_mode="runtime"`` (default), or is
-    dequantised at load with ``"load"``; GGUF VAEs and text encoders are always dequantised at load. Returns the
-    module in eval mode on ``device``.
+    dequantised at load with ``"load"``; GGUF VAEs and text encoders are always dequantised at load. An fp8
+    transformer keeps its e4m3 Linear weights in fp8 with ``fp8_mode="runtime"`` (fp8 matmuls where the GPU has
+    them). Returns the module in eval mode on ``device``.
     """
     from .text_encoder import load_text_encoder
     from .transformer import load_transformer
@@ -49,7 +51,7 @@ def load_single_file(kind: str, path: str | Path, dtype: torch.dtype = torch.flo
         if len(ckpt) == 0:
             raise FormatError(f"{path}: the file holds no tensors")
         if kind == "transformer":
-            module = load_transformer(ckpt, dtype, gguf_mode=gguf_mode)
+            module = load_transformer(ckpt, dtype, gguf_mode=gguf_mode, fp8_mode=fp8_mode)
         else:
             module = loaders[kind](ckpt, dtype)
     return module.to(device).eval().requires_grad_(False)

@@ -55,7 +55,9 @@ def sidecar_config(path: Path, class_names: tuple[str, ...]) -> dict | None:
         if candidate.is_file():
             try:
                 cfg = json.loads(candidate.read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+                continue
+            if not isinstance(cfg, dict):
                 continue
             names = {cfg.get("_class_name"), *(cfg.get("architectures") or [])}
             if names & set(class_names):

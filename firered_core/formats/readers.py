@@ -60,6 +60,24 @@ class SafetensorsCheckpoint(Checkpoint):
         self._file = None
 
 
+def _header_entry_problem(key: str, entry: object) -> str | None:
+    """What is wrong with one header entry (None when it is a well-formed tensor record or the metadata)."""
+    if key == "__metadata__":
+        ok = entry is None or (isinstance(entry, dict) and all(isinstance(v, str) for v in entry.values()))
+        return None if ok else "__metadata__ is not a mapping of strings"
+    if not isinstance(entry, dict):
+        return f"tensor {key!r} is described by a {type(entry).__name__}, not a record"
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not isinstance(entry.get("dtype"), str):
+        return f"tensor {key!r} has no dtype"
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        return f"tensor {key!r} has shape {shape!r}, not a list of sizes"
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(isinstance(o, int) for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        return f"tensor {key!r} has data_offsets {offsets!r}, not [begin, end]"
+    return None
+
+
 def _read_safetensors_header(path: Path) -> dict:
     """Parse and validate the header; a truncated or foreign file fails here with what was found."""
     size = path.stat().st_size
@@ -78,6 +96,10 @@ def _read_safetensors_header(path: Path) -> dict:
         raise FormatError(f"{path}: not a safetensors file (header is not JSON: {exc})") from exc
     if not isinstance(header, dict):
         raise FormatError(f"{path}: not a safetensors file (header is a {type(header).__name__})")
+    for key, entry in header.items():
+        problem = _header_entry_problem(key, entry)
+        if problem:
+            raise FormatError(f"{path}: malformed safetensors header: {problem}")
     end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise FormatError(f"{path}: truncated safetensors file: the header describes {8 + n + end} bytes, "

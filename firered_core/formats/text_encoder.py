@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..processor import QWEN25_VL_SPECIAL_TOKENS, qwen25_vl_processor
 from .build import build_with_weights, sidecar_config
 from .dequant import is_aux_key, iter_dequantized
 from .errors import FormatError
@@ -139,33 +140,67 @@ def load_text_encoder(ckpt: Checkpoint, dtype: torch.dtype) -> nn.Module:
     return model
 
 
-def load_text_encoder_processor(path: str | Path):
+def processor_from_tokenizer_dir(folder: str | Path):
+    """The Qwen2.5-VL processor from a folder of Qwen2.5 tokenizer files (``vocab.json``, ``merges.txt``,
+    ``tokenizer_config.json`` or ``tokenizer.json``, e.g. ComfyUI's ``comfy/text_encoders/qwen25_tokenizer``).
+
+    The special tokens are registered if the folder lacks them, and must get the real ids (a different tokenizer
+    would silently feed the text encoder wrong ids); image-processor settings come from
+    :data:`QWEN25_VL_IMAGE_PROCESSOR`. A folder that also holds a ``preprocessor_config.json`` is loaded as is.
+    """
+    from transformers import Qwen2Tokenizer, Qwen2VLProcessor
+
+    folder = Path(folder)
+    if not folder.is_dir() or not any((folder / f).is_file() for f in PROCESSOR_FILES):
+        raise FormatError(f"{folder}: no tokenizer files ({', '.join(PROCESSOR_FILES)}) there")
+    try:
+        if (folder / "preprocessor_config.json").is_file():
+            return Qwen2VLProcessor.from_pretrained(folder, local_files_only=True)
+        tokenizer = Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise FormatError(f"cannot load the tokenizer from {folder}: {exc}") from exc
+    missing = [t for t in QWEN25_VL_SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_special_tokens({"additional_special_tokens": missing})
+    return qwen25_vl_processor(tokenizer)
+
+
+def _fits_vocabulary(processor, vocab_size: int) -> bool:
+    return max(processor.tokenizer.convert_tokens_to_ids(t) for t in QWEN25_VL_SPECIAL_TOKENS) < vocab_size
+
+
+def load_text_encoder_processor(path: str | Path, tokenizer: str | Path | None = None,
+                                default_tokenizer: str | Path | None = None):
     """The ``Qwen2VLProcessor`` for a single-file text encoder.
 
-    Looked for next to the file (``processor/``, ``tokenizer/`` or tokenizer files in the same folder). The tiny and
-    medium test models get the package's built-in processor. A real checkpoint without tokenizer files raises a
-    :class:`FormatError` that says where to put them (they cannot be derived from weights).
+    In order: ``tokenizer`` (a folder the user named: a processor folder or bare Qwen2.5 tokenizer files); a
+    ``processor/`` or ``tokenizer/`` folder (or tokenizer files) next to the file; the package's built-in processor
+    for the tiny and medium test models; ``default_tokenizer`` (tokenizer files a host application ships, e.g.
+    ComfyUI's Qwen2.5 tokenizer) when its ids fit the text encoder's vocabulary. Otherwise a :class:`FormatError`
+    says where to put the files (they cannot be derived from weights).
     """
-    from transformers import Qwen2VLProcessor
-
     path = Path(path)
     folder = path.parent
+    if tokenizer is not None:
+        return processor_from_tokenizer_dir(tokenizer)
     for candidate in (folder / "processor", folder / "tokenizer", folder):
         if candidate.is_dir() and any((candidate / f).is_file() for f in PROCESSOR_FILES):
-            try:
-                return Qwen2VLProcessor.from_pretrained(candidate, local_files_only=True)
-            except (OSError, ValueError) as exc:
-                raise FormatError(f"cannot load the processor from {candidate}: {exc}") from exc
+            return processor_from_tokenizer_dir(candidate)
     with open_checkpoint(path) as ckpt:
         rename = text_encoder_renamer(ckpt.keys())
         header = {n: ckpt.shape(k) for k in ckpt if not is_aux_key(k) and (n := rename(k)) is not None}
-        name, _ = detect_text_encoder_config(header, sidecar_config(path, (CLASS_NAME,)), str(path))
+        name, config = detect_text_encoder_config(header, sidecar_config(path, (CLASS_NAME,)), str(path))
     if name.startswith("firered_core.testing"):
         from ..demo_models import build_processor
 
         return build_processor()
+    if default_tokenizer is not None:
+        processor = processor_from_tokenizer_dir(default_tokenizer)
+        if _fits_vocabulary(processor, config.text_config.vocab_size):
+            log.info("%s: tokenizer from %s, image processor settings of Qwen2.5-VL", path, default_tokenizer)
+            return processor
     raise FormatError(
         f"{path}: a {name} text encoder file carries no tokenizer. Put the Qwen2.5-VL processor files "
         f"(tokenizer.json, tokenizer_config.json, vocab.json, merges.txt, preprocessor_config.json, chat_template.json) "
         f"in {folder / 'processor'} — they are the processor/ and tokenizer/ folders of the FireRed-Image-Edit or "
-        "Qwen-Image-Edit Hugging Face repository — or give the model folder that has them")
+        "Qwen-Image-Edit Hugging Face repository — or give a tokenizer folder (firered-edit --tokenizer DIR)")

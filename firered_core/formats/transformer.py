@@ -101,11 +101,12 @@ def detect_transformer_config(source: Mapping, metadata: Mapping[str, str] | Non
 
 
 def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | None = None,
-                     gguf_mode: str = "runtime") -> nn.Module:
+                     gguf_mode: str = "runtime", fp8_mode: str = "load") -> nn.Module:
     """Build ``QwenImageTransformer2DModel`` from an open checkpoint, converting weights to ``dtype``.
 
     For a GGUF file, ``gguf_mode="runtime"`` keeps quantised Linear weights packed (:class:`GGUFLinear`, decoded at
-    each call); ``"load"`` dequantises every tensor now.
+    each call); ``"load"`` dequantises every tensor now. For an fp8 file, ``fp8_mode="runtime"`` keeps the e4m3
+    Linear weights in fp8 (``quant.FastQuantLinear``: fp8 matmuls on GPUs that have them, no full-precision copy).
     """
     from accelerate import init_empty_weights
     from diffusers import QwenImageTransformer2DModel
@@ -130,7 +131,18 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
     with init_empty_weights(include_buffers=False):
         skeleton = QwenImageTransformer2DModel(**cfg)
     packed = packed_weight_keys(ckpt, skeleton, rename) if ckpt.kind == "gguf" and gguf_mode == "runtime" else {}
-    packed_files = set(packed.values())
+    fp8_keys, finish_fp8 = {}, None
+    if fp8_mode == "runtime" and ckpt.kind != "gguf":
+        from ..quant.fp8_file import fp8_weight_keys, swap_in_fp8
+        from .dequant import weight_scale_key
+
+        fp8_keys = fp8_weight_keys(ckpt, skeleton, rename)
+        finish_fp8 = swap_in_fp8(ckpt, fp8_keys, dtype, weight_scale_key)
+    elif fp8_mode != "load":
+        from ..quant.fp8_file import check_fp8_mode
+
+        check_fp8_mode(fp8_mode)
+    packed_files = set(packed.values()) | set(fp8_keys.values())
 
     def rename_dense(key: str) -> str | None:
         return None if key in packed_files else rename(key)
@@ -138,8 +150,8 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
     state = dict(iter_dequantized(ckpt, dtype, rename_dense))
     module = build_with_weights(lambda: skeleton, state, ckpt.path,
                                 f"transformer ({cfg['num_layers']} layers, {cfg['num_attention_heads']}x"
-                                f"{cfg['attention_head_dim']})", allow_missing=tuple(packed),
-                                finish=swap_in_packed(ckpt, packed, dtype) if packed else None)
+                                f"{cfg['attention_head_dim']})", allow_missing=tuple(packed) + tuple(fp8_keys),
+                                finish=swap_in_packed(ckpt, packed, dtype) if packed else finish_fp8)
     if ckpt.kind == "gguf":
         log.info("%s: gguf_mode=%s, %s", ckpt.path, gguf_mode, packed_summary(module))
     return module

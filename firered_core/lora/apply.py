@@ -13,23 +13,25 @@ import logging
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..formats.gguf.linear import GGUFLinear
+from ..validation import check
 from .adapter import LoraLinear, linear_modules, set_submodule, weight_shape
 from .deltas import Delta, module_delta
 from .errors import LoraError
 from .files import read_lora_file
-from .keys import group_by_module
+from .keys import group_by_module, module_alpha, module_rank, targets_module
 from .report import LoraCoverage, LoraReport
 from .state import LoraState, lora_state, set_lora_state
 
 log = logging.getLogger(__name__)
 MODES = ("merge", "adapter")
+MAX_DELTA = 1e4  # no weight of this model family comes near; a larger change is a corrupt or mis-scaled file
 
 
 @dataclass
@@ -57,37 +59,83 @@ class LoraSpec:
 
 @dataclass
 class PlannedLora:
-    """One LoRA matched against the model: its coverage and ``{module: (down, up, scale)}``."""
+    """One LoRA matched against the model: its coverage, ``{module: (down, up, scale)}`` and, per module whose keys
+    matched but could not be used, why (a rank or shape mismatch)."""
 
     coverage: LoraCoverage
     deltas: dict[str, Delta]
+    problems: dict[str, str] = field(default_factory=dict)
+
+
+def _check_tensors(name: str, module: str, keys: list[str], state: Mapping[str, torch.Tensor]) -> None:
+    """NaN or inf in a LoRA tensor would turn every image black: refuse the file, naming the tensor."""
+    for key in keys:
+        tensor = state[key]
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise LoraError(f"LoRA {name}: tensor {key} ({module}) holds {bad} NaN/inf value(s) of "
+                            f"{tensor.numel()}; the file is corrupt")
+
+
+def _check_size(name: str, module: str, delta: Delta, strength: float) -> None:
+    """A delta far beyond any weight (a corrupt or wrongly scaled file) is refused, naming the module."""
+    down, up, scale = delta
+    factor = abs(strength * scale)
+    bound = float(up.abs().max()) * factor * (float(down.abs().max()) * down.shape[0] if down is not None else 1.0)
+    if bound <= MAX_DELTA:
+        return
+    peak = float((up.float() @ down.float() if down is not None else up.float()).abs().max()) * factor
+    if not math.isfinite(peak) or peak > MAX_DELTA:
+        raise LoraError(f"LoRA {name}: the change to {module} reaches {peak:.3g} (strength {strength:g} x scale "
+                        f"{scale:g}); weights of this model stay far below {MAX_DELTA:g}: the file is corrupt or its "
+                        "strength / alpha is wrong")
 
 
 def plan_lora(state: Mapping[str, torch.Tensor], linears: Mapping[str, nn.Linear], name: str = "<lora>",
               strength: float = 1.0, adapter_config: Mapping | None = None) -> PlannedLora:
-    """Match every key of ``state`` to a Linear of the model and compute the per-module deltas (nothing applied)."""
+    """Match every key of ``state`` to a Linear of the model and compute the per-module deltas (nothing applied).
+
+    Raises :class:`LoraError` for NaN / inf tensors and for deltas beyond :data:`MAX_DELTA`.
+    """
     grouped = group_by_module(state, linears)
     coverage = LoraCoverage(name=name, strength=strength, unmatched=grouped.unmatched)
-    deltas = {}
+    deltas, problems, assumed = {}, {}, []
     for module, parts in grouped.parts.items():
+        _check_tensors(name, module, grouped.keys_of[module], state)
         shape_w = weight_shape(linears[module])
         try:
             down, up, scale = module_delta(parts, module, adapter_config)
             shape = (up.shape[0], down.shape[1]) if down is not None else tuple(up.shape)
+            stated = module_rank(module, adapter_config)
+            if down is not None and stated is not None and stated != down.shape[0]:
+                raise LoraError(f"rank mismatch: the adapter config says rank {stated}, the tensors have rank "
+                                f"{down.shape[0]} (lora_A {tuple(down.shape)}, lora_B {tuple(up.shape)})")
             if shape != shape_w:
                 if down is None and up.numel() == math.prod(shape_w):
                     up = up.reshape(shape_w)
                 else:
-                    raise LoraError(f"delta shape {shape} does not fit the weight {shape_w}")
+                    kind = f"rank {down.shape[0]} pair" if down is not None else "delta"
+                    raise LoraError(f"shape mismatch: the {kind} makes a {shape} change "
+                                    f"(lora_A {tuple(down.shape) if down is not None else '-'}, lora_B "
+                                    f"{tuple(up.shape)}) but the weight is {shape_w}")
         except LoraError as exc:
+            problems[module] = str(exc)
             for key in grouped.keys_of[module]:
                 coverage.unmatched[key] = f"{module}: {exc}"
             continue
+        _check_size(name, module, (down, up, scale), strength)
+        if adapter_config and not targets_module(module, adapter_config.get("target_modules")):
+            coverage.notes.append(f"{module} is not in the adapter config's target_modules")
+        if "alpha" not in parts and module_alpha(module, adapter_config) is None and down is not None:
+            assumed.append(module)
         deltas[module] = (down, up, scale)
         coverage.matched += grouped.keys_of[module]
         coverage.modules.append(module)
+    if assumed:
+        coverage.notes.append(f"alpha unknown for {len(assumed)} module(s) (no alpha keys, no adapter_config.json): "
+                              "assumed scale 1.0 (alpha = rank)")
     coverage.styles = sorted(grouped.styles)
-    return PlannedLora(coverage, deltas)
+    return PlannedLora(coverage, deltas, problems)
 
 
 def _plan_spec(spec: LoraSpec, linears: Mapping[str, nn.Module], allow_partial: bool) -> PlannedLora:
@@ -99,9 +147,17 @@ def _plan_spec(spec: LoraSpec, linears: Mapping[str, nn.Module], allow_partial: 
         state, file_config = read_lora_file(spec.path)
         config = config or file_config
     else:
-        raise ValueError("a LoraSpec needs a path or a state_dict")
+        raise LoraError("a LoraSpec needs a path or a state_dict")
+    check({"strength": spec.strength}, spell=lambda _: f"LoRA {spec.label}: strength",
+          limits={"strength": "lora_strength"})
     plan = plan_lora(state, linears, spec.label, spec.strength, config)
     cov = plan.coverage
+    for note in cov.notes:
+        log.warning("LoRA %s: %s", cov.name, note)
+    if not cov.matched and plan.problems:
+        listed = "; ".join(f"{m}: {why}" for m, why in list(plan.problems.items())[:3])
+        raise LoraError(f"LoRA {cov.name} does not fit this transformer: {len(plan.problems)} module(s) "
+                        f"refused ({listed}{'; ...' if len(plan.problems) > 3 else ''})")
     if not cov.matched:
         from ..formats.identify import identify
 

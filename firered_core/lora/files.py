@@ -6,8 +6,10 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from .errors import LoraError
 from .keys import group_by_module, lora_keys, module_alpha
@@ -30,23 +32,63 @@ class LoraWeights:
         return 1.0 if self.alpha is None else float(self.alpha) / self.rank
 
 
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+class AdapterConfig(BaseModel):
+    """The keys of a PEFT ``adapter_config.json`` that change what a LoRA adds (others are kept, unchecked)."""
+
+    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
+    r: Annotated[int, Field(ge=1)] | None = None
+    lora_alpha: float | None = None
+    rank_pattern: dict[str, Annotated[int, Field(ge=1)]] = {}
+    alpha_pattern: dict[str, float] = {}
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    use_dora: bool = False
+
+
+def read_adapter_config(path: Path) -> dict:
+    """A PEFT ``adapter_config.json``, its LoRA keys type-checked; :class:`LoraError` names the file and the key."""
+    from pydantic import ValidationError
+
+    from ..paths import read_json
+
+    raw = read_json(path, LoraError)
+    try:
+        config = AdapterConfig.model_validate(raw)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        key = ".".join(str(p) for p in err["loc"])
+        raise LoraError(f"{path}: key {key!r} = {err['input']!r}: {err['msg']}") from None
+    if config.use_dora:
+        raise LoraError(f"{path}: a DoRA adapter (use_dora) is not supported")
+    return {**raw, **config.model_dump(exclude_unset=True)}
+
+
+def adapter_weights(folder: Path) -> Path:
+    """The weights file of a PEFT adapter folder (what ``save_pretrained`` writes)."""
+    for name in ADAPTER_WEIGHTS:
+        if (folder / name).is_file():
+            return folder / name
+    raise LoraError(f"LoRA folder {folder} has no {ADAPTER_WEIGHTS[0]}: a PEFT adapter folder holds "
+                    f"{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS[0]}")
+
+
 def read_lora_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """The tensors of a LoRA file (safetensors, or a weights-only torch file) and the PEFT adapter_config.json next
-    to it, if any. Never unpickles."""
+    """The tensors of a LoRA file (safetensors, or a weights-only torch file) or PEFT adapter folder, and the PEFT
+    adapter_config.json in / next to it, if any. Never unpickles."""
     from ..formats import open_checkpoint
 
     path = Path(path)
-    with open_checkpoint(path) as ckpt:
+    file = adapter_weights(path) if path.is_dir() else path
+    with open_checkpoint(file) as ckpt:
         if ckpt.kind == "gguf":
-            raise LoraError(f"{path}: a GGUF file is not a LoRA")
+            raise LoraError(f"{file}: a GGUF file is not a LoRA")
         state = {k: ckpt[k] for k in ckpt}
-    config = None
-    cfg_file = path.parent / "adapter_config.json"
-    if cfg_file.is_file():
-        config = json.loads(cfg_file.read_text())
-        if config.get("use_dora"):
-            raise LoraError(f"{path}: a DoRA adapter (use_dora in {cfg_file}) is not supported")
-    return state, config
+    cfg_file = file.parent / ADAPTER_CONFIG
+    return state, (read_adapter_config(cfg_file) if cfg_file.is_file() else None)
 
 
 def lora_weights_from_state_dict(state: Mapping[str, torch.Tensor], module_names: Iterable[str],

@@ -137,7 +137,32 @@ def module_alpha(module: str, config: Mapping | None) -> float | None:
     """A module's alpha from a PEFT adapter config (``alpha_pattern`` first, then ``lora_alpha``), or None."""
     if not config:
         return None
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
+    value = pattern_value(module, config.get("alpha_pattern"))
+    if value is not None:
+        return float(value)
+    return float(config["lora_alpha"]) if config.get("lora_alpha") is not None else None
+
+
+def module_rank(module: str, config: Mapping | None) -> int | None:
+    """A module's rank as a PEFT adapter config states it (``rank_pattern`` first, then ``r``), or None."""
+    if not config:
+        return None
+    value = pattern_value(module, config.get("rank_pattern"))
+    return int(value) if value is not None else (int(config["r"]) if config.get("r") is not None else None)
+
+
+def pattern_value(module: str, patterns: Mapping | None):
+    """PEFT's per-module override: the value of the first pattern naming ``module`` (exact, suffix or regex)."""
+    for pattern, value in (patterns or {}).items():
         if module == pattern or module.endswith("." + pattern) or re.fullmatch(pattern, module):
-            return float(value)
-    return float(config["lora_alpha"]) if "lora_alpha" in config else None
+            return value
+    return None
+
+
+def targets_module(module: str, target_modules: str | Iterable[str] | None) -> bool:
+    """Whether PEFT's ``target_modules`` (a regex, or names matched as suffixes) includes ``module``."""
+    if target_modules is None:
+        return True
+    if isinstance(target_modules, str):
+        return target_modules == "all-linear" or re.fullmatch(target_modules, module) is not None
+    return any(module == t or module.endswith("." + t) for t in target_modules)

@@ -15,12 +15,14 @@ class LoraCoverage:
     unmatched: dict[str, str] = field(default_factory=dict)
     modules: list[str] = field(default_factory=list)
     styles: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # assumptions made (e.g. an unknown alpha), shown in the report
 
     def line(self) -> str:
         total = len(self.matched) + len(self.unmatched)
         return (f"LoRA {self.name} (strength {self.strength:g}, {'/'.join(self.styles) or '?'} keys): "
                 f"{len(self.matched)}/{total} keys matched, {len(self.modules)} modules touched"
-                + (f", {len(self.unmatched)} UNMATCHED" if self.unmatched else ""))
+                + (f", {len(self.unmatched)} UNMATCHED" if self.unmatched else "")
+                + "".join(f"; {note}" for note in self.notes))
 
 
 @dataclass

@@ -12,6 +12,9 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import with_config
+
+from ..validation import CONFIG, Probability
 
 CN_NUMERALS = "一二三四五六七八九"
 _MENTION = re.compile(r"(?P<en>\b(?:[Pp]icture|[Ii]mage|[Ii]mg)\s*)(?P<en_n>\d+)"
@@ -43,10 +46,11 @@ def reindex(text: str, mapping: dict[int, int]) -> str:
     return _MENTION.sub(sub, text or "")
 
 
+@with_config(CONFIG)
 @dataclass
 class AlignmentConfig:
-    drop_rate: float = 0.0
-    permute_rate: float = 0.0
+    drop_rate: Probability = 0.0
+    permute_rate: Probability = 0.0
 
 
 def align(num_images: int, texts: list[str], rng: np.random.Generator, config: AlignmentConfig
@@ -71,11 +75,12 @@ def align(num_images: int, texts: list[str], rng: np.random.Generator, config: A
     return order, [reindex(t, mapping) for t in texts]
 
 
+@with_config(CONFIG)
 @dataclass
 class VariantConfig:
-    text_drop: float = 0.05
-    cn_rate: float = 0.5
-    inverse_rate: float = 0.0
+    text_drop: Probability = 0.05
+    cn_rate: Probability = 0.5
+    inverse_rate: Probability = 0.0
 
 
 def choose_variant(has_inverse: bool, rng: np.random.Generator, config: VariantConfig) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..geometry import calculate_dimensions
+from .checkpoint import CheckpointError
 from .data import DataError, Sample
 
 MIN_RATIO, MAX_RATIO = 0.25, 4.0
@@ -142,7 +143,7 @@ class BucketSampler:
     def load_state_dict(self, state: dict) -> None:
         for name in ("seed", "num_samples", "global_batch"):
             if state[name] != getattr(self, name):
-                raise ValueError(f"sampler state has {name}={state[name]} but this run has {getattr(self, name)}: "
+                raise CheckpointError(f"sampler state has {name}={state[name]} but this run has {getattr(self, name)}: "
                                  "resume with the same data, seed, batch size and process count")
         self.step = int(state["step"])
         self.cursors = {k: [int(v[0]), int(v[1])] for k, v in state["cursors"].items()}

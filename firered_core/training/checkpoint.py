@@ -4,11 +4,17 @@ A checkpoint is a folder ``step-XXXXXXXX`` holding ``trainable.safetensors`` (th
 ``optimizer.safetensors`` + ``optimizer.json``, ``ema.safetensors`` (when EMA is on), ``rng.safetensors`` and
 ``state.json`` (step, sampler, LR scheduler, loss history). It is written under a temporary name and renamed into
 place, then ``latest`` is replaced atomically, so a crash mid-save leaves the previous checkpoint and pointer intact.
+
+``manifest.json`` (written last, before the rename) records every file's size and SHA-256. On resume the latest
+checkpoint is verified against it; a checkpoint damaged after it was written (a truncated or altered file, a copy
+cut short) is skipped with a warning and the newest complete one before it is used.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -16,7 +22,52 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..errors import FireRedError
+
 LATEST = "latest"
+MANIFEST = "manifest.json"
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointError(FireRedError):
+    """A checkpoint named for resuming is incomplete or damaged."""
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the size and SHA-256 of every file of ``folder`` in its manifest."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST}
+    (folder / MANIFEST).write_text(json.dumps({"files": files}, indent=1))
+
+
+def verify_checkpoint(path: Path) -> str | None:
+    """None when every file of the manifest is there with its size and hash; else the first problem found."""
+    manifest = path / MANIFEST
+    if not manifest.is_file():
+        return None if (path / "state.json").is_file() else f"{path} has no {MANIFEST} (an unfinished save?)"
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{manifest} is unreadable ({exc})"
+    for name, info in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{file} is missing"
+        size = file.stat().st_size
+        if size != info["size"]:
+            return f"{file} has {size} bytes, the manifest says {info['size']} (truncated?)"
+        if _sha256(file) != info["sha256"]:
+            return f"{file} does not match its SHA-256 in the manifest (altered or corrupt)"
+    return None
 
 
 def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -68,6 +119,7 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
                   metadata={"updates": str(ema["updates"]), "decay": str(ema["decay"])})
     save_file(rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
+    write_manifest(tmp)
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
@@ -87,11 +139,29 @@ def _prune(root: Path, keep: int) -> None:
 
 
 def latest_checkpoint(root: Path) -> Path | None:
+    """The newest complete checkpoint: the ``latest`` pointer's if it verifies, else (with a warning) the newest
+    earlier one that does; None when there is none."""
     pointer = root / LATEST
     if not pointer.exists():
         return None
-    path = root / pointer.read_text().strip()
-    return path if (path / "state.json").exists() else None
+    first = root / pointer.read_text().strip()
+    others = sorted((p for p in root.glob("step-*") if p.is_dir() and p.name < first.name), reverse=True)
+    for path in [first, *others]:
+        problem = verify_checkpoint(path) if path.is_dir() else f"{path} does not exist"
+        if problem is None:
+            if path != first:
+                log.warning("resuming from the previous complete checkpoint %s instead", path)
+            return path
+        log.warning("checkpoint %s is unusable: %s", path.name, problem)
+    return None
+
+
+def checked_checkpoint(path: Path) -> Path:
+    """``path`` if it is a complete checkpoint (a named resume point is never silently replaced by another)."""
+    problem = verify_checkpoint(path) if path.is_dir() else f"{path} is not a checkpoint folder"
+    if problem is not None:
+        raise CheckpointError(f"cannot resume from {path}: {problem}")
+    return path
 
 
 def load_checkpoint(path: Path) -> dict:

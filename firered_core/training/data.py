@@ -103,7 +103,10 @@ def _split_pair(part: str, spec: str) -> tuple[str, str]:
 
 
 def _image_size(path: Path) -> tuple[int, int]:
-    with Image.open(path) as img:  # header only: cheap even for large images
+    """The size of a fully decodable image: a file whose header is valid but whose data is truncated or corrupt
+    fails here, at load, instead of killing the run when the row is first drawn."""
+    with Image.open(path) as img:
+        img.load()
         return img.size
 
 
@@ -175,8 +178,14 @@ def parse_faces(faces: object, size: tuple[int, int]) -> tuple[tuple[float, floa
 
 def read_jsonl(path: Path, task: str) -> tuple[list[Sample], list[BadRow]]:
     samples, bad = [], []
-    with open(path, encoding="utf-8") as fh:
-        for line_no, text in enumerate(fh, start=1):
+    with open(path, "rb") as fh:  # decoded line by line: one bad byte spoils its row, not the file
+        for line_no, raw in enumerate(fh, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                bad.append(BadRow(str(path), line_no, f"not UTF-8 (byte 0x{raw[exc.start]:02x} at column "
+                                                      f"{exc.start + 1})"))
+                continue
             if not text.strip():
                 continue
             try:

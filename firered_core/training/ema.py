@@ -11,6 +11,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .checkpoint import CheckpointError
+
 
 class EMA:
     def __init__(self, named_params: dict[str, torch.Tensor], decay: float = 0.999, warmup: bool = True):
@@ -53,7 +55,7 @@ class EMA:
     def load_state_dict(self, state: dict) -> None:
         missing = set(self.shadow) ^ set(state["tensors"])
         if missing:
-            raise ValueError(f"EMA state does not match the trained parameters ({len(missing)} names differ)")
+            raise CheckpointError(f"EMA state does not match the trained parameters ({len(missing)} names differ)")
         for k, v in state["tensors"].items():
             self.shadow[k].copy_(v)
         self.updates = int(state["updates"])

@@ -35,7 +35,7 @@ from ..model import load_model
 from .alignment import variant_text
 from .alignment import VARIANTS
 from .buckets import bucket_key
-from .data import load_dataset
+from .data import DataError, load_dataset
 from .rows import row_images, row_latents, row_references, vl_images
 
 log = logging.getLogger(__name__)
@@ -167,11 +167,11 @@ class EmbeddingStore:
             raise FileNotFoundError(f"no {MANIFEST} in {self.root}: run training/extract_embeddings.py to the end")
         self.manifest = json.loads(file.read_text())
         if self.manifest.get("format") != FORMAT:
-            raise ValueError(f"embeddings in {self.root} are {self.manifest.get('format')!r}, not {FORMAT!r}: "
+            raise DataError(f"embeddings in {self.root} are {self.manifest.get('format')!r}, not {FORMAT!r}: "
                              f"extract them again")
         self.embeds = self.root / self.manifest["embeds"]
         if prompt_mode is not None and self.manifest["prompt_mode"] != prompt_mode:
-            raise ValueError(f"embeddings in {self.root} were extracted in prompt mode "
+            raise DataError(f"embeddings in {self.root} were extracted in prompt mode "
                              f"{self.manifest['prompt_mode']!r} but the run asks for {prompt_mode!r}")
 
     def load(self, uid: str) -> dict[str, torch.Tensor]:

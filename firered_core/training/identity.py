@@ -17,28 +17,32 @@ import importlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, with_config
 
 from .. import latents as L
 from ..errors import FireRedError
+from ..validation import CONFIG, NonNegative, PositiveInt
 
 
 class IdentityError(FireRedError):
     """The face embedder cannot be loaded or the identity settings are inconsistent."""
 
 
+@with_config(CONFIG)
 @dataclass
 class IdentityConfig:
     enabled: bool = False
-    eta: float = 0.1
-    cutoff: float = 0.9  # no identity loss at sigma >= cutoff
+    eta: NonNegative = 0.1
+    cutoff: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # no identity loss at sigma >= cutoff
     embedder: str = ""  # TorchScript file or "package.module:factory"
-    input_size: int = 112  # face crops are resized to this square before embedding
-    max_faces: int = 4  # per row, the first ones in the JSONL
+    input_size: Annotated[int, Field(ge=8, le=1024)] = 112  # face crops are resized to this square before embedding
+    max_faces: PositiveInt = 4  # per row, the first ones in the JSONL
 
-    def __post_init__(self):
+    def __post_init__(self):  # ranges: pydantic at load; here for direct construction and the embedder
         if self.eta < 0:
             raise ValueError(f"identity.eta must be >= 0, got {self.eta}")
         if not 0 < self.cutoff <= 1:
@@ -46,8 +50,6 @@ class IdentityConfig:
         if self.input_size < 8 or self.max_faces < 1:
             raise ValueError(f"identity.input_size must be >= 8 and identity.max_faces >= 1, got "
                              f"{self.input_size} and {self.max_faces}")
-        if self.enabled and not self.embedder:
-            raise ValueError("identity.enabled needs identity.embedder: a TorchScript file or 'module:factory'")
 
 
 def identity_weight(sigma: torch.Tensor, eta: float, cutoff: float = 0.9) -> torch.Tensor:
@@ -144,6 +146,8 @@ class IdentityObjective:
     """The identity term of a row with face boxes, on the prediction the flow-matching loss already made."""
 
     def __init__(self, cfg: IdentityConfig, vae, embedder: torch.nn.Module | None = None):
+        if embedder is None and not cfg.embedder:
+            raise IdentityError("identity.enabled needs identity.embedder: a TorchScript file or 'module:factory'")
         self.cfg, self.vae = cfg, vae
         self.embedder = load_embedder(embedder if embedder is not None else cfg.embedder)
 

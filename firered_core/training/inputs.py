@@ -19,7 +19,7 @@ from ..conditioning import PromptEmbeds, encode_prompts
 from ..references import RefLatents
 from .alignment import align, choose_variant, variant_text
 from .buckets import BucketKey
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .extract import EmbeddingStore
 from .rows import RowImages, row_images, row_latents, row_references, vl_images
 from .seeding import row_rng
@@ -108,7 +108,7 @@ def open_embeddings(cfg: TrainConfig) -> EmbeddingStore | None:
         return None
     store = EmbeddingStore(cfg.embeddings, cfg.prompt_mode)
     if cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0:
-        raise ValueError("random instruction alignment rewrites the instruction, so it needs online encoding: "
+        raise ConfigError("random instruction alignment rewrites the instruction, so it needs online encoding: "
                          "unset `embeddings` or set alignment rates to 0")
     return store
 

@@ -14,22 +14,26 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from pydantic import with_config
 
 from ..memory import BlockSwap, QuantLinear
+from ..validation import CONFIG, Count
 
 
+@with_config(CONFIG)
 @dataclass
 class LowVramConfig:
     fp8_base: bool = False
     block_swap: bool = False
-    resident_blocks: int = 0  # with block_swap: blocks that stay on the device
+    resident_blocks: Count = 0  # with block_swap: blocks that stay on the device
     checkpointing: bool = False
     offload_activations: bool = False
-    compute_dtype: str = "bf16"  # matmul dtype of the fp8 base layers: "bf16" or "fp32"
+    compute_dtype: Literal["bf16", "fp32"] = "bf16"  # matmul dtype of the fp8 base layers
 
     def __post_init__(self):
         if self.resident_blocks < 0:

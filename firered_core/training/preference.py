@@ -20,19 +20,24 @@ from __future__ import annotations
 import contextlib
 import copy
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, with_config
+
+from ..validation import CONFIG, NonNegative, Positive
 
 
+@with_config(CONFIG)
 @dataclass
 class PreferenceConfig:
     enabled: bool = False
-    beta: float = 2500.0  # the Diffusion-DPO paper's beta for SD-sized models
-    omega: float = 1.0  # weight of the preferred term, >= 1
-    sft_weight: float = 0.0  # flow-matching loss on the preferred sample, added to the DPO loss
+    beta: Positive = 2500.0  # the Diffusion-DPO paper's beta for SD-sized models
+    omega: Annotated[float, Field(ge=1.0)] = 1.0  # weight of the preferred term
+    sft_weight: NonNegative = 0.0  # flow-matching loss on the preferred sample, added to the DPO loss
 
-    def __post_init__(self):
+    def __post_init__(self):  # pydantic checks these at load; here for direct construction
         if not self.beta > 0:
             raise ValueError(f"preference.beta must be > 0, got {self.beta}")
         if not self.omega >= 1:

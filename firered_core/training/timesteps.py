@@ -17,27 +17,31 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
+from pydantic import with_config
 
 from ..sampling import compute_mu
+from ..validation import CONFIG, Positive, PositiveInt, Probability
 from .seeding import row_generator
 
 KINDS = ("uniform", "logit_normal", "curriculum")
 EPS = 1e-5
 
 
+@with_config(CONFIG)
 @dataclass
 class TimestepConfig:
-    kind: str = "uniform"
+    kind: Literal["uniform", "logit_normal", "curriculum"] = "uniform"
     logit_mean: float = 0.0
-    logit_std: float = 1.0
-    curriculum_start: float = 0.7
-    curriculum_steps: int = 1000
-    shift: str | float | None = "dynamic"  # "dynamic" (resolution-dependent mu), a number, or None
+    logit_std: Positive = 1.0
+    curriculum_start: Probability = 0.7
+    curriculum_steps: PositiveInt = 1000
+    shift: Literal["dynamic", "none"] | Positive | None = "dynamic"  # resolution-dependent mu, a number, or None
 
     def __post_init__(self):
-        if self.kind not in KINDS:
+        if self.kind not in KINDS:  # pydantic checks this at load; here for direct construction
             raise ValueError(f"timestep kind {self.kind!r} is not one of {KINDS}")
 
 

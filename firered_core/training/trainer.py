@@ -23,7 +23,7 @@ import torch
 from ..model import load_model
 from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
-from .config import TrainConfig, to_dict
+from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
 from .distributed import make_accelerator
 from .ema import EMA
@@ -62,8 +62,8 @@ def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
         raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
     if not names:
-        raise ValueError(f"nothing to train: the patterns {cfg.trainable if cfg.method == 'full' else cfg.lora.targets}"
-                         " match no parameter of the transformer")
+        patterns = cfg.trainable if cfg.method == "full" else cfg.lora.targets
+        raise ConfigError(f"nothing to train: the patterns {patterns} match no parameter of the transformer")
     return names
 
 
@@ -78,9 +78,9 @@ class Trainer:
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
         store = open_embeddings(cfg)
         if cfg.fsdp and cfg.ema_decay > 0:
-            raise ValueError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
+            raise ConfigError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
         if cfg.fsdp and cfg.dump_grads:
-            raise ValueError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
+            raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
         self.scheduler_config = self.model.scheduler_config
         self.inputs = input_builder(cfg, self.model, self.acc.device, store)
@@ -239,14 +239,15 @@ class Trainer:
             return None
         if r == "auto":
             return ckpt.latest_checkpoint(self.out / "checkpoints")
-        return Path(r)
+        return ckpt.checked_checkpoint(Path(r))
 
     def load(self, path: Path) -> None:
         data = ckpt.load_checkpoint(path)
         names = set(data["trainable"])
         if names != set(self.trainable):
-            raise ValueError(f"checkpoint {path} trains {len(names)} tensors, this run {len(self.trainable)}: "
-                             "resume with the same method, LoRA targets and trainable patterns")
+            raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run "
+                                       f"{len(self.trainable)}: resume with the same method, LoRA targets and "
+                                       "trainable patterns")
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                                  set_optimizer_state_dict)
@@ -264,7 +265,7 @@ class Trainer:
         self.sampler.load_state_dict(state["sampler"])
         if self.ema is not None:
             if data["ema"] is None:
-                raise ValueError(f"checkpoint {path} has no EMA state but ema_decay is set")
+                raise ckpt.CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set")
             self.ema.load_state_dict(data["ema"])
         ckpt.set_rng_state(data["rng"])
         self.step = int(state["step"])

@@ -57,8 +57,10 @@ class GGUFLinear(nn.Module):
         return self.dequantize()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from ...kernels.gguf_fast import fast_dequantize
+
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantize(x.dtype), bias)
+        return F.linear(x, fast_dequantize(self.qweight, self.qtype, self.weight_shape, x.dtype), bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, qtype={self.qtype_name}, " \

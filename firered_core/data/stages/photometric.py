@@ -1,0 +1,62 @@
+"""Photometric filters: each descriptor's distribution is fitted on the data set (all images of all rows) and the
+implausible tails are dropped: beyond the configured quantile AND ``fence`` robust deviations from the median."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..descriptors import LOG_FIT, photometric
+from ..imageops import downscale, load_rgb
+from ..rows import row_images
+from .base import DROP, KEEP, Stage, StageResult, decision, tail_cutoffs
+
+
+class PhotometricStage(Stage):
+    kind = "photometric"
+
+    def score(self, row: dict) -> dict:
+        out = []
+        for path in row_images(row):
+            arr = load_rgb(path)
+            desc = photometric(downscale(arr, self.ctx.analysis_size), full=arr)
+            out.append({k: v for k, v in desc.items() if k in self.cfg.descriptors})
+        return {"images": out}
+
+    def decide(self, rows, items, scores) -> StageResult:
+        values = {k: np.array([img[k] for s in scores for img in s["images"]], dtype=np.float64)
+                  for k in self.cfg.descriptors}
+        cuts = {k: self._fit(k, values[k], t) for k, t in self.cfg.descriptors.items()}
+        kept, decisions = [], []
+        for row, s in zip(rows, scores):
+            names = ["source %d" % (i + 1) for i in range(len(row["sources"]))] + ["target"]
+            reasons, worst = [], {}
+            for k, cut in cuts.items():
+                vals = [img[k] for img in s["images"]]
+                for name, v in zip(names, vals):
+                    if cut["low"] is not None and v < cut["low"]:
+                        reasons.append(f"{k} {v:.3g} < {cut['low']:.3g} in {name}")
+                    if cut["high"] is not None and v > cut["high"]:
+                        reasons.append(f"{k} {v:.3g} > {cut['high']:.3g} in {name}")
+                worst[k] = max(vals, key=lambda v: _excess(v, cut))
+            verdict = DROP if reasons else KEEP
+            decisions.append(decision(row, verdict, "; ".join(reasons), **worst))
+            if verdict == KEEP:
+                kept.append(row)
+        return StageResult(rows=kept, decisions=decisions, cutoffs=cuts,
+                           values={k: v.tolist() for k, v in values.items()})
+
+    def _fit(self, name: str, values: np.ndarray, tail) -> dict[str, float | None]:
+        if name not in LOG_FIT:
+            return tail_cutoffs(values, tail.low, tail.high, self.cfg.fence)
+        cut = tail_cutoffs(np.log(values + 1e-3), tail.low, tail.high, self.cfg.fence)
+        return {k: (None if v is None else float(np.exp(v) - 1e-3)) for k, v in cut.items()}
+
+
+def _excess(v: float, cut: dict) -> float:
+    """How far beyond (positive) or inside (negative) its nearest cut-off a value lies."""
+    out = -np.inf
+    if cut["low"] is not None:
+        out = max(out, cut["low"] - v)
+    if cut["high"] is not None:
+        out = max(out, v - cut["high"])
+    return out

@@ -1,0 +1,1 @@
+"""Kernel choices for the transformer's hot paths: the joint attention backend, fast GGUF decoding."""

@@ -1,0 +1,76 @@
+"""Names of files chosen from model folders, and walking those folders safely.
+
+A model or LoRA *name* (what a ComfyUI list offers) is relative to one of the configured folders: an absolute path
+or a ``..`` part could read any file on the machine, so it is refused even though ComfyUI checks list inputs first.
+Folder walks follow symbolic links (model folders are often linked in) but remember the real folders they visited
+and stop at a depth limit, so a link loop cannot make them run forever.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterator
+
+from .errors import FireRedError
+
+MAX_DEPTH = 8  # folders below a model root; a model folder is rarely more than 2-3 levels down
+
+
+class UnsafeNameError(FireRedError):
+    """A file name that would leave the configured folders."""
+
+
+def check_relative_name(name: str, what: str = "name") -> str:
+    """Return ``name`` if it stays inside the folder it is looked up in; refuse absolute paths and ``..``."""
+    if not name or "\x00" in name:
+        raise UnsafeNameError(f"{what} {name!r} is empty or holds a NUL character")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive:
+        raise UnsafeNameError(f"{what} {name!r} is an absolute path; give a name relative to the model folders")
+    if ".." in posix.parts or ".." in windows.parts:
+        raise UnsafeNameError(f"{what} {name!r} leaves the model folders ('..' is not allowed)")
+    return name
+
+
+def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str]]]:
+    """(folder, file names) for ``base`` and its sub-folders, following links, each real folder once, at most
+    ``max_depth`` levels down; unreadable folders are skipped."""
+    seen: set[str] = set()
+    stack = [(Path(base), 0)]
+    while stack:
+        folder, depth = stack.pop()
+        real = os.path.realpath(folder)
+        if real in seen:
+            continue
+        seen.add(real)
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        files, subs = [], []
+        for entry in entries:
+            try:
+                (subs if entry.is_dir() else files).append(entry.name)
+            except OSError:
+                continue
+        yield folder, sorted(files)
+        if depth < max_depth:
+            stack += [(folder / name, depth + 1) for name in sorted(subs, reverse=True)]
+
+
+def read_json(path: str | Path, error: type[FireRedError] = FireRedError, expect: type = dict):
+    """The JSON object in ``path``; ``error`` naming the file, the line and column when it is unreadable, not JSON,
+    or not an ``expect`` (a mapping by default)."""
+    import json
+
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{path}: cannot be read ({exc})") from None
+    if not isinstance(value, expect):
+        raise error(f"{path}: holds a JSON {type(value).__name__}, expected a {expect.__name__}")
+    return value
