@@ -18,6 +18,21 @@ PROMPT, NEGATIVE, TRUE_CFG, SEED = "make the sky purple", " ", 4.0, 0
 COMPONENTS = ("transformer", "vae", "text_encoder", "processor", "scheduler")
 
 
+def add_run_arguments(p, size: int, steps: int, sides: tuple[str, ...]) -> None:
+    """The options every side-by-side benchmark takes: preset, size, steps, threads, device, dtype, repeats and the
+    hidden ``--worker SIDE`` its fresh processes are started with."""
+    import argparse
+
+    p.add_argument("--preset", default="medium")
+    p.add_argument("--size", type=int, default=size, help="output side and reference VAE side (pixels)")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
+    p.add_argument("--repeats", type=int, default=1, help="alternate runs per side; the best time is kept")
+    p.add_argument("--worker", choices=sides, help=argparse.SUPPRESS)
+
+
 def status_mb(field: str) -> float:
     """A memory line of /proc/self/status (``VmRSS``, ``VmHWM``, ``RssAnon``...) in MiB (Linux only)."""
     for line in Path("/proc/self/status").read_text().splitlines():

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import (bench_image, machine, our_edit, our_pipeline, peak_rss_mb, reference_edit,
-                               reference_pipeline, run_worker)
+from benchmarks._common import (add_run_arguments, bench_image, machine, our_edit, our_pipeline, peak_rss_mb,
+                               reference_edit, reference_pipeline, run_worker)
 
 
 def worker(side: str, model_dir: str, size: int, steps: int, threads: int, device: str = "cpu",
@@ -58,15 +57,8 @@ def run_side(side: str, args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="medium")
     p.add_argument("--model-dir", default=None, help="random model folder (built if missing)")
-    p.add_argument("--size", type=int, default=512, help="output side and reference VAE side (pixels)")
-    p.add_argument("--steps", type=int, default=4)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--repeats", type=int, default=1, help="alternate runs per side; the best time is kept")
-    p.add_argument("--worker", choices=("ours", "reference"), help=argparse.SUPPRESS)
+    add_run_arguments(p, size=512, steps=4, sides=("ours", "reference"))
     args = p.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.worker, args.model_dir, args.size, args.steps, args.threads, args.device,

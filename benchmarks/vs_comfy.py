@@ -27,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks._common import bench_image, peak_rss_mb
+from benchmarks._common import add_run_arguments, bench_image, peak_rss_mb
 
 PROMPT, NEGATIVE = "make the sky purple", " "
 
@@ -209,16 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--comfy", type=Path, required=True, help="a ComfyUI checkout (its folder holding comfy/)")
     p.add_argument("--comfy-python", default=sys.executable, help="an interpreter with ComfyUI's requirements")
-    p.add_argument("--preset", default="medium")
     p.add_argument("--work", type=Path, default=None, help="folder for the model, its ComfyUI file and inputs")
-    p.add_argument("--size", type=int, default=512, help="output side and reference VAE side (pixels)")
-    p.add_argument("--steps", type=int, default=4)
     p.add_argument("--cfg", type=float, default=4.0)
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"))
-    p.add_argument("--repeats", type=int, default=1, help="alternate runs per side; the best time is kept")
-    p.add_argument("--worker", choices=("ours", "comfy"), help=argparse.SUPPRESS)
+    add_run_arguments(p, size=512, steps=4, sides=("ours", "comfy"))
     args = p.parse_args(argv)
     if not (args.comfy / "comfy" / "sd.py").is_file():
         p.error(f"--comfy {args.comfy} is not a ComfyUI checkout (no comfy/sd.py in it)")

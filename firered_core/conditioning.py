@@ -48,7 +48,7 @@ def check_text_length(tokens: int, img_shapes: list | tuple = ()) -> None:
 
         raise OptionError(f"the instruction is {tokens} tokens long (the VL image tokens of the references "
                           f"included) but at most {limit} fit the transformer's text positions"
-                          f"{' at this output size' if img_shapes else ''}: shorten the prompt")
+                          f"{' at this output size' if img_shapes else ''}: shorten the prompt", field="prompt")
 
 
 @dataclass

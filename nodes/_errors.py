@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, Mapping
 
 from firered_core.errors import FireRedError
 from firered_core.validation import check
@@ -24,16 +24,18 @@ def check_inputs(node: str, values: dict[str, Any], limits: dict[str, str] | Non
 
 
 @contextlib.contextmanager
-def blame(node: str, input_name: str, *errors: type[BaseException], inputs: Iterable[str] = ()) -> Iterator[None]:
+def blame(node: str, input_name: str, *errors: type[BaseException], inputs: Iterable[str] = (),
+          aliases: Mapping[str, str] | None = None) -> Iterator[None]:
     """Re-raise ``errors`` (:class:`FireRedError` by default) from the block as a :class:`NodeInputError`.
 
     The input blamed is the one the error names (its ``field``) when that is one of ``inputs`` (the node's inputs
-    whose values went into the block under their own names), else ``input_name``.
+    whose values went into the block under their own names) or a key of ``aliases`` (a library field -> the node
+    input it came from, e.g. ``{"prompt": "positive"}``), else ``input_name``.
     """
+    names = {**{name: name for name in inputs}, **(aliases or {})}
     try:
         yield
     except NodeInputError:
         raise
     except errors or (FireRedError,) as exc:
-        field = getattr(exc, "field", None)
-        raise input_error(node, field if field in set(inputs) else input_name, str(exc)) from exc
+        raise input_error(node, names.get(getattr(exc, "field", None), input_name), str(exc)) from exc

@@ -10,7 +10,7 @@ import torch
 from firered_core import packing as PK
 
 from . import _comfy
-from ._errors import blame, input_error
+from ._errors import blame
 from .image import image_size
 
 SLOTS = 8

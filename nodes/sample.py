@@ -122,7 +122,7 @@ class FireRedSampler:
 
         _comfy.throw_if_interrupted()
         try:
-            with blame(self.NAME, "model", inputs=("steps", "denoise")):
+            with blame(self.NAME, "model", inputs=("steps", "denoise"), aliases={"prompt": "positive"}):
                 out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
                                              true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
                                              init=init, callback=on_step, latent_hook=hook)

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
 from test_lora import make_weights, transformer  # noqa: E402,F401
-from test_nodes import lora_dir, model, model_dirs  # noqa: E402,F401
+from test_nodes import lora_dir, model, model_dirs, single_file_dir  # noqa: E402,F401
 
 from firered_core import cli  # noqa: E402
 from firered_core.errors import FireRedError  # noqa: E402
@@ -116,6 +116,22 @@ def test_sampler_refuses_bad_numbers_and_latents_before_sampling(model, change, 
     with pytest.raises(FireRedError) as err:
         C["FireRedSampler"]().sample(**{**kw, **change})
     assert culprit in str(err.value) and str(err.value).startswith("FireRed Sampler")
+
+
+def test_sampler_blames_positive_for_an_instruction_too_long_for_the_output_size(model):
+    """4070 instruction tokens fit alone (limit 4095) but not beside a 1024x1024 output (limit 4064): the sampler
+    names its 'positive' input, not the model."""
+    from dataclasses import replace
+
+    from firered_core.conditioning import PromptEmbeds
+
+    C = S.classes()
+    cond = C["FireRedEncodeInstruction"]().encode(model, "x", "pipeline")[0]
+    long = replace(cond, embeds=PromptEmbeds(torch.zeros(1, 4070, cond.embeds.embeds.shape[-1]), None))
+    kw = dict(model=model, positive=long, latent={"samples": torch.zeros(1, 16, 1, 128, 128)}, seed=0, steps=1,
+              true_cfg=1.0, shift=0.0, denoise=1.0, batch_size=1, seed_mode="batch")
+    with pytest.raises(FireRedError, match=r"FireRed Sampler: input 'positive': the instruction is 4070 tokens"):
+        C["FireRedSampler"]().sample(**kw)
 
 
 def test_decode_node_refuses_a_nan_latent(model):

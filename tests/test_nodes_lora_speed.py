@@ -11,7 +11,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
-from test_nodes import image, lora_dir, model, model_dirs  # noqa: E402,F401
+from test_nodes import image, lora_dir, model, model_dirs, single_file_dir  # noqa: E402,F401
 
 SETTINGS = dict(batched_cfg=False, block_cache=False, cache_threshold=0.08, cache_first=1, cache_last=1,
                 cache_warmup=2, cache_max_consecutive=3, taylorseer=False, quantize="none",

@@ -1,6 +1,6 @@
 """Quantised matmuls that run in low precision (fp8 ``torch._scaled_mm``, int8 ``torch._int_mm``).
 
-``memory.QuantLinear`` stores int8 / fp8 weights and dequantises them per call (weight-only: saves memory, costs
+``weight.QuantLinear`` (re-exported by ``memory``) stores int8 / fp8 weights and dequantises them per call (weight-only: saves memory, costs
 time). The layers here keep the same interface and storage but quantise the activations too, per token and on the
 fly, so the matmul itself runs on the low-precision units; where the hardware lacks them they fall back to the
 dequantise path.

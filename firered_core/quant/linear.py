@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..memory import QuantLinear
+from .weight import QuantLinear
 from .matmul import (FP8, cuda_capabilities, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear,
                      scaled_int8_linear, shape_fits)
 
