@@ -1,7 +1,7 @@
 """Low-VRAM LoRA training (24 GB cards): three switches on the frozen base, each independent.
 
 - ``fp8_base``: every frozen ``nn.Linear`` (the LoRA's base layers) stores its weight as fp8 e4m3 with one scale per
-  output channel (:class:`Fp8BaseLinear`, a :class:`firered_core.memory.QuantLinear`) and computes in bf16; LoRA
+  output channel (:class:`Fp8BaseLinear`, a :class:`firered_core.quant.weight.QuantLinear`) and computes in bf16; LoRA
   factors stay float32.
 - ``block_swap``: all but ``resident_blocks`` transformer blocks keep their frozen tensors in (pinned) CPU memory and
   are streamed in before each block runs, in forward and again in backward (activation checkpointing is switched on
@@ -21,7 +21,8 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from pydantic import with_config
 
-from ..memory import BlockSwap, QuantLinear
+from ..memory import BlockSwap
+from ..quant.weight import QuantLinear
 from ..validation import CONFIG, Count
 
 
