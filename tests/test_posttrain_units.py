@@ -136,8 +136,11 @@ def test_identity_loss_equals_the_hand_computation(tiny_model):
     assert vae.decode(z, return_dict=False)[0].shape[-2:] == (32, 32)
 
 
-def test_identity_gradient_reaches_the_velocity(tiny_model):
-    vae = tiny_model.vae.float().requires_grad_(False)
+def test_identity_gradient_reaches_the_velocity(tiny_model_dir):
+    from firered_core.model import load_model
+
+    # a model of its own: the session's shared one may hold weights made under inference_mode by earlier tests
+    vae = load_model(tiny_model_dir).vae.float().requires_grad_(False)
     v = torch.randn(1, 16, 64, requires_grad=True)
     x0 = torch.randn(1, 16, 64)
     loss, _ = identity_loss(torch.randn(1, 16, 64), torch.tensor([0.5]), v, x0, [(0, 0, 32, 32)], (64, 64),
