@@ -5,13 +5,16 @@
   projections (``proj_out``, ``lm_head``), the input embeddings and the vision tower stay in full precision.
 - ``int8_mm`` / ``fp8_mm`` store the same weights but also quantise the activations per token at call time and run the
   matmul itself in int8 / fp8 where the device has the kernel (``firered_core.quant``); elsewhere they dequantise.
-- Block swap keeps the first ``resident`` transformer blocks on the device and streams the others from (pinned) CPU
-  memory, one block ahead on a side CUDA stream, so only ``resident + 2`` blocks occupy the device at once.
+- Block swap keeps the first ``resident`` blocks of a ModuleList (the transformer's blocks, a text encoder's decoder
+  layers) on the device and streams the others from (pinned) CPU memory, one block ahead on a side CUDA stream, so
+  only ``resident + 2`` blocks occupy the device at once; :meth:`BlockSwap.remove` undoes it.
+- :class:`OnDevice` runs a component where it rests (the CPU) for callers holding tensors on the device.
 - VAE tiling is diffusers' own (``enable_tiling``); it only changes images larger than one tile.
 """
 
 from __future__ import annotations
 
+import copy
 import fnmatch
 import weakref
 
@@ -67,8 +70,10 @@ def weight_bytes(module: torch.nn.Module) -> int:
 class BlockSwap:
     """Keep ``resident`` blocks on ``device``; stream the others in before they run and drop them after.
 
-    Each streamed block keeps a CPU copy of its tensors (pinned when the device is CUDA); running it swaps the
-    ``.data`` of its parameters to a device copy made on a side stream one block ahead. Weights never change at
+    ``blocks`` is the ModuleList streamed (default ``module.transformer_blocks``; a text encoder's decoder layers are
+    :func:`text_encoder_layers`); every other weight of ``module`` (embeddings, a vision tower, heads) is moved to
+    ``device``. Each streamed block keeps a CPU copy of its tensors (pinned when the device is CUDA); running it swaps
+    the ``.data`` of its parameters to a device copy made on a side stream one block ahead. Weights never change at
     inference, so dropping a block is just pointing back at the CPU copy. On a CPU device the same bookkeeping runs
     with plain copies, which keeps the path testable without a GPU.
 
@@ -77,16 +82,15 @@ class BlockSwap:
     forward, so the hooks stream the frozen weights in again for its gradients.
     """
 
-    def __init__(self, transformer: torch.nn.Module, resident: int, device: torch.device | str,
-                 frozen_only: bool = False):
+    def __init__(self, module: torch.nn.Module, resident: int, device: torch.device | str,
+                 frozen_only: bool = False, blocks: torch.nn.ModuleList | None = None):
         self.device = torch.device(device)
-        self.blocks = list(transformer.transformer_blocks)
+        self.blocks = list(module.transformer_blocks if blocks is None else blocks)
         self.resident = max(0, min(resident, len(self.blocks)))
         self.cuda = self.device.type == "cuda"
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
-        for name, child in transformer.named_children():
-            if name != "transformer_blocks":
-                child.to(self.device)
+        for t in _tensors_outside(module, self.blocks):
+            t.data = t.data.to(self.device)
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
         self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         for i, block in enumerate(self.blocks):
@@ -105,8 +109,8 @@ class BlockSwap:
         for i in self.host:
             self.handles.append(self.blocks[i].register_forward_pre_hook(self._before(i)))
             self.handles.append(self.blocks[i].register_forward_hook(self._after(i)))
-        _swapped.add(transformer)
-        self.transformer = transformer
+        _swapped.add(module)
+        self.module = module
 
     def _copy(self, i: int) -> None:
         if i in self.pending or i not in self.host:
@@ -145,12 +149,104 @@ class BlockSwap:
                 t.data = cpu
         return hook
 
-    def remove(self) -> None:
-        """Unhook; streamed blocks stay on the CPU."""
+    def remove(self, to: torch.device | str | None = None) -> None:
+        """Unhook and point every streamed tensor back at its CPU copy (also after a run that failed mid-way);
+        with ``to``, move the whole module there (where it was before), in unpinned memory when it is the CPU."""
         for h in self.handles:
             h.remove()
+        self.handles.clear()
         self.pending.clear()
-        _swapped.discard(self.transformer)
+        unpin = self.cuda and to is not None and torch.device(to).type == "cpu"
+        for tensors in self.host.values():
+            for t, cpu in tensors:
+                t.data = torch.empty_like(cpu).copy_(cpu) if unpin else cpu
+        self.host.clear()
+        _swapped.discard(self.module)
+        if to is not None:
+            self.module.to(to)
+
+
+def _tensors_outside(module: torch.nn.Module, blocks: list[torch.nn.Module]) -> list[torch.Tensor]:
+    """Parameters and buffers of ``module`` that belong to none of ``blocks`` (each once, tied weights included)."""
+    inside = {id(t) for b in blocks for t in list(b.parameters()) + list(b.buffers())}
+    seen: dict[int, torch.Tensor] = {}
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in inside:
+            seen.setdefault(id(t), t)
+    return list(seen.values())
+
+
+def text_encoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a Qwen2.5-VL text encoder (what :class:`BlockSwap` streams; the vision tower, the
+    embeddings and the head stay whole)."""
+    for path in ("model.language_model.layers", "language_model.layers", "model.layers"):
+        module = text_encoder
+        for part in path.split("."):
+            module = getattr(module, part, None)
+        if isinstance(module, torch.nn.ModuleList):
+            return module
+    raise TypeError(f"{type(text_encoder).__name__} has no decoder layers to stream (looked for model.language_model"
+                    ".layers)")
+
+
+def fit_resident(total: int, block_sizes: list[int], room: int) -> int | None:
+    """How many leading blocks may stay resident under :class:`BlockSwap` in ``room`` bytes, counting the rest of
+    the module (``total`` minus the blocks) and the two streamed blocks in flight; None when not even streaming
+    every block fits."""
+    rest = total - sum(block_sizes)
+    for resident in range(len(block_sizes), -1, -1):
+        streamed = block_sizes[resident:]
+        in_flight = sum(sorted(streamed, reverse=True)[:2])
+        if rest + sum(block_sizes[:resident]) + in_flight <= room:
+            return resident
+    return None
+
+
+def move_tensors(obj, device: torch.device):
+    """``obj`` with every tensor in it on ``device``: tensors, tuples, lists, dicts and model outputs (copied), and
+    plain result objects such as a VAE's latent distribution (a shallow copy with its tensor attributes moved)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(move_tensors(o, device) for o in obj)
+    if isinstance(obj, dict):
+        out = copy.copy(obj)
+        for key in list(obj.keys()):
+            out[key] = move_tensors(obj[key], device)
+        return out
+    if hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)) and any(
+            isinstance(v, torch.Tensor) for v in vars(obj).values()):
+        out = copy.copy(obj)
+        for key, value in vars(obj).items():
+            if isinstance(value, torch.Tensor):
+                setattr(out, key, value.to(device))
+        return out
+    return obj
+
+
+class OnDevice:
+    """``module`` run where it rests (``run_device``, e.g. the CPU) by callers that hand it tensors on ``io_device``:
+    every call through this view (the module itself, or a method such as ``encode`` / ``decode``) gets its tensor
+    arguments moved to ``run_device`` and its tensor results moved back. Other attributes (``dtype``, ``config``)
+    are the module's. Nothing is attached to the module, so dropping the view undoes it."""
+
+    def __init__(self, module: torch.nn.Module, run_device: torch.device, io_device: torch.device):
+        self.module, self.run_device, self.io_device = module, torch.device(run_device), torch.device(io_device)
+
+    def _bridge(self, fn):
+        def call(*args, **kwargs):
+            args, kwargs = move_tensors(args, self.run_device), move_tensors(kwargs, self.run_device)
+            return move_tensors(fn(*args, **kwargs), self.io_device)
+        return call
+
+    def __call__(self, *args, **kwargs):
+        return self._bridge(self.module)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self.module, name)
+        if callable(value) and name in ("encode", "decode", "forward", "generate"):
+            return self._bridge(value)
+        return value
 
 
 def is_block_swapped(module: torch.nn.Module) -> bool:

@@ -387,27 +387,30 @@ def memory_manager():
     return ComfyMemoryManager() if IN_COMFY else PlainMemoryManager()
 
 
-def _fit_blocks(transformer: torch.nn.Module, free: int) -> int:
-    """How many transformer blocks fit in ``free`` bytes beside the rest of the transformer."""
-    from firered_core.memory import weight_bytes
+def _gb(nbytes: float) -> str:
+    return f"{nbytes / 2**30:.1f} GB" if nbytes >= 2**30 else f"{nbytes / 2**20:.1f} MB"
 
-    blocks = list(transformer.transformer_blocks)
-    rest = weight_bytes(transformer) - sum(weight_bytes(b) for b in blocks)
-    per_block = max(1, weight_bytes(blocks[0]))
-    return max(0, min(len(blocks), int((free / FREE_MARGIN - rest) // per_block)))
+
+def _where(module: torch.nn.Module) -> torch.device:
+    return next(iter(module.parameters())).device
 
 
 class ManagedPlacement(Placement):
     """The :class:`firered_core.model.Placement` of FireRed models inside ComfyUI: before a component runs it is
     handed to the memory manager (which frees ComfyUI's other models to make room and moves it to the device), and
     it stays known there, so ComfyUI can unload it for its own models and its Unload Models / Free buttons and
-    POST /free unload it. ``offload="model"`` hands it back right after it ran. A transformer larger than the free
-    memory even after ComfyUI freed everything it could runs with block swap (the blocks that fit stay resident),
-    with a log line, instead of running out of memory."""
+    POST /free unload it. ``offload="model"`` hands it back right after it ran.
+
+    A component larger than the free memory even after ComfyUI freed everything it could runs a fallback for that
+    run, after a log line, instead of running out of memory (:meth:`fallback`): the transformer with block swap, the
+    text encoder with its decoder layers streamed (or, when not even that fits, on the offload device), the VAE tiled
+    (or on the offload device). The fallback is undone when the component is released: no hooks left, the weights
+    back on the offload device, and the next run decides again from the free memory then."""
 
     def __init__(self, manager=None):
         self.manager = manager or memory_manager()
         self.handles: dict[str, tuple[torch.nn.Module, object]] = {}
+        self.undo: dict[str, Callable[[], None]] = {}
 
     def home_device(self, model, name: str) -> torch.device:
         return torch.device("cpu") if model.device.type != "cpu" else model.device
@@ -424,34 +427,68 @@ class ManagedPlacement(Placement):
         self.handles[name] = (module, handle)
         return handle
 
-    def acquire(self, model, name: str, module: torch.nn.Module) -> torch.nn.Module:
-        from firered_core.memory import BlockSwap, is_block_swapped
+    def acquire(self, model, name: str, module: torch.nn.Module):
+        from firered_core.memory import is_block_swapped
 
-        if is_block_swapped(module):
+        if is_block_swapped(module):  # the user's own block swap (speed settings) places the weights
             return module
         handle = self.handle(model, name, module)
-        need = int(self.manager.size(handle) * FREE_MARGIN)
+        size = self.manager.size(handle)
+        need = int(size * FREE_MARGIN)
         self.manager.free(need, model.device)
         free = self.manager.free_bytes(model.device)
-        if free is not None and need > free and name == "transformer" and hasattr(module, "transformer_blocks"):
-            resident = _fit_blocks(module, free)
-            log.warning(
-                "FireRed: the transformer (%.1f GB) does not fit in the %.1f GB free on %s; running it with block "
-                "swap (%d of %d blocks resident) instead of running out of memory", need / FREE_MARGIN / 2**30,
-                free / 2**30, model.device, resident, len(module.transformer_blocks))
-            self.manager.unload(handle)
-            del self.handles[name]
-            BlockSwap(module, resident, model.device)
+        if free is None or need <= free:
+            self.manager.load(handle)
             return module
-        self.manager.load(handle)
-        return module
+        return self.fallback(model, name, module, handle, size, free)
 
-    def release(self, model, name: str, module: torch.nn.Module) -> None:
+    def fallback(self, model, name: str, module: torch.nn.Module, handle, size: int, free: int):
+        """Run ``module`` (``size`` bytes of weights, more than fit in ``free`` with room to work) without running
+        out of memory; the way back is kept in :attr:`undo` for :meth:`release`."""
+        from firered_core import memory
+
+        room = max(0, int(free / FREE_MARGIN))
+        what = f"the {name.replace('_', ' ')} ({_gb(size)}) does not fit in the {_gb(free)} free on {model.device}"
+        if name == "vae" and hasattr(module, "enable_tiling") and size <= free:  # weights fit, not the work
+            self.manager.load(handle)
+            was = bool(getattr(module, "use_tiling", False))
+            memory.enable_vae_tiling(module, True)
+            log.warning("FireRed: %s with room to work; decoding / encoding it in tiles", what)
+            self.undo[name] = lambda: memory.enable_vae_tiling(module, was)
+            return module
+        self.manager.unload(handle)
+        home = _where(module)
+        blocks = (module.transformer_blocks if name == "transformer" else
+                  memory.text_encoder_layers(module) if name == "text_encoder" else None)
+        resident = None if blocks is None else memory.fit_resident(size, [memory.weight_bytes(b) for b in blocks],
+                                                                    room)
+        if blocks is not None and (resident is not None or name == "transformer"):
+            resident = resident or 0
+            unit = "blocks" if name == "transformer" else "decoder layers"
+            log.warning("FireRed: %s; running it with block swap (%d of %d %s resident, the rest streamed) instead "
+                        "of running out of memory", what, resident, len(blocks), unit)
+            swap = memory.BlockSwap(module, resident, model.device, blocks=blocks)
+            self.undo[name] = lambda: swap.remove(to=home)
+            return module
+        log.warning("FireRed: %s%s; running it on %s (slow) instead of running out of memory", what,
+                    ", not even with its decoder layers streamed" if blocks is not None else "", home)
+        self.undo[name] = lambda: None
+        return memory.OnDevice(module, home, model.device)
+
+    def release(self, model, name: str, module) -> None:
+        undo = self.undo.pop(name, None)
+        if undo is not None:
+            undo()
+            soft_empty_cache()
         if model.offload == "model" and name in self.handles and self.handles[name][0] is module:
             self.manager.unload(self.handles[name][1])
 
     def forget(self) -> None:
-        """Unload every component from the manager and drop the handles (the model is being unloaded)."""
+        """Undo any fallback, unload every component from the manager and drop the handles (the model is being
+        unloaded)."""
+        for undo in self.undo.values():
+            undo()
+        self.undo.clear()
         for _module, handle in self.handles.values():
             self.manager.unload(handle)
         self.handles.clear()

@@ -10,7 +10,9 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,9 +22,10 @@ sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
 from conftest import random_image  # noqa: E402
 
-from firered_core.memory import is_block_swapped, weight_bytes
+from firered_core.memory import fit_resident, is_block_swapped, text_encoder_layers, weight_bytes
 from firered_core.model import load_model
-from firered_core.pipeline import EditPipeline
+from firered_core.pipeline import EditPipeline, encode_instructions
+from firered_core.references import prepare_references
 from firered_core.speed import ModelSettings
 
 EDIT = dict(prompt="make it red", steps=2, seed=3, width=64, height=48, vl_area=56 * 56, vae_area=64 * 64)
@@ -74,19 +77,165 @@ def test_offload_model_hands_each_component_back_after_it_ran(tiny_model_dir, pl
     assert manager.loaded == []
 
 
-def test_transformer_larger_than_free_memory_runs_with_block_swap(tiny_model_dir, plain_pixels, caplog):
-    comfy = S.submodule("_comfy")
-    probe = load_model(tiny_model_dir).get("transformer")
-    blocks = list(probe.transformer_blocks)
-    rest = weight_bytes(probe) - sum(weight_bytes(b) for b in blocks)
-    budget = int((rest + weight_bytes(blocks[0]) * 1.5) * comfy.FREE_MARGIN)  # room for one block, not two
-    model, manager = managed(tiny_model_dir, budget=budget)
+def hooks(module: torch.nn.Module) -> int:
+    """Forward hooks of ours on ``module`` (transformers adds its own output-recording hooks on a first run)."""
+    return sum(getattr(h, "__module__", "").startswith("firered_core") for m in module.modules()
+               for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()])
+
+
+def storage(module: torch.nn.Module) -> dict[str, tuple[str, int]]:
+    """Where every weight lives (device and storage address): equal before and after a run = put back in place."""
+    return {n: (str(t.device), t.data_ptr()) for n, t in [*module.named_parameters(), *module.named_buffers()]}
+
+
+def assert_put_back(module: torch.nn.Module, before: dict) -> None:
+    assert hooks(module) == 0 and not is_block_swapped(module) and not getattr(module, "use_tiling", False)
+    assert storage(module) == before
+
+
+@pytest.fixture(scope="module")
+def deep_parts():
+    """The tiny architecture with 4 transformer blocks and 4 decoder layers (2 leave nothing to keep resident)."""
+    from firered_core import demo_models as D
+
+    D.PRESETS["tiny4"] = replace(D.PRESETS["tiny"], layers=4, text_layers=4)
+    try:
+        return D.build_components("tiny4")
+    finally:
+        del D.PRESETS["tiny4"]
+
+
+def deep_model(tiny_model_dir, deep_parts, budget=None):
+    model, manager = managed(tiny_model_dir, budget)
+    model.set("transformer", deep_parts["transformer"])
+    model.set("text_encoder", deep_parts["text_encoder"])
+    return model, manager
+
+
+def need(name: str, module: torch.nn.Module) -> int:
+    return int(weight_bytes(module) * S.submodule("_comfy").FREE_MARGIN)
+
+
+def fit_budget(module: torch.nn.Module, blocks, resident: int) -> int:
+    """The budget that leaves room for the rest of ``module``, ``resident`` blocks and two streamed in flight."""
+    sizes = [weight_bytes(b) for b in blocks]
+    rest = weight_bytes(module) - sum(sizes)
+    return int((rest + sum(sizes[:resident + 2])) * S.submodule("_comfy").FREE_MARGIN) + 1
+
+
+def test_fit_resident_counts_the_rest_and_two_blocks_in_flight():
+    assert fit_resident(100 + 40, [10] * 4, 160) == 4
+    assert fit_resident(100 + 40, [10] * 4, 139) == 1  # rest 100 + 1 resident + 2 in flight = 130; 2 would be 140
+    assert fit_resident(100 + 40, [10] * 4, 120) == 0
+    assert fit_resident(100 + 40, [10] * 4, 119) is None
+
+
+def test_all_three_fall_back_below_their_size_with_the_same_pixels(tiny_model_dir, plain_pixels, caplog):
+    """Every component over budget: the transformer block-swapped, the text encoder and the VAE (2 layers: nothing
+    to stream) on the offload device; the edit's pixels are the resident run's, and nothing is left patched."""
+    probe = load_model(tiny_model_dir)
+    smallest = min(weight_bytes(probe.get(n)) for n in ("transformer", "text_encoder", "vae"))
+    model, manager = managed(tiny_model_dir, budget=smallest - 1)
+    before = {n: storage(model.get(n)) for n in ("transformer", "text_encoder", "vae")}
     with caplog.at_level(logging.WARNING):
         pixels = edit(model)
-    assert is_block_swapped(model.get("transformer"))
-    assert "does not fit" in caplog.text and "block swap (1 of 2 blocks resident)" in caplog.text
     np.testing.assert_array_equal(pixels, plain_pixels)
+    assert "the transformer (" in caplog.text and "block swap (0 of 2 blocks resident" in caplog.text
+    assert "the text encoder (" in caplog.text and "the vae (" in caplog.text
+    assert caplog.text.count("not even with its decoder layers streamed; running it on cpu") == 2  # prompt, negative
+    assert len(re.findall(r"the vae \(2\.5 MB\) does not fit in the 0\.8 MB free on cpu; running it on cpu",
+                          caplog.text)) == 2  # references encoded, result decoded
+    for name, module in model.loaded_components().items():
+        assert_put_back(module, before[name])
+    assert manager.loaded == [] and model.placement.undo == {}
+
+
+def test_text_encoder_streams_its_decoder_layers_with_equal_embeddings(tiny_model_dir, deep_parts, caplog):
+    te = deep_parts["text_encoder"]
+    layers = text_encoder_layers(te)
+    refs = prepare_references([random_image(64, 48, seed=5)], 56 * 56, 64 * 64)
+    resident, manager = deep_model(tiny_model_dir, deep_parts)
+    plain = encode_instructions(resident, ["make it red", " "], refs).embeds
+    before = storage(te)
+    for budget, line, streamed in [
+            (fit_budget(te, layers, 1), "block swap (1 of 4 decoder layers resident", 3),
+            (fit_budget(te, layers, 0), "block swap (0 of 4 decoder layers resident", 4),
+            (fit_budget(te, layers, 0) - 2, "not even with its decoder layers streamed; running it on cpu", 0)]:
+        model, manager = deep_model(tiny_model_dir, deep_parts, budget)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING), model.use("text_encoder") as running:
+            assert hooks(te) == 2 * streamed and is_block_swapped(te) == bool(streamed)
+            assert (running is te) == bool(streamed)  # else a view that runs it on the offload device
+        assert line in caplog.text and "the text encoder (" in caplog.text, caplog.text
+        assert_put_back(te, before)
+        with caplog.at_level(logging.WARNING):
+            embeds = encode_instructions(model, ["make it red", " "], refs).embeds
+        assert torch.equal(embeds, plain), (budget, float((embeds - plain).abs().max()))
+        assert_put_back(te, before)
+        assert manager.loaded == []
+
+
+def test_text_encoder_within_budget_stays_resident(tiny_model_dir, deep_parts, caplog):
+    te = deep_parts["text_encoder"]
+    model, manager = deep_model(tiny_model_dir, deep_parts, need("text_encoder", te))
+    with caplog.at_level(logging.WARNING), model.use("text_encoder") as running:
+        assert running is te and hooks(te) == 0
+    assert "does not fit" not in caplog.text
+    assert [type(h).__name__ for h in manager.loaded] == ["FireRedTextEncoder"]
+
+
+def budgets_per_component(model, manager) -> dict[str, int]:
+    """Planted budgets by component name, read as each component is acquired (one absent: unlimited memory)."""
+    acquire, budgets = model.placement.acquire, {}
+
+    def planted(m, component, module):
+        manager.budget = budgets.get(component)
+        return acquire(m, component, module)
+    model.placement.acquire = planted
+    return budgets
+
+
+def test_transformer_keeps_the_blocks_that_fit_resident(tiny_model_dir, deep_parts, caplog):
+    tr = deep_parts["transformer"]
+    plain = edit(deep_model(tiny_model_dir, deep_parts)[0])
+    before = storage(tr)
+    model, manager = deep_model(tiny_model_dir, deep_parts)
+    budgets = budgets_per_component(model, manager)
+    budgets["transformer"] = fit_budget(tr, tr.transformer_blocks, 1)
+    with caplog.at_level(logging.WARNING):
+        pixels = edit(model)
+    assert "block swap (1 of 4 blocks resident" in caplog.text and caplog.text.count("does not fit") == 1
+    np.testing.assert_array_equal(pixels, plain)
+    assert_put_back(tr, before)
     assert "FireRedTransformer" not in {type(h).__name__ for h in manager.loaded}
+    budgets["transformer"] = need("transformer", tr)  # room again: resident, and known to the manager
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        np.testing.assert_array_equal(edit(model), plain)
+    assert "does not fit" not in caplog.text and "FireRedTransformer" in {type(h).__name__ for h in manager.loaded}
+
+
+def test_vae_tiles_when_only_its_weights_fit_and_runs_on_the_offload_device_below(tiny_model_dir, plain_pixels,
+                                                                                   caplog):
+    """Pixels equal: the test pictures are smaller than one tile, so tiling is exact here (larger ones are blended
+    across tile seams, as ComfyUI's own tiled VAE decode)."""
+    vae = load_model(tiny_model_dir).get("vae")
+    size = weight_bytes(vae)
+    for budget, line, tiled in [(need("vae", vae), None, False), (size, "decoding / encoding it in tiles", True),
+                                (size - 1, "; running it on cpu (slow)", False)]:
+        model, manager = managed(tiny_model_dir)
+        budgets_per_component(model, manager)["vae"] = budget
+        vae = model.get("vae")
+        before = storage(vae)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            with model.use("vae") as running:
+                assert bool(vae.use_tiling) == tiled and (running is vae) == (budget >= size)
+            pixels = edit(model)
+        assert (line in caplog.text) if line else "does not fit" not in caplog.text, caplog.text
+        np.testing.assert_array_equal(pixels, plain_pixels)
+        assert_put_back(vae, before)
+        assert ("FireRedVAE" in {type(h).__name__ for h in manager.loaded}) == (budget >= size)
 
 
 def test_unreferenced_model_is_freed_with_the_node_cache(tiny_model_dir, monkeypatch):
