@@ -1,9 +1,14 @@
 """FireRed components inside ComfyUI's memory manager (issue 9, point 2), through the contract of
 ``nodes/_comfy.py``'s :class:`ManagedPlacement` with the plain stand-in of ComfyUI's manager: every large component
 is registered when it runs, loading ours frees other models when memory is short, unloading all (ComfyUI's Unload
-Models / POST /free) sends ours off the device, a transformer too large for the free memory runs with block swap
-(same pixels) after a log line, and a model nobody holds any more is freed (Free model and node cache). The real
-ComfyUI run of the same contract is scripts/comfyui_memory_proof.py."""
+Models / POST /free) sends ours off the device, and a model nobody holds any more is freed (Free model and node cache).
+
+Below a planted budget each component falls back after a log line with the resident run's outputs (pixels equal,
+prompt embeddings bit-equal): the transformer with block swap, the text encoder with its decoder layers streamed or on
+the offload device, the VAE tiled or on the offload device; after the run nothing of ours is hooked and every weight
+is back in the storage it had. A budget above the component keeps it resident. With ComfyUI
+(``FIRERED_COMFYUI_DIR`` / ``FIRERED_COMFYUI_PYTHON``) the same runs inside its own ``model_management``; the server
+run of the contract is scripts/comfyui_memory_proof.py."""
 
 from __future__ import annotations
 
@@ -11,8 +16,10 @@ import gc
 import logging
 import os
 import re
+import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -246,3 +253,72 @@ def test_unreferenced_model_is_freed_with_the_node_cache(tiny_model_dir, monkeyp
     del model  # ComfyUI's "Free model and node cache" drops the node outputs holding it
     gc.collect()
     assert not any(m.root == tiny_model_dir for m in loaders._cache.values())
+
+
+COMFY_DIR = os.environ.get("FIRERED_COMFYUI_DIR", "")
+COMFY_PY = os.environ.get("FIRERED_COMFYUI_PYTHON", "")
+COMFY_SCRIPT = r'''
+import importlib.util, logging, sys, tempfile
+comfy_dir, pack, tiny = sys.argv[1:4]
+sys.argv = [sys.argv[0], "--cpu"]
+sys.path[:0] = [comfy_dir, pack]
+import comfy.options
+comfy.options.enable_args_parsing()
+import numpy as np
+import torch
+import folder_paths
+folder_paths.set_input_directory(tempfile.mkdtemp())
+import comfy.model_management as mm
+spec = importlib.util.spec_from_file_location("firered_pack", pack + "/__init__.py", submodule_search_locations=[pack])
+mod = importlib.util.module_from_spec(spec); sys.modules["firered_pack"] = mod; spec.loader.exec_module(mod)
+C = sys.modules["firered_pack.nodes._comfy"]
+assert C.IN_COMFY
+from PIL import Image
+from firered_core.memory import weight_bytes
+from firered_core.model import load_model
+from firered_core.pipeline import EditPipeline
+from firered_core.speed import ModelSettings
+lines = []
+logging.getLogger(C.__name__).addHandler(type("H", (logging.Handler,), {"emit": lambda s, r: lines.append(r.getMessage())})())
+planted = {"bytes": None}  # the CPU has no VRAM count: the free memory ComfyUI reports is planted here
+C.ComfyMemoryManager.free_bytes = lambda self, device: planted["bytes"]
+image = Image.fromarray((np.random.RandomState(5).rand(48, 64, 3) * 255).astype(np.uint8))
+def edit(model):
+    return np.asarray(EditPipeline(model).edit([image], "make it red", steps=2, seed=3, width=64, height=48,
+                                               vl_area=56 * 56, vae_area=64 * 64).images[0])
+def ours(model):
+    return sum(getattr(h, "__module__", "").startswith("firered_core") for c in model.loaded_components().values()
+               for m in c.modules() for h in [*m._forward_pre_hooks.values(), *m._forward_hooks.values()])
+def listed():
+    return sorted(type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None)
+model = load_model(tiny, settings=ModelSettings(embed_cache=False))
+model.placement = C.ManagedPlacement()
+plain = edit(model)
+print("resident", listed(), ours(model))
+planted["bytes"] = min(weight_bytes(model.get(n)) for n in ("transformer", "text_encoder", "vae")) - 1
+small = edit(model)
+print("fallback", listed(), ours(model), int(np.abs(small.astype(int) - plain).max()), len(lines))
+planted["bytes"] = None
+again = edit(model)
+print("again", listed(), ours(model), int(np.abs(again.astype(int) - plain).max()))
+mm.unload_all_models()
+print("unloaded", listed())
+'''
+
+
+@pytest.mark.skipif(not (Path(COMFY_DIR, "comfy", "model_management.py").is_file() and Path(COMFY_PY).is_file()),
+                    reason="needs ComfyUI: FIRERED_COMFYUI_DIR (source) and FIRERED_COMFYUI_PYTHON (its venv's Python)")
+def test_fallbacks_inside_comfyuis_own_memory_manager(tiny_model_dir, tmp_path):
+    """ComfyUI's model_management and ModelPatcher: resident components are listed, components over a planted free
+    memory fall back (not listed, same pixels), and after it nothing of ours is hooked and ComfyUI loads and unloads
+    them as before."""
+    out = subprocess.run([COMFY_PY, "-c", COMFY_SCRIPT, COMFY_DIR, str(S.ROOT), str(tiny_model_dir)],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in out.stdout.splitlines()
+            if line.startswith(("resident", "fallback", "again", "unloaded"))}
+    three = "['FireRedTextEncoder', 'FireRedTransformer', 'FireRedVAE']"
+    assert rows["resident"] == f"{three} 0"
+    assert rows["fallback"] == "[] 0 0 5", rows  # 2 text encoder runs, 2 VAE runs, 1 transformer run
+    assert rows["again"] == f"{three} 0 0"
+    assert rows["unloaded"] == "[]"
