@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import logging
 import weakref
 
 import torch
@@ -26,6 +27,7 @@ QUANT_MODES = ("none", "int8", "fp8", "int8_mm", "fp8_mm")
 KEEP_TRANSFORMER = ("proj_out", "img_in", "txt_in", "norm_out.*", "time_text_embed.*")
 KEEP_TEXT_ENCODER = ("lm_head", "*visual*", "model.visual*")
 _swapped: "weakref.WeakSet[torch.nn.Module]" = weakref.WeakSet()
+log = logging.getLogger(__name__)
 
 
 def _kept(name: str, keep: tuple[str, ...]) -> bool:
@@ -252,6 +254,37 @@ class OnDevice:
 def is_block_swapped(module: torch.nn.Module) -> bool:
     """True while a :class:`BlockSwap` places ``module``'s weights itself (it must never be moved as a whole)."""
     return module in _swapped
+
+
+class TiledOnOOM:
+    """A VAE whose ``encode`` / ``decode`` run again tiled when the device runs out of memory (as ComfyUI's own VAE
+    does), after a log line; the VAE's tiling setting is put back after the retry. Untiled when memory suffices, so
+    its pixels are the plain run's. Other attributes are the VAE's; nothing is attached to it."""
+
+    def __init__(self, vae):
+        self.vae = vae
+
+    def _retrying(self, fn):
+        def call(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except torch.OutOfMemoryError:
+                if getattr(self.vae, "use_tiling", True):
+                    raise
+            # outside the except block: its traceback holds the failed run's tensors
+            log.warning("FireRed: the VAE ran out of memory on %s; retrying it in tiles", self.vae.device)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            enable_vae_tiling(self.vae, True)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                enable_vae_tiling(self.vae, False)
+        return call
+
+    def __getattr__(self, name: str):
+        value = getattr(self.vae, name)
+        return self._retrying(value) if name in ("encode", "decode") else value
 
 
 def enable_vae_tiling(vae, enabled: bool = True) -> None:

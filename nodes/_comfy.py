@@ -439,6 +439,10 @@ class ManagedPlacement(Placement):
         free = self.manager.free_bytes(model.device)
         if free is None or need <= free:
             self.manager.load(handle)
+            if name == "vae" and getattr(module, "use_tiling", True) is False:
+                from firered_core.memory import TiledOnOOM
+
+                return TiledOnOOM(module)  # its room to work depends on the picture: tiles if it runs short
             return module
         return self.fallback(model, name, module, handle, size, free)
 

@@ -237,12 +237,41 @@ def test_vae_tiles_when_only_its_weights_fit_and_runs_on_the_offload_device_belo
         caplog.clear()
         with caplog.at_level(logging.WARNING):
             with model.use("vae") as running:
-                assert bool(vae.use_tiling) == tiled and (running is vae) == (budget >= size)
+                assert bool(vae.use_tiling) == tiled and (getattr(running, "vae", running) is vae) == (budget >= size)
             pixels = edit(model)
         assert (line in caplog.text) if line else "does not fit" not in caplog.text, caplog.text
         np.testing.assert_array_equal(pixels, plain_pixels)
         assert_put_back(vae, before)
         assert ("FireRedVAE" in {type(h).__name__ for h in manager.loaded}) == (budget >= size)
+
+
+def test_vae_that_runs_out_of_memory_retries_in_tiles(tiny_model_dir, plain_pixels, caplog, monkeypatch):
+    """A planted out-of-memory error in the first untiled decode and encode: each runs again tiled, after a log
+    line, with the same pixels, and the VAE is untiled after; one while tiled already is the caller's."""
+    model, manager = managed(tiny_model_dir)
+    vae = model.get("vae")
+    failed = []
+
+    def once(fn):
+        def run(*args, **kwargs):
+            if fn.__name__ not in failed and not vae.use_tiling:
+                failed.append(fn.__name__)
+                raise torch.OutOfMemoryError("planted")
+            return fn(*args, **kwargs)
+        run.__name__ = fn.__name__
+        return run
+    monkeypatch.setattr(vae, "_decode", once(vae._decode))
+    monkeypatch.setattr(vae, "_encode", once(vae._encode))
+    with caplog.at_level(logging.WARNING):
+        pixels = edit(model)
+    assert sorted(failed) == ["_decode", "_encode"]
+    assert caplog.text.count("the VAE ran out of memory on cpu; retrying it in tiles") == 2
+    np.testing.assert_array_equal(pixels, plain_pixels)
+    assert vae.use_tiling is False
+    monkeypatch.setattr(vae, "_decode", lambda *a, **k: (_ for _ in ()).throw(torch.OutOfMemoryError("planted")))
+    with pytest.raises(torch.OutOfMemoryError), model.use("vae") as running:
+        running.decode(torch.zeros(1, 16, 1, 4, 4))
+    assert vae.use_tiling is False
 
 
 def test_unreferenced_model_is_freed_with_the_node_cache(tiny_model_dir, monkeypatch):
