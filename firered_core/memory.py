@@ -9,6 +9,7 @@
   layers) on the device and streams the others from (pinned) CPU memory, one block ahead on a side CUDA stream, so
   only ``resident + 2`` blocks occupy the device at once; :meth:`BlockSwap.remove` undoes it.
 - :class:`OnDevice` runs a component where it rests (the CPU) for callers holding tensors on the device.
+- :class:`TiledOnOOM` retries a VAE's decode / encode tiled when the device runs out of memory.
 - VAE tiling is diffusers' own (``enable_tiling``); it only changes images larger than one tile.
 """
 
@@ -226,29 +227,48 @@ def move_tensors(obj, device: torch.device):
     return obj
 
 
-class OnDevice:
+class ComponentView:
+    """A component seen through a wrapper that changes how some of its methods run (:attr:`WRAPPED`); every other
+    attribute (``dtype``, ``config``, ``parameters``) is the component's own. Nothing is attached to the component,
+    so dropping the view undoes it; :attr:`module` is the component."""
+
+    WRAPPED: tuple[str, ...] = ()
+
+    def __init__(self, module: torch.nn.Module):
+        self.module = module
+
+    def _wrap(self, fn):
+        return fn
+
+    def __call__(self, *args, **kwargs):
+        return self._wrap(self.module)(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        value = getattr(self.module, name)
+        return self._wrap(value) if name in self.WRAPPED else value
+
+
+def unwrapped(module) -> torch.nn.Module:
+    """The component behind a :class:`ComponentView` (a module is its own)."""
+    return module.module if isinstance(module, ComponentView) else module
+
+
+class OnDevice(ComponentView):
     """``module`` run where it rests (``run_device``, e.g. the CPU) by callers that hand it tensors on ``io_device``:
-    every call through this view (the module itself, or a method such as ``encode`` / ``decode``) gets its tensor
-    arguments moved to ``run_device`` and its tensor results moved back. Other attributes (``dtype``, ``config``)
-    are the module's. Nothing is attached to the module, so dropping the view undoes it."""
+    every call (the module itself, or ``encode`` / ``decode``) gets its tensor arguments moved to ``run_device`` and
+    its tensor results moved back."""
+
+    WRAPPED = ("encode", "decode", "forward")
 
     def __init__(self, module: torch.nn.Module, run_device: torch.device, io_device: torch.device):
-        self.module, self.run_device, self.io_device = module, torch.device(run_device), torch.device(io_device)
+        super().__init__(module)
+        self.run_device, self.io_device = torch.device(run_device), torch.device(io_device)
 
-    def _bridge(self, fn):
+    def _wrap(self, fn):
         def call(*args, **kwargs):
             args, kwargs = move_tensors(args, self.run_device), move_tensors(kwargs, self.run_device)
             return move_tensors(fn(*args, **kwargs), self.io_device)
         return call
-
-    def __call__(self, *args, **kwargs):
-        return self._bridge(self.module)(*args, **kwargs)
-
-    def __getattr__(self, name: str):
-        value = getattr(self.module, name)
-        if callable(value) and name in ("encode", "decode", "forward", "generate"):
-            return self._bridge(value)
-        return value
 
 
 def is_block_swapped(module: torch.nn.Module) -> bool:
@@ -256,35 +276,32 @@ def is_block_swapped(module: torch.nn.Module) -> bool:
     return module in _swapped
 
 
-class TiledOnOOM:
+class TiledOnOOM(ComponentView):
     """A VAE whose ``encode`` / ``decode`` run again tiled when the device runs out of memory (as ComfyUI's own VAE
     does), after a log line; the VAE's tiling setting is put back after the retry. Untiled when memory suffices, so
-    its pixels are the plain run's. Other attributes are the VAE's; nothing is attached to it."""
+    its pixels are the plain run's."""
 
-    def __init__(self, vae):
-        self.vae = vae
+    WRAPPED = ("encode", "decode")
 
-    def _retrying(self, fn):
+    def _wrap(self, fn):
+        vae = self.module
+
         def call(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except torch.OutOfMemoryError:
-                if getattr(self.vae, "use_tiling", True):
+                if getattr(vae, "use_tiling", True):
                     raise
             # outside the except block: its traceback holds the failed run's tensors
-            log.warning("FireRed: the VAE ran out of memory on %s; retrying it in tiles", self.vae.device)
+            log.warning("FireRed: the VAE ran out of memory on %s; retrying it in tiles", vae.device)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            enable_vae_tiling(self.vae, True)
+            enable_vae_tiling(vae, True)
             try:
                 return fn(*args, **kwargs)
             finally:
-                enable_vae_tiling(self.vae, False)
+                enable_vae_tiling(vae, False)
         return call
-
-    def __getattr__(self, name: str):
-        value = getattr(self.vae, name)
-        return self._retrying(value) if name in ("encode", "decode") else value
 
 
 def enable_vae_tiling(vae, enabled: bool = True) -> None:

@@ -405,7 +405,9 @@ class ManagedPlacement(Placement):
     run, after a log line, instead of running out of memory (:meth:`fallback`): the transformer with block swap, the
     text encoder with its decoder layers streamed (or, when not even that fits, on the offload device), the VAE tiled
     (or on the offload device). The fallback is undone when the component is released: no hooks left, the weights
-    back on the offload device, and the next run decides again from the free memory then."""
+    back on the offload device, and the next run decides again from the free memory then. A resident VAE retries
+    tiled when a decode / encode runs out of memory (its room to work depends on the picture, which is not known
+    here)."""
 
     def __init__(self, manager=None):
         self.manager = manager or memory_manager()
@@ -480,6 +482,9 @@ class ManagedPlacement(Placement):
         return memory.OnDevice(module, home, model.device)
 
     def release(self, model, name: str, module) -> None:
+        from firered_core.memory import unwrapped
+
+        module = unwrapped(module)
         undo = self.undo.pop(name, None)
         if undo is not None:
             undo()
