@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
 from conftest import random_image  # noqa: E402
 
-from firered_core.memory import OnDevice, fit_resident, is_block_swapped, text_encoder_layers, weight_bytes
+from firered_core.memory import (OnDevice, fit_resident, is_block_swapped, move_tensors, text_encoder_layers,
+                                  weight_bytes)
 from firered_core.model import load_model
 from firered_core.pipeline import EditPipeline, encode_instructions
 from firered_core.references import prepare_references
@@ -135,6 +136,19 @@ def test_fit_resident_counts_the_rest_and_two_blocks_in_flight():
     assert fit_resident(100 + 40, [10] * 4, 139) == 1  # rest 100 + 1 resident + 2 in flight = 130; 2 would be 140
     assert fit_resident(100 + 40, [10] * 4, 120) == 0
     assert fit_resident(100 + 40, [10] * 4, 119) is None
+
+
+def test_move_tensors_reaches_every_tensor_of_a_result():
+    """What OnDevice moves back (here to the meta device, the one other device every machine has): nested
+    containers, a model output and the VAE's latent distribution inside it, copied, the originals left alone."""
+    from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+    from diffusers.models.modeling_outputs import AutoencoderKLOutput
+
+    out = AutoencoderKLOutput(latent_dist=DiagonalGaussianDistribution(torch.zeros(1, 32, 1, 2, 2)))
+    moved = move_tensors(({"a": torch.zeros(1)}, [out, 3]), torch.device("meta"))
+    assert moved[0]["a"].is_meta and isinstance(moved[1][0], AutoencoderKLOutput) and moved[1][1] == 3
+    assert moved[1][0].latent_dist.mode().is_meta and moved[1][0]["latent_dist"].std.is_meta
+    assert not out.latent_dist.mean.is_meta
 
 
 def test_all_three_fall_back_below_their_size_with_the_same_pixels(tiny_model_dir, plain_pixels, caplog):
