@@ -179,17 +179,16 @@ def _tensors_outside(module: torch.nn.Module, blocks: list[torch.nn.Module]) -> 
     return list(seen.values())
 
 
-def text_encoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList:
+def text_encoder_layers(text_encoder: torch.nn.Module) -> torch.nn.ModuleList | None:
     """The decoder layers of a Qwen2.5-VL text encoder (what :class:`BlockSwap` streams; the vision tower, the
-    embeddings and the head stay whole)."""
+    embeddings and the head stay whole), or None for a module without them."""
     for path in ("model.language_model.layers", "language_model.layers", "model.layers"):
         module = text_encoder
         for part in path.split("."):
             module = getattr(module, part, None)
         if isinstance(module, torch.nn.ModuleList):
             return module
-    raise TypeError(f"{type(text_encoder).__name__} has no decoder layers to stream (looked for model.language_model"
-                    ".layers)")
+    return None
 
 
 def fit_resident(total: int, block_sizes: list[int], room: int) -> int | None:

@@ -464,7 +464,7 @@ class ManagedPlacement(Placement):
             return module
         self.manager.unload(handle)
         home = _where(module)
-        blocks = (module.transformer_blocks if name == "transformer" else
+        blocks = (getattr(module, "transformer_blocks", None) if name == "transformer" else
                   memory.text_encoder_layers(module) if name == "text_encoder" else None)
         resident = None if blocks is None else memory.fit_resident(size, [memory.weight_bytes(b) for b in blocks],
                                                                     room)

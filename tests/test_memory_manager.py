@@ -174,6 +174,7 @@ def test_all_three_fall_back_below_their_size_with_the_same_pixels(tiny_model_di
 def test_text_encoder_streams_its_decoder_layers_with_equal_embeddings(tiny_model_dir, deep_parts, caplog):
     te = deep_parts["text_encoder"]
     layers = text_encoder_layers(te)
+    assert len(layers) == 4 and text_encoder_layers(deep_parts["vae"]) is None  # nothing to stream: offload device
     refs = prepare_references([random_image(64, 48, seed=5)], 56 * 56, 64 * 64)
     resident, manager = deep_model(tiny_model_dir, deep_parts)
     plain = encode_instructions(resident, ["make it red", " "], refs).embeds
