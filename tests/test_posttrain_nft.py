@@ -240,7 +240,7 @@ def test_judge_reward_against_the_fake_server_and_its_cache(tmp_path, monkeypatc
     batch = RewardBatch(images, ["Make it brighter"] * 2, [[source], [source]])
     with FakeOpenAI(judge_reply) as fake:
         cfg = JudgeConfig(base_url=fake.url, model="judge-1", api_key_env="FIRERED_TEST_JUDGE_KEY", max_retries=0)
-        reward = build_reward(RewardConfig(kind="judge", judge=cfg), tmp_path / "cache")
+        reward = build_reward(RewardConfig(kind="judge", judge=cfg, cache_dir=str(tmp_path / "cache")))
         scores = reward(batch)
         # GEdit rule: sqrt(SC * PQ) on 0..10, mapped to 0..1
         assert torch.allclose(scores, torch.tensor([math.sqrt(9 * 4) / 10, math.sqrt(1 * 4) / 10],
@@ -250,10 +250,11 @@ def test_judge_reward_against_the_fake_server_and_its_cache(tmp_path, monkeypatc
         texts = [p["text"] for p in body["messages"][0]["content"] if p["type"] == "text"]
         assert texts[0] == "Image A (original):" and "editing instruction is : Make it brighter." in texts[-1]
         assert fake.headers[0]["Authorization"] == "Bearer sk-test-123" and body["model"] == "judge-1"
-        # a rerun (a new process: fresh objects, the same cache folder) makes zero calls
-        rerun = build_reward(RewardConfig(kind="judge", judge=cfg), tmp_path / "cache")
+        # a rerun (a new process: fresh objects, the same cache folder) makes zero calls, from the score cache or,
+        # with only the default folder, from the judge's reply cache
+        rerun = build_reward(RewardConfig(kind="judge", judge=cfg), tmp_path / "cache")  # replies: default dir
         assert torch.equal(rerun(batch), scores) and fake.calls == 2
-        # without the score cache, the chat client's own reply cache still answers
+        assert rerun.disk is None
         bare = JudgeReward(cfg, tmp_path / "cache" / "judge")
         assert bare(batch) == pytest.approx(scores.tolist()) and fake.calls == 2
         assert "sk-test-123" not in repr(bare.client)

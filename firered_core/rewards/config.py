@@ -21,11 +21,14 @@ class RewardConfig:
     callable: str = ""  # kind callable: "package.module:function", f(images [N,3,H,W] 0..1, prompts) -> N scores
     typography: TypographyConfig = field(default_factory=TypographyConfig)
     judge: JudgeConfig = field(default_factory=JudgeConfig)
-    cache_dir: str | None = None  # scores (and judge replies) on disk; None = <output_dir>/reward_cache
+    # scores on disk (<cache_dir>/scores; None = in memory for the run only: a changed reward function is never
+    # answered from an old run) and judge replies (<cache_dir>/judge; None = <output_dir>/reward_cache/judge)
+    cache_dir: str | None = None
 
 
-def build_reward(cfg: RewardConfig, cache_dir: str | Path | None = None) -> CachedReward:
-    """The configured reward wrapped in :class:`CachedReward` (scores cached under ``cache_dir`` when given)."""
+def build_reward(cfg: RewardConfig, default_dir: str | Path | None = None) -> CachedReward:
+    """The configured reward wrapped in :class:`CachedReward`. Judge replies are always cached on disk (under
+    ``cfg.cache_dir`` or ``default_dir``: calls cost money); scores only under an explicit ``cfg.cache_dir``."""
     if cfg.kind == "callable":
         if not cfg.callable:
             raise RewardError("reward.kind 'callable' needs reward.callable: 'package.module:function'")
@@ -33,5 +36,6 @@ def build_reward(cfg: RewardConfig, cache_dir: str | Path | None = None) -> Cach
     elif cfg.kind == "typography":
         reward = TypographyReward(cfg.typography)
     else:
-        reward = JudgeReward(cfg.judge, None if cache_dir is None else Path(cache_dir) / "judge")
-    return CachedReward(reward, None if cache_dir is None else Path(cache_dir) / "scores")
+        replies = cfg.cache_dir or default_dir
+        reward = JudgeReward(cfg.judge, None if replies is None else Path(replies) / "judge")
+    return CachedReward(reward, None if cfg.cache_dir is None else Path(cfg.cache_dir) / "scores")
