@@ -89,6 +89,10 @@ def test_nft_config_ranges():
     cfg = load_config(None, overrides=["nft.enabled=true", "nft.beta=0.1", "nft.reward.typography.max_height=0.3"])
     assert cfg.nft.enabled and cfg.nft.beta == 0.1 and cfg.nft.reward.typography.max_height == 0.3
     assert NFTConfig().group_size == 4
+    from pathlib import Path
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "nft_lora.yaml")
+    assert shipped.nft.enabled and shipped.nft.reward.kind == "typography"
 
 
 # -- typography --------------------------------------------------------------------------------------------------
