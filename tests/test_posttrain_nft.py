@@ -176,6 +176,11 @@ def test_ocr_adapters_and_user_engines():
         as_boxes(["oops"])
     engine = load_ocr("test_posttrain_nft:planted_ocr_factory")
     assert engine(IMG) == [OcrBox("HELLO", (0, 0, 10, 10), 1.0)]
+    reward = build_reward(RewardConfig(kind="typography",
+                                       typography=TypographyConfig(ocr="test_posttrain_nft:planted_ocr_factory")))
+    # "HELLO" read right; its box (0, 0)-(10, 10) sits in the top-left corner of 100 x 100: a = 1 - hypot(.9, .9)/sqrt 2
+    got = reward(RewardBatch(torch.zeros(1, 3, 100, 100), ['Write "HELLO"']))
+    assert got.tolist() == pytest.approx([0.6 + 0.2 * (1 - math.hypot(0.9, 0.9) / math.sqrt(2)) + 0.2])
     with pytest.raises(RewardError, match="cannot import"):
         load_ocr("no_such_module_xyz:factory")
 

@@ -13,14 +13,15 @@ Per training row (a prompt with its reference latents), one step:
 4. Forward-process loss on the rollouts' clean latents x0 (no likelihoods, no trajectories kept): fresh noise eps and
    sigma, ``x_t = (1 - sigma) x0 + sigma eps``, target velocity ``v = eps - x0``, the implicit positive and negative
    policies ``v+ = (1 - beta) v_old + beta v_theta`` and ``v- = (1 + beta) v_old - beta v_theta``, and the paper's
-   objective (its Eq. 7/Algorithm 1)
+   objective
 
        L = mean_G [ r ||v+ - v||^2 + (1 - r) ||v- - v||^2 ]
 
    with ``||.||^2`` the per-rollout mean square (the trainer's masked flow-matching error). At ``r = 1`` only the
-   positive term acts, at ``r = 0`` only the negative one; ``beta -> 0`` freezes both at ``v_old``. The authors'
-   code additionally divides by beta, multiplies by ``adv_clip`` and predicts x0 with an adaptive weight; those are
-   rescalings of the same direction and are not done here (tune ``lr`` instead).
+   positive term acts, at ``r = 0`` only the negative one; ``beta -> 0`` freezes both at ``v_old``. At
+   ``v_theta = v_old`` the gradient is ``2 beta (2r - 1)(v_theta - v)``: a flow-matching pull towards rollouts better
+   than their group and a push away from worse ones. Implementations differ by constant or per-sample rescalings of
+   this loss (e.g. dividing by beta, an x0-space weight); none is applied here (tune ``lr`` instead).
 
 The old policy is a lagged copy of the trained tensors (the LoRA adapter's, or the full fine-tune's trained
 tensors), soft-updated after every optimizer step as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
