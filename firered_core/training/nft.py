@@ -25,7 +25,10 @@ Per training row (a prompt with its reference latents), one step:
 
 The old policy is a lagged copy of the trained tensors (the LoRA adapter's, or the full fine-tune's trained
 tensors), soft-updated after every optimizer step as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
-paper's soft update; ``old_decay: 0`` = the previous step's weights). Only the trained tensors are copied (for a
+paper's soft update; ``old_decay: 0`` = the previous step's weights). Why a lagged copy rather than the LoRA-disabled
+base: the old policy is the one that samples, so it must improve with training (the base would keep sampling the
+untrained model), yet lag the trained weights so that ``v+`` / ``v-`` differ from ``v_theta`` and the update stays
+near the data it was sampled from. Only the trained tensors are copied (for a
 LoRA that is the adapter, a few MB), swapped in for the rollouts and the ``v_old`` forward, and swapped back
 bit-exactly before the trained forward, so no second model is held and the autograd graph is never touched. The
 copy is saved in checkpoints (``nft_old.safetensors``), so resume is exact.
