@@ -1,4 +1,5 @@
-"""DiffusionNFT under DDP: 2 processes (torchrun + gloo, one prompt each) give the losses of 1 process with both."""
+"""DiffusionNFT in the trainer's other modes: DDP (2 processes, torchrun + gloo, one prompt each, give the losses of
+1 process with both) and extracted embeddings (the same losses as online encoding)."""
 
 from __future__ import annotations
 
@@ -49,3 +50,24 @@ def test_two_process_nft_matches_one_process(tiny_model_dir, tmp_path):
     assert "process 1 of 2 (DistributedType.MULTI_CPU): DistributedDataParallel" in proc.stderr, proc.stderr[-3000:]
     losses = {int(k): float(v) for k, v in json.loads((tmp_path / "two" / "losses.json").read_text()).items()}
     assert losses == pytest.approx(one.losses, rel=1e-5)
+
+
+def test_nft_from_extracted_embeddings_equals_online(tiny_model_dir, tmp_path):
+    """The prompt groups share a row's extracted instruction embedding and reference latents: same losses."""
+    from firered_core.training.extract import ExtractConfig, extract
+
+    data = make_dataset(tmp_path / "rows", rows=1)
+    extract(ExtractConfig(model=str(tiny_model_dir), data=str(data), output_dir=str(tmp_path / "emb"), variants=["en"],
+                          vl_area=64 * 64, target_area=64 * 64, reference_area=64 * 64, cache_latents=True))
+    kw = dict(**VALUES, model=str(tiny_model_dir), data=str(data), **{
+        "lora.rank": 4, "variants.text_drop": 0.0, "variants.cn_rate": 0.0, "variants.inverse_rate": 0.0,
+        "alignment.drop_rate": 0.0, "alignment.permute_rate": 0.0, "nft.enabled": True, "nft.rollout_steps": 1,
+        "nft.group_size": 4, "nft.reward.callable": NFT["nft"]["reward"]["callable"]})
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        online = train(load_config(None, output_dir=str(tmp_path / "online"), **kw))
+        cached = train(load_config(None, output_dir=str(tmp_path / "cached"), embeddings=str(tmp_path / "emb"), **kw))
+    finally:
+        torch.set_num_threads(before)
+    assert cached.losses == pytest.approx(online.losses, rel=1e-6)
