@@ -15,7 +15,7 @@ from ..sampling import noised_start, transformer_denoiser
 from .config import TrainConfig
 from .identity import IdentityObjective, train_size
 from .losses import flow_matching_loss
-from .nft import NFTObjective
+from .nft import STATE_NAME, NFTObjective
 from .preference import PreferenceObjective, rejected_latents
 
 
@@ -64,11 +64,11 @@ class RowObjective:
 
     def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
         """Tensors a checkpoint must keep for an exact resume, by file stem."""
-        return {} if self.nft is None else {"nft_old": self.nft.state()}
+        return {} if self.nft is None else {STATE_NAME: self.nft.state()}
 
     def load_extra_state(self, extra: dict[str, dict[str, torch.Tensor]], where: str) -> None:
         if self.nft is not None:
-            self.nft.load_state(extra.get("nft_old"), where)
+            self.nft.load_state(extra.get(STATE_NAME), where)
 
     @property
     def stat_keys(self) -> tuple[str, ...]:
