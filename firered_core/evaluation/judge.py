@@ -19,14 +19,20 @@ from .scoring import criteria_for, parse_reply, sample_score
 
 
 def judge_messages(spec: BenchSpec, row: BenchRow, output: Path, prompt: str) -> list[dict]:
+    return judge_request(spec, [load_image(row.source)], load_image(output), prompt, row.instruction)
+
+
+def judge_request(spec: BenchSpec, sources: list, output, prompt: str, instruction: str) -> list[dict]:
+    """The judge's one user message: ``spec.judge_parts`` in order, the template's placeholder filled with the
+    instruction (also what the RL judge reward, :mod:`firered_core.rewards.judge`, sends for in-memory images)."""
     parts = []
     for part in spec.judge_parts:
         if part == "source":
-            parts.append(image_part(load_image(row.source)))
+            parts.extend(image_part(src) for src in sources)
         elif part == "output":
-            parts.append(image_part(load_image(output)))
+            parts.append(image_part(output))
         elif part == "prompt":
-            parts.append(text_part(prompt.replace(PLACEHOLDER, row.instruction)))
+            parts.append(text_part(prompt.replace(PLACEHOLDER, instruction)))
         else:
             parts.append(text_part(part[len("text:"):]))
     return [{"role": "user", "content": parts}]

@@ -1,8 +1,8 @@
 """Atomic training checkpoints in safetensors + JSON (no pickle).
 
 A checkpoint is a folder ``step-XXXXXXXX`` holding ``trainable.safetensors`` (the trained parameters by name),
-``optimizer.safetensors`` + ``optimizer.json``, ``ema.safetensors`` (when EMA is on), ``rng.safetensors`` and
-``state.json`` (step, sampler, LR scheduler, loss history). It is written under a temporary name and renamed into
+``optimizer.safetensors`` + ``optimizer.json``, ``ema.safetensors`` (when EMA is on), the objective's extra tensors
+(``nft_old.safetensors``: the NFT old policy), ``rng.safetensors`` and ``state.json`` (step, sampler, LR scheduler, loss history). It is written under a temporary name and renamed into
 place, then ``latest`` is replaced atomically, so a crash mid-save leaves the previous checkpoint and pointer intact.
 
 ``manifest.json`` (written last, before the rename) records every file's size and SHA-256. On resume the latest
@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from ..errors import FireRedError
 
 LATEST = "latest"
+CORE_FILES = ("trainable", "optimizer", "ema", "rng")  # every other *.safetensors is an objective's extra state
 MANIFEST = "manifest.json"
 
 log = logging.getLogger(__name__)
@@ -104,7 +105,8 @@ def set_rng_state(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], optimizer_state: dict,
-                    state: dict, ema: dict | None = None, keep: int = 2) -> Path:
+                    state: dict, ema: dict | None = None, keep: int = 2,
+                    extra: dict[str, dict[str, torch.Tensor]] | None = None) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".tmp-step-{step:08d}-{os.getpid()}"
@@ -117,6 +119,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
     if ema is not None:
         save_file({k: v.contiguous() for k, v in ema["tensors"].items()}, str(tmp / "ema.safetensors"),
                   metadata={"updates": str(ema["updates"]), "decay": str(ema["decay"])})
+    for stem, tensors in (extra or {}).items():
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
     save_file(rng_state(), str(tmp / "rng.safetensors"))
     (tmp / "state.json").write_text(json.dumps(state))
     write_manifest(tmp)
@@ -172,6 +176,7 @@ def load_checkpoint(path: Path) -> dict:
         "state": json.loads((path / "state.json").read_text()),
         "rng": load_file(str(path / "rng.safetensors")),
         "ema": None,
+        "extra": {p.stem: load_file(str(p)) for p in sorted(path.glob("*.safetensors")) if p.stem not in CORE_FILES},
     }
     ema_file = path / "ema.safetensors"
     if ema_file.exists():

@@ -25,6 +25,7 @@ from .alignment import AlignmentConfig, VariantConfig
 from .identity import IdentityConfig
 from .losses import WEIGHTINGS
 from .lowvram import LowVramConfig
+from .nft import NFTConfig
 from .preference import PreferenceConfig
 from .timesteps import TimestepConfig
 
@@ -91,6 +92,7 @@ class TrainConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)  # Diffusion-DPO on rejected_image pairs
     identity: IdentityConfig = field(default_factory=IdentityConfig)  # face identity loss on x0_hat
     low_vram: LowVramConfig = field(default_factory=LowVramConfig)  # fp8 base, block swap, activation offload
+    nft: NFTConfig = field(default_factory=NFTConfig)  # online RL (DiffusionNFT) from the model's own edits
     mixed_precision: Literal["no", "bf16"] = "no"
     fsdp: bool = False  # wrap QwenImageTransformerBlock with FSDP (else DDP when several processes)
     checkpoint_every: Count = 500

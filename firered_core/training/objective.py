@@ -1,4 +1,5 @@
-"""What one row's loss is: flow matching (plus the identity term when switched on), or Diffusion-DPO on a pair.
+"""What one row's loss is: flow matching (plus the identity term when switched on), Diffusion-DPO on a pair, or
+DiffusionNFT on the model's own rollouts.
 
 The trainer draws the row's sigma and noise; this module turns them into a loss and the statistics to log
 (``identity_distance``, ``dpo_margin``, ``dpo_accuracy``), so the trainer stays the loop.
@@ -14,6 +15,7 @@ from ..sampling import noised_start, transformer_denoiser
 from .config import TrainConfig
 from .identity import IdentityObjective, train_size
 from .losses import flow_matching_loss
+from .nft import STATE_NAME, NFTObjective
 from .preference import PreferenceObjective, rejected_latents
 
 
@@ -22,18 +24,26 @@ class RowObjective:
         self.cfg, self.model, self.device = cfg, model, device
         self.preference = None
         self.identity = None
+        self.nft = None
+        if cfg.nft.enabled:
+            if cfg.preference.enabled or cfg.identity.enabled:
+                raise ValueError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
+                                 "identity.enabled off")
+            self.nft = NFTObjective(cfg.nft, model, module, cfg.seed, cfg.timesteps, cfg.outlier, cfg.output_dir)
         if cfg.preference.enabled:
             if cfg.variants.inverse_rate > 0:
                 raise ValueError("preference pairs are (target, rejected) outputs of the forward edit: set "
                                  "variants.inverse_rate: 0 with preference.enabled")
             self.preference = PreferenceObjective(cfg.preference, module, cfg.method, cfg.outlier)
-        if cfg.identity.enabled or cfg.preference.enabled:
+        if cfg.identity.enabled or cfg.preference.enabled or cfg.nft.enabled:
             model.vae.requires_grad_(False)
         if cfg.identity.enabled:
             self.identity = IdentityObjective(cfg.identity, model.vae).to(device)
 
-    def row_loss(self, transformer, sample, inputs, noise: torch.Tensor, sigma: torch.Tensor
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    def row_loss(self, transformer, sample, inputs, noise: torch.Tensor, sigma: torch.Tensor, step: int = 0,
+                 pos: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.nft is not None:  # draws its own rollouts, noise and sigmas from (seed, step, pos)
+            return self.nft.row_loss(transformer, sample, inputs, step, pos)
         if self.preference is not None:
             x0_l = rejected_latents(self.model.vae, sample, train_size(inputs.img_shapes), self.device)
             loss, stats = self.preference.row_loss(transformer, inputs, x0_l, noise, sigma)
@@ -47,10 +57,24 @@ class RowObjective:
             loss = loss + extra
         return loss, stats
 
+    def after_step(self) -> None:
+        """Called after each optimizer step (the NFT old policy follows the trained weights)."""
+        if self.nft is not None:
+            self.nft.after_step()
+
+    def extra_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Tensors a checkpoint must keep for an exact resume, by file stem."""
+        return {} if self.nft is None else {STATE_NAME: self.nft.state()}
+
+    def load_extra_state(self, extra: dict[str, dict[str, torch.Tensor]], where: str) -> None:
+        if self.nft is not None:
+            self.nft.load_state(extra.get(STATE_NAME), where)
 
     @property
     def stat_keys(self) -> tuple[str, ...]:
         """The statistics every row reports (the same on every process, so they can be gathered)."""
+        if self.nft is not None:
+            return ("nft_reward", "nft_reward_std")
         if self.preference is not None:
             return ("dpo_accuracy", "dpo_margin")
         return ("identity_distance",) if self.identity is not None else ()

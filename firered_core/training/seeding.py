@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-STREAMS = {"timestep": 1, "noise": 2, "variant": 3, "alignment": 4}
+STREAMS = {"timestep": 1, "noise": 2, "variant": 3, "alignment": 4, "rollout": 5}
 
 
 def row_seed(seed: int, step: int, position: int, stream: str) -> int:

@@ -79,6 +79,9 @@ class Trainer:
         store = open_embeddings(cfg)
         if cfg.fsdp and cfg.ema_decay > 0:
             raise ConfigError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
+        if cfg.fsdp and cfg.nft.enabled:
+            raise ConfigError("nft swaps the old policy's trained tensors in place, but FSDP holds shards: train "
+                              "with DDP")
         if cfg.fsdp and cfg.dump_grads:
             raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
@@ -140,7 +143,7 @@ class Trainer:
         sigma = sample_sigmas(cfg.timesteps, step, [pos], self.sampler.global_batch, x0.shape[1],
                               self.scheduler_config, cfg.seed).to(x0.device)
         noise = torch.randn(x0.shape, generator=row_generator(cfg.seed, step, pos, "noise")).to(x0.device)
-        return self.objective.row_loss(self.transformer, sample, inputs, noise, sigma)
+        return self.objective.row_loss(self.transformer, sample, inputs, noise, sigma, step, pos)
 
     def evaluate(self, rows: int = 4, draws: int = 2) -> float:
         """Mean loss of the first ``rows`` rows at fixed noise levels and noise (comparable across training)."""
@@ -188,6 +191,7 @@ class Trainer:
         self.lr_scheduler.step()
         if self.ema is not None:
             self.ema.update(self.named_trainable())
+        self.objective.after_step()
         mean = self.acc.reduce(torch.tensor(total / len(rows), device=self.acc.device), reduction="mean")
         self.step = step + 1
         self.losses[self.step] = float(mean)
@@ -229,7 +233,7 @@ class Trainer:
                      "config": to_dict(self.cfg)}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable, opt, json.loads(
                 json.dumps(state, default=str)), self.ema.state_dict() if self.ema else None,
-                self.cfg.keep_checkpoints)
+                self.cfg.keep_checkpoints, self.objective.extra_state())
         self.acc.wait_for_everyone()
         return path or self.out / "checkpoints" / f"step-{self.step:08d}"
 
@@ -267,6 +271,7 @@ class Trainer:
             if data["ema"] is None:
                 raise ckpt.CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set")
             self.ema.load_state_dict(data["ema"])
+        self.objective.load_extra_state(data["extra"], str(path))
         ckpt.set_rng_state(data["rng"])
         self.step = int(state["step"])
         self.losses = {int(k): v for k, v in state["losses"].items()}
