@@ -136,7 +136,7 @@ def test_mask_pairs_paste_and_inpaint(tmp_path):
     for mode in ("paste", "inpaint"):
         stage = build_stage({"kind": "mask_pairs", "masks": str(masks), "mode": mode},
                             {"output": str(tmp_path / mode)})
-        items = stage.items([])
+        items = stage.side_items()
         res = stage.decide([], items, [stage.score(i) for i in items])
         assert len(res.rows) == 6 and {r["task"] for r in res.rows} == {"remove", "add"}
         for item, (rem, add) in zip(items, zip(res.rows[0::2], res.rows[1::2])):
@@ -228,9 +228,10 @@ def test_missing_optional_packages_fail_clearly_or_fall_back(monkeypatch, tmp_pa
     bits[5] = bits[3]
     bits[7, :3] ^= 1
     bits[7, 3:] = bits[2, 3:]
-    with_faiss = knn.hamming_pairs(bits, 4, 6)
+    packed = np.packbits(bits.astype(np.uint8), axis=1)
+    with_faiss = knn.hamming_pairs(packed, 4, 6)
     monkeypatch.setitem(sys.modules, "faiss", None)
-    assert knn.hamming_pairs(bits, 4, 6) == with_faiss and (3, 5, 0) in with_faiss
+    assert knn.hamming_pairs(packed, 4, 6) == with_faiss and (3, 5, 0) in with_faiss and (2, 7) in [p[:2] for p in with_faiss]
 
     _small_set(tmp_path)
     monkeypatch.setitem(sys.modules, "imagehash", None)
