@@ -313,3 +313,51 @@ def test_split_tasks_through_a_chat_endpoint(tmp_path, monkeypatch):
         assert fake.headers[-1]["Authorization"] == "Bearer sk-secret"
         again = build_stage(cfg, {"output": str(tmp_path)}).decide(rows, rows, [{}, {}])  # resumed: from the cache
         assert fake.calls == 2 and again.decisions[0]["scores"]["cached"] is True
+
+
+def test_stages_stream_rows_shard_by_shard(tmp_path, monkeypatch):
+    """Every row the driver and the (in-process) scorers materialise comes through rows.load_row; with 3-row shards
+    over a set nine shards long, at most two shards' rows are alive at once (the one being decided and the next
+    being read), every fitted stage included, and the decisions equal those of a run with a single shard."""
+    import weakref
+
+    from firered_core.data import rows as rows_mod
+
+    make_planted(tmp_path / "raw", clean=18, per_defect=1, size=64, seed=5,
+                 defects=["exact_dup", "dup_jpeg", "dup_crop", "blurred", "overexposed", "desaturated", "trivial",
+                          "text", "mosaic", "unrelated"])
+    stages = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "pair_check", "global_tasks": ["style"]},
+              {"kind": "invert"}, {"kind": "sample", "target": 20}]
+    kw = dict(input=str(tmp_path / "raw" / "data"), analysis_size=64, stages=stages)
+    whole = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "one"),
+                                              engine={"workers": 0, "shard_size": 1000}, **kw))
+
+    class Row(dict):
+        __slots__ = ("__weakref__",)
+
+    live = {"now": 0, "peak": 0, "total": 0}
+
+    def gone():
+        live["now"] -= 1
+
+    def counted(line):
+        row = Row(rows_mod.json.loads(line))
+        live["now"] += 1
+        live["total"] += 1
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(row, gone)
+        return row
+
+    monkeypatch.setattr(rows_mod, "load_row", counted)
+    shard = 3
+    streamed = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "many"),
+                                                 engine={"workers": 0, "shard_size": shard}, **kw))
+    n_rows = streamed.summary[0]["keep"]
+    print(f"rows {n_rows}, rows materialised {live['total']}, peak alive {live['peak']} (shard size {shard})")
+    assert n_rows >= 9 * shard and live["total"] >= 5 * n_rows  # every stage read the rows through the reader
+    assert live["peak"] <= 2 * shard
+    assert streamed.decisions.read_bytes() == whole.decisions.read_bytes()
+    assert streamed.rows_per_task == whole.rows_per_task
+    for task in whole.rows_per_task:
+        assert (streamed.data / task / "data.jsonl").read_bytes() == (whole.data / task / "data.jsonl").read_bytes()
+    assert sum(1 for x in whole.decisions.read_text().splitlines() if '"drop"' in x) >= 8
