@@ -4,6 +4,7 @@ sampling, config validation, missing optional packages, and the filtered output 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -361,3 +362,58 @@ def test_stages_stream_rows_shard_by_shard(tmp_path, monkeypatch):
     for task in whole.rows_per_task:
         assert (streamed.data / task / "data.jsonl").read_bytes() == (whole.data / task / "data.jsonl").read_bytes()
     assert sum(1 for x in whole.decisions.read_text().splitlines() if '"drop"' in x) >= 8
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                             "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.mark.parametrize("library", ["timm", "open_clip"])
+def test_timm_and_open_clip_checkpoints_give_the_models_own_features(tmp_path, library):
+    """A tiny randomly initialised timm / open_clip model saved to a file: the descriptor built from that file (by
+    name, random init, then the file loaded; no hub) equals the saved model's own forward on the same
+    preprocessed input, normalised with the model's own mean / std."""
+    pkg = pytest.importorskip(library)
+    import torch
+    from safetensors.torch import save_file
+
+    from firered_core.data.config import EmbeddingConfig
+    from firered_core.data.embeddings import EmbeddingModel
+
+    torch.manual_seed(0)
+    if library == "timm":
+        arch, size = "test_convnext", 64
+        model = pkg.create_model(arch, pretrained=False)
+        mean = model.pretrained_cfg["mean"]
+    else:
+        arch, size = str(tmp_path / "tiny_clip.json"), 32
+        Path(arch).write_text(json.dumps(TINY_CLIP))
+        pkg.add_model_config(arch)
+        model = pkg.create_model("tiny_clip", pretrained=None, pretrained_text=False)
+        mean = model.visual.preprocess_cfg["mean"]
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    emb = EmbeddingModel(EmbeddingConfig(library=library, arch=arch, weights=str(weights), size=size))
+    arr = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    x = emb.preprocess(arr)
+    assert x.shape == (1, 3, size, size) and torch.allclose(emb.mean.flatten(), torch.tensor(mean))
+    model.eval()
+    with torch.no_grad():
+        if library == "timm":
+            model.reset_classifier(0)
+            want = model(x)[0]
+        else:
+            want = model.encode_image(x)[0]
+    want = (want / want.norm()).numpy()
+    got = np.asarray(emb(arr))
+    print(f"{library}: {len(got)} features, max |diff| {np.abs(got - want).max():.2e}")
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-6
+    wrong = "test_resnet"
+    if library == "open_clip":  # another tiny config: the same layers, wider
+        wrong = str(tmp_path / "wider_clip.json")
+        Path(wrong).write_text(json.dumps({**TINY_CLIP, "embed_dim": 48}))
+    with pytest.raises(DataToolError, match=f"does not fit {library} {re.escape(wrong)}"):
+        EmbeddingModel(EmbeddingConfig(library=library, arch=wrong, weights=str(weights), size=size))
+    with pytest.raises(DataToolError, match="embedding.arch"):
+        EmbeddingModel(EmbeddingConfig(library=library, arch="no_such_model", weights=str(weights), size=size))

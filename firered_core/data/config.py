@@ -33,8 +33,9 @@ class EngineConfig(_Model):
 class EmbeddingConfig(_Model):
     """A user image model for copy-detection-style descriptors (penultimate features, L2-normalised)."""
 
-    library: Literal["torchvision"] = "torchvision"
-    arch: str = Field("resnet18", description="torchvision.models name")
+    library: Literal["torchvision", "timm", "open_clip"] = Field(
+        "torchvision", description="which package builds arch (timm / open_clip only when installed)")
+    arch: str = Field("resnet18", description="model name in that library (open_clip: or a model-config .json)")
     weights: str = Field(..., description="safetensors file, or a weights-only .pt/.pth state dict")
     size: int = Field(224, ge=16, le=1024)
     device: str = "cpu"
