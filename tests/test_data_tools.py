@@ -417,3 +417,23 @@ def test_timm_and_open_clip_checkpoints_give_the_models_own_features(tmp_path, l
         EmbeddingModel(EmbeddingConfig(library=library, arch=wrong, weights=str(weights), size=size))
     with pytest.raises(DataToolError, match="embedding.arch"):
         EmbeddingModel(EmbeddingConfig(library=library, arch="no_such_model", weights=str(weights), size=size))
+
+
+def test_ray_actor_scorer_scores_as_the_workers_do(tmp_path):
+    """The class Ray's GPU actor pool runs (built once per actor, fed batches of shard ranges) returns the scores
+    the task / local-pool path computes for the same shards."""
+    from firered_core.data.engines import _ShardScorer, score_shard
+    from firered_core.data.rows import Shards, iter_input
+
+    from firered_core.data.files import write_jsonl
+
+    _small_set(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", (row for row, _ in iter_input(tmp_path / "raw" / "data")))
+    shards = Shards.of(tmp_path / "rows.jsonl", 4)
+    spec = json.dumps({"config": {"kind": "photometric"}, "context": {"output": str(tmp_path), "analysis_size": 64}})
+    batch = {"shard": np.arange(len(shards)), "path": np.array([shards.path] * len(shards)),
+             "start": np.array(shards.bounds[:-1]), "end": np.array(shards.bounds[1:])}
+    got = _ShardScorer(spec)(batch)
+    assert list(got["shard"]) == list(range(len(shards))) and len(shards) >= 3
+    assert got["result"] == [score_shard(spec, shards.path, a, b) for a, b in zip(shards.bounds, shards.bounds[1:])]
+    assert sum(len(json.loads(r)) for r in got["result"]) == sum(len(s) for s in shards)

@@ -27,7 +27,8 @@ class EngineConfig(_Model):
     workers: int = Field(2, ge=0, le=1024, description="processes (local; 0 = in this process) or Ray concurrency")
     shard_size: int = Field(64, ge=1, le=1_000_000, description="rows per shard: the unit of work and of resume")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
-    gpus_per_actor: float = Field(0.0, ge=0, le=16, description="GPUs per actor of stages that run a model")
+    gpus_per_actor: float = Field(0.0, ge=0, le=16, description="Ray: GPUs per actor of stages that run a model "
+                                  "(> 0: an actor pool, one model per GPU actor; 0: CPU tasks, one model per worker)")
 
 
 class EmbeddingConfig(_Model):

@@ -114,7 +114,9 @@ class LocalPool:
         self.close()
 
 
-def _ray(spec: str, todo: dict[int, str], cfg: EngineConfig, uses_model: bool):
+def start_ray(cfg: EngineConfig):
+    """Connect to ``cfg.address`` or start a local Ray with ``cfg.workers`` CPUs (no dashboard, quiet); workers
+    find this package through PYTHONPATH. Nothing happens when Ray is already up."""
     ray = require("ray", "the Ray engine (engine.kind: ray)")
     if not ray.is_initialized():
         kwargs = {"include_dashboard": False, "log_to_driver": False, "logging_level": "ERROR"}
@@ -124,14 +126,19 @@ def _ray(spec: str, todo: dict[int, str], cfg: EngineConfig, uses_model: bool):
             root = str(Path(__file__).resolve().parents[2])
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
             ray.init(num_cpus=max(1, cfg.workers), runtime_env={"env_vars": {"PYTHONPATH": path}}, **kwargs)
+    return ray
+
+
+def _ray(spec: str, todo: dict[int, tuple[str, int, int]], cfg: EngineConfig, uses_model: bool):
+    ray = start_ray(cfg)
     ray.data.DataContext.get_current().enable_progress_bars = False
     items = [{"shard": idx, "path": path, "start": a, "end": b} for idx, (path, a, b) in todo.items()]
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     conc = max(1, cfg.workers)
-    if uses_model:  # actor pool: the model loads once per actor; GPUs when asked
+    if uses_model and cfg.gpus_per_actor > 0:  # actor pool: the model loads once per actor, on its GPU
         ds = ds.map_batches(_ShardScorer, fn_constructor_args=(spec,), batch_size=1, concurrency=conc,
-                            num_gpus=cfg.gpus_per_actor or None, batch_format="numpy")
-    else:  # CPU tasks
+                            num_gpus=cfg.gpus_per_actor, batch_format="numpy")
+    else:  # CPU tasks; a model stage's model loads once per worker process (cached there, as in the local pool)
         ds = ds.map(_ray_map, fn_kwargs={"spec": spec}, concurrency=conc, num_cpus=1)
     for row in ds.iter_rows():  # streaming: shards arrive as they finish
         yield int(row["shard"]), str(row["result"])

@@ -93,18 +93,18 @@ class SampleStage(FittedStage):
                 decisions.append(decision(row, DROP, f"not sampled ({stratum} reached its quota)"))
         return StageResult(rows=kept, decisions=decisions)
 
-    def _round_robin(self, ranks: np.ndarray, members: np.ndarray, n: int, key: tuple) -> list[int]:
-        """One row per cluster per round, clusters (in name order) and rows in a seeded order."""
+    def _round_robin(self, ranks: np.ndarray, members: np.ndarray, n: int, key: tuple) -> np.ndarray:
+        """One row per cluster per round, clusters (in a seeded order of their names) and each cluster's rows in a
+        seeded order: row j of the cluster at position p is taken in round j, after positions < p."""
         rng = seeded_rng(self.cfg.seed, repr(key))
-        groups: dict[int, list[int]] = {}
-        for i in members.tolist():
-            groups.setdefault(int(ranks[i]), []).append(i)
-        names = sorted(groups)
-        order = [names[j] for j in rng.permutation(len(names))]
-        queues = [[groups[c][j] for j in rng.permutation(len(groups[c]))] for c in order]
-        out: list[int] = []
-        while len(out) < n and any(queues):
-            for q in queues:
-                if q and len(out) < n:
-                    out.append(q.pop(0))
-        return out
+        by_name = np.argsort(ranks[members], kind="stable")  # members grouped by cluster name, row order within
+        rows, names = members[by_name], ranks[members][by_name]
+        starts = np.flatnonzero(np.r_[True, names[1:] != names[:-1]]) if len(rows) else np.zeros(0, np.int64)
+        ends = np.r_[starts[1:], len(rows)]
+        picked, rounds, slots = (np.empty(len(rows), dtype=np.int64) for _ in range(3))
+        for slot, g in enumerate(rng.permutation(len(starts))):
+            a, b = int(starts[g]), int(ends[g])
+            picked[a:b] = rows[a:b][rng.permutation(b - a)]
+            rounds[a:b] = np.arange(b - a)
+            slots[a:b] = slot
+        return picked[np.lexsort((slots, rounds))[:n]]
