@@ -17,8 +17,7 @@ class Spill:
         self.folder = folder
         self._meta: dict[str, tuple[np.dtype, tuple[int, ...], int]] = {}  # name -> dtype, row shape, rows
         self._mem: dict[str, list[np.ndarray]] = {}
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+        if folder is not None and folder.exists():
             for old in folder.glob("*.bin"):  # a re-run of an interrupted fit starts from empty columns
                 old.unlink()
 
@@ -34,6 +33,7 @@ class Spill:
         if self.folder is None:
             self._mem.setdefault(name, []).append(arr)
         else:
+            self.folder.mkdir(parents=True, exist_ok=True)
             with open(self.folder / f"{name}.bin", "ab") as fh:
                 arr.tofile(fh)
 
