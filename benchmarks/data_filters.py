@@ -36,8 +36,10 @@ def throughput(root: Path, out: Path, engine: str, workers: int) -> list[dict]:
 
 
 def _warm() -> int:
-    import firered_core.data.stages  # noqa: F401 - the import is the warm-up
+    """A Ray worker imports the stages (torch, kornia, ...) before the timed runs, as the local pool's forks need not."""
+    import importlib
 
+    importlib.import_module("firered_core.data.stages")
     return os.getpid()
 
 
@@ -70,15 +72,15 @@ def main() -> None:
             t = time.perf_counter()
             ray = start_ray(EngineConfig(kind="ray", workers=args.workers))
             ray_start = time.perf_counter() - t
-            t = time.perf_counter()  # its workers import torch and the stages once, as the local pool's forks need not
+            t = time.perf_counter()
             ray.get([ray.remote(num_cpus=1)(_warm).remote() for _ in range(args.workers)])
             warm = time.perf_counter() - t
             runs["ray"] = throughput(root, Path(tmp) / "out-ray", "ray", args.workers)
             same = (Path(tmp) / "out-local/decisions.jsonl").read_bytes() == (Path(tmp) / "out-ray/decisions.jsonl").read_bytes()
             ray.shutdown()
         print(f"\nload average (1 / 5 / 15 min) before: {load_before}, after: {fmt_load()}")
-        print(f"\n| stage | images | local {args.workers} workers img/s |" + (f" Ray {args.workers} workers img/s | Ray / local |"
-                                                                         if "ray" in runs else ""))
+        ray_cols = f" Ray {args.workers} workers img/s | Ray / local |" if "ray" in runs else ""
+        print(f"\n| stage | images | local {args.workers} workers img/s |" + ray_cols)
         print("| --- | ---: | ---: |" + (" ---: | ---: |" if "ray" in runs else ""))
         for i, s in enumerate(runs["local"]):
             line = f"| {s['stage']} | {s['images']} | {s['images'] / s['seconds']:.1f} |"

@@ -45,7 +45,7 @@ def decision(row: dict, verdict: str, reason: str = "", **scores) -> dict:
             "scores": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}}
 
 
-Shards = Callable[[], Iterable[tuple[list[dict], list[dict]]]]  # a fresh pass of (rows, scores) per shard
+ShardPass = Callable[[], Iterable[tuple[list[dict], list[dict]]]]  # a fresh pass of (rows, scores) per shard
 
 
 class Stage:
@@ -73,7 +73,7 @@ class Stage:
     def score(self, item: dict) -> dict:
         return {}
 
-    def fit(self, shards: Shards, spill: Spill) -> None:
+    def fit(self, shards: ShardPass, spill: Spill) -> None:
         """Dataset-level statistics from one pass over every shard (stages that need them)."""
 
     def report_values(self) -> dict[str, np.ndarray]:
@@ -89,11 +89,11 @@ class FittedStage(Stage):
 
     fitted = False
 
-    def fit(self, shards: Shards, spill: Spill) -> None:
+    def fit(self, shards: ShardPass, spill: Spill) -> None:
         self.fitted = True
         self._fit(shards, spill)
 
-    def _fit(self, shards: Shards, spill: Spill) -> None:
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
         raise NotImplementedError
 
     def decide(self, rows: list[dict], items: list[dict], scores: list[dict], start: int = 0) -> StageResult:

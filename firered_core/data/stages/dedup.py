@@ -13,7 +13,7 @@ from ..imageops import downscale, load_rgb, pixel_hash
 from ..knn import clusters, cosine_pairs, hamming_pairs
 from ..rows import row_images
 from ..spill import Spill
-from .base import DROP, KEEP, FittedStage, Shards, StageResult, decision
+from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision
 
 
 class DedupStage(FittedStage):
@@ -50,7 +50,7 @@ class DedupStage(FittedStage):
         out["sharpness"] = sharpness_only(downscale(target, self.ctx.analysis_size))
         return out
 
-    def _fit(self, shards: Shards, spill: Spill) -> None:
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
         """One pass spills per row: its uid, a 64-bit hash of its images' pixel hashes, resolution, rounded
         sharpness, and per image count its packed pHashes / float32 embeddings; then exact duplicates, the kNN
         graph, clusters and each row's keeper are computed on those arrays."""

@@ -9,7 +9,7 @@ from ..descriptors import LOG_FIT, photometric
 from ..imageops import downscale, load_rgb
 from ..rows import row_images
 from ..spill import Spill
-from .base import DROP, KEEP, FittedStage, Shards, StageResult, decision, tail_cutoffs
+from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision, tail_cutoffs
 
 
 class PhotometricStage(FittedStage):
@@ -23,7 +23,7 @@ class PhotometricStage(FittedStage):
             out.append({k: v for k, v in desc.items() if k in self.cfg.descriptors})
         return {"images": out}
 
-    def _fit(self, shards: Shards, spill: Spill) -> None:
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
         """Every image's descriptors (float64, 8 bytes each) spilled, then the quantile cut-offs fitted."""
         for _, scores in shards():
             for k in self.cfg.descriptors:

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..extras import DataToolError
 from ..spill import Spill
-from .base import DROP, KEEP, FittedStage, Shards, StageResult, decision, seeded_rng
+from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision, seeded_rng
 
 
 def allocate(total: int, caps: dict, weights: dict) -> dict:
@@ -34,7 +34,7 @@ class SampleStage(FittedStage):
     kind = "sample"
     scores_items = False
 
-    def _fit(self, shards: Shards, spill: Spill) -> None:
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
         """Per row: its stratum (task id, source count) and its cluster name (spilled bytes); then the quotas and
         the chosen rows as one boolean per row."""
         cfg = self.cfg
