@@ -4,6 +4,7 @@ sampling, config validation, missing optional packages, and the filtered output 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -136,7 +137,7 @@ def test_mask_pairs_paste_and_inpaint(tmp_path):
     for mode in ("paste", "inpaint"):
         stage = build_stage({"kind": "mask_pairs", "masks": str(masks), "mode": mode},
                             {"output": str(tmp_path / mode)})
-        items = stage.items([])
+        items = stage.side_items()
         res = stage.decide([], items, [stage.score(i) for i in items])
         assert len(res.rows) == 6 and {r["task"] for r in res.rows} == {"remove", "add"}
         for item, (rem, add) in zip(items, zip(res.rows[0::2], res.rows[1::2])):
@@ -228,9 +229,11 @@ def test_missing_optional_packages_fail_clearly_or_fall_back(monkeypatch, tmp_pa
     bits[5] = bits[3]
     bits[7, :3] ^= 1
     bits[7, 3:] = bits[2, 3:]
-    with_faiss = knn.hamming_pairs(bits, 4, 6)
+    packed = np.packbits(bits.astype(np.uint8), axis=1)
+    with_faiss = knn.hamming_pairs(packed, 4, 6)
     monkeypatch.setitem(sys.modules, "faiss", None)
-    assert knn.hamming_pairs(bits, 4, 6) == with_faiss and (3, 5, 0) in with_faiss
+    assert knn.hamming_pairs(packed, 4, 6) == with_faiss
+    assert (3, 5, 0) in with_faiss and (2, 7) in [p[:2] for p in with_faiss]
 
     _small_set(tmp_path)
     monkeypatch.setitem(sys.modules, "imagehash", None)
@@ -312,3 +315,126 @@ def test_split_tasks_through_a_chat_endpoint(tmp_path, monkeypatch):
         assert fake.headers[-1]["Authorization"] == "Bearer sk-secret"
         again = build_stage(cfg, {"output": str(tmp_path)}).decide(rows, rows, [{}, {}])  # resumed: from the cache
         assert fake.calls == 2 and again.decisions[0]["scores"]["cached"] is True
+
+
+def test_stages_stream_rows_shard_by_shard(tmp_path, monkeypatch):
+    """Every row the driver and the (in-process) scorers materialise comes through rows.load_row; with 3-row shards
+    over a set nine shards long, at most two shards' rows are alive at once (the one being decided and the next
+    being read), every fitted stage included, and the decisions equal those of a run with a single shard."""
+    import weakref
+
+    from firered_core.data import rows as rows_mod
+
+    make_planted(tmp_path / "raw", clean=18, per_defect=1, size=64, seed=5,
+                 defects=["exact_dup", "dup_jpeg", "dup_crop", "blurred", "overexposed", "desaturated", "trivial",
+                          "text", "mosaic", "unrelated"])
+    stages = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "pair_check", "global_tasks": ["style"]},
+              {"kind": "invert"}, {"kind": "sample", "target": 20}]
+    kw = dict(input=str(tmp_path / "raw" / "data"), analysis_size=64, stages=stages)
+    whole = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "one"),
+                                              engine={"workers": 0, "shard_size": 1000}, **kw))
+
+    class Row(dict):
+        __slots__ = ("__weakref__",)
+
+    live = {"now": 0, "peak": 0, "total": 0}
+
+    def gone():
+        live["now"] -= 1
+
+    def counted(line):
+        row = Row(rows_mod.json.loads(line))
+        live["now"] += 1
+        live["total"] += 1
+        live["peak"] = max(live["peak"], live["now"])
+        weakref.finalize(row, gone)
+        return row
+
+    monkeypatch.setattr(rows_mod, "load_row", counted)
+    shard = 3
+    streamed = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "many"),
+                                                 engine={"workers": 0, "shard_size": shard}, **kw))
+    n_rows = streamed.summary[0]["keep"]
+    print(f"rows {n_rows}, rows materialised {live['total']}, peak alive {live['peak']} (shard size {shard})")
+    assert n_rows >= 9 * shard and live["total"] >= 5 * n_rows  # every stage read the rows through the reader
+    assert live["peak"] <= 2 * shard
+    assert streamed.decisions.read_bytes() == whole.decisions.read_bytes()
+    assert streamed.rows_per_task == whole.rows_per_task
+    for task in whole.rows_per_task:
+        assert (streamed.data / task / "data.jsonl").read_bytes() == (whole.data / task / "data.jsonl").read_bytes()
+    assert sum(1 for x in whole.decisions.read_text().splitlines() if '"drop"' in x) >= 8
+
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8,
+                                             "head_width": 32},
+             "text_cfg": {"context_length": 16, "vocab_size": 100, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.mark.parametrize("library", ["timm", "open_clip"])
+def test_timm_and_open_clip_checkpoints_give_the_models_own_features(tmp_path, library):
+    """A tiny randomly initialised timm / open_clip model saved to a file: the descriptor built from that file (by
+    name, random init, then the file loaded; no hub) equals the saved model's own forward on the same
+    preprocessed input, normalised with the model's own mean / std."""
+    pkg = pytest.importorskip(library)
+    import torch
+    from safetensors.torch import save_file
+
+    from firered_core.data.config import EmbeddingConfig
+    from firered_core.data.embeddings import EmbeddingModel
+
+    torch.manual_seed(0)
+    if library == "timm":
+        arch, size = "test_convnext", 64
+        model = pkg.create_model(arch, pretrained=False)
+        mean = model.pretrained_cfg["mean"]
+    else:
+        arch, size = str(tmp_path / "tiny_clip.json"), 32
+        Path(arch).write_text(json.dumps(TINY_CLIP))
+        pkg.add_model_config(arch)
+        model = pkg.create_model("tiny_clip", pretrained=None, pretrained_text=False)
+        mean = model.visual.preprocess_cfg["mean"]
+    weights = tmp_path / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+    emb = EmbeddingModel(EmbeddingConfig(library=library, arch=arch, weights=str(weights), size=size))
+    arr = np.random.default_rng(0).integers(0, 256, (40, 50, 3), dtype=np.uint8)
+    x = emb.preprocess(arr)
+    assert x.shape == (1, 3, size, size) and torch.allclose(emb.mean.flatten(), torch.tensor(mean))
+    model.eval()
+    with torch.no_grad():
+        if library == "timm":
+            model.reset_classifier(0)
+            want = model(x)[0]
+        else:
+            want = model.encode_image(x)[0]
+    want = (want / want.norm()).numpy()
+    got = np.asarray(emb(arr))
+    print(f"{library}: {len(got)} features, max |diff| {np.abs(got - want).max():.2e}")
+    assert got.shape == want.shape and np.abs(got - want).max() < 1e-6
+    wrong = "test_resnet"
+    if library == "open_clip":  # another tiny config: the same layers, wider
+        wrong = str(tmp_path / "wider_clip.json")
+        Path(wrong).write_text(json.dumps({**TINY_CLIP, "embed_dim": 48}))
+    with pytest.raises(DataToolError, match=f"does not fit {library} {re.escape(wrong)}"):
+        EmbeddingModel(EmbeddingConfig(library=library, arch=wrong, weights=str(weights), size=size))
+    with pytest.raises(DataToolError, match="embedding.arch"):
+        EmbeddingModel(EmbeddingConfig(library=library, arch="no_such_model", weights=str(weights), size=size))
+
+
+def test_ray_actor_scorer_scores_as_the_workers_do(tmp_path):
+    """The class Ray's GPU actor pool runs (built once per actor, fed batches of shard ranges) returns the scores
+    the task / local-pool path computes for the same shards."""
+    from firered_core.data.engines import _ShardScorer, score_shard
+    from firered_core.data.rows import Shards, iter_input
+
+    from firered_core.data.files import write_jsonl
+
+    _small_set(tmp_path)
+    write_jsonl(tmp_path / "rows.jsonl", (row for row, _ in iter_input(tmp_path / "raw" / "data")))
+    shards = Shards.of(tmp_path / "rows.jsonl", 4)
+    spec = json.dumps({"config": {"kind": "photometric"}, "context": {"output": str(tmp_path), "analysis_size": 64}})
+    batch = {"shard": np.arange(len(shards)), "path": np.array([shards.path] * len(shards)),
+             "start": np.array(shards.bounds[:-1]), "end": np.array(shards.bounds[1:])}
+    got = _ShardScorer(spec)(batch)
+    assert list(got["shard"]) == list(range(len(shards))) and len(shards) >= 3
+    assert got["result"] == [score_shard(spec, shards.path, a, b) for a, b in zip(shards.bounds, shards.bounds[1:])]
+    assert sum(len(json.loads(r)) for r in got["result"]) == sum(len(s) for s in shards)

@@ -27,14 +27,16 @@ class EngineConfig(_Model):
     workers: int = Field(2, ge=0, le=1024, description="processes (local; 0 = in this process) or Ray concurrency")
     shard_size: int = Field(64, ge=1, le=1_000_000, description="rows per shard: the unit of work and of resume")
     address: str | None = Field(None, description="Ray cluster address; None starts a local Ray")
-    gpus_per_actor: float = Field(0.0, ge=0, le=16, description="GPUs per actor of stages that run a model")
+    gpus_per_actor: float = Field(0.0, ge=0, le=16, description="Ray: GPUs per actor of stages that run a model "
+                                  "(> 0: an actor pool, one model per GPU actor; 0: CPU tasks, one model per worker)")
 
 
 class EmbeddingConfig(_Model):
     """A user image model for copy-detection-style descriptors (penultimate features, L2-normalised)."""
 
-    library: Literal["torchvision"] = "torchvision"
-    arch: str = Field("resnet18", description="torchvision.models name")
+    library: Literal["torchvision", "timm", "open_clip"] = Field(
+        "torchvision", description="which package builds arch (timm / open_clip only when installed)")
+    arch: str = Field("resnet18", description="model name in that library (open_clip: or a model-config .json)")
     weights: str = Field(..., description="safetensors file, or a weights-only .pt/.pth state dict")
     size: int = Field(224, ge=16, le=1024)
     device: str = "cpu"

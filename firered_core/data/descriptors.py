@@ -53,6 +53,11 @@ def hash_bits(hexes: list[str]) -> np.ndarray:
     return np.concatenate([np.unpackbits(np.frombuffer(bytes.fromhex(h), dtype=np.uint8)) for h in hexes])
 
 
+def hash_bytes(hexes: list[str]) -> np.ndarray:
+    """Hex hashes -> their bytes concatenated (uint8): the packed form the kNN search takes."""
+    return np.frombuffer(b"".join(bytes.fromhex(h) for h in hexes), dtype=np.uint8)
+
+
 def hamming(a: str, b: str) -> int:
     return int((hash_bits([a]) != hash_bits([b])).sum())
 

@@ -15,6 +15,8 @@ PACKAGES = {
     "faiss": "faiss-cpu",
     "cv2": "opencv-python-headless",
     "ray": "ray[data]",
+    "timm": "timm",
+    "open_clip": "open_clip_torch",
 }
 
 

@@ -21,16 +21,15 @@ def _numpy_notice() -> None:
         _WARNED = True
 
 
-def hamming_pairs(bits: np.ndarray, k: int, radius: int) -> list[tuple[int, int, int]]:
+def hamming_pairs(packed: np.ndarray, k: int, radius: int) -> list[tuple[int, int, int]]:
     """(i, j, distance) with i < j for every j among i's k nearest in Hamming distance within ``radius``.
 
-    ``bits``: [N, D] of 0/1, D a multiple of 8.
+    ``packed``: [N, B] uint8, each row B bytes of hash bits (``np.packbits`` of 0/1 vectors).
     """
-    n = len(bits)
+    n = len(packed)
     if n < 2:
         return []
-    packed = np.packbits(bits.astype(np.uint8), axis=1)
-    dist, idx = _search(packed, min(k + 1, n), inner=False)
+    dist, idx = _search(np.ascontiguousarray(packed, dtype=np.uint8), min(k + 1, n), inner=False)
     return _pairs(dist, idx, lambda d: d <= radius)
 
 
@@ -85,18 +84,22 @@ def _pairs(dist, idx, ok) -> list:
     return [(a, b, d) for (a, b), d in sorted(best.items())]
 
 
-def clusters(n: int, pairs) -> list[int]:
-    """Connected components (union-find): the smallest member index labels each cluster."""
-    parent = list(range(n))
+def clusters(n: int, pairs) -> np.ndarray:
+    """Connected components (union-find over an int64 array): the smallest member index labels each cluster."""
+    parent = np.arange(n, dtype=np.int64)
 
     def find(i: int) -> int:
         while parent[i] != i:
             parent[i] = parent[parent[i]]
-            i = parent[i]
+            i = int(parent[i])
         return i
 
     for a, b, *_ in pairs:
-        ra, rb = find(a), find(b)
+        ra, rb = find(int(a)), find(int(b))
         if ra != rb:
             parent[max(ra, rb)] = min(ra, rb)
-    return [find(i) for i in range(n)]
+    while True:  # every parent is <= its child: jumping to the parent's parent ends at the smallest member
+        nxt = parent[parent]
+        if np.array_equal(nxt, parent):
+            return parent
+        parent = nxt

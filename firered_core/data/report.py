@@ -4,10 +4,14 @@ dropped rows and of the kept rows nearest a cut-off (borderline). One self-conta
 from __future__ import annotations
 
 import base64
+import heapq
 import html
 import io
+import json
 import math
+from array import array
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image
@@ -20,10 +24,11 @@ STYLE = ("body{font-family:sans-serif;margin:20px;color:#222}h1{font-size:20px}h
          ".cell img{display:block}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:3px 8px}")
 
 
-def histogram_svg(values: list[float], cutoffs: dict | None, title: str, bins: int = 30) -> str:
+def histogram_svg(values, cutoffs: dict | None, title: str, bins: int = 30) -> str:
     """An inline SVG histogram with the low / high cut-offs as red dashed lines."""
     w, h, pad = 380, 140, 28
-    vals = np.asarray([v for v in values if v is not None and math.isfinite(v)], dtype=np.float64)
+    vals = np.asarray(values, dtype=np.float64)
+    vals = vals[np.isfinite(vals)]
     cuts = [(k, c) for k, c in (cutoffs or {}).items() if c is not None and math.isfinite(c)]
     if not len(vals):
         return f"<p>{html.escape(title)}: no values</p>"
@@ -65,10 +70,8 @@ def _thumb(path: str, size: int) -> str:
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
 
 
-def _cell(d: dict, row: dict | None, size: int) -> str:
-    pics = ""
-    if row is not None:
-        pics = "".join(_thumb(p, size) for p in [*row["sources"][:1], row["target"]])
+def _cell(d: dict, row: dict, size: int) -> str:
+    pics = "".join(_thumb(p, size) for p in [*row["sources"][:1], row["target"]] if p)
     scores = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["scores"].items()
                        if isinstance(v, (int, float)))
     return (f'<div class="cell"><div style="display:flex;gap:2px">{pics}</div><b>{html.escape(d["row"])}</b><br>'
@@ -89,27 +92,42 @@ def _margin(d: dict, cutoffs: dict, spread: dict) -> float:
     return best
 
 
-def write_stage_report(path: Path, name: str, kind: str, result: dict, rows: dict[str, dict], cfg) -> None:
-    decisions, cutoffs = result["decisions"], result["cutoffs"]
-    values = dict(result["values"])
-    for d in decisions:  # scores the stage did not give a full distribution for: the per-row values
+def _decisions(path: Path, pics: Path) -> Iterator[tuple[dict, dict]]:
+    """A stage's decisions with, for each, the pictures of its row (``{"sources": [...], "target"}``)."""
+    with open(path, encoding="utf-8") as fd, open(pics, encoding="utf-8") as fp:
+        for d, row in zip(fd, fp):
+            yield json.loads(d), json.loads(row)
+
+
+def write_stage_report(path: Path, name: str, kind: str, decisions: Path, pics: Path, cutoffs: dict,
+                       values: dict[str, np.ndarray], cfg) -> None:
+    """The stage's report from its decisions file, read twice (counts, dropped rows and per-row values; then the
+    borderline rows, which need every value's spread): the decisions are never all in memory."""
+    values = dict(values)
+    extra: dict[str, array] = {}  # scores the stage did not give a full distribution for: the per-row values
+    counts = {v: 0 for v in ("keep", "drop", "fix", "add")}
+    dropped = []
+    for d, row in _decisions(decisions, pics):
+        counts[d["verdict"]] = counts.get(d["verdict"], 0) + 1
+        if d["verdict"] == "drop" and len(dropped) < cfg.thumbnails:
+            dropped.append((d, row))
         for k, v in d["scores"].items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in result["values"]:
-                values.setdefault(k, []).append(v)
-    spread = {k: (float(np.std(v)) or 1.0) for k, v in values.items() if v}
-    counts = {v: sum(d["verdict"] == v for d in decisions) for v in ("keep", "drop", "fix", "add")}
-    dropped = [d for d in decisions if d["verdict"] == "drop"][:cfg.thumbnails]
-    kept = [d for d in decisions if d["verdict"] == "keep"]
-    border = sorted((d for d in kept if math.isfinite(_margin(d, cutoffs, spread))),
-                    key=lambda d: _margin(d, cutoffs, spread))[:cfg.thumbnails // 2]
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in values:
+                extra.setdefault(k, array("d")).append(v)
+    values.update({k: np.frombuffer(v, dtype=np.float64) for k, v in extra.items()})
+    spread = {k: (float(np.std(v)) or 1.0) for k, v in values.items() if len(v)}
+    kept = ((d, row) for d, row in _decisions(decisions, pics) if d["verdict"] == "keep")
+    border = heapq.nsmallest(cfg.thumbnails // 2, ((d, row) for d, row in kept
+                                                   if math.isfinite(_margin(d, cutoffs, spread))),
+                             key=lambda x: _margin(x[0], cutoffs, spread))
     hists = "".join(histogram_svg(v, cutoffs.get(k), k) for k, v in sorted(values.items()))
     body = [f"<h1>Stage {html.escape(name)} ({html.escape(kind)})</h1>",
             "<p>" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ' · <a href="index.html">all stages</a></p>',
             "<h2>Scores and cut-offs</h2>", f'<div class="grid">{hists or "<p>no numeric scores</p>"}</div>',
             f"<h2>Dropped ({counts['drop']}, first {len(dropped)} shown)</h2>",
-            '<div class="grid">' + "".join(_cell(d, rows.get(d["row"]), cfg.thumb_size) for d in dropped) + "</div>",
+            '<div class="grid">' + "".join(_cell(d, row, cfg.thumb_size) for d, row in dropped) + "</div>",
             f"<h2>Borderline kept rows ({len(border)})</h2>",
-            '<div class="grid">' + "".join(_cell(d, rows.get(d["row"]), cfg.thumb_size) for d in border) + "</div>"]
+            '<div class="grid">' + "".join(_cell(d, row, cfg.thumb_size) for d, row in border) + "</div>"]
     write_text(path, f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}</title>"
                      f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
 

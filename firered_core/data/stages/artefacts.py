@@ -40,7 +40,7 @@ class ArtefactStage(Stage):
             lim["codes"] = 0.5
         return lim
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         lim = self.limits()
         kept, decisions = [], []
         for row, s in zip(rows, scores):

@@ -1,13 +1,21 @@
-"""What every stage is: score items (in workers: pure, per item), then decide (on the driver: global fits)."""
+"""What every stage is: score items (in workers: pure, per item), then decide (on the driver), shard by shard.
+
+Stages whose decisions depend on the whole data set (de-duplication, photometric quantiles, sampling quotas) first
+``fit`` on one streaming pass over all shards, keeping only compact per-row descriptors in a :class:`Spill`; then
+``decide`` runs per shard with ``start``, the global index of the shard's first row. Called alone on rows in
+memory, ``decide`` fits on those rows first (unit tests, evaluation).
+"""
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Callable, ClassVar, Iterable
 
 import numpy as np
+
+from ..spill import Spill
 
 KEEP, DROP, FIX, ADD = "keep", "drop", "fix", "add"
 
@@ -29,7 +37,6 @@ class StageResult:
     rows: list[dict]  # the rows the next stage sees (kept, fixed and added)
     decisions: list[dict]  # {"row", "verdict", "reason", "scores"} per row (and per added row)
     cutoffs: dict[str, dict[str, float | None]] = field(default_factory=dict)  # score -> {"low", "high"}
-    values: dict[str, list[float]] = field(default_factory=dict)  # score -> every measured value (histograms)
     extra: dict[str, list[dict]] = field(default_factory=dict)  # side outputs: "negatives" rows
 
 
@@ -38,8 +45,11 @@ def decision(row: dict, verdict: str, reason: str = "", **scores) -> dict:
             "scores": {k: (round(v, 6) if isinstance(v, float) else v) for k, v in scores.items()}}
 
 
+ShardPass = Callable[[], Iterable[tuple[list[dict], list[dict]]]]  # a fresh pass of (rows, scores) per shard
+
+
 class Stage:
-    """Base: ``items`` are the rows unless a stage works on something else (mask records)."""
+    """Base: the items scored are the rows unless ``side_items`` gives something else (mask records)."""
 
     kind: ClassVar[str] = ""
     uses_model: ClassVar[bool] = False  # Ray runs it in an actor pool (GPUs when configured)
@@ -56,13 +66,42 @@ class Stage:
     def check(self) -> None:
         """Raise MissingExtra before any work when a configured descriptor's package is absent."""
 
-    def items(self, rows: list[dict]) -> list[dict]:
-        return rows
+    def side_items(self) -> list[dict] | None:
+        """Items to score instead of the rows (None: the rows). Their decisions follow the rows'."""
+        return None
 
     def score(self, item: dict) -> dict:
         return {}
 
-    def decide(self, rows: list[dict], items: list[dict], scores: list[dict]) -> StageResult:
+    def fit(self, shards: ShardPass, spill: Spill) -> None:
+        """Dataset-level statistics from one pass over every shard (stages that need them)."""
+
+    def report_values(self) -> dict[str, np.ndarray]:
+        """Every measured value of the scores the fit saw (report histograms); others come from the decisions."""
+        return {}
+
+    def decide(self, rows: list[dict], items: list[dict], scores: list[dict], start: int = 0) -> StageResult:
+        raise NotImplementedError
+
+
+class FittedStage(Stage):
+    """A stage whose decisions need :meth:`fit` first; ``decide`` on rows in memory fits on them."""
+
+    fitted = False
+
+    def fit(self, shards: ShardPass, spill: Spill) -> None:
+        self.fitted = True
+        self._fit(shards, spill)
+
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
+        raise NotImplementedError
+
+    def decide(self, rows: list[dict], items: list[dict], scores: list[dict], start: int = 0) -> StageResult:
+        if not self.fitted:
+            self.fit(lambda: [(rows, scores)], Spill())
+        return self._decide(rows, scores, start)
+
+    def _decide(self, rows: list[dict], scores: list[dict], start: int) -> StageResult:
         raise NotImplementedError
 
 

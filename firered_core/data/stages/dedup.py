@@ -3,17 +3,20 @@ clusters), keeping the best row of each cluster; also labels each row's source c
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
-from ..descriptors import hash_bits, perceptual_hashes, sharpness_only
+from ..descriptors import hash_bytes, perceptual_hashes, sharpness_only
 from ..extras import require
 from ..imageops import downscale, load_rgb, pixel_hash
 from ..knn import clusters, cosine_pairs, hamming_pairs
 from ..rows import row_images
-from .base import DROP, KEEP, Stage, StageResult, decision
+from ..spill import Spill
+from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision
 
 
-class DedupStage(Stage):
+class DedupStage(FittedStage):
     kind = "dedup"
 
     @property
@@ -47,87 +50,130 @@ class DedupStage(Stage):
         out["sharpness"] = sharpness_only(downscale(target, self.ctx.analysis_size))
         return out
 
-    def decide(self, rows, items, scores) -> StageResult:
-        n = len(rows)
-        # the best first: resolution, then sharpness, then input order
-        order = sorted(range(n), key=lambda i: (-scores[i]["pixels"], -round(scores[i]["sharpness"], 6), i))
-        rank = {i: r for r, i in enumerate(order)}
-        dropped: dict[int, tuple[int, str, dict]] = {}
-        if self.cfg.exact:
-            first: dict[tuple, int] = {}
-            for i in order:
-                key = tuple(scores[i]["sha"])
-                if key in first:
-                    dropped[i] = (first[key], "exact duplicate", {"distance": 0})
-                else:
-                    first[key] = i
-        alive = [i for i in range(n) if i not in dropped]
-        pairs = self._near_pairs(alive, scores)
-        labels = clusters(len(alive), pairs)
-        members: dict[int, list[int]] = {}
-        for a, lab in zip(alive, labels):
-            members.setdefault(lab, []).append(a)
-        for group in members.values():
-            best = min(group, key=rank.__getitem__)
-            for i in group:
-                if i != best:
-                    dropped[i] = (best, "near duplicate", {"distance": self._distance(scores[i], scores[best])})
-        source_cluster = self._source_clusters(scores)
-        decisions, kept, sizes = [], [], {}
-        for i in range(n):
-            keeper = dropped[i][0] if i in dropped else i
-            sizes[keeper] = sizes.get(keeper, 0) + 1
-        for i, row in enumerate(rows):
-            s = scores[i]
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
+        """One pass spills per row: its uid, a 64-bit hash of its images' pixel hashes, resolution, rounded
+        sharpness, and per image count its packed pHashes / float32 embeddings; then exact duplicates, the kNN
+        graph, clusters and each row's keeper are computed on those arrays."""
+        n = 0
+        for rows, scores in shards():
+            spill.append_bytes("uid", [r["uid"].encode("utf-8") for r in rows])
+            spill.append("sha", [_hash64(s["sha"]) for s in scores], np.uint64)
+            spill.append("pixels", [s["pixels"] for s in scores], np.int64)
+            spill.append("sharp", [round(s["sharpness"], 6) for s in scores], np.float64)
+            counts = [len(s["phash"] or s["emb"]) for s in scores]
+            spill.append("count", counts, np.int32)
+            for count in sorted(set(counts)):
+                mine = [j for j, c in enumerate(counts) if c == count]
+                spill.append(f"row{count}", [n + j for j in mine], np.int64)
+                if self.cfg.use_hashes:
+                    spill.append(f"phash{count}", [hash_bytes(scores[j]["phash"]) for j in mine], np.uint8)
+                if self.cfg.embedding is not None:
+                    spill.append(f"emb{count}", [np.concatenate(scores[j]["emb"]) for j in mine], np.float32)
+            n += len(rows)
+        self.n, self.uids = n, spill.strings("uid")
+        self.counts = spill.get("count", np.int32)
+        self.groups = {c: self._load_group(spill, c) for c in map(int, np.unique(np.asarray(self.counts)))}
+        sha, pixels, sharp = (np.asarray(spill.get(k)) for k in ("sha", "pixels", "sharp"))
+        order = np.lexsort((np.arange(n), -sharp, -pixels))  # the best first: resolution, sharpness, input order
+        rank = np.empty(n, dtype=np.int64)
+        rank[order] = np.arange(n)
+        keeper = np.arange(n, dtype=np.int64)
+        self.what = np.zeros(n, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
+        if self.cfg.exact and n:
+            _, first, inv = np.unique(sha[order], return_index=True, return_inverse=True)
+            keeper[order] = order[first[inv]]
+            self.what[keeper != np.arange(n)] = 1
+        alive = self.what == 0
+        labels = clusters(n, self._near_pairs(alive))
+        best = np.full(n, -1, dtype=np.int64)  # per component label: its member of the smallest rank
+        by = np.lexsort((rank, labels))
+        firsts = by[np.r_[True, labels[by][1:] != labels[by][:-1]]] if n else by
+        best[labels[firsts]] = firsts
+        near = alive & (best[labels] != np.arange(n))
+        keeper[near] = best[labels][near]
+        self.what[near] = 2
+        self.keeper = keeper
+        self.sizes = np.bincount(keeper, minlength=n)
+        self.source_cluster = self._source_clusters()
+
+    def _decide(self, rows, scores, start) -> StageResult:
+        decisions, kept = [], []
+        for i, (row, s) in enumerate(zip(rows, scores), start=start):
             common = dict(quality_pixels=s["pixels"], quality_sharpness=s["sharpness"])
-            if i in dropped:
-                best, what, extra = dropped[i]
-                decisions.append(decision(row, DROP, f"{what} of {rows[best]['uid']}", **extra, **common))
+            if self.what[i]:
+                best = int(self.keeper[i])
+                what, extra = (("exact duplicate", {"distance": 0}) if self.what[i] == 1 else
+                               ("near duplicate", {"distance": self._distance(i, best)}))
+                decisions.append(decision(row, DROP, f"{what} of {self.uids[best]}", **extra, **common))
             else:
-                kept.append({**row, "cluster": rows[source_cluster[i]]["uid"]})
-                decisions.append(decision(row, KEEP, "", cluster_size=sizes.get(i, 1), **common))
+                kept.append({**row, "cluster": self.uids[int(self.source_cluster[i])]})
+                decisions.append(decision(row, KEEP, "", cluster_size=int(self.sizes[i]), **common))
         return StageResult(rows=kept, decisions=decisions)
 
-    def _near_pairs(self, alive: list[int], scores: list[dict]) -> list[tuple[int, int, float]]:
-        """Edges between alive rows (indices into ``alive``) whose every image matches."""
+    def _load_group(self, sp: Spill, count: int) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Rows with ``count`` images, their packed pHashes and their embeddings (None when not configured)."""
+        rows = np.asarray(sp.get(f"row{count}", np.int64))
+        bits = sp.get(f"phash{count}", np.uint8, (8 * count,)) if self.cfg.use_hashes else None
+        emb = sp.get(f"emb{count}", np.float32) if self.cfg.embedding is not None else None
+        return rows, bits, emb
+
+    def _position(self, i: int) -> tuple[int, int]:
+        """Row i's image count and its index among the rows with that count."""
+        count = int(self.counts[i])
+        return count, int(np.searchsorted(self.groups[count][0], i))
+
+    def _near_pairs(self, alive: np.ndarray) -> list[tuple[int, int, float]]:
+        """Edges (row indices) between alive rows whose every image matches."""
         pairs = []
-        by_len: dict[int, list[int]] = {}
-        for pos, i in enumerate(alive):
-            by_len.setdefault(len(scores[i]["phash"] or scores[i]["emb"]), []).append(pos)
         k = self.cfg.neighbours
-        for count, positions in by_len.items():
+        for count, (rows, bits, emb) in self.groups.items():
             if count == 0:
                 continue
+            live = np.flatnonzero(alive[rows])
             if self.cfg.use_hashes:
-                bits = np.stack([hash_bits(scores[alive[p]]["phash"]) for p in positions])
-                for a, b, _ in hamming_pairs(bits, k, self.cfg.hash_bits * count):
-                    sa, sb = scores[alive[positions[a]]], scores[alive[positions[b]]]
-                    if self._max_bits(sa, sb) <= self.cfg.hash_bits:
-                        pairs.append((positions[a], positions[b], 0.0))
+                packed = np.asarray(bits)[live]
+                for a, b, _ in hamming_pairs(packed, k, self.cfg.hash_bits * count):
+                    if _max_bits(packed[a], packed[b]) <= self.cfg.hash_bits:
+                        pairs.append((int(rows[live[a]]), int(rows[live[b]]), 0.0))
             if self.cfg.embedding is not None:
-                vec = np.stack([np.concatenate(scores[alive[p]]["emb"]) / np.sqrt(count) for p in positions])
-                for a, b, _ in cosine_pairs(vec, k, self.cfg.embedding.threshold - 1e-6):
-                    sa, sb = scores[alive[positions[a]]], scores[alive[positions[b]]]
-                    if min(_cos(x, y) for x, y in zip(sa["emb"], sb["emb"])) >= self.cfg.embedding.threshold:
-                        pairs.append((positions[a], positions[b], 0.0))
+                vec = np.asarray(emb)[live].astype(np.float64)
+                for a, b, _ in cosine_pairs(vec / np.sqrt(count), k, self.cfg.embedding.threshold - 1e-6):
+                    if _min_cos(vec[a], vec[b], count) >= self.cfg.embedding.threshold:
+                        pairs.append((int(rows[live[a]]), int(rows[live[b]]), 0.0))
         return pairs
 
-    @staticmethod
-    def _max_bits(a: dict, b: dict) -> int:
-        return max(int((hash_bits([x]) != hash_bits([y])).sum()) for x, y in zip(a["phash"], b["phash"]))
-
-    def _distance(self, a: dict, b: dict) -> float:
+    def _distance(self, i: int, j: int) -> float:
+        count, pi = self._position(i)
+        _, pj = self._position(j)
+        _, bits, emb = self.groups[count]
         if self.cfg.use_hashes:
-            return float(self._max_bits(a, b))
-        return round(1.0 - min(_cos(x, y) for x, y in zip(a["emb"], b["emb"])), 6)
+            return float(_max_bits(np.asarray(bits[pi]), np.asarray(bits[pj])))
+        return round(1.0 - _min_cos(np.asarray(emb[pi], np.float64), np.asarray(emb[pj], np.float64), count), 6)
 
-    def _source_clusters(self, scores: list[dict]) -> list[int]:
+    def _source_clusters(self) -> np.ndarray:
         """Rows whose first image (the first source, or the target) is a near duplicate share a cluster."""
         if not self.cfg.use_hashes:
-            return list(range(len(scores)))
-        bits = np.stack([hash_bits(s["phash"][:1]) for s in scores])
-        return clusters(len(scores), hamming_pairs(bits, self.cfg.neighbours, self.cfg.hash_bits))
+            return np.arange(self.n)
+        first = np.zeros((self.n, 8), dtype=np.uint8)
+        for rows, bits, _ in self.groups.values():
+            first[rows] = np.asarray(bits)[:, :8]
+        return clusters(self.n, hamming_pairs(first, self.cfg.neighbours, self.cfg.hash_bits))
 
 
-def _cos(x: list[float], y: list[float]) -> float:
+def _hash64(hexes: list[str]) -> int:
+    """A row's images' pixel hashes as one 64-bit number (exact duplicates: every image identical)."""
+    return int.from_bytes(hashlib.sha256("|".join(hexes).encode()).digest()[:8], "little")
+
+
+def _max_bits(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest per-image Hamming distance between two rows' packed 64-bit hashes."""
+    return int(np.unpackbits(np.bitwise_xor(a, b).reshape(-1, 8), axis=1).sum(axis=1).max())
+
+
+def _min_cos(a: np.ndarray, b: np.ndarray, count: int) -> float:
+    """The smallest per-image cosine similarity between two rows' concatenated embeddings."""
+    return min(_cos(x, y) for x, y in zip(np.split(a, count), np.split(b, count)))
+
+
+def _cos(x: np.ndarray, y: np.ndarray) -> float:
     return float(np.dot(x, y) / (np.linalg.norm(x) * np.linalg.norm(y) + 1e-12))

@@ -32,7 +32,7 @@ class _PairStage(Stage):
     def cutoffs(self) -> dict:
         raise NotImplementedError
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         kept, decisions = [], []
         for row, s in zip(rows, scores):
             verdict, reason = self.verdict(row, s) if s else (KEEP, "no source image")

@@ -8,10 +8,11 @@ import numpy as np
 from ..descriptors import LOG_FIT, photometric
 from ..imageops import downscale, load_rgb
 from ..rows import row_images
-from .base import DROP, KEEP, Stage, StageResult, decision, tail_cutoffs
+from ..spill import Spill
+from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision, tail_cutoffs
 
 
-class PhotometricStage(Stage):
+class PhotometricStage(FittedStage):
     kind = "photometric"
 
     def score(self, row: dict) -> dict:
@@ -22,10 +23,19 @@ class PhotometricStage(Stage):
             out.append({k: v for k, v in desc.items() if k in self.cfg.descriptors})
         return {"images": out}
 
-    def decide(self, rows, items, scores) -> StageResult:
-        values = {k: np.array([img[k] for s in scores for img in s["images"]], dtype=np.float64)
-                  for k in self.cfg.descriptors}
-        cuts = {k: self._fit(k, values[k], t) for k, t in self.cfg.descriptors.items()}
+    def _fit(self, shards: ShardPass, spill: Spill) -> None:
+        """Every image's descriptors (float64, 8 bytes each) spilled, then the quantile cut-offs fitted."""
+        for _, scores in shards():
+            for k in self.cfg.descriptors:
+                spill.append(k, [img[k] for s in scores for img in s["images"]], np.float64)
+        self.values = {k: spill.get(k, np.float64) for k in self.cfg.descriptors}
+        self.cuts = {k: self._cut(k, np.asarray(self.values[k]), t) for k, t in self.cfg.descriptors.items()}
+
+    def report_values(self) -> dict[str, np.ndarray]:
+        return self.values
+
+    def _decide(self, rows, scores, start) -> StageResult:
+        cuts = self.cuts
         kept, decisions = [], []
         for row, s in zip(rows, scores):
             names = ["source %d" % (i + 1) for i in range(len(row["sources"]))] + ["target"]
@@ -42,10 +52,9 @@ class PhotometricStage(Stage):
             decisions.append(decision(row, verdict, "; ".join(reasons), **worst))
             if verdict == KEEP:
                 kept.append(row)
-        return StageResult(rows=kept, decisions=decisions, cutoffs=cuts,
-                           values={k: v.tolist() for k, v in values.items()})
+        return StageResult(rows=kept, decisions=decisions, cutoffs=cuts)
 
-    def _fit(self, name: str, values: np.ndarray, tail) -> dict[str, float | None]:
+    def _cut(self, name: str, values: np.ndarray, tail) -> dict[str, float | None]:
         if name not in LOG_FIT:
             return tail_cutoffs(values, tail.low, tail.high, self.cfg.fence)
         cut = tail_cutoffs(np.log(values + 1e-3), tail.low, tail.high, self.cfg.fence)

@@ -59,7 +59,7 @@ class SplitTasksStage(Stage):
             raise DataToolError(f"stage '{self.name}': {exc}") from None
         return ChatClient(endpoint, seed=0)
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         from ...llm import ChatError
 
         cfg = self.cfg

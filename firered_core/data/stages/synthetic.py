@@ -37,7 +37,8 @@ class MaskPairsStage(Stage):
         if self.cfg.mode == "inpaint":
             require("cv2", f"stage '{self.name}' (mode: inpaint)")
 
-    def items(self, rows: list[dict]) -> list[dict]:
+    def side_items(self) -> list[dict]:
+        """The mask records (held in memory: the paste cycle pairs each record with another)."""
         path = Path(self.cfg.masks)
         if not path.is_file():
             raise DataToolError(f"stage '{self.name}': masks file {path} not found")
@@ -83,7 +84,7 @@ class MaskPairsStage(Stage):
         write_bytes(paths["without"], _png(without))
         return {"with": str(paths["with"]), "without": str(paths["without"]), "mask_share": share}
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         out, decisions = list(rows), keep_all(rows)
         for item, s in zip(items, scores):
             if "error" in s:
@@ -110,7 +111,7 @@ class InvertStage(Stage):
     kind = "invert"
     scores_items = False
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         out, decisions = list(rows), keep_all(rows)
         for row in rows:
             rec = row["record"]
@@ -167,7 +168,7 @@ class NegativesStage(Stage):
     kind = "hard_negatives"
     scores_items = False
 
-    def decide(self, rows, items, scores) -> StageResult:
+    def decide(self, rows, items, scores, start=0) -> StageResult:
         negatives, decisions = [], []
         for row in rows:
             rec = row["record"]
