@@ -97,7 +97,7 @@ def onnx_embedder(path: Path, input_size: int = 112) -> torch.nn.Module:
 
 def check_onnx_conversion(module: torch.nn.Module, session, path: Path, input_size: int) -> float:
     """Run one random crop batch through both; raise if the converted module disagrees with onnxruntime."""
-    (inp,) = session.get_inputs()[:1]
+    inp = session.get_inputs()[0]
     shape = [d if isinstance(d, int) and d > 0 else (2 if k == 0 else 3 if k == 1 else input_size)
              for k, d in enumerate(inp.shape)]
     x = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
