@@ -1,5 +1,5 @@
-"""Peak memory of one LoRA training step with each low-VRAM switch (fp8 base, block swap, checkpointing +
-activation offload) against plain LoRA training, one fresh process per variant.
+"""Peak memory of one LoRA training step with each low-VRAM switch (fp8 base, block swap, checkpointing, activation
+offload, and all of them) against plain LoRA training, one fresh process per variant, as ratios to plain.
 
     python -m benchmarks.lowvram_training                      # CPU: peak RSS of the step, small transformer
     python -m benchmarks.lowvram_training --device cuda --layers 60 --heads 24 --size 1024   # full size, peak VRAM
@@ -7,7 +7,10 @@ activation offload) against plain LoRA training, one fresh process per variant.
 The transformer is the FireRed architecture with random weights (``_common.full_size_transformer``); the frozen
 base is bf16 on a GPU (fp32 on a CPU), the LoRA (rank 16, FireRed's targets) fp32. The step's peak is measured after
 the model is built and converted (VmHWM reset through /proc/self/clear_refs on Linux; CUDA's peak statistics on a
-GPU), so it is the step's own. The loss of each variant is printed to show the switches keep the step's result.
+GPU), so it is the step's own: the table gives the process's peak RSS and the step's growth over the RSS before it
+(on a CPU) or the peak VRAM (on a GPU), each as a ratio to plain. The loss of each variant and its relative
+difference to plain's show the switches keep the step's result (the equal-loss check itself is a test:
+tests/test_posttrain_lowvram.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from benchmarks._common import cell, machine, peak_rss_mb, peak_vram_gib, reset_
 VARIANTS = {
     "plain": {},
     "checkpointing": {"checkpointing": True},
+    "activation offload": {"offload_activations": True},
     "checkpointing + offload": {"checkpointing": True, "offload_activations": True},
     "fp8 base": {"fp8_base": True},
     "block swap": {"block_swap": True},
@@ -107,17 +111,24 @@ def main(argv: list[str] | None = None) -> None:
             str(args.size), "--threads", str(args.threads)]
     rows = {v: run_worker("benchmarks.lowvram_training", [*base, "--variant", v]) for v in VARIANTS}
     plain = rows["plain"]
-    print(f"{'variant':26} {'device weights MiB':>18} {'step peak RSS MiB':>17} {'peak VRAM GiB':>13} "
-          f"{'vs plain':>8} {'loss':>10}")
+    print(f"{'variant':24} {'weights MiB':>11} {'peak RSS MiB':>12} {'vs plain':>8} {'step growth MiB':>15} "
+          f"{'vs plain':>8} {'peak VRAM GiB':>13} {'vs plain':>8} {'loss':>9} {'rel. diff':>9}")
     for v, r in rows.items():
         if "error" in r:
-            print(f"{v:26} error: {r['error']}")
+            print(f"{v:24} error: {r['error']}")
             continue
-        peak = r["peak_vram_gib"] if r["peak_vram_gib"] is not None else r["peak_rss_mb"]
-        ref = plain.get("peak_vram_gib") if r["peak_vram_gib"] is not None else plain.get("peak_rss_mb")
-        ratio = peak / ref if isinstance(ref, float) and ref else None
-        print(f"{v:26} {cell(r['weights_mb'], '18.0f')} {cell(r['peak_rss_mb'], '17.0f')} "
-              f"{cell(r['peak_vram_gib'], '13.2f')} {cell(ratio, '8.2f')} {r['loss']:10.6f}")
+        r["growth_mb"] = r["peak_rss_mb"] - r["rss_before_mb"]
+        loss_ratio = ratio(r, plain, "loss")
+        print(f"{v:24} {r['weights_mb']:11.0f} {r['peak_rss_mb']:12.0f} {cell(ratio(r, plain, 'peak_rss_mb'), '8.2f')} "
+              f"{r['growth_mb']:15.0f} {cell(ratio(r, plain, 'growth_mb'), '8.2f')} "
+              f"{cell(r['peak_vram_gib'], '13.2f')} {cell(ratio(r, plain, 'peak_vram_gib'), '8.2f')} "
+              f"{r['loss']:9.6f} {cell(None if loss_ratio is None else loss_ratio - 1, '9.1e')}")
+
+
+def ratio(row: dict, plain: dict, key: str) -> float | None:
+    """``row[key] / plain[key]``, or None when either is missing (no GPU, a failed worker)."""
+    a, b = row.get(key), plain.get(key)
+    return a / b if isinstance(a, float) and isinstance(b, float) and b else None
 
 
 if __name__ == "__main__":

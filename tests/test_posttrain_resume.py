@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from firered_core.training.config import load_config
@@ -22,6 +24,9 @@ def test_dpo_resume_is_exact(tiny_model_dir, tmp_path):
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # exact: same draws, same reference (the LoRA-disabled base)
+    # the per-step statistics of the steps before the kill come back from the checkpoint
+    stats = [json.loads((tmp_path / run / "stats.json").read_text()) for run in ("full", "cut")]
+    assert stats[0] == stats[1] and list(stats[0]) == ["1", "2", "3"]
 
 
 def test_identity_resume_is_exact(tiny_model_dir, tmp_path):

@@ -5,18 +5,16 @@ On the one-step estimate ``x0_hat = x_t - sigma * v`` (flow matching), only the 
 distance. The weight ``lambda(sigma) = eta * sigma^2`` below ``cutoff`` (0.9) and 0 above it: the estimate is
 meaningless at almost pure noise, and the constraint relaxes towards low noise, where fine detail forms.
 
-Face boxes are ``[x0, y0, x1, y1]`` pixels of the target image as stored (the JSONL ``faces`` field); they are
-scaled to the training size and widened to whole latent pixels. The embedder is the user's: a ``torch.nn.Module``,
-a TorchScript file, or ``package.module:factory``; nothing is downloaded. It is frozen; gradients flow through its
-input only.
+Face boxes are ``[x0, y0, x1, y1]`` pixels of the target image as stored (the JSONL ``faces`` field, else the
+configured detector's, found once per row); they are scaled to the training size and widened to whole latent pixels.
+The embedder and the detector are the user's (:mod:`.faces`); nothing is downloaded. The embedder is frozen;
+gradients flow through its input only.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated
 
 import torch
@@ -24,12 +22,10 @@ import torch.nn.functional as F
 from pydantic import Field, with_config
 
 from .. import latents as L
-from ..errors import FireRedError
 from ..validation import CONFIG, NonNegative, PositiveInt
+from .faces import IdentityError, detected_faces, load_detector, load_embedder
 
-
-class IdentityError(FireRedError):
-    """The face embedder cannot be loaded or the identity settings are inconsistent."""
+__all__ = ["IdentityConfig", "IdentityError", "IdentityObjective", "identity_loss", "load_embedder"]
 
 
 @with_config(CONFIG)
@@ -38,9 +34,14 @@ class IdentityConfig:
     enabled: bool = False
     eta: NonNegative = 0.1
     cutoff: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # no identity loss at sigma >= cutoff
-    embedder: str = ""  # TorchScript file or "package.module:factory"
+    embedder: str = ""  # TorchScript or ONNX file, or "package.module:factory"
     input_size: Annotated[int, Field(ge=8, le=1024)] = 112  # face crops are resized to this square before embedding
     max_faces: PositiveInt = 4  # per row, the first ones in the JSONL
+    # rows without `faces`: "" (no identity term), "haar" (OpenCV 4's cascade) or "package.module:factory"
+    detector: Annotated[str, Field(pattern=r"^(|haar|[A-Za-z_][\w.]*:[A-Za-z_]\w*)$")] = ""
+    detector_scale: Annotated[float, Field(gt=1.0, le=2.0)] = 1.1  # haar: image pyramid step
+    detector_neighbors: Annotated[int, Field(ge=0, le=50)] = 5  # haar: overlapping hits a face needs
+    detector_min_size: Annotated[int, Field(ge=8, le=4096)] = 24  # haar: smallest face side, stored-image pixels
 
     def __post_init__(self):  # ranges: pydantic at load; here for direct construction and the embedder
         if self.eta < 0:
@@ -50,6 +51,11 @@ class IdentityConfig:
         if self.input_size < 8 or self.max_faces < 1:
             raise ValueError(f"identity.input_size must be >= 8 and identity.max_faces >= 1, got "
                              f"{self.input_size} and {self.max_faces}")
+        if not (1 < self.detector_scale <= 2 and 0 <= self.detector_neighbors <= 50
+                and 8 <= self.detector_min_size <= 4096):
+            raise ValueError("identity.detector_scale must be in (1, 2], detector_neighbors in 0..50 and "
+                             f"detector_min_size in 8..4096, got {self.detector_scale}, {self.detector_neighbors} "
+                             f"and {self.detector_min_size}")
 
 
 def identity_weight(sigma: torch.Tensor, eta: float, cutoff: float = 0.9) -> torch.Tensor:
@@ -60,32 +66,6 @@ def identity_weight(sigma: torch.Tensor, eta: float, cutoff: float = 0.9) -> tor
 def x0_estimate(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """One-step clean estimate from the velocity: ``x_t - sigma * v`` (sigma per row)."""
     return xt - sigma.view(-1, *([1] * (xt.dim() - 1))).to(xt.dtype) * v
-
-
-def load_embedder(spec: str | torch.nn.Module) -> torch.nn.Module:
-    """A frozen face embedder from a module, a TorchScript file or ``package.module:factory``."""
-    if isinstance(spec, torch.nn.Module):
-        module = spec
-    elif Path(spec).is_file():
-        try:
-            module = torch.jit.load(str(spec), map_location="cpu")
-        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's to fix
-            raise IdentityError(f"identity.embedder {spec}: not a TorchScript file ({exc})") from None
-    elif ":" in str(spec):
-        name, attr = str(spec).split(":", 1)
-        try:
-            factory = getattr(importlib.import_module(name), attr)
-        except (ImportError, AttributeError) as exc:
-            raise IdentityError(f"identity.embedder {spec!r}: cannot import ({exc})") from None
-        module = factory()
-        if not isinstance(module, torch.nn.Module):
-            raise IdentityError(f"identity.embedder {spec!r} returned {type(module).__name__}, not a torch module")
-    else:
-        raise IdentityError(f"identity.embedder {spec!r} is neither a file nor 'package.module:factory'")
-    module.eval()
-    for p in module.parameters():
-        p.requires_grad_(False)
-    return module
 
 
 def latent_box(box, stored_size: tuple[int, int], train_size: tuple[int, int]) -> tuple[int, int, int, int]:
@@ -147,9 +127,12 @@ class IdentityObjective:
 
     def __init__(self, cfg: IdentityConfig, vae, embedder: torch.nn.Module | None = None):
         if embedder is None and not cfg.embedder:
-            raise IdentityError("identity.enabled needs identity.embedder: a TorchScript file or 'module:factory'")
+            raise IdentityError("identity.enabled needs identity.embedder: a TorchScript or ONNX file or "
+                                "'module:factory'")
         self.cfg, self.vae = cfg, vae
-        self.embedder = load_embedder(embedder if embedder is not None else cfg.embedder)
+        self.embedder = load_embedder(embedder if embedder is not None else cfg.embedder, cfg.input_size)
+        self.detector = load_detector(cfg.detector, cfg.detector_scale, cfg.detector_neighbors, cfg.detector_min_size)
+        self.detected: dict[str, tuple] = {}  # row uid -> boxes found on its stored target (once per row)
 
     def to(self, device) -> "IdentityObjective":
         self.embedder.to(device)
@@ -159,5 +142,16 @@ class IdentityObjective:
                  ) -> tuple[torch.Tensor, dict]:
         if inputs.variant.startswith("inverse"):  # the boxes are the target's; an inverse edit's target is a source
             return pred.sum() * 0.0, {"identity_distance": float("nan")}
-        return identity_loss(xt, sigma, pred, inputs.x0, sample.faces, sample.target_size,
+        return identity_loss(xt, sigma, pred, inputs.x0, self.faces(sample), sample.target_size,
                              train_size(inputs.img_shapes), self.vae, self.embedder, self.cfg)
+
+    def faces(self, sample) -> tuple:
+        """The row's ``faces``, else (with a detector) the boxes found on its stored target image."""
+        if sample.faces or self.detector is None:
+            return sample.faces
+        if sample.uid not in self.detected:
+            from ..images import load_image
+
+            self.detected[sample.uid] = detected_faces(self.detector, load_image(sample.target),
+                                                       f"{sample.file}:{sample.line}")
+        return self.detected[sample.uid]

@@ -111,6 +111,7 @@ class Trainer:
         self.step = 0
         self.losses: dict[int, float] = {}
         self.stats: dict[str, float] = {}  # the last step's objective statistics (mean over processes)
+        self.stat_history: dict[int, dict[str, float]] = {}  # step -> its statistics (stats.json)
 
     # -- parameters -------------------------------------------------------------------------------------------
     @property
@@ -199,6 +200,7 @@ class Trainer:
         if keys:
             every = self.acc.gather(mean_stats(stats, keys).to(self.acc.device)).reshape(-1, len(keys))
             self.stats = {k: float(v) for k, v in zip(keys, every.nanmean(0)) if not torch.isnan(v)}
+            self.stat_history[self.step] = dict(self.stats)
         return float(mean)
 
     def dump_grads(self, path: Path) -> None:
@@ -230,6 +232,7 @@ class Trainer:
         if self.acc.is_main_process:
             state = {"step": self.step, "sampler": self.sampler.state_dict(),
                      "lr_scheduler": self.lr_scheduler.state_dict(), "losses": self.losses,
+                     "stats": self.stat_history,
                      "config": to_dict(self.cfg)}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable, opt, json.loads(
                 json.dumps(state, default=str)), self.ema.state_dict() if self.ema else None,
@@ -275,6 +278,7 @@ class Trainer:
         ckpt.set_rng_state(data["rng"])
         self.step = int(state["step"])
         self.losses = {int(k): v for k, v in state["losses"].items()}
+        self.stat_history = {int(k): v for k, v in state.get("stats", {}).items()}
         log.info("resumed from %s at step %d", path, self.step)
 
     # -- validation -------------------------------------------------------------------------------------------
@@ -336,6 +340,8 @@ class Trainer:
         result.losses = dict(self.losses)
         if self.acc.is_main_process:
             (self.out / "losses.json").write_text(json.dumps(self.losses, indent=0))
+            if self.stat_history:
+                (self.out / "stats.json").write_text(json.dumps(self.stat_history, indent=0))
         self.acc.end_training()
         return result
 
