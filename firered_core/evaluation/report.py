@@ -210,7 +210,7 @@ def _sample_rows(samples: list[dict], base: Path) -> str:
         met = (f"<br><span class=muted>shift {m['shift_px']:.2f} px · PSNR {_fmt(m.get('psnr_unedited'), 1)}"
                f"</span>" if m.get("shift_px") is not None else "")
         score = (f"<b>{s['score']:.3f}</b><br>{crit}" if s.get("score") is not None
-                 else f"<span class=bad>failed</span>" if s.get("error") else "–")
+                 else "<span class=bad>failed</span>" if s.get("error") else "–")
         why = html.escape(s.get("reasoning") or s.get("error") or "")
         rows.append(f"<tr><td class=l><code>{html.escape(s['key'])}</code><br>{html.escape(s['instruction'])}</td>"
                     f"<td>{_img(s.get('_thumb_src'), base, s['source'])}</td>"
