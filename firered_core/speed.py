@@ -86,9 +86,10 @@ class ModelSettings(_Settings):
             raise SettingsError(SAGE_MISSING, field="attention")
 
     def component_key(self, name: str) -> tuple:
-        """The fields that change component ``name`` when it is prepared (other components ignore them)."""
+        """The fields that change component ``name`` when it is prepared (other components ignore them; ``fp8_mode``
+        acts at load, not here)."""
         if name == "transformer":
-            return (self.fp8_mode, self.quantize, self.block_swap, self.compile, self.attention)
+            return (self.quantize, self.block_swap, self.compile, self.attention)
         if name == "text_encoder":
             return (self.quantize_text_encoder,)
         if name == "vae":

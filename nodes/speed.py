@@ -12,8 +12,8 @@ from __future__ import annotations
 from firered_core.cache import BlockCacheConfig
 from firered_core.kernels.attention import ATTENTION_BACKENDS
 from firered_core.memory import QUANT_MODES
-from firered_core.quant.fp8_file import FP8_MODES
 from firered_core.model import FireRedModel
+from firered_core.quant.fp8_file import FP8_MODES
 from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
 from firered_core.validation import SPEED_OPTIONS, widget
 
@@ -42,7 +42,8 @@ class FireRedSpeedSettings:
     DESCRIPTION = ("Speed and memory options in one place. Connect it to FireRed Model Loader or Single-File Loader "
                    "(quantisation, fp8 mode, compile, attention kernel, block swap, VAE tiling, embedding cache) and "
                    "to FireRed Sampler (batched CFG, block cache). Lossless: batched CFG, block swap, compile, "
-                   "embedding cache, fp8 mode. Lossy: block cache, quantisation, attention sage.")
+                   "embedding cache, SDPA attention kernels, fp8 mode runtime where the GPU has no fp8 matmul. "
+                   "Lossy: block cache, quantisation, fp8 mode runtime on fp8 GPUs, attention sage.")
     CATEGORY = "FireRed"
     RETURN_TYPES = (SPEED_TYPE,)
     RETURN_NAMES = ("speed",)
@@ -92,9 +93,10 @@ class FireRedSpeedSettings:
                                            "tooltip": "Single-File Loader, fp8 transformer file only (ComfyUI "
                                                       "fp8_scaled or fp8_e4m3fn): runtime keeps its weights in fp8 "
                                                       "(half the memory of bf16) and runs fp8 matmuls on RTX 40xx / "
-                                                      "H100 and newer; other devices dequantise each layer when it "
-                                                      "runs (same pixels as load). load: convert to the compute "
-                                                      "dtype when loading."}),
+                                                      "H100 and newer (lossy: activations in fp8); other devices "
+                                                      "dequantise each layer when it runs (same pixels as load). "
+                                                      "load: convert to the compute dtype when loading. No LoRA "
+                                                      "on a runtime fp8 transformer."}),
             "compile": (list(COMPILE_MODES), {"default": defaults.compile,
                                               "tooltip": "Loader: torch.compile the repeated transformer blocks "
                                                          "(first run slower; not with block swap)."}),
@@ -102,7 +104,7 @@ class FireRedSpeedSettings:
                 "default": defaults.attention,
                 "tooltip": "Loader: the attention kernel. sdpa = torch's choice; flash / cudnn / efficient = that "
                            "SDPA kernel first (others after it where it cannot run); auto = cuDNN on H100 and newer, "
-                           "flash on other GPUs; sage = SageAttention (needs the sageattention package; lossy, "
+                           "flash on other GPUs, torch's choice on a CPU; sage = SageAttention (needs the sageattention package; lossy, "
                            "CUDA only, SDPA elsewhere). All but sage give the same image within rounding."}),
             "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
                                    "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
