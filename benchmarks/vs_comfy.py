@@ -9,7 +9,8 @@ same prompt embeddings and reference latents, at the same true-CFG scale, each i
 interpreter, ComfyUI with ``--comfy-python``; ComfyUI is imported from the path given, never installed). Text
 encoding and VAE decode are outside the timed region on both sides (ComfyUI's own VAE wants its own file layout),
 so "edit" here is model load excluded, sampling included: per-step time, whole sampling time and peak RSS (peak
-VRAM on a GPU), as ours / ComfyUI ratios. ComfyUI's model file detection reads only the layer count and assumes the
+VRAM on a GPU), as ours / ComfyUI ratios. "load" times reading the file into the model on both sides, the libraries
+(diffusers / comfy) already imported. ComfyUI's model file detection reads only the layer count and assumes the
 full-size widths; the medium file's widths are handed to it from the tensor shapes, as its own config would.
 
 The samplers differ in one known way: ComfyUI's CFG is plain ``u + s (c - u)``, ours (as diffusers' edit
@@ -103,6 +104,7 @@ def run_ours(file: Path, inputs: Path, cfg: float, device: str, dtype: str) -> d
     from firered_core.model import parse_dtype
     from firered_core.references import RefLatents
     from firered_core.sampling import sample, transformer_denoiser
+    from diffusers import QwenImageTransformer2DModel  # noqa: F401  imported before the clock, as comfy.sd is
 
     torch_dtype = parse_dtype(dtype)
     t0 = time.perf_counter()

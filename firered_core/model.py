@@ -215,7 +215,7 @@ class FireRedModel:
             return read_json(file, ModelError)
         if name in ("processor", "tokenizer"):
             return _load_processor(self, src)
-        module = _load_module(name, src, self.dtype, self.gguf_mode)
+        module = _load_module(name, src, self.dtype, self.gguf_mode, self.settings.fp8_mode)
         return module.to(self.placement.home_device(self, name)).eval().requires_grad_(False)
 
     def prepared(self, name: str) -> torch.nn.Module:
@@ -257,15 +257,20 @@ class FireRedModel:
             self._loaded.clear()
 
 
-def _load_module(name: str, src: Path, dtype: torch.dtype, gguf_mode: str = "runtime"):
+def _load_module(name: str, src: Path, dtype: torch.dtype, gguf_mode: str = "runtime", fp8_mode: str = "load"):
+    """Component ``name`` from a single file or a folder; ``fp8_mode`` applies to a single-file transformer (a
+    folder is loaded by diffusers / transformers in ``dtype``)."""
     if not src.exists():
         raise ModelError(f"{name} not found: {src}")
     if src.is_file():
         from . import formats
 
-        return formats.load_single_file(name, src, dtype, gguf_mode=gguf_mode)
+        return formats.load_single_file(name, src, dtype, gguf_mode=gguf_mode,
+                                        fp8_mode=fp8_mode if name == "transformer" else "load")
     if not _has_weights(src):
         raise ModelError(f"{name} folder {src} has no weights (*.safetensors)")
+    if name == "transformer" and fp8_mode == "runtime":
+        log.info("fp8_mode=runtime applies to a single-file transformer; the folder %s loads in %s", src, dtype)
     if name == "transformer":
         from diffusers import QwenImageTransformer2DModel as cls
     elif name == "vae":

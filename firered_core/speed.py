@@ -1,6 +1,7 @@
 """Speed and memory options, typed and validated, in the two halves they apply to.
 
-- :class:`ModelSettings` belong to the model (quantisation, compile, block swap, VAE tiling, the embedding cache):
+- :class:`ModelSettings` belong to the model (quantisation, fp8 files kept fp8, compile, attention kernel, block swap,
+  VAE tiling, the embedding cache):
   they are part of its identity, a :class:`~firered_core.model.FireRedModel` holds them and applies them to each
   component once, the first time ``model.use(name)`` runs it (:func:`prepare_component`).
 - :class:`RunSettings` belong to one edit (batched CFG, the block cache): the pipeline and the sampler node read
@@ -20,8 +21,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .cache import BlockCache, BlockCacheConfig
 from .errors import FireRedError
-from .kernels.attention import ATTENTION_BACKENDS
+from .kernels.attention import ATTENTION_BACKENDS, SAGE_MISSING, sage_installed
 from .memory import QUANT_MODES
+from .quant.fp8_file import FP8_MODES
 
 COMPILE_MODES = ("none", "blocks", "blocks-max-autotune", "blocks-cudagraphs")
 # torch.compile mode per COMPILE_MODES value (regional compile of the repeated blocks in each case).
@@ -30,6 +32,7 @@ COMPILE_TORCH_MODE = {"blocks": None, "blocks-max-autotune": "max-autotune-no-cu
 AttentionBackend = Literal[ATTENTION_BACKENDS]  # type: ignore[valid-type]
 QuantMode = Literal[QUANT_MODES]  # type: ignore[valid-type]
 CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]
+Fp8Mode = Literal[FP8_MODES]  # type: ignore[valid-type]
 _CACHE = BlockCacheConfig()
 
 
@@ -57,10 +60,17 @@ class _Settings(BaseModel):
 
 
 class ModelSettings(_Settings):
-    """What the model is prepared with: applied once per component by ``FireRedModel.use``."""
+    """What the model is prepared with: applied once per component by ``FireRedModel.use``.
+
+    ``fp8_mode`` is the one field read when the transformer loads rather than when it is prepared: ``runtime`` keeps
+    the e4m3 Linear weights of an fp8 single file (ComfyUI "fp8_scaled" or plain e4m3) in fp8 and runs them on the
+    fp8 matmul path (dequantising per call where the device has no fp8 matmul); ``load`` dequantises them to the
+    compute dtype at load (today's path). Files without fp8 weights load the same either way.
+    """
 
     quantize: QuantMode = "none"
     quantize_text_encoder: QuantMode = "none"
+    fp8_mode: Fp8Mode = "load"
     compile: CompileMode = "none"
     attention: AttentionBackend = "sdpa"
     block_swap: int = Field(0, ge=0, le=1000)
@@ -72,9 +82,12 @@ class ModelSettings(_Settings):
         if self.block_swap and self.compile != "none":
             raise SettingsError("block swap moves weights inside the blocks' forward; it cannot be compiled "
                                 "(set compile to none or block_swap to 0)", field="compile")
+        if self.attention == "sage" and not sage_installed():
+            raise SettingsError(SAGE_MISSING, field="attention")
 
     def component_key(self, name: str) -> tuple:
-        """The fields that change component ``name`` when it is prepared (other components ignore them)."""
+        """The fields that change component ``name`` when it is prepared (other components ignore them; ``fp8_mode``
+        acts at load, not here)."""
         if name == "transformer":
             return (self.quantize, self.block_swap, self.compile, self.attention)
         if name == "text_encoder":
@@ -146,9 +159,11 @@ _disk_caches: dict = {}
 def prepare_component(module: torch.nn.Module, name: str, settings: ModelSettings, device: torch.device) -> None:
     """Apply ``settings`` to component ``name`` in place. Called once per component by ``FireRedModel.use``."""
     from . import memory
+    from .quant.linear import log_matmul_path
 
     if name == "transformer":
         memory.quantize_transformer(module, settings.quantize)
+        log_matmul_path(module, device)
         if settings.block_swap:
             memory.BlockSwap(module, settings.block_swap, device)
         if settings.attention != "sdpa":
@@ -159,6 +174,7 @@ def prepare_component(module: torch.nn.Module, name: str, settings: ModelSetting
             compile_blocks(module, mode=COMPILE_TORCH_MODE[settings.compile])
     elif name == "text_encoder":
         memory.quantize_text_encoder(module, settings.quantize_text_encoder)
+        log_matmul_path(module, device)
     elif name == "vae":
         memory.enable_vae_tiling(module, settings.vae_tiling)
 
@@ -212,6 +228,11 @@ def add_arguments(parser) -> None:
                         "matmuls (dynamic per-token activation scales) where the GPU has them")
     g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default=m.quantize_text_encoder,
                    help="text encoder weight-only quantisation")
+    g.add_argument("--fp8-mode", choices=FP8_MODES, default=m.fp8_mode,
+                   help="an fp8 transformer file (ComfyUI fp8_scaled or e4m3): runtime keeps its weights in fp8 and "
+                        "runs fp8 matmuls (GPUs with compute capability >= 8.9; elsewhere each layer is dequantised "
+                        "per call, same result as load, half the memory); load dequantises them to --dtype at load "
+                        "(default)")
     g.add_argument("--compile", choices=COMPILE_MODES, default=m.compile,
                    help="torch.compile the transformer blocks (default mode, max-autotune without CUDA graphs, or "
                         "with CUDA graphs)")

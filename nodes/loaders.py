@@ -91,8 +91,9 @@ def _settings_inputs() -> dict:
 
 def _speed_input() -> dict:
     return {"speed": (SP.SPEED_TYPE, {
-        "tooltip": "From FireRed Speed Settings: its model-level options (quantisation, compile, block "
-                   "swap, VAE tiling, embedding cache) apply to this model when each part first runs."})}
+        "tooltip": "From FireRed Speed Settings: its model-level options (quantisation, fp8 mode, compile, "
+                   "attention kernel, block swap, VAE tiling, embedding cache) apply to this model when each part "
+                   "first runs."})}
 
 
 def _searched(dirs) -> str:

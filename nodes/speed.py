@@ -1,7 +1,8 @@
 """Speed and memory settings (:class:`firered_core.speed.SpeedSettings`) as one node, and where each half applies.
 
-The model-level half (quantisation, compile, block swap, VAE tiling, embedding cache) belongs to the model: FireRed
-Model Loader's ``speed`` input gives it to the model it loads, which applies it when each component first runs
+The model-level half (quantisation, fp8 files kept fp8, compile, attention kernel, block swap, VAE tiling, embedding
+cache) belongs to the model: FireRed Model Loader's (or Single-File Loader's) ``speed`` input gives it to the model it
+loads, which applies it when each component first runs
 (``FireRedModel.use``). The run-level half (batched CFG, block cache) is read by FireRed Sampler from its own
 ``speed`` input.
 """
@@ -9,8 +10,10 @@ Model Loader's ``speed`` input gives it to the model it loads, which applies it 
 from __future__ import annotations
 
 from firered_core.cache import BlockCacheConfig
+from firered_core.kernels.attention import ATTENTION_BACKENDS
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
+from firered_core.quant.fp8_file import FP8_MODES
 from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
 from firered_core.validation import SPEED_OPTIONS, widget
 
@@ -36,10 +39,11 @@ def for_sampler(node: str, model: FireRedModel, speed: SpeedSettings | None) -> 
 
 class FireRedSpeedSettings:
     NAME = "FireRed Speed Settings"
-    DESCRIPTION = ("Speed and memory options in one place. Connect it to FireRed Model Loader (quantisation, "
-                   "compile, block swap, VAE tiling, embedding cache) and to FireRed Sampler (batched CFG, block "
-                   "cache). Lossless: batched CFG, block swap, compile, embedding cache. Lossy: block cache, "
-                   "quantisation.")
+    DESCRIPTION = ("Speed and memory options in one place. Connect it to FireRed Model Loader or Single-File Loader "
+                   "(quantisation, fp8 mode, compile, attention kernel, block swap, VAE tiling, embedding cache) and "
+                   "to FireRed Sampler (batched CFG, block cache). Lossless: batched CFG, block swap, compile, "
+                   "embedding cache, SDPA attention kernels, fp8 mode runtime where the GPU has no fp8 matmul. "
+                   "Lossy: block cache, quantisation, fp8 mode runtime on fp8 GPUs, attention sage.")
     CATEGORY = "FireRed"
     RETURN_TYPES = (SPEED_TYPE,)
     RETURN_NAMES = ("speed",)
@@ -85,9 +89,23 @@ class FireRedSpeedSettings:
             "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
                                                           "tooltip": "Loader: weight-only quantisation of the "
                                                                      "Qwen2.5-VL text encoder (vision tower kept)."}),
+            "fp8_mode": (list(FP8_MODES), {"default": defaults.fp8_mode,
+                                           "tooltip": "Single-File Loader, fp8 transformer file only (ComfyUI "
+                                                      "fp8_scaled or fp8_e4m3fn): runtime keeps its weights in fp8 "
+                                                      "(half the memory of bf16) and runs fp8 matmuls on RTX 40xx / "
+                                                      "H100 and newer (lossy: activations in fp8); other devices "
+                                                      "dequantise each layer when it runs (same pixels as load). "
+                                                      "load: convert to the compute dtype when loading. No LoRA "
+                                                      "on a runtime fp8 transformer."}),
             "compile": (list(COMPILE_MODES), {"default": defaults.compile,
                                               "tooltip": "Loader: torch.compile the repeated transformer blocks "
                                                          "(first run slower; not with block swap)."}),
+            "attention": (list(ATTENTION_BACKENDS), {
+                "default": defaults.attention,
+                "tooltip": "Loader: the attention kernel. sdpa = torch's choice; flash / cudnn / efficient = that "
+                           "SDPA kernel first (others after it where it cannot run); auto = cuDNN on H100 and newer, "
+                           "flash on other GPUs, torch's choice on a CPU; sage = SageAttention (needs the sageattention package; lossy, "
+                           "CUDA only, SDPA elsewhere). All but sage give the same image within rounding."}),
             "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
                                    "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
                                               "rest from system RAM (0 = off). For small GPUs."}),
@@ -103,13 +121,14 @@ class FireRedSpeedSettings:
 
     def settings(self, batched_cfg: bool, block_cache: bool, cache_threshold: float, cache_first: int,
                  cache_last: int, cache_warmup: int, cache_max_consecutive: int, taylorseer: bool, quantize: str,
-                 quantize_text_encoder: str, compile: str, block_swap: int, vae_tiling: bool, embed_cache: bool,
-                 embed_cache_dir: str) -> tuple[SpeedSettings]:
+                 quantize_text_encoder: str, fp8_mode: str, compile: str, attention: str, block_swap: int,
+                 vae_tiling: bool, embed_cache: bool, embed_cache_dir: str) -> tuple[SpeedSettings]:
         values = dict(batched_cfg=batched_cfg, cache_threshold=cache_threshold if block_cache else 0.0,
                       cache_first=cache_first, cache_last=cache_last, cache_warmup=cache_warmup,
                       cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,
-                      quantize_text_encoder=quantize_text_encoder, compile=compile, block_swap=block_swap,
-                      vae_tiling=vae_tiling, embed_cache=embed_cache, embed_cache_dir=embed_cache_dir.strip() or None)
+                      quantize_text_encoder=quantize_text_encoder, fp8_mode=fp8_mode, compile=compile,
+                      attention=attention, block_swap=block_swap, vae_tiling=vae_tiling, embed_cache=embed_cache,
+                      embed_cache_dir=embed_cache_dir.strip() or None)
         check_inputs(self.NAME, {name: values[name] for name in SPEED_OPTIONS})
         with blame(self.NAME, "cache_threshold", inputs=values):
             return (SpeedSettings.from_flat(values),)

@@ -28,7 +28,7 @@ from firered_core.validation import OptionError  # noqa: E402
 
 SPEED = dict(batched_cfg=False, block_cache=True, cache_threshold=0.08, cache_first=1, cache_last=1, cache_warmup=2,
              cache_max_consecutive=3, taylorseer=False, quantize="none", quantize_text_encoder="none", compile="none",
-             block_swap=0, vae_tiling=False, embed_cache=True, embed_cache_dir="")
+             fp8_mode="load", attention="sdpa", block_swap=0, vae_tiling=False, embed_cache=True, embed_cache_dir="")
 
 
 def run_cli(args: list[str], capsys) -> tuple[int, str]:

@@ -15,8 +15,8 @@ from test_nodes import image, lora_dir, model, model_dirs, single_file_dir  # no
 
 SETTINGS = dict(batched_cfg=False, block_cache=False, cache_threshold=0.08, cache_first=1, cache_last=1,
                 cache_warmup=2, cache_max_consecutive=3, taylorseer=False, quantize="none",
-                quantize_text_encoder="none", compile="none", block_swap=0, vae_tiling=False, embed_cache=True,
-                embed_cache_dir="")
+                quantize_text_encoder="none", fp8_mode="load", compile="none", attention="sdpa", block_swap=0,
+                vae_tiling=False, embed_cache=True, embed_cache_dir="")
 
 
 def speed(**changes):

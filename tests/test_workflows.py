@@ -136,6 +136,7 @@ def test_workflow_follows_the_template_conventions(path):
             names = list(S.classes()["FireRedSpeedSettings"].INPUT_TYPES()["required"])
             values = dict(zip(names, node["widgets_values"]))
             assert {k: values[k] for k in LOSSLESS_OFF} == LOSSLESS_OFF
+            assert values["attention"] != "sage"  # SageAttention is lossy
 
 
 def test_example_pictures_are_copied_once_and_never_overwrite(tmp_path):

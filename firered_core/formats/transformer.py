@@ -154,4 +154,7 @@ def load_transformer(ckpt: Checkpoint, dtype: torch.dtype, config: Mapping | Non
                                 finish=swap_in_packed(ckpt, packed, dtype) if packed else finish_fp8)
     if ckpt.kind == "gguf":
         log.info("%s: gguf_mode=%s, %s", ckpt.path, gguf_mode, packed_summary(module))
+    elif fp8_mode == "runtime":
+        log.info("%s: fp8_mode=runtime, %d Linear weights kept in fp8%s", ckpt.path, len(fp8_keys),
+                 "" if fp8_keys else " (the file has no e4m3 Linear weights: loaded in full precision)")
     return module

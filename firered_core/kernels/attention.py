@@ -32,6 +32,11 @@ def check_backend(name: str) -> str:
     return name
 
 
+SAGE_MISSING = ("attention='sage' needs the sageattention package, which is not installed: pip install "
+                "'comfyui-firered-edit[sage]' (or sageattention), or choose another attention kernel (auto picks the "
+                "fastest SDPA kernel)")
+
+
 def sage_installed() -> bool:
     return importlib.util.find_spec("sageattention") is not None
 
@@ -41,8 +46,7 @@ def resolve(name: str, device: torch.device | str) -> str:
     device = torch.device(device)
     check_backend(name)
     if name == "sage" and not sage_installed():
-        raise ValueError("attention='sage' needs the sageattention package: "
-                         "pip install 'comfyui-firered-edit[sage]' (or sageattention)")
+        raise ValueError(SAGE_MISSING)
     if name != "auto":
         return name
     if device.type != "cuda":

@@ -184,6 +184,7 @@ def apply_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], 
     """
     if mode not in MODES:
         raise ValueError(f"mode must be 'merge' or 'adapter', got {mode!r}")
+    _refuse_fp8_file(transformer)
     linears = linear_modules(transformer)
     plans = [_plan_spec(s if isinstance(s, LoraSpec) else LoraSpec(path=s), linears, allow_partial) for s in specs]
     if mode == "merge":
@@ -199,6 +200,18 @@ def apply_loras(transformer: nn.Module, specs: Sequence[LoraSpec | str | Path], 
     for cov in report.loras:
         (log.warning if cov.unmatched else log.info)("%s", cov.line())
     return report
+
+
+def _refuse_fp8_file(transformer: nn.Module) -> None:
+    """Layers that keep an fp8 file's weights in fp8 (``fp8_mode="runtime"``) take no LoRA: say how to load it."""
+    from ..quant.linear import FastQuantLinear
+
+    kept = [name for name, m in transformer.named_modules() if isinstance(m, FastQuantLinear) and m.from_file]
+    if kept:
+        raise LoraError(f"the transformer keeps {len(kept)} Linear weights of its fp8 file in fp8 (fp8_mode="
+                        f"'runtime', e.g. {kept[0]}); LoRAs go onto full-precision weights: load the model with "
+                        "fp8_mode='load' (--fp8-mode load, or fp8_mode load in FireRed Speed Settings) to apply "
+                        "LoRAs", field="fp8_mode")
 
 
 def _refuse_packed_merge(linears: Mapping[str, nn.Module], plans: list[PlannedLora]) -> None:

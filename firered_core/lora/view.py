@@ -22,7 +22,7 @@ def _refuse_prepared(transformer: nn.Module) -> None:
     from ..memory import QuantLinear, is_block_swapped
 
     done = []
-    if any(isinstance(m, QuantLinear) for m in transformer.modules()):
+    if any(isinstance(m, QuantLinear) and not getattr(m, "from_file", False) for m in transformer.modules()):
         done.append("quantised")
     if is_block_swapped(transformer):
         done.append("block-swapped")

@@ -10,12 +10,17 @@ and a GPU keeps working. :meth:`FastQuantLinear.from_fp8` builds one directly fr
 
 from __future__ import annotations
 
+import logging
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .weight import QuantLinear
 from .matmul import (FP8, cuda_capabilities, fp8_matmul_supported, int8_matmul_supported, scaled_fp8_linear,
                      scaled_int8_linear, shape_fits)
+
+log = logging.getLogger(__name__)
 
 
 class FastQuantLinear(QuantLinear):
@@ -26,6 +31,7 @@ class FastQuantLinear(QuantLinear):
     """
 
     emulate = False
+    from_file = False  # True for a weight kept as a file's own fp8 tensor (:meth:`from_fp8`)
 
     def __init__(self, linear: nn.Linear, mode: str):
         super().__init__(linear, mode)
@@ -53,6 +59,7 @@ class FastQuantLinear(QuantLinear):
         layer.register_buffer("scale", wscale.reshape(n, 1).to(dtype))
         layer.register_buffer("wscale", wscale)
         layer.bias = None if bias is None else nn.Parameter(bias.detach().to(dtype), requires_grad=False)
+        layer.from_file = True
         cuda_capabilities()
         return layer
 
@@ -62,13 +69,37 @@ class FastQuantLinear(QuantLinear):
             return False
         if self.emulate:
             return True
-        return fp8_matmul_supported(device) if self.mode == "fp8" else int8_matmul_supported(device)
+        return _kernel(self.mode, device)
+
+    def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as the fallback multiplies it: widened and scaled in float32, then cast once, so a file's fp8
+        weight gives exactly the values dequantise-at-load gives (``formats.dequant``) in every compute dtype."""
+        return (self.qweight.float() * self.wscale.reshape(-1, 1)).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.fast_path(x.device):
-            return super().forward(x)
+            return F.linear(x, self.dequantized(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         fn = scaled_fp8_linear if self.mode == "fp8" else scaled_int8_linear
         return fn(x, self.qweight, self.wscale, self.bias, emulate=self.emulate)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + ", matmul=low-precision"
+
+
+def log_matmul_path(module: nn.Module, device: torch.device | str) -> int:
+    """One log line when some :class:`FastQuantLinear` layers of ``module`` cannot run their low-precision matmul on
+    ``device`` (no fp8 / int8 kernel there, or a shape the kernel refuses) and dequantise per call instead; returns
+    how many do."""
+    device = torch.device(device)
+    layers = [m for m in module.modules() if isinstance(m, FastQuantLinear)]
+    slow = [m for m in layers if not m.fast_path(device)]
+    if slow:
+        modes = sorted({m.mode for m in slow})
+        why = ", ".join(f"{m} matmul {'available' if _kernel(m, device) else 'unavailable'}" for m in modes)
+        log.info("%d of %d %s-weight layers dequantise their weight per call on %s (%s; the same result as "
+                 "dequantising at load, without its memory)", len(slow), len(layers), "/".join(modes), device, why)
+    return len(slow)
+
+
+def _kernel(mode: str, device: torch.device) -> bool:
+    return fp8_matmul_supported(device) if mode == "fp8" else int8_matmul_supported(device)
