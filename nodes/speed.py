@@ -89,23 +89,9 @@ class FireRedSpeedSettings:
             "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
                                                           "tooltip": "Loader: weight-only quantisation of the "
                                                                      "Qwen2.5-VL text encoder (vision tower kept)."}),
-            "fp8_mode": (list(FP8_MODES), {"default": defaults.fp8_mode,
-                                           "tooltip": "Single-File Loader, fp8 transformer file only (ComfyUI "
-                                                      "fp8_scaled or fp8_e4m3fn): runtime keeps its weights in fp8 "
-                                                      "(half the memory of bf16) and runs fp8 matmuls on RTX 40xx / "
-                                                      "H100 and newer (lossy: activations in fp8); other devices "
-                                                      "dequantise each layer when it runs (same pixels as load). "
-                                                      "load: convert to the compute dtype when loading. No LoRA "
-                                                      "on a runtime fp8 transformer."}),
             "compile": (list(COMPILE_MODES), {"default": defaults.compile,
                                               "tooltip": "Loader: torch.compile the repeated transformer blocks "
                                                          "(first run slower; not with block swap)."}),
-            "attention": (list(ATTENTION_BACKENDS), {
-                "default": defaults.attention,
-                "tooltip": "Loader: the attention kernel. sdpa = torch's choice; flash / cudnn / efficient = that "
-                           "SDPA kernel first (others after it where it cannot run); auto = cuDNN on H100 and newer, "
-                           "flash on other GPUs, torch's choice on a CPU; sage = SageAttention (needs the sageattention package; lossy, "
-                           "CUDA only, SDPA elsewhere). All but sage give the same image within rounding."}),
             "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
                                    "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
                                               "rest from system RAM (0 = off). For small GPUs."}),
@@ -117,12 +103,30 @@ class FireRedSpeedSettings:
             "embed_cache_dir": ("STRING", {"default": "",
                                            "tooltip": "Loader: also keep prompt embeddings in this folder across "
                                                       "sessions (empty = memory only)."}),
+        }, "optional": {  # added after the first release: optional and last, so saved workflows keep their values
+            "fp8_mode": (list(FP8_MODES), {"default": defaults.fp8_mode,
+                                           "tooltip": "Single-File Loader, fp8 transformer file only (ComfyUI "
+                                                      "fp8_scaled or fp8_e4m3fn): runtime keeps its weights in fp8 "
+                                                      "(half the memory of bf16) and runs fp8 matmuls on RTX 40xx / "
+                                                      "H100 and newer (lossy: activations in fp8); other devices "
+                                                      "dequantise each layer when it runs (same pixels as load). "
+                                                      "load: convert to the compute dtype when loading. No LoRA "
+                                                      "on a runtime fp8 transformer."}),
+            "attention": (list(ATTENTION_BACKENDS), {
+                "default": defaults.attention,
+                "tooltip": "Loader: the attention kernel. sdpa = torch's choice; flash / cudnn / efficient = that "
+                           "SDPA kernel first (others after it where it cannot run); auto = cuDNN on H100 and newer, "
+                           "flash on other GPUs, torch's choice on a CPU; sage = SageAttention (needs the sageattention package; lossy, "
+                           "CUDA only, SDPA elsewhere). All but sage give the same image within rounding."}),
         }}
 
     def settings(self, batched_cfg: bool, block_cache: bool, cache_threshold: float, cache_first: int,
                  cache_last: int, cache_warmup: int, cache_max_consecutive: int, taylorseer: bool, quantize: str,
-                 quantize_text_encoder: str, fp8_mode: str, compile: str, attention: str, block_swap: int,
-                 vae_tiling: bool, embed_cache: bool, embed_cache_dir: str) -> tuple[SpeedSettings]:
+                 quantize_text_encoder: str, compile: str, block_swap: int, vae_tiling: bool, embed_cache: bool,
+                 embed_cache_dir: str, fp8_mode: str | None = None,
+                 attention: str | None = None) -> tuple[SpeedSettings]:
+        defaults = ModelSettings()
+        fp8_mode, attention = fp8_mode or defaults.fp8_mode, attention or defaults.attention
         values = dict(batched_cfg=batched_cfg, cache_threshold=cache_threshold if block_cache else 0.0,
                       cache_first=cache_first, cache_last=cache_last, cache_warmup=cache_warmup,
                       cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,

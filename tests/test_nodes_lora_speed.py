@@ -157,3 +157,21 @@ def test_speed_settings_errors_name_the_input():
     settings = speed(block_cache=True, cache_threshold=0.1, embed_cache_dir=" ")
     assert settings.run.cache_threshold == 0.1 and settings.model.embed_cache_dir is None
     assert speed().run.cache_threshold == 0.0
+
+
+FIRST_RELEASE_WIDGETS = ["batched_cfg", "block_cache", "cache_threshold", "cache_first", "cache_last", "cache_warmup",
+                         "cache_max_consecutive", "taylorseer", "quantize", "quantize_text_encoder", "compile",
+                         "block_swap", "vae_tiling", "embed_cache", "embed_cache_dir"]
+
+
+def test_speed_settings_saved_before_new_inputs_keep_their_values():
+    """ComfyUI maps a saved node's widgets_values by position: inputs added later go last and optional, so a
+    workflow saved with the first release's Speed Settings still gives each value to its widget."""
+    inputs = S.classes()["FireRedSpeedSettings"].INPUT_TYPES()
+    assert list(inputs["required"]) == FIRST_RELEASE_WIDGETS
+    assert list(inputs["optional"]) == ["fp8_mode", "attention"]
+    old = dict(zip(FIRST_RELEASE_WIDGETS, [True, False, 0.08, 1, 1, 2, 3, False, "int8", "none", "none", 0, False,
+                                           True, ""]))
+    settings = S.classes()["FireRedSpeedSettings"]().settings(**old)[0]
+    assert settings.model.quantize == "int8" and settings.model.fp8_mode == "load"
+    assert settings.model.attention == speed().model.attention

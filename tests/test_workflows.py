@@ -133,7 +133,8 @@ def test_workflow_follows_the_template_conventions(path):
         if node["type"] == "LoadImage":
             assert node["widgets_values"][0] in shipped | {"example.png"}, node["widgets_values"][0]
         if node["type"] == "FireRedSpeedSettings":
-            names = list(S.classes()["FireRedSpeedSettings"].INPUT_TYPES()["required"])
+            spec = S.classes()["FireRedSpeedSettings"].INPUT_TYPES()
+            names = [*spec["required"], *spec.get("optional", {})]
             values = dict(zip(names, node["widgets_values"]))
             assert {k: values[k] for k in LOSSLESS_OFF} == LOSSLESS_OFF
             assert values["attention"] != "sage"  # SageAttention is lossy
