@@ -80,13 +80,13 @@ class FakeOpenAI:
                 except ValueError:
                     body = {"_raw": raw.decode("utf-8", "replace")}
                 reply = fake._record(self.path, body, dict(self.headers))
+                self.counted = True
                 try:
                     fake._answer(self, reply, body)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the client gave up (timeout test)
                 finally:
-                    with fake._lock:
-                        fake._in_flight -= 1
+                    fake._leave(self)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
@@ -124,6 +124,7 @@ class FakeOpenAI:
             payload, code = reply.content.encode(), 200
         else:
             payload, code = json.dumps(completion(reply.content, body.get("model", "fake"))).encode(), 200
+        self._leave(handler)  # before the answer leaves: the client may send its next request as soon as it reads it
         handler.send_response(code)
         handler.send_header("Content-Type", "application/json")
         handler.send_header("Content-Length", str(len(payload)))
@@ -131,6 +132,13 @@ class FakeOpenAI:
             handler.send_header("Retry-After", reply.retry_after)
         handler.end_headers()
         handler.wfile.write(payload)
+
+    def _leave(self, handler: BaseHTTPRequestHandler) -> None:
+        """The request stops counting as in flight (once)."""
+        with self._lock:
+            if getattr(handler, "counted", False):
+                handler.counted = False
+                self._in_flight -= 1
 
     def __enter__(self) -> "FakeOpenAI":
         self._thread.start()
