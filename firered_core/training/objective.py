@@ -12,7 +12,7 @@ import math
 import torch
 
 from ..sampling import noised_start, transformer_denoiser
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .identity import IdentityObjective, train_size
 from .losses import flow_matching_loss
 from .nft import STATE_NAME, NFTObjective
@@ -27,12 +27,12 @@ class RowObjective:
         self.nft = None
         if cfg.nft.enabled:
             if cfg.preference.enabled or cfg.identity.enabled:
-                raise ValueError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
+                raise ConfigError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
                                  "identity.enabled off")
             self.nft = NFTObjective(cfg.nft, model, module, cfg.seed, cfg.timesteps, cfg.outlier, cfg.output_dir)
         if cfg.preference.enabled:
             if cfg.variants.inverse_rate > 0:
-                raise ValueError("preference pairs are (target, rejected) outputs of the forward edit: set "
+                raise ConfigError("preference pairs are (target, rejected) outputs of the forward edit: set "
                                  "variants.inverse_rate: 0 with preference.enabled")
             self.preference = PreferenceObjective(cfg.preference, module, cfg.method, cfg.outlier)
         if cfg.identity.enabled or cfg.preference.enabled or cfg.nft.enabled:
