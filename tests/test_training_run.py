@@ -110,6 +110,12 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+# The last block's text-stream outputs never reach the prediction, so they get no gradient: 1 process and DDP leave
+# them to AdamW as gradient-less (untouched); FSDP gives every tensor of its flat shard a gradient, zero for these,
+# and AdamW's weight decay moves them (no effect on any output). Compare trained tensors across FSDP without them.
+NO_GRADIENT = ("transformer_blocks.1.attn.to_add_out.", "transformer_blocks.1.txt_mlp.")
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (0 when both are zero)."""
     diff, ref = float((a - b).norm()), float(b.norm())
@@ -119,7 +125,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def torchrun_train(tmp_path: Path, name: str, values: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc training/train.py`` on a YAML config (gloo, one thread per process)."""
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # tests/ too: configs may name plug-ins defined in test modules (test_posttrain_nft_train:brightness)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     # accelerate's multi-CPU launch is torchrun + gloo (``accelerate launch --cpu`` alone starts one process)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), str(ROOT / "training" / "train.py"), str(tmp_path / f"{name}.yaml")]
