@@ -76,6 +76,23 @@ def test_two_process_dpo_equals_one_process(dpo_one, tmp_path, fsdp):
     assert all(torch.isfinite(t).all() for t in b.values())
 
 
+def test_fsdp_full_fine_tune_dpo_shards_its_reference(dpo_one, tmp_path):
+    """Full fine-tuning's reference is a frozen copy of the transformer: under FSDP it is sharded as the trained model
+    is (each rank holds half of it). Measured: losses and margins bit-identical to 1 process."""
+    _, _, kw = dpo_one
+    kw = {**kw, "steps": 2, "lr": 1e-3, "method": "full", "trainable": ["transformer_blocks.1.*", "proj_out.*"]}
+    with torch_threads(1):
+        one = train(load_config(None, output_dir=str(tmp_path / "one"), batch_size=2, **kw))
+    proc = torchrun_train(tmp_path, "two", {**kw, "output_dir": str(tmp_path / "two"), "batch_size": 1, "fsdp": True})
+    assert proc.stderr.count("DPO reference: a frozen copy, FullyShardedDataParallel") == 2, proc.stderr[-3000:]
+    two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert [float(two_losses[str(s)]) for s in (1, 2)] == pytest.approx([one.losses[1], one.losses[2]], rel=1e-5)
+    stats_one = json.loads((tmp_path / "one" / "stats.json").read_text())
+    stats_two = json.loads((tmp_path / "two" / "stats.json").read_text())
+    assert stats_one["2"]["dpo_margin"] != 0.0  # the trained model left its reference
+    assert stats_two["2"]["dpo_margin"] == pytest.approx(stats_one["2"]["dpo_margin"], rel=1e-5, abs=5e-5)
+
+
 def test_fsdp_identity_equals_one_process(tiny_model_dir, tmp_path):
     data = make_dataset(tmp_path / "faces", rows=2, faces=True)
     torch.manual_seed(0)

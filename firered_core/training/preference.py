@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -29,6 +30,8 @@ import torch.nn.functional as F
 from pydantic import Field, with_config
 
 from ..validation import CONFIG, NonNegative, Positive
+
+log = logging.getLogger(__name__)
 
 
 @with_config(CONFIG)
@@ -99,6 +102,7 @@ class Reference:
 
         if self.copy is not None:
             self.copy = shard_frozen(acc, self.copy)
+            log.info("DPO reference: a frozen copy, %s", type(self.copy).__name__)
 
     @contextlib.contextmanager
     def model(self, wrapped: torch.nn.Module | None = None):
