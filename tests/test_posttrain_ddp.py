@@ -3,10 +3,13 @@
 Diffusion-DPO under DDP and under FSDP (``fsdp: true``): the reference pass runs through the LoRA-disabled base of
 the wrapped transformer (under FSDP only the wrapper gathers the sharded weights); DDP / FSDP must reduce the LoRA
 gradients of the trained pass only, and the logged margin/accuracy (stats.json) are the mean over processes.
-Measured on this CPU: losses, margins and final LoRA weights bit-identical for both; asserted within 1e-6 relative
-(1e-5 for the margin, a difference of two near-equal errors). The identity loss (a VAE decode of face crops outside
-the transformer) under FSDP: losses and identity distances equal the 1-process run's (measured bit-identical,
-asserted within 1e-6).
+Measured on this CPU: under DDP losses, margins and final LoRA weights bit-identical (asserted within 1e-6 relative,
+1e-5 for the margin, a difference of two near-equal errors); under FSDP (reduce-scatter sums differently) losses
+within 3.2e-6 relative, margins within 1.5e-5 absolute, the LoRA within 7.3e-5 relative (asserted 1e-5, 5e-5, 1e-4;
+see the test). The identity loss (a VAE decode of face crops outside
+the transformer) under FSDP: losses and identity distances equal the 1-process run's (measured within 1e-6
+relative, from step 1 on: the TorchScript embedder's profiling executor optimises after its first calls, and one
+process calls it twice as often as each of two; asserted within 1e-5).
 """
 
 from __future__ import annotations
@@ -52,11 +55,9 @@ def test_two_process_dpo_equals_one_process(dpo_one, tmp_path, fsdp):
     # per-row errors (~1) by ~1e-7, and the margin, beta / 2 = 250 times a difference of errors, by ~1.5e-5 absolute.
     tol, margin_tol = (1e-5, 5e-5) if fsdp else (1e-6, 1e-7)
     two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
-    print("losses", [float(two_losses[str(s)]) / one.losses[s] - 1 for s in (1, 2, 3)])
     assert [float(two_losses[str(s)]) for s in (1, 2, 3)] == pytest.approx([one.losses[s] for s in (1, 2, 3)],
                                                                            rel=tol)
     stats_two = json.loads((tmp_path / "two" / "stats.json").read_text())
-    print("margins", [stats_two[s]["dpo_margin"] / stats_one[s]["dpo_margin"] - 1 for s in ("2", "3")])
     assert set(stats_one) == set(stats_two) == {"1", "2", "3"}
     for step in ("2", "3"):  # step 1 starts at the reference: margin exactly 0 on both sides
         assert stats_two[step]["dpo_margin"] == pytest.approx(stats_one[step]["dpo_margin"], rel=1e-5, abs=margin_tol)
@@ -71,8 +72,7 @@ def test_two_process_dpo_equals_one_process(dpo_one, tmp_path, fsdp):
     # FSDP: without the gradient-less tensors (NO_GRADIENT; weight decay moved them 9e-4 relative in 3 steps)
     errors = sorted(((relative_error(b[k], a[k]), k) for k in a if not (fsdp and any(u in k for u in NO_GRADIENT))),
                     reverse=True)
-    print("export", errors[:2])
-    assert errors[0][0] <= 10 * tol, errors[:5]  # measured: 0 under DDP, 1.8e-5 under FSDP (fp32, one thread each)
+    assert errors[0][0] <= 10 * tol, errors[:5]  # measured: 0 under DDP, 7.3e-5 under FSDP (fp32, one thread each)
     assert all(torch.isfinite(t).all() for t in b.values())
 
 
@@ -105,9 +105,9 @@ def test_fsdp_identity_equals_one_process(tiny_model_dir, tmp_path):
     proc = torchrun_train(tmp_path, "two", {**kw, "output_dir": str(tmp_path / "two"), "batch_size": 1, "fsdp": True})
     assert f"process 1 of 2 {WRAPPER[True]}" in proc.stderr, proc.stderr[-3000:]
     two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
-    assert [float(two_losses[str(s)]) for s in (1, 2)] == pytest.approx([one.losses[1], one.losses[2]], rel=1e-6)
+    assert [float(two_losses[str(s)]) for s in (1, 2)] == pytest.approx([one.losses[1], one.losses[2]], rel=1e-5)
     stats_one = json.loads((tmp_path / "one" / "stats.json").read_text())
     stats_two = json.loads((tmp_path / "two" / "stats.json").read_text())
     distances = [stats_one[s].get("identity_distance") for s in ("1", "2")]
     assert any(d is not None for d in distances), stats_one  # the identity term was on in some step
-    assert [stats_two[s].get("identity_distance") for s in ("1", "2")] == pytest.approx(distances, rel=1e-6)
+    assert [stats_two[s].get("identity_distance") for s in ("1", "2")] == pytest.approx(distances, rel=1e-5)

@@ -62,7 +62,6 @@ def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
         assert f"process {rank} of 2 (DistributedType.FSDP): FullyShardedDataParallel" in proc.stderr, \
             proc.stderr[-3000:]
     two = losses(tmp_path / "two")
-    print("losses", {s: two[s] / one.losses[s] - 1 for s in two})
     assert two == pytest.approx(one.losses, rel=1e-5)
 
     step1 = tmp_path / "two" / "checkpoints" / "step-00000001"
@@ -72,7 +71,6 @@ def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
     assert all(old_two[k].shape == old_one[k].shape for k in old_one)
     errors = sorted(((relative_error(old_two[k], old_one[k]), k) for k in old_one
                      if not any(u in k for u in NO_GRADIENT)), reverse=True)  # (7.5e-4 after one step)
-    print("old policy", errors[:2])
     assert errors[0][0] <= 1e-4, errors[:5]
     moved = [k for k in old_one if "lora_B" in k and old_one[k].abs().max() > 0]
     assert moved, "the old policy followed the first step (B factors start at 0)"
