@@ -51,7 +51,8 @@ def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
     """Under FSDP the old policy lives on each rank's shards and is swapped into them; the checkpoint gathers it whole.
 
     Measured on this CPU: losses and the step-1 old policy equal the 1-process run's bit for bit (asserted within
-    1e-5 and 1e-4 relative); the resumed run's step-2 loss equals the uninterrupted one exactly. Planted by hand:
+    1e-5 and 1e-4 relative); the resumed run's step-2 loss equals the uninterrupted one exactly, and the checkpoint
+    resumes in 1 process without FSDP (measured: the 1-process step-2 loss, bit for bit). Planted by hand:
     without the fresh gather after a swap (the root unit reusing its stale gathered proj_out) step 2 is off by 5e-3
     relative; with the old policy not restored on resume the resumed step 2 is off by 2.4e-2. Both fail here.
     """
@@ -77,6 +78,10 @@ def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
 
     torchrun_train(tmp_path, "resumed", {**fsdp, "output_dir": str(tmp_path / "resumed"), "resume": str(step1)})
     assert losses(tmp_path / "resumed") == two  # step 1 from the checkpoint, step 2 recomputed identically
+    with torch_threads(1):  # and back: the FSDP checkpoint resumes in 1 process (no FSDP) as its own would
+        back = train(load_config(None, **{**kw, "output_dir": str(tmp_path / "back"), "batch_size": 2,
+                                          "resume": str(step1)}))
+    assert back.losses == pytest.approx(one.losses, rel=1e-5)
 
 
 def test_nft_from_extracted_embeddings_equals_online(tiny_model_dir, tmp_path):
