@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 BLOCK_CLASS = "QwenImageTransformerBlock"
 
 
-def make_accelerator(cfg: "TrainConfig"):
+def make_accelerator(cfg: TrainConfig):
     """DDP (unused-parameter detection on) or FSDP wrapping each ``QwenImageTransformerBlock``, as ``cfg.fsdp``."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from accelerate.state import AcceleratorState
@@ -91,7 +91,8 @@ def regather(model: torch.nn.Module) -> None:
 
     After a forward FSDP frees every unit's gathered parameters except the root's (kept for the backward, which a
     no-grad forward never runs); the next forward then reuses the root's stale gathered copy instead of gathering.
-    Freeing it here is what FSDP's own post-backward does. No-op without FSDP.
+    Freeing it here is what FSDP's own post-backward does. No-op without FSDP. Uses FSDP1's internals (the unit's
+    ``_handle``, ``_runtime_utils._reshard``) as torch 2.14 has them: FSDP1 has no public call for this.
     """
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._runtime_utils import _reshard
