@@ -25,7 +25,7 @@ from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import train
 
 from test_posttrain_units import TinyFaceEmbedder  # noqa: E402
-from test_training_run import NO_GRADIENT, SMALL, relative_error, torch_threads, torchrun_train  # noqa: E402
+from test_training_run import SMALL, relative_error, torch_threads, torchrun_train  # noqa: E402
 
 DPO = {"lora": {"rank": 4}, "preference": {"enabled": True, "beta": 500.0, "omega": 1.5, "sft_weight": 0.1},
        "variants": {"text_drop": 0.0, "inverse_rate": 0.0}}
@@ -52,8 +52,9 @@ def test_two_process_dpo_equals_one_process(dpo_one, tmp_path, fsdp):
         assert f"process {rank} of 2 {WRAPPER[fsdp]}" in proc.stderr, proc.stderr[-3000:]
 
     # FSDP reduce-scatters (a different summation than DDP's all-reduce): weights differ by ~1e-7 relative, the
-    # per-row errors (~1) by ~1e-7, and the margin, beta / 2 = 250 times a difference of errors, by ~1.5e-5 absolute.
-    tol, margin_tol = (1e-5, 5e-5) if fsdp else (1e-6, 1e-7)
+    # per-row errors (~1) by ~1e-7, and beta / 2 = 250 amplifies their differences: measured losses within 9.6e-6
+    # relative and margins within 3e-5 absolute (1.5e-5 with another LoRA initialisation).
+    tol, margin_tol = (5e-5, 1.5e-4) if fsdp else (1e-6, 1e-7)
     two_losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert [float(two_losses[str(s)]) for s in (1, 2, 3)] == pytest.approx([one.losses[s] for s in (1, 2, 3)],
                                                                            rel=tol)
@@ -69,10 +70,10 @@ def test_two_process_dpo_equals_one_process(dpo_one, tmp_path, fsdp):
     b = load_file(str(tmp_path / "two" / "export" / "firered_lora_comfy.safetensors"))
     assert set(a) == set(b) and len(a) > 20
     assert any("lora_up" in k and a[k].abs().max() > 0 for k in a)  # up factors start at 0: training moved them
-    # FSDP: without the gradient-less tensors (NO_GRADIENT; weight decay moved them 9e-4 relative in 3 steps)
-    errors = sorted(((relative_error(b[k], a[k]), k) for k in a if not (fsdp and any(u in k for u in NO_GRADIENT))),
-                    reverse=True)
-    assert errors[0][0] <= 10 * tol, errors[:5]  # measured: 0 under DDP, 7.3e-5 under FSDP (fp32, one thread each)
+    errors = sorted(((relative_error(b[k], a[k]), k) for k in a), reverse=True)
+    # measured: 0 under DDP; under FSDP 1.3e-4 (to_k's up factor: the reduce-scatter sums in another order, and Adam's
+    # normalised step turns the rounding of near-zero gradients into whole steps; fp32, one thread each)
+    assert errors[0][0] <= (5e-4 if fsdp else 1e-6), errors[:5]
     assert all(torch.isfinite(t).all() for t in b.values())
 
 

@@ -14,7 +14,7 @@ from firered_core.training.config import LORA_TARGETS, load_config
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import train
 
-from test_training_run import NO_GRADIENT, relative_error, torch_threads, torchrun_train  # noqa: E402
+from test_training_run import relative_error, torch_threads, torchrun_train  # noqa: E402
 
 VALUES = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
               resume=None, checkpoint_every=0, steps=2, lr=5e-2)
@@ -70,8 +70,7 @@ def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
     old_one = load_file(str(one_dir / "checkpoints" / "step-00000001" / "nft_old.safetensors"))
     assert set(old_two) == set(old_one) and any("proj_out" in k for k in old_one)
     assert all(old_two[k].shape == old_one[k].shape for k in old_one)
-    errors = sorted(((relative_error(old_two[k], old_one[k]), k) for k in old_one
-                     if not any(u in k for u in NO_GRADIENT)), reverse=True)  # (7.5e-4 after one step)
+    errors = sorted(((relative_error(old_two[k], old_one[k]), k) for k in old_one), reverse=True)
     assert errors[0][0] <= 1e-4, errors[:5]
     moved = [k for k in old_one if "lora_B" in k and old_one[k].abs().max() > 0]
     assert moved, "the old policy followed the first step (B factors start at 0)"

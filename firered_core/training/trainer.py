@@ -46,18 +46,34 @@ class TrainResult:
     samples_per_s: float = 0.0
 
 
+def discarded_modules(transformer) -> list[str]:
+    """The modules whose output never reaches the prediction: the last block's text stream after its attention
+    input (the text queries, their norm, the text output projection and the text MLP; only the image stream goes on
+    to ``norm_out``, and text queries only shape the text tokens' outputs). Training them changes nothing, and under
+    FSDP, which gives every tensor of a shard a gradient, weight decay would still move them: they are never trained.
+    """
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}."
+    heads = tuple(last + h for h in ("attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "txt_mlp."))
+    return [n for n, m in transformer.named_modules()
+            if n.startswith(heads) and next(m.parameters(recurse=False), None) is not None]
+
+
 def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
-    """Add the LoRA adapter or unfreeze the full fine-tune patterns; return the trained parameter names."""
+    """Add the LoRA adapter or unfreeze the full fine-tune patterns (never the :func:`discarded_modules`); return
+    the trained parameter names."""
     transformer.requires_grad_(False)
+    discarded = discarded_modules(transformer)
     if cfg.method == "lora":
         from peft import LoraConfig
 
         torch.manual_seed(cfg.seed)
         transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                           target_modules=list(cfg.lora.targets), init_lora_weights=True))
+                                           target_modules=list(cfg.lora.targets), exclude_modules=discarded,
+                                           init_lora_weights=True))
     elif cfg.method == "full":
+        skip = tuple(m + "." for m in discarded)
         for name, p in transformer.named_parameters():
-            p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
+            p.requires_grad_(not name.startswith(skip) and any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
     else:
         raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
