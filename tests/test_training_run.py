@@ -194,14 +194,20 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     """FSDP (accelerate's FullyShardedDataParallel around each QwenImageTransformerBlock) on 2 CPU processes (gloo),
     with EMA (kept on each rank's shards, gathered whole for checkpoints and exports).
 
-    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative,
-    and the checkpoints' EMA tensors and the exported EMA LoRA its EMA within 1e-5 relative. Resuming the step-2
-    checkpoint (full-state-dict weights, optimizer and EMA, loaded back into the shards) in a fresh run repeats step
-    3's loss, trained tensors and EMA exactly: the uninterrupted run validated with the EMA weights after step 2
-    (proj_out, a LoRA target, sits in FSDP's root unit, whose gathered copy outlives validation's no-grad forwards),
-    so the trained weights came back into the shards and were gathered again. The FSDP checkpoint also resumes in 1
-    process (the same whole-tensor files). The exported LoRAs load with full coverage. Full fine-tune: 2 steps match,
-    and the gathered models exported in the HF layout (trained and EMA) load with the last checkpoint's tensors.
+    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative
+    (measured: steps 1-2 bit for bit, step 3 8e-8), the checkpoints' whole EMA tensors and the exported EMA LoRA its
+    EMA within 5e-5 (measured 8.7e-6 at step 2, 6.3e-6 at step 3: the trained tensors themselves differ by 8.1e-6 and
+    5.8e-6, Adam amplifying the order of the two-row sum). Resuming the step-2 checkpoint (full-state-dict weights,
+    optimizer and EMA, loaded back into the shards) in a fresh run repeats step 3's loss, trained tensors and EMA
+    exactly. The uninterrupted run validated with the EMA weights after step 2: proj_out, a LoRA target, sits in
+    FSDP's root unit, whose gathered copy outlives validation's no-grad forwards, so step 3 sees whether the trained
+    weights came back into the shards and were gathered again. The FSDP checkpoint also resumes in 1 process (the
+    same whole-tensor files). The exported LoRAs load with full coverage. Full fine-tune: 2 steps match, the EMA
+    within 5e-5 (measured 1.0e-7), and the gathered models exported in the HF layout (trained and EMA) load with the
+    last checkpoint's tensors.
+    Planted by hand, each fails here: no fresh gather around validation (step 3 off by 2.6e-4 relative); the EMA not
+    restored on an FSDP resume (step 3's EMA differs); the EMA saved as rank 0's shards, not gathered (wrong shapes:
+    the EMA LoRA export fails).
     """
     from firered_core.lora import apply_loras, remove_loras
     from firered_core.model import load_model
@@ -225,7 +231,6 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     def assert_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rel: float) -> None:
         assert set(ours) == set(ref) and all(ours[k].shape == ref[k].shape for k in ref)
         errors = sorted(((relative_error(ours[k], ref[k]), k) for k in ref), reverse=True)
-        print("EMA-MEASURE", errors[:2])
         assert errors[0][0] <= rel, errors[:5]
 
     def assert_equal(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
@@ -237,7 +242,6 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
             proc.stderr[-3000:]
     two = losses(tmp_path / "fsdp_lora")
     assert list(two) == [1, 2, 3]
-    print("EMA-MEASURE losses", {s: two[s] / ref_lora[s] - 1 for s in two})
     assert [two[s] for s in two] == pytest.approx([ref_lora[s] for s in two], rel=1e-5)
     step2 = tmp_path / "fsdp_lora" / "checkpoints" / "step-00000002"
     assert json.loads((step2 / "state.json").read_text())["step"] == 2
@@ -245,12 +249,12 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     assert all(not torch.equal(moments[k], moments[k + "_sq"]) for k in moments
                if k.endswith("::exp_avg") and moments[k].abs().sum() > 0)
     ema = tensors("fsdp_lora", "checkpoints/step-00000002/ema.safetensors")  # whole tensors, as 1 process writes
-    assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), 1e-5)
+    assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), 5e-5)
     weights = tensors("fsdp_lora", "checkpoints/step-00000002/trainable.safetensors")
     assert any("proj_out" in k for k in ema) and any(not torch.equal(ema[k], weights[k]) for k in ema)
     for style in ("comfy", "diffusers"):
         name = f"export/firered_lora_ema_{style}.safetensors"
-        assert_close(tensors("fsdp_lora", name), tensors("one_lora", name), 1e-5)
+        assert_close(tensors("fsdp_lora", name), tensors("one_lora", name), 5e-5)
     assert (tmp_path / "fsdp_lora" / "validation" / "step-00000002.png").exists()
 
     proc = torchrun_train(tmp_path, "fsdp_resumed", {**base, "output_dir": str(tmp_path / "fsdp_resumed"),
@@ -268,7 +272,7 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
         back = train(config(model_dir, data_dir, tmp_path / "back", batch_size=2, resume=str(step2), **lora))
     assert back.losses == pytest.approx(ref_lora, rel=1e-5)
     assert_close(tensors("back", "checkpoints/step-00000003/ema.safetensors"),
-                 tensors("one_lora", "checkpoints/step-00000003/ema.safetensors"), 1e-5)
+                 tensors("one_lora", "checkpoints/step-00000003/ema.safetensors"), 5e-5)
 
     trained = tensors("fsdp_lora", "checkpoints/step-00000003/trainable.safetensors")
     modules = {k.split(".lora_")[0] for k in trained}
@@ -283,7 +287,7 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     two = losses(tmp_path / "fsdp_full")
     assert [two[s] for s in (1, 2)] == pytest.approx([ref_full[1], ref_full[2]], rel=1e-5)
     last = "checkpoints/step-00000002/"
-    assert_close(tensors("fsdp_full", last + "ema.safetensors"), tensors("one_full", last + "ema.safetensors"), 1e-5)
+    assert_close(tensors("fsdp_full", last + "ema.safetensors"), tensors("one_full", last + "ema.safetensors"), 5e-5)
     original = load_model(model_dir).transformer.state_dict()
     for folder, file in (("model", "trainable"), ("model_ema", "ema")):
         trained = tensors("fsdp_full", last + f"{file}.safetensors")
