@@ -195,19 +195,20 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     with EMA (kept on each rank's shards, gathered whole for checkpoints and exports).
 
     LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative
-    (measured: steps 1-2 bit for bit, step 3 8e-8), the checkpoints' whole EMA tensors and the exported EMA LoRA its
-    EMA within 5e-5 (measured 8.7e-6 at step 2, 6.3e-6 at step 3: the trained tensors themselves differ by 8.1e-6 and
-    5.8e-6, Adam amplifying the order of the two-row sum). Resuming the step-2 checkpoint (full-state-dict weights,
-    optimizer and EMA, loaded back into the shards) in a fresh run repeats step 3's loss, trained tensors and EMA
-    exactly. The uninterrupted run validated with the EMA weights after step 2: proj_out, a LoRA target, sits in
-    FSDP's root unit, whose gathered copy outlives validation's no-grad forwards, so step 3 sees whether the trained
-    weights came back into the shards and were gathered again. The FSDP checkpoint also resumes in 1 process (the
-    same whole-tensor files). The exported LoRAs load with full coverage. Full fine-tune: 2 steps match, the EMA
-    within 5e-5 (measured 1.0e-7), and the gathered models exported in the HF layout (trained and EMA) load with the
+    (measured: steps 1-2 bit for bit, step 3 8e-8); the checkpoints hold the files 1 process writes (whole tensors,
+    optimizer keyed by name), their EMA tensors and the exported EMA LoRA within 5e-5 of its (measured 8.7e-6 at step
+    2, 6.3e-6 at step 3: the trained tensors themselves differ by 8.1e-6 and 5.8e-6, Adam amplifying the order of the
+    two-row sum). Resuming the step-2 checkpoint (full-state-dict weights, optimizer and EMA, loaded back into the
+    shards) in a fresh run repeats step 3's loss, trained tensors and EMA exactly. The uninterrupted run validated
+    with the EMA weights after step 2: proj_out, a LoRA target, sits in FSDP's root unit, whose gathered copy
+    outlives validation's no-grad forwards, so step 3 sees whether the trained weights came back into the shards and
+    were gathered again. The FSDP checkpoint resumes in 1 process too. The exported LoRAs load with full coverage.
+    Full fine-tune, the other way: the 1-process step-1 checkpoint resumes under FSDP; step 2's loss matches, its EMA
+    within 5e-5 (measured 2e-8), and the gathered models exported in the HF layout (trained and EMA) load with the
     last checkpoint's tensors.
     Planted by hand, each fails here: no fresh gather around validation (step 3 off by 2.6e-4 relative); the EMA not
     restored on an FSDP resume (step 3's EMA differs); the EMA saved as rank 0's shards, not gathered (wrong shapes:
-    the EMA LoRA export fails).
+    the EMA LoRA export fails); the 1-process optimizer state left keyed by index (FSDP cannot load it).
     """
     from firered_core.lora import apply_loras, remove_loras
     from firered_core.model import load_model
@@ -215,7 +216,7 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
 
     lora = dict(steps=3, lr=1e-3, checkpoint_every=2, ema_decay=0.9, lora={"rank": 4, "targets": [*LORA_TARGETS,
                 "proj_out"]}, validation={"every": 2, "rows": 1, "steps": 1})
-    full = dict(steps=2, lr=1e-3, checkpoint_every=0, method="full", ema_decay=0.9,
+    full = dict(steps=2, lr=1e-3, checkpoint_every=1, method="full", ema_decay=0.9,
                 trainable=["transformer_blocks.1.*", "proj_out.*"])
     with torch_threads(1):
         ref_lora = train(config(model_dir, data_dir, tmp_path / "one_lora", batch_size=2, **lora)).losses
@@ -248,7 +249,10 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     moments = load_file(str(step2 / "optimizer.safetensors"))  # torch 2.14 aliased them on CPU with cpu_offload
     assert all(not torch.equal(moments[k], moments[k + "_sq"]) for k in moments
                if k.endswith("::exp_avg") and moments[k].abs().sum() > 0)
-    ema = tensors("fsdp_lora", "checkpoints/step-00000002/ema.safetensors")  # whole tensors, as 1 process writes
+    for file in ("trainable", "optimizer"):  # the files 1 process writes: whole tensors, keyed by name
+        ours, ref = (tensors(run, f"checkpoints/step-00000002/{file}.safetensors") for run in ("fsdp_lora", "one_lora"))
+        assert set(ours) == set(ref) and all(ours[k].shape == ref[k].shape for k in ref), file
+    ema = tensors("fsdp_lora", "checkpoints/step-00000002/ema.safetensors")
     assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), 5e-5)
     weights = tensors("fsdp_lora", "checkpoints/step-00000002/trainable.safetensors")
     assert any("proj_out" in k for k in ema) and any(not torch.equal(ema[k], weights[k]) for k in ema)
@@ -283,7 +287,10 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
             assert not report.unmatched and set(report.modules) == modules and len(modules) > 20
             remove_loras(transformer)
 
-    torchrun_train(tmp_path, "fsdp_full", {**base, "output_dir": str(tmp_path / "fsdp_full"), **full})
+    step1 = tmp_path / "one_full" / "checkpoints" / "step-00000001"  # the other way: 1 process's, under FSDP
+    proc = torchrun_train(tmp_path, "fsdp_full", {**base, "output_dir": str(tmp_path / "fsdp_full"),
+                                                  "resume": str(step1), **full})
+    assert f"resumed from {step1} at step 1" in proc.stderr, proc.stderr[-3000:]
     two = losses(tmp_path / "fsdp_full")
     assert [two[s] for s in (1, 2)] == pytest.approx([ref_full[1], ref_full[2]], rel=1e-5)
     last = "checkpoints/step-00000002/"

@@ -238,7 +238,7 @@ class Trainer:
             offload = self.acc.device.type != "cpu"
             return get_optimizer_state_dict(self.transformer, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-        return self.optimizer.state_dict()
+        return ckpt.optimizer_by_name(self.optimizer.state_dict(), self.trainable)
 
     def save(self) -> Path:
         trainable = self.trainable_state()
@@ -271,17 +271,18 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run "
                                        f"{len(self.trainable)}: resume with the same method, LoRA targets and "
                                        "trainable patterns")
+        optimizer = ckpt.optimizer_by_name(data["optimizer"], self.trainable)  # the same in every checkpoint
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             load_full_state(self.transformer, data["trainable"])
-            set_optimizer_state_dict(self.transformer, self.optimizer, data["optimizer"],
+            set_optimizer_state_dict(self.transformer, self.optimizer, optimizer,
                                      options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             with torch.no_grad():
                 for n, p in self.named_trainable().items():
                     p.copy_(data["trainable"][n])
-            self.optimizer.load_state_dict(data["optimizer"])
+            self.optimizer.load_state_dict(optimizer)
         state = data["state"]
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.sampler.load_state_dict(state["sampler"])
