@@ -47,7 +47,7 @@ def policy_brightness(trainer: Trainer) -> float:
 
 def run(tiny_model_dir, rows, tmp_path, reward: str) -> tuple[float, float, Trainer]:
     cfg = load_config(None, **SMALL, model=str(tiny_model_dir), data=str(rows), output_dir=str(tmp_path / reward),
-                      steps=6, lr=5e-2, **NFT, **{"nft.group_size": 8, "nft.old_decay": 0.0,
+                      steps=12, lr=2e-2, **NFT, **{"nft.group_size": 8, "nft.old_decay": 0.0,
                                                  "nft.reward.callable": f"test_posttrain_nft_train:{reward}"})
     trainer = Trainer(cfg)
     before = policy_brightness(trainer)
@@ -56,15 +56,16 @@ def run(tiny_model_dir, rows, tmp_path, reward: str) -> tuple[float, float, Trai
 
 
 def test_nft_raises_the_reward_and_follows_its_sign(tiny_model_dir, rows, tmp_path):
+    """12 steps at lr 2e-2 (G = 8). Measured here: brightness 0.50299 -> 0.51024 with the brightness reward and
+    -> 0.49875 with its negative. On this tiny random model the direction held for seeds 0-3 at these settings
+    (+0.0008..+0.0120 / -0.0025..-0.0060), not at 6 steps of lr 5e-2 (one seed in three went the wrong way)."""
     before, bright, trainer = run(tiny_model_dir, rows, tmp_path, "brightness")
-    assert set(trainer.stats) == {"nft_reward", "nft_reward_std"} and len(trainer.losses) == 6
-    assert trainer.objective.nft.reward.calls == (1 + 6 + 1) * 8  # every rollout scored once (2 evaluations)
-    # measured here: 0.50299 -> 0.51287 (+0.0099, ~5 in-group standard deviations)
-    assert bright > before + 0.005, (before, bright)
+    assert set(trainer.stats) == {"nft_reward", "nft_reward_std"} and len(trainer.losses) == 12
+    assert trainer.objective.nft.reward.calls == (1 + 12 + 1) * 8  # every rollout scored once (2 evaluations)
+    assert bright > before + 0.004, (before, bright)
     before_dark, dark, _ = run(tiny_model_dir, rows, tmp_path, "darkness")
     assert before_dark == pytest.approx(before)
-    # the reverse reward lowers brightness: measured 0.50299 -> 0.49957
-    assert dark < before - 0.0015, (before, dark)
+    assert dark < before - 0.002, (before, dark)
 
 
 def test_nft_resume_is_exact(tiny_model_dir, rows, tmp_path):
