@@ -9,9 +9,12 @@ and attention workspaces), which no dispatcher sees.
 :func:`fake_accelerator` runs code on fake tensors (``FakeTensorMode``: shapes, dtypes and devices, no data) with the
 ``meta`` device standing in for the GPU. Fake *cuda* tensors can be made on a CPU-only torch and run forward, but the
 autograd engine asks the CUDA runtime about device 0 in backward, so a fake cuda backward fails; ``meta`` runs both.
-Three things differ from a GPU and are put right here: ``scaled_dot_product_attention`` is routed to the fused flash
-kernel (a GPU picks a fused kernel for bf16 without a mask; elsewhere torch would fall back to the math path, which
-keeps the whole attention matrix in float32), fake parameters can be moved and pointed at other tensors, and Adam reads its step counter, which a fake tensor does not hold, as the first step.
+What differs from a GPU is put right: ``scaled_dot_product_attention`` is routed to the fused flash kernel (a GPU
+picks a fused kernel, flash / memory-efficient / cuDNN, for bf16 without a mask, each saving O(tokens) for backward;
+elsewhere torch falls back to the math path, which keeps the whole attention matrix in float32); fake parameters can
+be moved between the stand-in and the CPU and re-pointed with ``.data`` as real ones between a GPU and the CPU; Adam
+reads its step counter, a value a fake tensor does not hold, as the first step's. Streams, events and pinning (block
+swap's CUDA path, ``save_on_cpu``'s pinned buffers) are not exercised: they change timing, not the bytes held.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+_DEVICE = torch.ops.prim.device.default
 STAND_IN = "meta"  # the device type that stands in for the GPU under fake_accelerator
 CUDA_BLOCK = 512  # CUDA's caching allocator hands out multiples of 512 bytes
 
@@ -79,11 +83,19 @@ class LiveBytes(TorchDispatchMode):
         self.peak = defaultdict(int, self.current)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is _DEVICE and _is_fake(args[0]):  # metadata asked for at most C++ calls: nothing to count
+            return torch.device("meta") if args[0].fake_mode.in_kernel_invocation else args[0].fake_device
         out = func(*args, **(kwargs or {}))
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.add(t)
         return out
+
+
+def _is_fake(t) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return isinstance(t, FakeTensor)
 
 
 def fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,

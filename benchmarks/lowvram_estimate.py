@@ -15,7 +15,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
+import os
+import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import torch
 from tqdm import tqdm
@@ -65,10 +70,41 @@ def verdict(peak_gib: float) -> str:
     return "tight" if peak_gib + CONTEXT_GIB <= CARD_GIB else "no"
 
 
-def table(shape: StepShape, variants: list[str]) -> list[str]:
-    rows = {}
-    for v in tqdm(variants, desc=f"{shape.size}²", leave=False):
-        rows[v] = estimate_step(shape, VARIANTS[v], round_to={STAND_IN: CUDA_BLOCK})
+def run_tasks(tasks: list[tuple[StepShape, str]], jobs: int) -> list[dict]:
+    """Estimate each ``(shape, variant)``: in this process, or split over ``jobs`` worker processes (each runs its
+    share in turn; the count is per step, so sharing a process changes nothing)."""
+    bar = tqdm(total=len(tasks), desc="estimating", leave=False)
+    if jobs <= 1:
+        out = []
+        for shape, v in tasks:
+            out.append(estimate_step(shape, VARIANTS[v], round_to={STAND_IN: CUDA_BLOCK}))
+            bar.update()
+        return out
+    shares = [list(range(k, len(tasks), jobs)) for k in range(min(jobs, len(tasks)))]
+    results: dict[int, dict] = {}
+
+    def work(share: list[int]) -> None:
+        spec = json.dumps([[asdict(tasks[i][0]), tasks[i][1]] for i in share])
+        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.lowvram_estimate", "--worker", spec],
+                                stdout=subprocess.PIPE, text=True)
+        for i, line in zip(share, proc.stdout):
+            results[i] = json.loads(line)
+            bar.update()
+        if proc.wait():
+            raise RuntimeError(f"estimate worker for {[tasks[i][1] for i in share]} failed (its stderr is above)")
+
+    with ThreadPoolExecutor(len(shares)) as pool:
+        list(pool.map(work, shares))
+    return [results[i] for i in range(len(tasks))]
+
+
+def worker(spec: str) -> None:
+    for shape, v in json.loads(spec):
+        r = estimate_step(StepShape(**shape), VARIANTS[v], round_to={STAND_IN: CUDA_BLOCK})
+        print(json.dumps(r), flush=True)
+
+
+def table(rows: dict[str, dict]) -> list[str]:
     plain = rows.get("plain")
     lines = [f"{'variant':34} {'set-up GiB':>10} {'peak GiB':>9} {'vs plain':>8} {'host peak GiB':>13} "
              f"{'24 GiB card':>11}"]
@@ -88,17 +124,26 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[1024])
     ap.add_argument("--text-tokens", type=int, default=256)
     ap.add_argument("--references", type=int, default=1)
+    ap.add_argument("--rank", type=int, default=16, help="LoRA rank")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                    help="worker processes (each variant is one step on one core)")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     with contextlib.suppress(RuntimeError):
         torch.set_num_threads(1)
-    for size in args.sizes:
-        shape = StepShape(layers=args.layers, heads=args.heads, size=size, text_tokens=args.text_tokens,
-                          references=args.references)
+    if args.worker:
+        worker(args.worker)
+        return
+    shapes = [StepShape(layers=args.layers, heads=args.heads, size=size, text_tokens=args.text_tokens,
+                        references=args.references, rank=args.rank) for size in args.sizes]
+    tasks = [(shape, v) for shape in shapes for v in args.variants]
+    results = iter(run_tasks(tasks, args.jobs))
+    for shape in shapes:
         print(f"\nestimated live bytes of a LoRA step (rank {shape.rank}): {shape.layers} blocks x {shape.heads} "
-              f"heads x 128, {size}² target + {shape.references} reference, {shape.text_tokens} text tokens; "
+              f"heads x 128, {shape.size}² target + {shape.references} reference, {shape.text_tokens} text tokens; "
               f"bf16 base, fp32 LoRA, AdamW")
-        print("\n".join(table(shape, args.variants)))
+        print("\n".join(table({v: next(results) for v in args.variants})))
 
 
 if __name__ == "__main__":

@@ -109,6 +109,6 @@ def test_block_swap_keeps_a_saved_frozen_weight_on_the_device(monkeypatch):
 
 def test_cli_prints_the_table(capsys):
     main(["--layers", "1", "--heads", "2", "--sizes", "64", "--text-tokens", "8", "--variants", "plain",
-          "block swap"])
+          "block swap", "--jobs", "1"])
     out = capsys.readouterr().out
     assert "1 blocks x 2 heads" in out and "block swap" in out and "24 GiB card" in out
