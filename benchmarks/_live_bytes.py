@@ -37,7 +37,7 @@ CUDA_BLOCK = 512  # CUDA's caching allocator hands out multiples of 512 bytes
 
 class LiveBytes(TorchDispatchMode):
     """Bytes of live tensor storage per device type (``current``) and their maximum since :meth:`reset_peak`
-    (``peak``). Tensors made before the mode was entered count once :meth:`track` is given them."""
+    (``peak``). Only tensors made while the mode is active are seen: enter it before building the model."""
 
     def __init__(self, round_to: dict[str, int] | None = None):
         super().__init__()
@@ -68,15 +68,6 @@ class LiveBytes(TorchDispatchMode):
     def _free(self, key: int, _ref) -> None:
         device, nbytes, _ = self.live.pop(key)
         self.current[device] -= nbytes
-
-    def track(self, *objects) -> None:
-        """Count existing tensors, or the parameters, gradients and buffers of modules."""
-        for obj in objects:
-            if isinstance(obj, torch.nn.Module):
-                params = list(obj.parameters())
-                self.track(*params, *(p.grad for p in params if p.grad is not None), *obj.buffers())
-            elif isinstance(obj, torch.Tensor):
-                self.add(obj)
 
     def reset_peak(self) -> None:
         """Start a new peak at the current bytes (as ``torch.cuda.reset_peak_memory_stats``)."""
