@@ -1,55 +1,86 @@
-"""DiffusionNFT in the trainer's other modes: DDP (2 processes, torchrun + gloo, one prompt each, give the losses of
-1 process with both) and extracted embeddings (the same losses as online encoding)."""
+"""DiffusionNFT in the trainer's other modes: DDP and FSDP (2 processes, torchrun + gloo, one prompt each, give the
+losses of 1 process with both; FSDP checkpoints hold the old policy whole and resume exactly) and extracted
+embeddings (the same losses as online encoding)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-import yaml
+from safetensors.torch import load_file
 
-from firered_core.training.config import load_config
+from firered_core.training.config import LORA_TARGETS, load_config
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import train
 
-ROOT = Path(__file__).resolve().parents[1]
+from test_training_run import relative_error, torch_threads, torchrun_train  # noqa: E402
+
 VALUES = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
               resume=None, checkpoint_every=0, steps=2, lr=5e-2)
-NFT = {"lora": {"rank": 4}, "variants": {"text_drop": 0.0, "cn_rate": 0.0},
+# proj_out sits in FSDP's root unit, whose gathered weights outlive a no-grad forward: its LoRA makes the test see
+# whether the trained forward after the old policy's passes gathers the restored shards again.
+NFT = {"lora": {"rank": 4, "targets": [*LORA_TARGETS, "proj_out"]}, "variants": {"text_drop": 0.0, "cn_rate": 0.0},
        "nft": {"enabled": True, "rollout_steps": 1, "group_size": 4, "old_decay": 0.5,
                "reward": {"callable": "test_posttrain_nft_train:brightness"}}}
 
 
-def test_two_process_nft_matches_one_process(tiny_model_dir, tmp_path):
-    from test_training_run import _free_port  # noqa: E402
+def losses(out) -> dict[int, float]:
+    return {int(k): float(v) for k, v in json.loads((out / "losses.json").read_text()).items()}
 
-    data = make_dataset(tmp_path / "rows", rows=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        one = train(load_config(None, **VALUES, model=str(tiny_model_dir), data=str(data), batch_size=2,
-                                output_dir=str(tmp_path / "one"), **{
-                                    "lora.rank": 4, "variants.text_drop": 0.0, "variants.cn_rate": 0.0,
-                                    "nft.enabled": True, "nft.rollout_steps": 1, "nft.group_size": 4,
-                                    "nft.old_decay": 0.5, "nft.reward.callable": NFT["nft"]["reward"]["callable"]}))
-    finally:
-        torch.set_num_threads(before)
-    two = {**VALUES, **NFT, "model": str(tiny_model_dir), "data": str(data), "batch_size": 1,
-           "output_dir": str(tmp_path / "two")}
-    (tmp_path / "two.yaml").write_text(yaml.safe_dump(two))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), str(ROOT / "training" / "train.py"), str(tmp_path / "two.yaml")]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+
+@pytest.fixture(scope="module")
+def nft_one(tiny_model_dir, tmp_path_factory):
+    """The 1-process run (both prompts in one batch, a checkpoint after each step) and its shared settings."""
+    tmp = tmp_path_factory.mktemp("nft")
+    kw = {**VALUES, **NFT, "model": str(tiny_model_dir), "data": str(make_dataset(tmp / "rows", rows=2)),
+          "checkpoint_every": 1}
+    with torch_threads(1):
+        one = train(load_config(None, **{**kw, "output_dir": str(tmp / "one"), "batch_size": 2}))
+    return one, tmp / "one", kw
+
+
+def test_two_process_nft_matches_one_process(nft_one, tmp_path):
+    one, _, kw = nft_one
+    proc = torchrun_train(tmp_path, "two", {**kw, "output_dir": str(tmp_path / "two"), "batch_size": 1})
     assert "process 1 of 2 (DistributedType.MULTI_CPU): DistributedDataParallel" in proc.stderr, proc.stderr[-3000:]
-    losses = {int(k): float(v) for k, v in json.loads((tmp_path / "two" / "losses.json").read_text()).items()}
-    assert losses == pytest.approx(one.losses, rel=1e-5)
+    assert losses(tmp_path / "two") == pytest.approx(one.losses, rel=1e-5)
+
+
+def test_fsdp_nft_matches_one_process_and_resumes_exactly(nft_one, tmp_path):
+    """Under FSDP the old policy lives on each rank's shards and is swapped into them; the checkpoint gathers it whole.
+
+    Measured on this CPU: losses and the step-1 old policy equal the 1-process run's bit for bit (asserted within
+    1e-5 and 1e-4 relative); the resumed run's step-2 loss equals the uninterrupted one exactly, and the checkpoint
+    resumes in 1 process without FSDP (measured: the 1-process step-2 loss, bit for bit). Planted by hand:
+    without the fresh gather after a swap (the root unit reusing its stale gathered proj_out) step 2 is off by 5e-3
+    relative; with the old policy not restored on resume the resumed step 2 is off by 2.4e-2. Both fail here.
+    """
+    one, one_dir, kw = nft_one
+    fsdp = {**kw, "batch_size": 1, "fsdp": True}
+    proc = torchrun_train(tmp_path, "two", {**fsdp, "output_dir": str(tmp_path / "two")})
+    for rank in (0, 1):
+        assert f"process {rank} of 2 (DistributedType.FSDP): FullyShardedDataParallel" in proc.stderr, \
+            proc.stderr[-3000:]
+    two = losses(tmp_path / "two")
+    assert two == pytest.approx(one.losses, rel=1e-5)
+
+    step1 = tmp_path / "two" / "checkpoints" / "step-00000001"
+    old_two = load_file(str(step1 / "nft_old.safetensors"))  # whole tensors, the file a 1-process run writes
+    old_one = load_file(str(one_dir / "checkpoints" / "step-00000001" / "nft_old.safetensors"))
+    assert set(old_two) == set(old_one) and any("proj_out" in k for k in old_one)
+    assert all(old_two[k].shape == old_one[k].shape for k in old_one)
+    errors = sorted(((relative_error(old_two[k], old_one[k]), k) for k in old_one), reverse=True)
+    assert errors[0][0] <= 1e-4, errors[:5]
+    moved = [k for k in old_one if "lora_B" in k and old_one[k].abs().max() > 0]
+    assert moved, "the old policy followed the first step (B factors start at 0)"
+
+    torchrun_train(tmp_path, "resumed", {**fsdp, "output_dir": str(tmp_path / "resumed"), "resume": str(step1)})
+    assert losses(tmp_path / "resumed") == two  # step 1 from the checkpoint, step 2 recomputed identically
+    with torch_threads(1):  # and back: the FSDP checkpoint resumes in 1 process (no FSDP) as its own would
+        back = train(load_config(None, **{**kw, "output_dir": str(tmp_path / "back"), "batch_size": 2,
+                                          "resume": str(step1)}))
+    assert back.losses == pytest.approx(one.losses, rel=1e-5)
 
 
 def test_nft_from_extracted_embeddings_equals_online(tiny_model_dir, tmp_path):

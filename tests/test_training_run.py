@@ -110,6 +110,8 @@ def torch_threads(n: int):
         torch.set_num_threads(before)
 
 
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     """||a - b|| / ||b|| (0 when both are zero)."""
     diff, ref = float((a - b).norm()), float(b.norm())
@@ -119,7 +121,8 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
 def torchrun_train(tmp_path: Path, name: str, values: dict, nproc: int = 2) -> subprocess.CompletedProcess:
     """``torchrun --nproc_per_node nproc training/train.py`` on a YAML config (gloo, one thread per process)."""
     (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(values))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    # tests/ too: configs may name plug-ins defined in test modules (test_posttrain_nft_train:brightness)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     # accelerate's multi-CPU launch is torchrun + gloo (``accelerate launch --cpu`` alone starts one process)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
            str(_free_port()), str(ROOT / "training" / "train.py"), str(tmp_path / f"{name}.yaml")]
@@ -151,6 +154,40 @@ def test_two_process_run_matches_one_process_gradients(model_dir, data_dir, tmp_
     losses = json.loads((tmp_path / "two" / "losses.json").read_text())
     assert [float(losses[str(s)]) for s in (1, 2)] == pytest.approx([r1.losses[1], r1.losses[2]], rel=1e-6)
     assert (tmp_path / "two" / "export" / "model" / "transformer" / "config.json").exists()
+
+
+def test_discarded_modules_are_exactly_the_ones_without_effect_and_never_trained(model_dir):
+    """The last block's text queries (and their norm), text projection and text MLP do not reach the prediction
+    (zero gradient), every other tensor of that block does (the text modulation through its attention-input rows);
+    neither the LoRA nor the full fine-tune trains them (under FSDP their zero gradients would let weight decay move
+    them)."""
+    from firered_core.conditioning import PromptEmbeds
+    from firered_core.model import load_model
+    from firered_core.references import RefLatents
+    from firered_core.sampling import transformer_denoiser
+    from firered_core.training.trainer import discarded_modules, mark_trainable
+
+    tr = load_model(model_dir).transformer.requires_grad_(True)
+    discarded = discarded_modules(tr)
+    assert sorted(discarded) == ["transformer_blocks.1.attn.add_q_proj", "transformer_blocks.1.attn.norm_added_q",
+                                 "transformer_blocks.1.attn.to_add_out", "transformer_blocks.1.txt_mlp.net.0.proj",
+                                 "transformer_blocks.1.txt_mlp.net.2"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 16, tr.config.in_channels, generator=g)
+    cond = PromptEmbeds(torch.randn(1, 6, tr.config.joint_attention_dim, generator=g), None)
+    out = transformer_denoiser(tr, RefLatents(None, []), [(1, 4, 4)])(x, torch.tensor([0.5]), cond, "cond")
+    out.square().sum().backward()
+    last = {n: p for n, p in tr.named_parameters() if n.startswith("transformer_blocks.1.")}
+    assert len(last) > 20
+    for name, p in last.items():
+        reaches = p.grad is not None and bool(p.grad.abs().max() > 0)
+        assert reaches == (not name.startswith(tuple(d + "." for d in discarded))), name
+    for method, extra in (("lora", {"lora.rank": 4}), ("full", {"trainable": ["transformer_blocks.1.*"]})):
+        tr = load_model(model_dir).transformer
+        cfg = load_config(None, model=str(model_dir), data=str(model_dir), output_dir="unused", method=method, **extra)
+        names = mark_trainable(tr, cfg)
+        assert names and not [n for n in names if n.startswith(tuple(d + "." for d in discarded))], method
+        assert any(n.startswith("transformer_blocks.1.img_mlp.") for n in names), method
 
 
 def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, data_dir, tmp_path):

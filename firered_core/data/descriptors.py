@@ -38,7 +38,7 @@ def photometric(arr: np.ndarray, full: np.ndarray | None = None) -> dict[str, fl
     block = 0.5 * (periodic_ratio(edge_profile(g, 1), 8, 7) + periodic_ratio(edge_profile(g, 0), 8, 7))
     return {"brightness": float(luma.mean() * 255.0), "saturation": float(sat.mean()),
             "entropy": float(np.mean(ent)), "texture": float(sobel.mean()),
-            "sharpness": float(np.log1p(lap.var())), "blockiness": block}
+            "sharpness": float(lap.var().log1p()), "blockiness": block}
 
 
 def perceptual_hashes(arr: np.ndarray) -> dict[str, str]:
@@ -98,5 +98,5 @@ def sharpness_only(arr: np.ndarray) -> float:
     import kornia
 
     luma = kornia.color.rgb_to_grayscale(to_tensor(arr))
-    return float(np.log1p(kornia.filters.laplacian(luma * 255.0, kernel_size=3).var()))
+    return float(kornia.filters.laplacian(luma * 255.0, kernel_size=3).var().log1p())
 

@@ -136,10 +136,11 @@ def _ray(spec: str, todo: dict[int, tuple[str, int, int]], cfg: EngineConfig, us
     ds = ray.data.from_items(items, override_num_blocks=len(items))
     conc = max(1, cfg.workers)
     if uses_model and cfg.gpus_per_actor > 0:  # actor pool: the model loads once per actor, on its GPU
-        ds = ds.map_batches(_ShardScorer, fn_constructor_args=(spec,), batch_size=1, concurrency=conc,
-                            num_gpus=cfg.gpus_per_actor, batch_format="numpy")
+        ds = ds.map_batches(_ShardScorer, fn_constructor_args=(spec,), batch_size=1,
+                            compute=ray.data.ActorPoolStrategy(size=conc), num_gpus=cfg.gpus_per_actor,
+                            batch_format="numpy")
     else:  # CPU tasks; a model stage's model loads once per worker process (cached there, as in the local pool)
-        ds = ds.map(_ray_map, fn_kwargs={"spec": spec}, concurrency=conc, num_cpus=1)
+        ds = ds.map(_ray_map, fn_kwargs={"spec": spec}, compute=ray.data.TaskPoolStrategy(size=conc), num_cpus=1)
     for row in ds.iter_rows():  # streaming: shards arrive as they finish
         yield int(row["shard"]), str(row["result"])
 

@@ -40,14 +40,9 @@ class EMA:
     def applied(self, named_params: dict[str, torch.Tensor]) -> Iterator[None]:
         """The averaged weights in ``named_params`` for the duration of the block (e.g. validation), then the trained
         ones back exactly."""
-        saved = {n: p.detach().clone() for n, p in named_params.items()}
-        self.copy_to(named_params)
-        try:
+        with kept(named_params):
+            self.copy_to(named_params)
             yield
-        finally:
-            with torch.no_grad():
-                for n, p in named_params.items():
-                    p.copy_(saved[n])
 
     def state_dict(self) -> dict:
         return {"tensors": dict(self.shadow), "updates": self.updates, "decay": self.decay}
@@ -59,3 +54,15 @@ class EMA:
         for k, v in state["tensors"].items():
             self.shadow[k].copy_(v)
         self.updates = int(state["updates"])
+
+
+@contextlib.contextmanager
+def kept(named_params: dict[str, torch.Tensor]) -> Iterator[None]:
+    """Whatever the block writes into ``named_params``, their values before it come back exactly afterwards."""
+    saved = {n: p.detach().clone() for n, p in named_params.items()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in named_params.items():
+                p.copy_(saved[n])

@@ -32,6 +32,11 @@ near the data it was sampled from. Only the trained tensors are copied (for a
 LoRA that is the adapter, a few MB), swapped in for the rollouts and the ``v_old`` forward, and swapped back
 bit-exactly before the trained forward, so no second model is held and the autograd graph is never touched. The
 copy is saved in checkpoints (``nft_old.safetensors``), so resume is exact.
+
+Under FSDP (``use_orig_params``) the trained tensors outside a forward are views of this rank's shard, so the old
+policy is kept per rank on those shards and swapped into them in place; the rollouts and the ``v_old`` pass run through
+the FSDP-wrapped model, which gathers whatever the shards hold. Checkpoints gather the old policy into whole tensors
+(the same file as without FSDP, so DDP and FSDP checkpoints resume each other).
 """
 
 from __future__ import annotations
@@ -49,7 +54,8 @@ from ..rewards import RewardBatch, RewardConfig, build_reward
 from ..sampling import make_sigmas, noised_start, sample, transformer_denoiser
 from ..validation import CONFIG, Positive
 from .alignment import variant_text
-from .ema import EMA
+from .distributed import full_state, is_fsdp, load_full_state, regather
+from .ema import EMA, kept
 from .identity import train_size
 from .losses import row_errors
 from .seeding import row_generator
@@ -118,19 +124,40 @@ class NFTObjective:
 
     def __init__(self, cfg: NFTConfig, model, module: torch.nn.Module, seed: int, timesteps, outlier: float | None,
                  output_dir: str | Path, reward=None):
-        self.cfg, self.model, self.module = cfg, model, module
+        self.cfg, self.model, self.transformer = cfg, model, module
         self.seed, self.timesteps, self.outlier = seed, timesteps, outlier
         self.named = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.old = EMA(self.named, cfg.old_decay, warmup=False)
         default_dir = Path(output_dir) / "reward_cache"
         self.reward = reward if reward is not None else build_reward(cfg.reward, default_dir)
 
+    def after_prepare(self, transformer: torch.nn.Module) -> None:
+        """Run rollouts and ``v_old`` through the prepared (DDP / FSDP-wrapped) model, and keep the old policy in the
+        form the trained tensors now have (under FSDP, this rank's shards: the parameter objects stay, their data
+        becomes the shard)."""
+        self.transformer = transformer
+        self.old = EMA(self.named, self.cfg.old_decay, warmup=False)
+
     # -- the old policy ---------------------------------------------------------------------------------------
     def after_step(self) -> None:
         """Soft-update the old policy towards the weights the optimizer just produced."""
         self.old.update(self.named)
 
+    @contextlib.contextmanager
+    def old_policy(self):
+        """The old policy in the trained tensors for the block, then the trained values back bit-exactly."""
+        try:
+            with self.old.applied(self.named):
+                regather(self.transformer)
+                yield
+        finally:
+            regather(self.transformer)
+
     def state(self) -> dict[str, torch.Tensor]:
+        """The old policy as whole tensors (under FSDP a collective: rank 0 gets them, the other ranks ``{}``)."""
+        if is_fsdp(self.transformer):
+            with self.old_policy():
+                return full_state(self.transformer, self.old.shadow)
         return {n: t.detach().cpu() for n, t in self.old.shadow.items()}
 
     def load_state(self, tensors: dict[str, torch.Tensor] | None, where: str) -> None:
@@ -140,6 +167,13 @@ class NFTObjective:
             raise CheckpointError(f"checkpoint {where} has no matching {STATE_NAME}.safetensors (the NFT old "
                                   "policy): resume an NFT run from an NFT checkpoint")
         with torch.no_grad():
+            if is_fsdp(self.transformer):  # this rank's shard of each whole tensor, by writing them into the model
+                with kept(self.named):
+                    load_full_state(self.transformer, tensors)
+                    for n, p in self.named.items():
+                        self.old.shadow[n].copy_(p)
+                regather(self.transformer)
+                return
             for n, t in tensors.items():
                 self.old.shadow[n].copy_(t)
 
@@ -153,8 +187,8 @@ class NFTObjective:
         g, device = self.cfg.group_size, inputs.x0.device
         start = torch.randn((g, *inputs.x0.shape[1:]), generator=row_generator(self.seed, step, pos, "rollout"))
         sigmas = make_sigmas(self.cfg.rollout_steps, inputs.x0.shape[1], self.model.scheduler_config)
-        denoiser = transformer_denoiser(self.module, inputs.ref, inputs.img_shapes)
-        with self.old.applied(self.named) if old else contextlib.nullcontext():
+        denoiser = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)
+        with self.old_policy() if old else contextlib.nullcontext():
             x0 = sample(denoiser, start.to(device, inputs.x0.dtype), sigmas, expand_cond(inputs.cond, g))
         tw, th = train_size(inputs.img_shapes)
         images = decode_latents(self.model.vae, x0, tw, th).cpu()
@@ -174,8 +208,8 @@ class NFTObjective:
                               self.seed).to(roll.x0.device)
         xt = noised_start(roll.x0, noise, sigma)
         cond = expand_cond(inputs.cond, g)
-        with torch.no_grad(), self.old.applied(self.named):
-            v_old = transformer_denoiser(self.module, inputs.ref, inputs.img_shapes)(xt, sigma, cond, "cond")
+        with torch.no_grad(), self.old_policy():
+            v_old = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)(xt, sigma, cond, "cond")
         v = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma, cond, "cond")
         loss, _ = nft_loss(v, v_old, noise, roll.x0, r, self.cfg.beta, self.outlier)
         return loss, {"nft_reward": float(roll.rewards.mean()), "nft_reward_std": float(roll.rewards.std(

@@ -57,6 +57,14 @@ class RowObjective:
             loss = loss + extra
         return loss, stats
 
+    def after_prepare(self, acc, transformer: torch.nn.Module) -> None:
+        """Called once the trained transformer is wrapped (DDP / FSDP): the passes that run it besides the trained
+        forward (NFT's old policy, the DPO reference) go through the wrapper."""
+        if self.nft is not None:
+            self.nft.after_prepare(transformer)
+        if self.preference is not None:
+            self.preference.reference.after_prepare(acc)
+
     def after_step(self) -> None:
         """Called after each optimizer step (the NFT old policy follows the trained weights)."""
         if self.nft is not None:

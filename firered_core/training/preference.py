@@ -12,13 +12,16 @@ dispreferred term untouched. The logged implicit reward margin is the unweighted
 (e_l - r_l))`` and the accuracy the fraction of rows where it is positive.
 
 The reference is the LoRA-disabled base when a LoRA is trained (the same weights, no second copy) or a frozen copy
-of the transformer for full fine-tuning.
+of the transformer for full fine-tuning. Under FSDP the LoRA-disabled pass runs through the FSDP-wrapped model (which
+gathers the sharded weights; the unwrapped module only holds this rank's flat shards), and the frozen copy is
+sharded by FSDP as the trained model is.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import logging
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -27,6 +30,8 @@ import torch.nn.functional as F
 from pydantic import Field, with_config
 
 from ..validation import CONFIG, NonNegative, Positive
+
+log = logging.getLogger(__name__)
 
 
 @with_config(CONFIG)
@@ -91,15 +96,24 @@ class Reference:
         if method != "lora":
             self.copy = copy.deepcopy(transformer).requires_grad_(False).eval()
 
+    def after_prepare(self, acc) -> None:
+        """Shard the frozen copy as the trained model is (FSDP); nothing to do for a LoRA or without FSDP."""
+        from .distributed import shard_frozen
+
+        if self.copy is not None:
+            self.copy = shard_frozen(acc, self.copy)
+            log.info("DPO reference: a frozen copy, %s", type(self.copy).__name__)
+
     @contextlib.contextmanager
-    def model(self):
-        """The reference transformer for the block (no gradients)."""
+    def model(self, wrapped: torch.nn.Module | None = None):
+        """The reference transformer for the block (no gradients). ``wrapped``: the prepared (DDP / FSDP) model
+        around ``transformer``, which runs the LoRA-disabled pass (default: ``transformer`` itself)."""
         with torch.no_grad():
             if self.copy is not None:
                 yield self.copy
             else:
                 with adapters_disabled(self.base):
-                    yield self.base
+                    yield self.base if wrapped is None else wrapped
 
 
 def rejected_latents(vae, sample, train_size: tuple[int, int], device) -> torch.Tensor:
@@ -141,9 +155,10 @@ class PreferenceObjective:
         from .losses import row_errors
 
         x0, noise2, sigma2, xt, cond = pair_batch(inputs.x0, x0_l, noise, sigma, inputs.cond)
-        pred = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma2, cond, "cond")
-        with self.reference.model() as ref:
+        # The no-grad reference pass first: FSDP then sees the trained forward right before its backward.
+        with self.reference.model(transformer) as ref:
             ref_pred = transformer_denoiser(ref, inputs.ref, inputs.img_shapes)(xt, sigma2, cond, "cond")
+        pred = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma2, cond, "cond")
         model_err, _ = row_errors(pred, noise2, x0, self.outlier)
         ref_err, _ = row_errors(ref_pred, noise2, x0, self.outlier)
         return dpo_loss(model_err[:1], model_err[1:], ref_err[:1], ref_err[1:], self.cfg.beta, self.cfg.omega,

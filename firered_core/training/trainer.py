@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
-from .distributed import make_accelerator
+from .distributed import load_full_state, make_accelerator
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings
 from .lowvram import LowVram
@@ -46,18 +46,34 @@ class TrainResult:
     samples_per_s: float = 0.0
 
 
+def discarded_modules(transformer) -> list[str]:
+    """The modules whose output never reaches the prediction: the last block's text stream after its attention
+    input (the text queries, their norm, the text output projection and the text MLP; only the image stream goes on
+    to ``norm_out``, and text queries only shape the text tokens' outputs). Training them changes nothing, and under
+    FSDP, which gives every tensor of a shard a gradient, weight decay would still move them: they are never trained.
+    """
+    last = f"transformer_blocks.{len(transformer.transformer_blocks) - 1}."
+    heads = tuple(last + h for h in ("attn.add_q_proj", "attn.norm_added_q", "attn.to_add_out", "txt_mlp."))
+    return [n for n, m in transformer.named_modules()
+            if n.startswith(heads) and next(m.parameters(recurse=False), None) is not None]
+
+
 def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
-    """Add the LoRA adapter or unfreeze the full fine-tune patterns; return the trained parameter names."""
+    """Add the LoRA adapter or unfreeze the full fine-tune patterns (never the :func:`discarded_modules`); return
+    the trained parameter names."""
     transformer.requires_grad_(False)
+    discarded = discarded_modules(transformer)
     if cfg.method == "lora":
         from peft import LoraConfig
 
         torch.manual_seed(cfg.seed)
         transformer.add_adapter(LoraConfig(r=cfg.lora.rank, lora_alpha=cfg.lora.alpha,
-                                           target_modules=list(cfg.lora.targets), init_lora_weights=True))
+                                           target_modules=list(cfg.lora.targets), exclude_modules=discarded,
+                                           init_lora_weights=True))
     elif cfg.method == "full":
+        skip = tuple(m + "." for m in discarded)
         for name, p in transformer.named_parameters():
-            p.requires_grad_(any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
+            p.requires_grad_(not name.startswith(skip) and any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
     else:
         raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
@@ -79,9 +95,6 @@ class Trainer:
         store = open_embeddings(cfg)
         if cfg.fsdp and cfg.ema_decay > 0:
             raise ConfigError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
-        if cfg.fsdp and cfg.nft.enabled:
-            raise ConfigError("nft swaps the old policy's trained tensors in place, but FSDP holds shards: train "
-                              "with DDP")
         if cfg.fsdp and cfg.dump_grads:
             raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
@@ -105,6 +118,7 @@ class Trainer:
                                           num_training_steps=cfg.steps)
         self.ema = EMA(self.named_trainable(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.transformer, self.optimizer = self.acc.prepare(transformer, self.optimizer)
+        self.objective.after_prepare(self.acc, self.transformer)
         self.low_vram.after_prepare(self.module, self.acc.device)
         log.info("process %d of %d (%s): %s, %d trained tensors", self.rank, self.world, self.acc.distributed_type,
                  type(self.transformer).__name__, len(self.trainable))
@@ -228,6 +242,7 @@ class Trainer:
     def save(self) -> Path:
         trainable = self.trainable_state()
         opt = self.optimizer_state()
+        extra = self.objective.extra_state()  # under FSDP a gather: every process
         path = None
         if self.acc.is_main_process:
             state = {"step": self.step, "sampler": self.sampler.state_dict(),
@@ -236,7 +251,7 @@ class Trainer:
                      "config": to_dict(self.cfg)}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable, opt, json.loads(
                 json.dumps(state, default=str)), self.ema.state_dict() if self.ema else None,
-                self.cfg.keep_checkpoints, self.objective.extra_state())
+                self.cfg.keep_checkpoints, extra)
         self.acc.wait_for_everyone()
         return path or self.out / "checkpoints" / f"step-{self.step:08d}"
 
@@ -256,12 +271,11 @@ class Trainer:
                                        f"{len(self.trainable)}: resume with the same method, LoRA targets and "
                                        "trainable patterns")
         if self.cfg.fsdp:
-            from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
-                                                                 set_optimizer_state_dict)
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-            opts = StateDictOptions(full_state_dict=True, strict=False)
-            set_model_state_dict(self.transformer, data["trainable"], options=opts)
-            set_optimizer_state_dict(self.transformer, self.optimizer, data["optimizer"], options=opts)
+            load_full_state(self.transformer, data["trainable"])
+            set_optimizer_state_dict(self.transformer, self.optimizer, data["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             with torch.no_grad():
                 for n, p in self.named_trainable().items():
