@@ -53,6 +53,16 @@ def test_switches_lower_the_device_peak_and_use_the_host():
     assert device_bytes(r["activation offload"], "peak", "cpu") > device_bytes(r["plain"], "peak", "cpu")
 
 
+def test_block_swap_peak_does_not_grow_by_blocks_with_depth():
+    """Two more blocks add their LoRA state and saved inputs, not their weights: at most two blocks are on the
+    device at once, also in backward (which re-runs the blocks last to first: prefetching the block above, as a
+    forward does, would leave every block on the device by its end)."""
+    deeper = StepShape(**{**TINY.__dict__, "layers": TINY.layers + 2})
+    growth = device_bytes(estimate_step(deeper, VARIANTS["block swap"]), "peak") - device_bytes(
+        estimate_step(TINY, VARIANTS["block swap"]), "peak")
+    assert 0 < growth < 2 * (36 * D * D + 30 * D + 4 * 128)  # one block's frozen bf16 bytes
+
+
 class KeepsFreed(LiveBytes):
     def _free(self, key, _ref):  # planted: a freed storage stays counted
         pass
