@@ -191,18 +191,32 @@ def test_discarded_modules_are_exactly_the_ones_without_effect_and_never_trained
 
 
 def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, data_dir, tmp_path):
-    """FSDP (accelerate's FullyShardedDataParallel around each QwenImageTransformerBlock) on 2 CPU processes (gloo).
+    """FSDP (accelerate's FullyShardedDataParallel around each QwenImageTransformerBlock) on 2 CPU processes (gloo),
+    with EMA (kept on each rank's shards, gathered whole for checkpoints and exports).
 
-    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative;
-    resuming the step-2 checkpoint (full-state-dict weights and optimizer, loaded back into the shards) in a fresh
-    run repeats step 3's loss exactly; the exported LoRA loads with full coverage. Full fine-tune: 2 steps match,
-    and the gathered model exported in the HF layout loads with the trained tensors of the last checkpoint.
+    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative
+    (measured: steps 1-2 bit for bit, step 3 8e-8); the checkpoints hold the files 1 process writes (whole tensors,
+    optimizer keyed by name), their EMA tensors and the exported EMA LoRA within 5e-5 of its (measured 8.7e-6 at step
+    2, 6.3e-6 at step 3: the trained tensors themselves differ by 8.1e-6 and 5.8e-6, Adam amplifying the order of the
+    two-row sum). Resuming the step-2 checkpoint (full-state-dict weights, optimizer and EMA, loaded back into the
+    shards) in a fresh run repeats step 3's loss, trained tensors and EMA exactly. The uninterrupted run validated
+    with the EMA weights after step 2: proj_out, a LoRA target, sits in FSDP's root unit, whose gathered copy
+    outlives validation's no-grad forwards, so step 3 sees whether the trained weights came back into the shards and
+    were gathered again. The FSDP checkpoint resumes in 1 process too. The exported LoRAs load with full coverage.
+    Full fine-tune, the other way: the 1-process step-1 checkpoint resumes under FSDP; step 2's loss matches, its EMA
+    within 5e-5 (measured 2e-8), and the gathered models exported in the HF layout (trained and EMA) load with the
+    last checkpoint's tensors.
+    Planted by hand, each fails here: no fresh gather around validation (step 3 off by 2.6e-4 relative); the EMA not
+    restored on an FSDP resume (step 3's EMA differs); the EMA saved as rank 0's shards, not gathered (wrong shapes:
+    the EMA LoRA export fails); the 1-process optimizer state left keyed by index (FSDP cannot load it).
     """
     from firered_core.lora import apply_loras, remove_loras
     from firered_core.model import load_model
+    from firered_core.training.config import LORA_TARGETS
 
-    lora = dict(steps=3, lr=1e-3, checkpoint_every=2, lora={"rank": 4})
-    full = dict(steps=2, lr=1e-3, checkpoint_every=0, method="full",
+    lora = dict(steps=3, lr=1e-3, checkpoint_every=2, ema_decay=0.9, lora={"rank": 4, "targets": [*LORA_TARGETS,
+                "proj_out"]}, validation={"every": 2, "rows": 1, "steps": 1})
+    full = dict(steps=2, lr=1e-3, checkpoint_every=1, method="full", ema_decay=0.9,
                 trainable=["transformer_blocks.1.*", "proj_out.*"])
     with torch_threads(1):
         ref_lora = train(config(model_dir, data_dir, tmp_path / "one_lora", batch_size=2, **lora)).losses
@@ -211,6 +225,17 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
 
     def losses(out: Path) -> dict[int, float]:
         return {int(k): float(v) for k, v in json.loads((out / "losses.json").read_text()).items()}
+
+    def tensors(run: str, file: str) -> dict[str, torch.Tensor]:
+        return load_file(str(tmp_path / run / file))
+
+    def assert_close(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor], rel: float) -> None:
+        assert set(ours) == set(ref) and all(ours[k].shape == ref[k].shape for k in ref)
+        errors = sorted(((relative_error(ours[k], ref[k]), k) for k in ref), reverse=True)
+        assert errors[0][0] <= rel, errors[:5]
+
+    def assert_equal(ours: dict[str, torch.Tensor], ref: dict[str, torch.Tensor]) -> None:
+        assert set(ours) == set(ref) and all(torch.equal(ours[k], ref[k]) for k in ref)
 
     proc = torchrun_train(tmp_path, "fsdp_lora", {**base, "output_dir": str(tmp_path / "fsdp_lora"), **lora})
     for rank in (0, 1):
@@ -224,33 +249,60 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     moments = load_file(str(step2 / "optimizer.safetensors"))  # torch 2.14 aliased them on CPU with cpu_offload
     assert all(not torch.equal(moments[k], moments[k + "_sq"]) for k in moments
                if k.endswith("::exp_avg") and moments[k].abs().sum() > 0)
+    for file in ("trainable", "optimizer"):  # the files 1 process writes: whole tensors, keyed by name
+        ours, ref = (tensors(run, f"checkpoints/step-00000002/{file}.safetensors") for run in ("fsdp_lora", "one_lora"))
+        assert set(ours) == set(ref) and all(ours[k].shape == ref[k].shape for k in ref), file
+    ema = tensors("fsdp_lora", "checkpoints/step-00000002/ema.safetensors")
+    assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), 5e-5)
+    weights = tensors("fsdp_lora", "checkpoints/step-00000002/trainable.safetensors")
+    assert any("proj_out" in k for k in ema) and any(not torch.equal(ema[k], weights[k]) for k in ema)
+    for style in ("comfy", "diffusers"):
+        name = f"export/firered_lora_ema_{style}.safetensors"
+        assert_close(tensors("fsdp_lora", name), tensors("one_lora", name), 5e-5)
+    assert (tmp_path / "fsdp_lora" / "validation" / "step-00000002.png").exists()
+
     proc = torchrun_train(tmp_path, "fsdp_resumed", {**base, "output_dir": str(tmp_path / "fsdp_resumed"),
-                                                     "resume": str(step2), **lora})
+                                                     "resume": str(step2), **{**lora, "validation": {"every": 0}}})
     assert f"resumed from {step2} at step 2" in proc.stderr, proc.stderr[-3000:]
     resumed = tmp_path / "fsdp_resumed" / "checkpoints"
     assert [p.name for p in resumed.glob("step-*")] == ["step-00000003"]  # only step 3 ran
     assert losses(tmp_path / "fsdp_resumed") == two  # steps 1-2 from the checkpoint, step 3 recomputed identically
-    trained = load_file(str(step2.parent / "step-00000003" / "trainable.safetensors"))
-    again = load_file(str(resumed / "step-00000003" / "trainable.safetensors"))
-    assert set(again) == set(trained) and all(torch.equal(again[k], trained[k]) for k in trained)  # Adam state too
+    for file in ("trainable", "ema"):  # the Adam state and the EMA came back exactly too
+        assert_equal(tensors("fsdp_resumed", f"checkpoints/step-00000003/{file}.safetensors"),
+                     tensors("fsdp_lora", f"checkpoints/step-00000003/{file}.safetensors"))
+    assert_equal(tensors("fsdp_resumed", "export/firered_lora_ema_comfy.safetensors"),
+                 tensors("fsdp_lora", "export/firered_lora_ema_comfy.safetensors"))
+    with torch_threads(1):  # and the FSDP checkpoint resumes in 1 process, as the 1-process one does
+        back = train(config(model_dir, data_dir, tmp_path / "back", batch_size=2, resume=str(step2), **lora))
+    assert back.losses == pytest.approx(ref_lora, rel=1e-5)
+    assert_close(tensors("back", "checkpoints/step-00000003/ema.safetensors"),
+                 tensors("one_lora", "checkpoints/step-00000003/ema.safetensors"), 5e-5)
 
+    trained = tensors("fsdp_lora", "checkpoints/step-00000003/trainable.safetensors")
     modules = {k.split(".lora_")[0] for k in trained}
     transformer = load_model(model_dir).transformer
-    for style in ("comfy", "diffusers"):
-        report = apply_loras(transformer, [tmp_path / "fsdp_lora" / "export" / f"firered_lora_{style}.safetensors"])
-        assert not report.unmatched and set(report.modules) == modules and len(modules) > 20
-        remove_loras(transformer)
+    for name in ("firered_lora", "firered_lora_ema"):
+        for style in ("comfy", "diffusers"):
+            report = apply_loras(transformer, [tmp_path / "fsdp_lora" / "export" / f"{name}_{style}.safetensors"])
+            assert not report.unmatched and set(report.modules) == modules and len(modules) > 20
+            remove_loras(transformer)
 
-    torchrun_train(tmp_path, "fsdp_full", {**base, "output_dir": str(tmp_path / "fsdp_full"), **full})
+    step1 = tmp_path / "one_full" / "checkpoints" / "step-00000001"  # the other way: 1 process's, under FSDP
+    proc = torchrun_train(tmp_path, "fsdp_full", {**base, "output_dir": str(tmp_path / "fsdp_full"),
+                                                  "resume": str(step1), **full})
+    assert f"resumed from {step1} at step 1" in proc.stderr, proc.stderr[-3000:]
     two = losses(tmp_path / "fsdp_full")
     assert [two[s] for s in (1, 2)] == pytest.approx([ref_full[1], ref_full[2]], rel=1e-5)
-    trained = load_file(str(tmp_path / "fsdp_full" / "checkpoints" / "step-00000002" / "trainable.safetensors"))
-    exported = load_model(tmp_path / "fsdp_full" / "export" / "model").transformer.state_dict()
+    last = "checkpoints/step-00000002/"
+    assert_close(tensors("fsdp_full", last + "ema.safetensors"), tensors("one_full", last + "ema.safetensors"), 5e-5)
     original = load_model(model_dir).transformer.state_dict()
-    assert set(exported) == set(original) and len(trained) > 10
-    for name, value in exported.items():
-        assert torch.equal(value, trained[name] if name in trained else original[name]), name
-    assert any(not torch.equal(trained[n], original[n]) for n in trained)
+    for folder, file in (("model", "trainable"), ("model_ema", "ema")):
+        trained = tensors("fsdp_full", last + f"{file}.safetensors")
+        exported = load_model(tmp_path / "fsdp_full" / "export" / folder).transformer.state_dict()
+        assert set(exported) == set(original) and len(trained) > 10
+        for name, value in exported.items():
+            assert torch.equal(value, trained[name] if name in trained else original[name]), (folder, name)
+        assert any(not torch.equal(trained[n], original[n]) for n in trained)
 
 
 def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir, data_dir, tmp_path):

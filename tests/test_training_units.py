@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import random
 
@@ -265,3 +266,33 @@ def test_canonical_safetensors_is_byte_stable_and_loads(tmp_path):
     path.write_bytes(data)
     with safe_open(str(path), "pt") as fh:
         assert fh.metadata() == meta
+
+
+def test_optimizer_state_keyed_by_name_loads_as_the_index_keyed_one():
+    """Checkpoints key the optimizer state by parameter name (FSDP's full optimizer state dict only takes names); an
+    older index-keyed state is renamed in order, and a plain optimizer loads the named state as it loads its own."""
+    from firered_core.training.checkpoint import CheckpointError, optimizer_by_name
+
+    params = [torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.zeros(2, 2))]
+    opt = torch.optim.AdamW(params, lr=0.1)
+    for p in params:
+        p.grad = torch.arange(p.numel(), dtype=torch.float32).reshape(p.shape) + 1
+    opt.step()
+    state = opt.state_dict()
+    named = optimizer_by_name(state, ["a", "b"])
+    assert named["param_groups"][0]["params"] == ["a", "b"] and set(named["state"]) == {"a", "b"}
+    assert named["state"]["b"]["exp_avg"] is state["state"][1]["exp_avg"]
+    assert optimizer_by_name(named, ["x", "y"]) is named  # names stay
+    results = []
+    for saved in (state, named, None):  # None: a fresh optimizer, to see that the loaded state matters
+        copies = [torch.nn.Parameter(p.detach().clone()) for p in params]
+        opt = torch.optim.AdamW(copies, lr=0.1)
+        if saved is not None:  # a copy: the load keeps the saved moments, the step then updates them in place
+            opt.load_state_dict(copy.deepcopy(saved))
+        for p in copies:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        results.append(torch.cat([p.detach().flatten() for p in copies]))
+    assert torch.equal(results[0], results[1]) and not torch.allclose(results[0], results[2])
+    with pytest.raises(CheckpointError, match="optimizer holds 2 tensors, this run trains 3"):
+        optimizer_by_name(state, ["a", "b", "c"])

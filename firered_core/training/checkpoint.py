@@ -1,9 +1,11 @@
 """Atomic training checkpoints in safetensors + JSON (no pickle).
 
 A checkpoint is a folder ``step-XXXXXXXX`` holding ``trainable.safetensors`` (the trained parameters by name),
-``optimizer.safetensors`` + ``optimizer.json``, ``ema.safetensors`` (when EMA is on), the objective's extra tensors
-(``nft_old.safetensors``: the NFT old policy), ``rng.safetensors`` and ``state.json`` (step, sampler, LR scheduler, loss history). It is written under a temporary name and renamed into
-place, then ``latest`` is replaced atomically, so a crash mid-save leaves the previous checkpoint and pointer intact.
+``optimizer.safetensors`` + ``optimizer.json`` (keyed by parameter name, with or without FSDP), ``ema.safetensors``
+(when EMA is on), the objective's extra tensors (``nft_old.safetensors``: the NFT old policy), ``rng.safetensors`` and
+``state.json`` (step, sampler, LR scheduler, loss history), all whole tensors. It is written under a temporary name
+and renamed into place, then ``latest`` is replaced atomically, so a crash mid-save leaves the previous checkpoint
+and pointer intact.
 
 ``manifest.json`` (written last, before the rename) records every file's size and SHA-256. On resume the latest
 checkpoint is verified against it; a checkpoint damaged after it was written (a truncated or altered file, a copy
@@ -89,6 +91,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
         idx = int(idx) if idx.lstrip("-").isdigit() else idx
         state.setdefault(idx, {})[name] = value
     return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def optimizer_by_name(state: dict, names: list[str]) -> dict:
+    """A torch optimizer state dict keyed by the trained tensors' names, as FSDP's full optimizer state dict is: a
+    plain (1-process or DDP) optimizer's integer keys, its parameters in order, become ``names`` (the same order);
+    name keys stay. Plain optimizers load either (they pair saved and current parameters by order), FSDP only names,
+    so every checkpoint is written with names and an older integer-keyed one is renamed on loading."""
+    order = [p for group in state["param_groups"] for p in group["params"]]
+    if all(isinstance(p, str) for p in order):
+        return state
+    if len(order) != len(names):
+        raise CheckpointError(f"the checkpoint's optimizer holds {len(order)} tensors, this run trains {len(names)}")
+    rename = dict(zip(order, names))
+    return {"state": {rename[k]: v for k, v in state["state"].items()},
+            "param_groups": [{**g, "params": [rename[p] for p in g["params"]]} for g in state["param_groups"]]}
 
 
 def rng_state() -> dict[str, torch.Tensor]:

@@ -70,7 +70,9 @@ def enable_cpu_fsdp(acc, plugin) -> None:
         state.device = torch.device("cpu")
 
 
-def is_fsdp(model: torch.nn.Module) -> bool:
+def is_fsdp(model: torch.nn.Module | None) -> bool:
+    if model is None:
+        return False
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     return isinstance(model, FSDP)
@@ -86,7 +88,7 @@ def shard_frozen(acc, module: torch.nn.Module) -> torch.nn.Module:
     return acc.prepare_model(module)
 
 
-def regather(model: torch.nn.Module) -> None:
+def regather(model: torch.nn.Module | None) -> None:
     """Make FSDP's next forward all-gather the shards as they are now, after something wrote into them in place.
 
     After a forward FSDP frees every unit's gathered parameters except the root's (kept for the backward, which a
@@ -94,11 +96,11 @@ def regather(model: torch.nn.Module) -> None:
     Freeing it here is what FSDP's own post-backward does. No-op without FSDP. Uses FSDP1's internals (the unit's
     ``_handle``, ``_runtime_utils._reshard``) as torch 2.14 has them: FSDP1 has no public call for this.
     """
+    if not is_fsdp(model):
+        return
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
     from torch.distributed.fsdp._runtime_utils import _reshard
 
-    if not is_fsdp(model):
-        return
     for unit in FSDP.fsdp_modules(model):
         handle = unit._handle
         gathered = handle is not None and hasattr(handle.flat_param, "_full_param_padded")  # after FSDP's lazy init

@@ -54,8 +54,7 @@ from ..rewards import RewardBatch, RewardConfig, build_reward
 from ..sampling import make_sigmas, noised_start, sample, transformer_denoiser
 from ..validation import CONFIG, Positive
 from .alignment import variant_text
-from .distributed import full_state, is_fsdp, load_full_state, regather
-from .ema import EMA, kept
+from .ema import EMA
 from .identity import train_size
 from .losses import row_errors
 from .seeding import row_generator
@@ -143,22 +142,13 @@ class NFTObjective:
         """Soft-update the old policy towards the weights the optimizer just produced."""
         self.old.update(self.named)
 
-    @contextlib.contextmanager
     def old_policy(self):
         """The old policy in the trained tensors for the block, then the trained values back bit-exactly."""
-        try:
-            with self.old.applied(self.named):
-                regather(self.transformer)
-                yield
-        finally:
-            regather(self.transformer)
+        return self.old.applied(self.named, self.transformer)
 
     def state(self) -> dict[str, torch.Tensor]:
         """The old policy as whole tensors (under FSDP a collective: rank 0 gets them, the other ranks ``{}``)."""
-        if is_fsdp(self.transformer):
-            with self.old_policy():
-                return full_state(self.transformer, self.old.shadow)
-        return {n: t.detach().cpu() for n, t in self.old.shadow.items()}
+        return self.old.whole(self.named, self.transformer)
 
     def load_state(self, tensors: dict[str, torch.Tensor] | None, where: str) -> None:
         from .checkpoint import CheckpointError
@@ -166,16 +156,7 @@ class NFTObjective:
         if tensors is None or set(tensors) != set(self.old.shadow):
             raise CheckpointError(f"checkpoint {where} has no matching {STATE_NAME}.safetensors (the NFT old "
                                   "policy): resume an NFT run from an NFT checkpoint")
-        with torch.no_grad():
-            if is_fsdp(self.transformer):  # this rank's shard of each whole tensor, by writing them into the model
-                with kept(self.named):
-                    load_full_state(self.transformer, tensors)
-                    for n, p in self.named.items():
-                        self.old.shadow[n].copy_(p)
-                regather(self.transformer)
-                return
-            for n, t in tensors.items():
-                self.old.shadow[n].copy_(t)
+        self.old.load_whole(tensors, self.named, self.transformer)
 
     # -- rollouts ---------------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -93,8 +93,6 @@ class Trainer:
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
         store = open_embeddings(cfg)
-        if cfg.fsdp and cfg.ema_decay > 0:
-            raise ConfigError("EMA with FSDP is not supported yet: set ema_decay: 0 or train with DDP")
         if cfg.fsdp and cfg.dump_grads:
             raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
@@ -110,14 +108,17 @@ class Trainer:
         self.low_vram.before_prepare(transformer)
         self.objective = RowObjective(cfg, self.model, transformer, self.acc.device)
         transformer.train()
-        params = [p for _, p in transformer.named_parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
+        self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=cfg.lr, betas=tuple(cfg.betas),
+                                           weight_decay=cfg.weight_decay)
         from diffusers.optimization import get_scheduler
 
         self.lr_scheduler = get_scheduler(cfg.lr_schedule, self.optimizer, num_warmup_steps=cfg.warmup_steps,
                                           num_training_steps=cfg.steps)
-        self.ema = EMA(self.named_trainable(transformer), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.transformer, self.optimizer = self.acc.prepare(transformer, self.optimizer)
+        check_kept_parameters(self.transformer, self.params)
+        # made from the prepared tensors: under FSDP the average lives on this rank's shards, as they do
+        self.ema = EMA(self.named_trainable(), cfg.ema_decay) if cfg.ema_decay > 0 else None
         self.objective.after_prepare(self.acc, self.transformer)
         self.low_vram.after_prepare(self.module, self.acc.device)
         log.info("process %d of %d (%s): %s, %d trained tensors", self.rank, self.world, self.acc.distributed_type,
@@ -132,10 +133,10 @@ class Trainer:
     def module(self):
         return self.acc.unwrap_model(self.transformer)
 
-    def named_trainable(self, module=None) -> dict[str, torch.Tensor]:
-        module = module if module is not None else self.module
-        keep = set(self.trainable)
-        return {n: p for n, p in module.named_parameters() if n in keep}
+    def named_trainable(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by their names in the bare transformer (FSDP's own names carry wrapper prefixes).
+        They are the prepared model's parameters; under FSDP, between steps, each holds this rank's shard (flat)."""
+        return self.params
 
     def trainable_state(self, whole: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """The trained tensors, whole. With FSDP every process must call it; rank 0 gets them, the others ``{}``."""
@@ -237,11 +238,12 @@ class Trainer:
             offload = self.acc.device.type != "cpu"
             return get_optimizer_state_dict(self.transformer, self.optimizer,
                                             options=StateDictOptions(full_state_dict=True, cpu_offload=offload))
-        return self.optimizer.state_dict()
+        return ckpt.optimizer_by_name(self.optimizer.state_dict(), self.trainable)
 
     def save(self) -> Path:
         trainable = self.trainable_state()
         opt = self.optimizer_state()
+        ema = self.ema.state_dict(self.named_trainable(), self.transformer) if self.ema else None  # FSDP: a gather
         extra = self.objective.extra_state()  # under FSDP a gather: every process
         path = None
         if self.acc.is_main_process:
@@ -250,8 +252,7 @@ class Trainer:
                      "stats": self.stat_history,
                      "config": to_dict(self.cfg)}
             path = ckpt.save_checkpoint(self.out / "checkpoints", self.step, trainable, opt, json.loads(
-                json.dumps(state, default=str)), self.ema.state_dict() if self.ema else None,
-                self.cfg.keep_checkpoints, extra)
+                json.dumps(state, default=str)), ema, self.cfg.keep_checkpoints, extra)
         self.acc.wait_for_everyone()
         return path or self.out / "checkpoints" / f"step-{self.step:08d}"
 
@@ -270,24 +271,25 @@ class Trainer:
             raise ckpt.CheckpointError(f"checkpoint {path} trains {len(names)} tensors, this run "
                                        f"{len(self.trainable)}: resume with the same method, LoRA targets and "
                                        "trainable patterns")
+        optimizer = ckpt.optimizer_by_name(data["optimizer"], self.trainable)  # the same in every checkpoint
         if self.cfg.fsdp:
             from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
             load_full_state(self.transformer, data["trainable"])
-            set_optimizer_state_dict(self.transformer, self.optimizer, data["optimizer"],
+            set_optimizer_state_dict(self.transformer, self.optimizer, optimizer,
                                      options=StateDictOptions(full_state_dict=True, strict=False))
         else:
             with torch.no_grad():
                 for n, p in self.named_trainable().items():
                     p.copy_(data["trainable"][n])
-            self.optimizer.load_state_dict(data["optimizer"])
+            self.optimizer.load_state_dict(optimizer)
         state = data["state"]
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         self.sampler.load_state_dict(state["sampler"])
         if self.ema is not None:
             if data["ema"] is None:
                 raise ckpt.CheckpointError(f"checkpoint {path} has no EMA state but ema_decay is set")
-            self.ema.load_state_dict(data["ema"])
+            self.ema.load_state_dict(data["ema"], self.named_trainable(), self.transformer)
         self.objective.load_extra_state(data["extra"], str(path))
         ckpt.set_rng_state(data["rng"])
         self.step = int(state["step"])
@@ -305,7 +307,8 @@ class Trainer:
             return None
         self.model.set("transformer", self.transformer if self.cfg.fsdp else self.module)
         self.transformer.eval()
-        weights = self.ema.applied(self.named_trainable()) if self.ema is not None else contextlib.nullcontext()
+        weights = self.ema.applied(self.named_trainable(), self.transformer) if self.ema is not None \
+            else contextlib.nullcontext()
         with weights, torch.no_grad():
             rows = validation_rows(EditPipeline(self.model), self.dataset.samples, self.cfg)
         self.transformer.train()
@@ -364,7 +367,7 @@ class Trainer:
 
         whole = self.acc.get_state_dict(self.transformer) if self.cfg.fsdp and self.cfg.method == "full" else None
         state = self.trainable_state(whole)
-        ema = self.ema.shadow if self.ema is not None else None
+        ema = self.ema.whole(self.named_trainable(), self.transformer) if self.ema is not None else None
         out = {}
         if self.acc.is_main_process:
             if self.cfg.method == "lora":
@@ -376,9 +379,20 @@ class Trainer:
                 out["full"] = export_full(self.module, state, self.cfg.model, self.out / "export" / "model", whole)
                 if ema is not None:
                     out["ema_full"] = export_full(self.module, ema, self.cfg.model,
-                                                  self.out / "export" / "model_ema")
+                                                  self.out / "export" / "model_ema", whole)
         self.acc.wait_for_everyone()
         return out
+
+
+def check_kept_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor]) -> None:
+    """The trainer reaches the trained tensors through the parameter objects it made them from, which DDP and FSDP
+    with ``use_orig_params`` keep (FSDP changes their data to the shard); a wrapper that replaced them would leave the
+    EMA, validation and resume working on dead copies."""
+    alive = {id(p) for p in model.parameters()}
+    lost = [n for n, p in params.items() if id(p) not in alive]
+    if lost:
+        raise RuntimeError(f"the prepared model no longer holds {len(lost)} trained tensors (e.g. {lost[0]}): "
+                           "FSDP must keep the original parameters (use_orig_params=True)")
 
 
 class SimulatedKill(RuntimeError):
