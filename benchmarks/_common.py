@@ -89,9 +89,10 @@ def bench_image(size: int):
 
 
 def full_size_transformer(layers: int, heads: int, text_dim: int, seed: int, device: torch.device,
-                          dtype: torch.dtype):
+                          dtype: torch.dtype, init: bool = True):
     """The FireRed transformer architecture (``heads`` x 128, ``layers`` blocks) with random weights built directly
-    on the device (meta construction, no CPU copy), deterministic for the seed."""
+    on the device (meta construction, no CPU copy), deterministic for the seed; ``init=False`` leaves the weights
+    unset (fake tensors, which hold no values)."""
     from diffusers import QwenImageTransformer2DModel
     from diffusers.models.transformers.transformer_qwenimage import QwenEmbedRope
 
@@ -106,6 +107,8 @@ def full_size_transformer(layers: int, heads: int, text_dim: int, seed: int, dev
         torch.set_default_dtype(default)
     tr.to_empty(device=device)
     tr.pos_embed = QwenEmbedRope(theta=10000, axes_dim=[16, 56, 56], scale_rope=True)
+    if not init:
+        return tr.eval().requires_grad_(False)
     gen = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, p in tr.named_parameters():

@@ -1,16 +1,20 @@
 """Peak memory of one LoRA training step with each low-VRAM switch (fp8 base, block swap, checkpointing, activation
-offload, and all of them) against plain LoRA training, one fresh process per variant, as ratios to plain.
+offload, and combinations) against plain LoRA training, one fresh process per variant, as ratios to plain.
 
     python -m benchmarks.lowvram_training                      # CPU: peak RSS of the step, small transformer
     python -m benchmarks.lowvram_training --device cuda --layers 60 --heads 24 --size 1024   # full size, peak VRAM
+    python -m benchmarks.lowvram_training --estimate           # no GPU: the full-size table from fake tensors
 
-The transformer is the FireRed architecture with random weights (``_common.full_size_transformer``); the frozen
-base is bf16 on a GPU (fp32 on a CPU), the LoRA (rank 16, FireRed's targets) fp32. The step's peak is measured after
-the model is built and converted (VmHWM reset through /proc/self/clear_refs on Linux; CUDA's peak statistics on a
-GPU), so it is the step's own: the table gives the process's peak RSS and the step's growth over the RSS before it
-(on a CPU) or the peak VRAM (on a GPU), each as a ratio to plain. The loss of each variant and its relative
-difference to plain's show the switches keep the step's result (the equal-loss check itself is a test:
-tests/test_posttrain_lowvram.py).
+The step is one FireRed edit row as the trainer builds it: the target's tokens then one reference image's (same
+size; ``img_shapes`` with both), a 256-token instruction at the text encoder's width (3584), forward + backward of
+the flow-matching loss, then an AdamW step on the LoRA. The transformer is the FireRed architecture with random
+weights (``_common.full_size_transformer``); the frozen base is bf16 on a GPU (fp32 on a CPU), the LoRA (rank 16,
+FireRed's targets) fp32. The step's peak is measured after the model is built and converted (VmHWM reset through
+/proc/self/clear_refs on Linux; CUDA's peak statistics on a GPU), so it is the step's own: the table gives the
+process's peak RSS and the step's growth over the RSS before it (on a CPU) or the peak VRAM (on a GPU), each as a
+ratio to plain. The loss of each variant and its relative difference to plain's show the switches keep the step's
+result (the equal-loss check itself is a test: tests/test_posttrain_lowvram.py). ``--estimate`` runs
+``benchmarks.lowvram_estimate`` (its options follow) on the same step.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,8 +36,12 @@ VARIANTS = {
     "activation offload": {"offload_activations": True},
     "checkpointing + offload": {"checkpointing": True, "offload_activations": True},
     "fp8 base": {"fp8_base": True},
+    "fp8 base + checkpointing": {"fp8_base": True, "checkpointing": True},
+    "fp8 base + checkpointing + offload": {"fp8_base": True, "checkpointing": True, "offload_activations": True},
     "block swap": {"block_swap": True},
     "all": {"fp8_base": True, "block_swap": True, "offload_activations": True},
+    "all, 20 blocks resident": {"fp8_base": True, "block_swap": True, "offload_activations": True,
+                                "resident_blocks": 20},
 }
 
 
@@ -42,62 +52,114 @@ def reset_rss_peak() -> None:
         pass
 
 
-def worker(args) -> dict:
+@dataclass(frozen=True)
+class StepShape:
+    """The training step's sizes: the transformer (``layers`` x ``heads`` x 128) and one edit row at ``size``² (its
+    target and ``references`` reference images of the same size, an instruction of ``text_tokens`` tokens)."""
+
+    layers: int = 4
+    heads: int = 8
+    size: int = 512
+    text_dim: int = 3584
+    text_tokens: int = 256
+    references: int = 1
+    rank: int = 16
+
+
+def prepare_lora_step(shape: StepShape, switches: dict, device: torch.device, base_dtype: torch.dtype,
+                      init: bool = True) -> tuple[torch.nn.Module, Callable[[], torch.Tensor]]:
+    """The transformer with a LoRA (rank ``shape.rank``, FireRed's targets, float32) on a frozen ``base_dtype`` base,
+    the low-VRAM ``switches`` applied as the trainer applies them, and the step: forward + backward of the flow
+    matching loss on one edit row (target tokens, then the reference's, ``img_shapes`` as the trainer builds them),
+    then an AdamW step on the LoRA. Returns ``(transformer, step)``; ``step()`` returns the loss. ``init=False``
+    leaves every value unset (fake tensors)."""
     from peft import LoraConfig
 
     from benchmarks._common import full_size_transformer
+    from firered_core import latents as L
     from firered_core.conditioning import PromptEmbeds
     from firered_core.references import RefLatents
-    from firered_core.sampling import transformer_denoiser
+    from firered_core.sampling import noised_start, transformer_denoiser
     from firered_core.training.config import LORA_TARGETS
+    from firered_core.training.losses import weighted_flow_loss
     from firered_core.training.lowvram import LowVram, LowVramConfig
 
-    device = torch.device(args.device)
-    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    build_on = torch.device("cpu") if VARIANTS[args.variant].get("block_swap") else device
-    tr = full_size_transformer(args.layers, args.heads, 64, 0, build_on, base_dtype)
+    build_on = torch.device("cpu") if switches.get("block_swap") else device
+    tr = full_size_transformer(shape.layers, shape.heads, shape.text_dim, 0, build_on, base_dtype, init=init)
     torch.manual_seed(0)
-    tr.add_adapter(LoraConfig(r=16, lora_alpha=16, target_modules=LORA_TARGETS, init_lora_weights=True))
+    tr.add_adapter(LoraConfig(r=shape.rank, lora_alpha=shape.rank, target_modules=LORA_TARGETS,
+                              init_lora_weights=init))
     with torch.no_grad():
         for n, p in tr.named_parameters():
             if "lora_" in n:
                 p.data = p.data.float()
-            if "lora_B" in n:
+            if "lora_B" in n and init:
                 p.normal_(0, 0.01)
-    low = LowVram(LowVramConfig(**VARIANTS[args.variant]), "lora")
+    low = LowVram(LowVramConfig(**switches), "lora")
     low.before_prepare(tr)
-    if not VARIANTS[args.variant].get("block_swap"):
-        tr.to(device)
+    optimizer = torch.optim.AdamW([p for p in tr.parameters() if p.requires_grad], lr=1e-4, foreach=True)
     low.after_prepare(tr, device)
     tr.train()
-    tokens = (args.size // 16) ** 2
+    tokens = (shape.size // 16) ** 2
+    grid = L.token_grid(shape.size, shape.size)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, tokens, 64, generator=g).to(device, base_dtype)
+    x0 = torch.randn(1, tokens, 64, generator=g).to(device)
     noise = torch.randn(1, tokens, 64, generator=g).to(device)
-    cond = PromptEmbeds(torch.randn(1, 32, 64, generator=g).to(device, base_dtype), None)
-    shape = [(1, args.size // 16, args.size // 16)]
+    ref = RefLatents(torch.randn(1, tokens * shape.references, 64, generator=g).to(device, base_dtype),
+                     [grid] * shape.references)
+    cond = PromptEmbeds(torch.randn(1, shape.text_tokens, shape.text_dim, generator=g).to(device, base_dtype), None)
+    sigma = torch.full((1,), 0.5, device=device)
+    img_shapes = [[grid, *ref.shapes]]
+
+    def step() -> torch.Tensor:
+        with low.activations():
+            xt = noised_start(x0, noise, sigma).to(base_dtype)
+            pred = transformer_denoiser(tr, ref, img_shapes)(xt, sigma, cond, "cond")
+            loss = weighted_flow_loss(pred, noise, x0, sigma)[0]
+            loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    return tr, step
+
+
+def worker(args) -> dict:
+    device = torch.device(args.device)
+    base_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    tr, step = prepare_lora_step(shape_of(args), VARIANTS[args.variant], device, base_dtype)
     sync(device)
     weights_mb = sum(t.numel() * t.element_size() for t in list(tr.parameters()) + list(tr.buffers())
                      if t.device == device) / 2**20
     reset_peak(device)
     reset_rss_peak()
     start_rss = peak_rss_mb()
-    with low.activations():
-        pred = transformer_denoiser(tr, RefLatents(None, []), shape)(x, torch.tensor([0.5], device=device), cond,
-                                                                      "cond")
-        loss = (pred.float() - noise).square().mean()
-        loss.backward()
+    loss = step()
     sync(device)
     return {"loss": float(loss), "weights_mb": weights_mb, "rss_before_mb": start_rss, "peak_rss_mb": peak_rss_mb(),
             "peak_vram_gib": peak_vram_gib(device)}
 
 
+def shape_of(args) -> StepShape:
+    return StepShape(layers=args.layers, heads=args.heads, size=args.size, text_tokens=args.text_tokens,
+                     references=args.references)
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--estimate" in argv:
+        from benchmarks.lowvram_estimate import main as estimate
+
+        argv.remove("--estimate")
+        estimate(argv)
+        return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--size", type=int, default=512)
+    ap.add_argument("--text-tokens", type=int, default=256)
+    ap.add_argument("--references", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -108,18 +170,19 @@ def main(argv: list[str] | None = None) -> None:
     print(f"LoRA step, {args.layers} blocks x {args.heads} heads x 128, {args.size}², {args.device}: "
           f"{machine(args.threads, args.device)}")
     base = ["--device", args.device, "--layers", str(args.layers), "--heads", str(args.heads), "--size",
-            str(args.size), "--threads", str(args.threads)]
+            str(args.size), "--text-tokens", str(args.text_tokens), "--references", str(args.references),
+            "--threads", str(args.threads)]
     rows = {v: run_worker("benchmarks.lowvram_training", [*base, "--variant", v]) for v in VARIANTS}
     plain = rows["plain"]
-    print(f"{'variant':24} {'weights MiB':>11} {'peak RSS MiB':>12} {'vs plain':>8} {'step growth MiB':>15} "
+    print(f"{'variant':34} {'weights MiB':>11} {'peak RSS MiB':>12} {'vs plain':>8} {'step growth MiB':>15} "
           f"{'vs plain':>8} {'peak VRAM GiB':>13} {'vs plain':>8} {'loss':>9} {'rel. diff':>9}")
     for v, r in rows.items():
         if "error" in r:
-            print(f"{v:24} error: {r['error']}")
+            print(f"{v:34} error: {r['error']}")
             continue
         r["growth_mb"] = r["peak_rss_mb"] - r["rss_before_mb"]
         loss_ratio = ratio(r, plain, "loss")
-        print(f"{v:24} {r['weights_mb']:11.0f} {r['peak_rss_mb']:12.0f} {cell(ratio(r, plain, 'peak_rss_mb'), '8.2f')} "
+        print(f"{v:34} {r['weights_mb']:11.0f} {r['peak_rss_mb']:12.0f} {cell(ratio(r, plain, 'peak_rss_mb'), '8.2f')} "
               f"{r['growth_mb']:15.0f} {cell(ratio(r, plain, 'growth_mb'), '8.2f')} "
               f"{cell(r['peak_vram_gib'], '13.2f')} {cell(ratio(r, plain, 'peak_vram_gib'), '8.2f')} "
               f"{r['loss']:9.6f} {cell(None if loss_ratio is None else loss_ratio - 1, '9.1e')}")

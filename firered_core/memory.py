@@ -77,12 +77,16 @@ class BlockSwap:
     :func:`text_encoder_layers`); every other weight of ``module`` (embeddings, a vision tower, heads) is moved to
     ``device``. Each streamed block keeps a CPU copy of its tensors (pinned when the device is CUDA); running it swaps
     the ``.data`` of its parameters to a device copy made on a side stream one block ahead. Weights never change at
-    inference, so dropping a block is just pointing back at the CPU copy. On a CPU device the same bookkeeping runs
-    with plain copies, which keeps the path testable without a GPU.
+    inference, so dropping a block is just pointing back at the CPU copy. On a device other than CUDA (the CPU, the
+    memory estimate's stand-in) the same bookkeeping runs with plain copies, which keeps the path testable without
+    a GPU.
 
     ``frozen_only`` (training) streams only tensors without gradients: trained ones (a LoRA) stay on the device, so
     the optimizer's updates are never pointed away from. With activation checkpointing, backward re-runs each block's
-    forward, so the hooks stream the frozen weights in again for its gradients.
+    forward, so the hooks stream the frozen weights in again for its gradients. There the block's frozen tensors are
+    replaced by device tensors for the run and put back after it, rather than re-pointed through ``.data``: autograd
+    may save a frozen parameter itself (an RMSNorm weight in a product), and re-pointing it at the CPU copy after
+    the recompute would hand backward a CPU tensor (a checkpoint metadata error on a GPU).
     """
 
     def __init__(self, module: torch.nn.Module, resident: int, device: torch.device | str,
@@ -94,15 +98,19 @@ class BlockSwap:
         self.stream = torch.cuda.Stream(self.device) if self.cuda else None
         for t in _tensors_outside(module, self.blocks):
             t.data = t.data.to(self.device)
+        self.frozen_only = frozen_only
         self.host: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        self.slots: dict[int, list[tuple[dict, str]]] = {}  # frozen_only: where each streamed tensor is registered
         self.pending: dict[int, tuple[list[torch.Tensor], torch.cuda.Event | None]] = {}
         for i, block in enumerate(self.blocks):
             if i < self.resident:
                 block.to(self.device)
                 continue
             block.to("cpu")
-            tensors = [p for p in block.parameters() if not (frozen_only and p.requires_grad)] + list(block.buffers())
-            self.host[i] = [(t, t.data.pin_memory() if self.cuda else t.data) for t in tensors]
+            named = [(n, p) for n, p in block.named_parameters() if not (frozen_only and p.requires_grad)]
+            named += list(block.named_buffers())
+            self.host[i] = [(t, t.data.pin_memory() if self.cuda else t.data) for _, t in named]
+            self.slots[i] = [_slot(block, n) for n, _ in named]
             for t, cpu in self.host[i]:
                 t.data = cpu
             for p in block.parameters():
@@ -124,12 +132,24 @@ class BlockSwap:
                 event = torch.cuda.Event()
                 event.record(self.stream)
         else:
-            copies, event = [cpu.clone() for _, cpu in self.host[i]], None
+            copies, event = [cpu.to(self.device, copy=True) for _, cpu in self.host[i]], None
         self.pending[i] = (copies, event)
 
     def _next_streamed(self, i: int) -> int | None:
-        later = [j for j in self.host if j > i] or [j for j in self.host if j < i]
-        return min(later) if later else None
+        """The streamed block expected to run after block ``i`` (the one copied ahead). In a forward: the next one
+        up; after the last, the first again (inference's next call) or, when training, block ``i`` itself (backward
+        re-runs the last block first). In backward, where checkpointing re-runs the blocks last to first: the next
+        one down, and none after the first (prefetching up there would hold every block by the end of backward)."""
+        if torch._C._current_graph_task_id() >= 0:
+            lower = [j for j in self.host if j < i]
+            return max(lower) if lower else None
+        later = [j for j in self.host if j > i]
+        if later:
+            return min(later)
+        if self.frozen_only:
+            return i
+        earlier = [j for j in self.host if j < i]
+        return min(earlier) if earlier else None
 
     def _before(self, i: int):
         def hook(module, args):
@@ -137,10 +157,14 @@ class BlockSwap:
             copies, event = self.pending.pop(i)
             if event is not None:
                 torch.cuda.current_stream(self.device).wait_event(event)
-            for (t, _), dev in zip(self.host[i], copies):
+            for k, ((t, _), dev) in enumerate(zip(self.host[i], copies)):
                 if self.cuda:
                     dev.record_stream(torch.cuda.current_stream(self.device))
-                t.data = dev
+                if self.frozen_only:
+                    table, name = self.slots[i][k]
+                    table[name] = torch.nn.Parameter(dev, False) if isinstance(t, torch.nn.Parameter) else dev
+                else:
+                    t.data = dev
             nxt = self._next_streamed(i)
             if nxt is not None:
                 self._copy(nxt)
@@ -148,9 +172,16 @@ class BlockSwap:
 
     def _after(self, i: int):
         def hook(module, args, output):
-            for t, cpu in self.host[i]:
-                t.data = cpu
+            self._put_back(i)
         return hook
+
+    def _put_back(self, i: int) -> None:
+        if self.frozen_only:
+            for (t, _), (table, name) in zip(self.host[i], self.slots[i]):
+                table[name] = t
+            return
+        for t, cpu in self.host[i]:
+            t.data = cpu
 
     def remove(self, to: torch.device | str | None = None) -> None:
         """Unhook and point every streamed tensor back at its CPU copy (also after a run that failed mid-way);
@@ -160,13 +191,22 @@ class BlockSwap:
         self.handles.clear()
         self.pending.clear()
         unpin = self.cuda and to is not None and torch.device(to).type == "cpu"
-        for tensors in self.host.values():
+        for i, tensors in self.host.items():
+            self._put_back(i)
             for t, cpu in tensors:
                 t.data = torch.empty_like(cpu).copy_(cpu) if unpin else cpu
         self.host.clear()
+        self.slots.clear()
         _swapped.discard(self.module)
         if to is not None:
             self.module.to(to)
+
+
+def _slot(block: torch.nn.Module, name: str) -> tuple[dict, str]:
+    """The table (a module's ``_parameters`` or ``_buffers``) and key that hold the tensor ``block`` calls ``name``."""
+    prefix, _, leaf = name.rpartition(".")
+    owner = block.get_submodule(prefix)
+    return (owner._parameters if leaf in owner._parameters else owner._buffers), leaf
 
 
 def _tensors_outside(module: torch.nn.Module, blocks: list[torch.nn.Module]) -> list[torch.Tensor]:

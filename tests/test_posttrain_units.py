@@ -237,6 +237,9 @@ def test_block_swap_streams_frozen_weights_in_forward_and_backward_with_equal_gr
     assert len(runs) == 2 * len(swapped.transformer_blocks)
     for i, host in low.swap.host.items():
         assert host and all(t.data_ptr() == cpu.data_ptr() for t, cpu in host)  # dropped back after running
+        block = swapped.transformer_blocks[i]
+        own = {id(t) for t in [*block.parameters(), *block.buffers()]}
+        assert all(id(t) in own for t, _ in host)  # the block holds its own (CPU) tensors again, not device copies
         assert not any(t.requires_grad for t, _ in host)  # trained LoRA tensors are never streamed
 
 

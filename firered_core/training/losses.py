@@ -43,7 +43,15 @@ def flow_matching_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor
                        weighting: str = "none", outlier: float | None = OUTLIER
                        ) -> tuple[torch.Tensor, dict]:
     """Mean weighted masked MSE between ``pred`` and ``noise - x0``; returns (loss, stats)."""
-    per_row, keep = row_errors(pred, noise, x0, outlier)
-    loss = (per_row * loss_weight(sigma.float().to(per_row.device), weighting)).mean()
+    loss, per_row, keep = weighted_flow_loss(pred, noise, x0, sigma, weighting, outlier)
     stats = {"masked_fraction": float(1.0 - keep.mean()), "per_row": per_row.detach()}
     return loss, stats
+
+
+def weighted_flow_loss(pred: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor,
+                       weighting: str = "none", outlier: float | None = OUTLIER
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The loss of :func:`flow_matching_loss` with the per-row errors and the keep mask, all tensors (nothing read
+    back to the host, so it also runs on fake tensors)."""
+    per_row, keep = row_errors(pred, noise, x0, outlier)
+    return (per_row * loss_weight(sigma.float().to(per_row.device), weighting)).mean(), per_row, keep
