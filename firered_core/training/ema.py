@@ -17,7 +17,7 @@ from collections.abc import Iterator
 import torch
 
 from .checkpoint import CheckpointError
-from .distributed import full_state, is_fsdp, load_full_state, regather
+from .shards import full_state, is_fsdp, load_full_state, regather
 
 
 class EMA:

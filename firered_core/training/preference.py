@@ -98,7 +98,7 @@ class Reference:
 
     def after_prepare(self, acc) -> None:
         """Shard the frozen copy as the trained model is (FSDP); nothing to do for a LoRA or without FSDP."""
-        from .distributed import shard_frozen
+        from .shards import shard_frozen
 
         if self.copy is not None:
             self.copy = shard_frozen(acc, self.copy)

@@ -25,7 +25,8 @@ from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
-from .distributed import load_full_state, make_accelerator
+from .distributed import make_accelerator
+from .shards import load_full_state
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings
 from .lowvram import LowVram
