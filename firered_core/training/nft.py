@@ -126,7 +126,7 @@ class NFTObjective:
         self.cfg, self.model, self.transformer = cfg, model, module
         self.seed, self.timesteps, self.outlier = seed, timesteps, outlier
         self.named = {n: p for n, p in module.named_parameters() if p.requires_grad}
-        self.old = EMA(self.named, cfg.old_decay, warmup=False)
+        self.old: EMA | None = None  # made by after_prepare, from the tensors as the wrapper leaves them
         default_dir = Path(output_dir) / "reward_cache"
         self.reward = reward if reward is not None else build_reward(cfg.reward, default_dir)
 

@@ -26,12 +26,12 @@ from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
 from .distributed import make_accelerator
-from .shards import load_full_state
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings
 from .lowvram import LowVram
 from .objective import RowObjective, mean_stats
 from .seeding import row_generator
+from .shards import load_full_state
 from .timesteps import sample_sigmas
 from .validation import image_grid, save_grid, validation_rows
 
