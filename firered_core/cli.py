@@ -99,6 +99,20 @@ def add_mask_and_pack_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recaption-images", action="store_true", help="packing: send the composites with the request")
 
 
+def add_preserve_arguments(p: argparse.ArgumentParser) -> None:
+    """Automatic preservation of unedited pixels (``preserve``) and edit chains (``chains``)."""
+    p.add_argument("--preserve", choices=("off", "auto"), default="off",
+                   help="auto: find the region the edit really changed (no mask painted) and keep every other pixel "
+                        "of the input exactly; the region is saved next to the output as <name>_mask.png. When the "
+                        "change is global (a restyle), the edit is kept whole and a note says so")
+    p.add_argument("--preserve-color", choices=("fit", "off", "mean-std", "histogram"), default="fit",
+                   help="with --preserve auto: remove the edit's global colour drift fitted outside the region "
+                        "(fit, default), or off, or match colours as --color-match does")
+    p.add_argument("--then", action="append", default=[], metavar="PROMPT",
+                   help="a further instruction applied to the result (repeatable): an edit chain; each round's "
+                        "result is saved as <name>_round<k>.png, the last at --output")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="firered-edit", description="Instruction-driven image editing with FireRed.")
     add_model_arguments(p)
@@ -107,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-p", "--prompt", required=True, help="the edit instruction")
     add_edit_arguments(p)
     add_mask_and_pack_arguments(p)
+    add_preserve_arguments(p)
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -243,18 +258,64 @@ def run(args: argparse.Namespace) -> list[Path]:
     width, height = args.width, args.height
     if demo and not images and width is None and height is None:
         width = height = 256
-    bar = tqdm(total=steps, desc="sampling", unit="step")
-    result = EditPipeline(model, speed.run).edit(
-        images, prompt, args.negative_prompt, steps=steps, true_cfg=args.true_cfg, seed=args.seed,
-        width=width, height=height, num_images=args.num_images, vl_area=args.vl_area, vae_area=args.vae_area,
-        prompt_mode=args.prompt_mode, shift=args.shift or None, match_input=args.match_input_size,
-        callback=lambda info: bar.update(1), mask=mask, feather=args.feather, color_match=args.color_match)
+    rounds = 1 + len(args.then)
+    bar = tqdm(total=steps * rounds, desc="sampling", unit="step")
+    kwargs = dict(negative_prompt=args.negative_prompt, steps=steps, true_cfg=args.true_cfg, width=width,
+                  height=height, vl_area=args.vl_area, vae_area=args.vae_area, prompt_mode=args.prompt_mode,
+                  shift=args.shift or None, match_input=args.match_input_size, callback=lambda info: bar.update(1),
+                  feather=args.feather, preserve_color=args.preserve_color)
+    pipe = EditPipeline(model, speed.run)
+    if args.then:
+        return _run_chain(pipe, images, [prompt, *args.then], args, bar, kwargs)
+    result = pipe.edit(images, prompt, seed=args.seed, num_images=args.num_images, mask=mask,
+                       color_match=args.color_match, preserve=args.preserve, **kwargs)
     bar.close()
     paths = _output_paths(args.output, len(result.images))
-    for img, path in zip(result.images, paths):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        img.save(path)
-        print(f"wrote {path} ({img.width}x{img.height})")
+    for k, (img, path) in enumerate(zip(result.images, paths)):
+        _save(img, path)
+        if result.masks is not None:
+            _save(_mask_picture(result.masks[k]), path.with_name(f"{path.stem}_mask.png"))
+    for note in result.notes:
+        print(note, file=sys.stderr)
+    return paths
+
+
+def _save(img, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    print(f"wrote {path} ({img.width}x{img.height})")
+
+
+def _mask_picture(mask):
+    from PIL import Image
+
+    return Image.fromarray((mask.clamp(0, 1).numpy() * 255).round().astype("uint8"), mode="L")
+
+
+def _run_chain(pipe, images: list, prompts: list[str], args: argparse.Namespace, bar, kwargs: dict) -> list[Path]:
+    """``-p first --then second ...``: an edit chain (``chains.edit_chain``); every round's result is saved."""
+    from .chains import edit_chain
+
+    if args.mask or args.num_images != 1:
+        raise InputError("--then (an edit chain) edits one picture per round: drop --mask and --num-images",
+                         field="then")
+    if not images:
+        raise InputError("--then (an edit chain) needs an image (-i) to edit", field="then")
+    chain = edit_chain(pipe, images, prompts, preserve=args.preserve, seed=args.seed, **kwargs)
+    bar.close()
+    out = Path(args.output)
+    paths = []
+    for k, img in enumerate(chain.rounds[:-1]):
+        paths.append(out.with_name(f"{out.stem}_round{k + 1}{out.suffix}"))
+        _save(img, paths[-1])
+    paths.append(out)
+    _save(chain.image, out)
+    if args.preserve == "auto":
+        _save(_mask_picture(chain.union.float()), out.with_name(f"{out.stem}_mask.png"))
+    for note in chain.notes:
+        print(note, file=sys.stderr)
+    print(f"{len(prompts)} rounds; {chain.reused} reused the previous round's latent (no VAE encode)",
+          file=sys.stderr)
     return paths
 
 

@@ -6,7 +6,7 @@ benchmarks and training validation. Nodes call the same stages one per node.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 import numpy as np
@@ -15,6 +15,7 @@ from PIL import Image
 
 from . import latents as L
 from . import masks as M
+from . import preserve as PV
 from .errors import InputError
 from .conditioning import PromptEmbeds, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
@@ -36,6 +37,11 @@ class EditResult:
     width: int
     height: int
     stats: dict | None = None
+    masks: torch.Tensor | None = None  # preserve="auto": the estimated edit regions [B, H, W] (1 = edited)
+    notes: list[str] = field(default_factory=list)  # preserve="auto": one line per image
+    reference_latent: torch.Tensor | None = None  # the last reference's packed tokens [1, L, 64] ...
+    reference_size: tuple[int, int] | None = None  # ... at this (width, height)
+    generation_size: tuple[int, int] | None = None  # (width, height) the latents were sampled at
 
 
 def make_noise(batch: int, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
@@ -102,10 +108,24 @@ def encode_instructions(model: FireRedModel, prompts: list[str], refs: RefImages
                         dtype=model.prepared("text_encoder").dtype)
 
 
-def encode_reference_latents(model: FireRedModel, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
-    """The references' VAE stage: packed tokens of every reference (empty for text-to-image)."""
+def encode_reference_latents(model: FireRedModel, refs: RefImages | None, dtype: torch.dtype,
+                             last: torch.Tensor | None = None) -> RefLatents:
+    """The references' VAE stage: packed tokens of every reference (empty for text-to-image).
+
+    ``last``: packed model-space tokens [1, L, 64] of the last reference at its VAE size, used instead of encoding
+    it (an edit chain's previous round); ignored when its token count does not fit that size.
+    """
     if refs is None or len(refs) == 0:
         return RefLatents(None, [])
+    shapes = [L.token_grid(h, w) for w, h in refs.vae_sizes]
+    if last is not None and last.shape[1] == int(np.prod(shapes[-1])):
+        head = RefLatents(None, [])
+        if len(refs) > 1:
+            with model.use("vae") as vae:
+                head = encode_references(vae, RefImages(refs.vl_images[:-1], refs.vae_pixels[:-1],
+                                                        refs.vae_sizes[:-1]), device=model.device, dtype=dtype)
+        last = last.to(device=model.device, dtype=dtype)
+        return RefLatents(last if head.tokens is None else torch.cat([head.tokens, last], 1), shapes)
     with model.use("vae") as vae:
         return encode_references(vae, refs, device=model.device, dtype=dtype)
 
@@ -163,8 +183,9 @@ class EditPipeline:
     def encode_prompts(self, prompts: list[str], refs: RefImages | None, mode: str = "pipeline") -> PromptEmbeds:
         return encode_instructions(self.model, prompts, refs, mode)
 
-    def encode_references(self, refs: RefImages | None, dtype: torch.dtype) -> RefLatents:
-        return encode_reference_latents(self.model, refs, dtype)
+    def encode_references(self, refs: RefImages | None, dtype: torch.dtype,
+                          last: torch.Tensor | None = None) -> RefLatents:
+        return encode_reference_latents(self.model, refs, dtype, last)
 
     def source_latents(self, refs: RefImages, ref: RefLatents, image: Image.Image, width: int, height: int,
                        dtype: torch.dtype) -> torch.Tensor:
@@ -201,6 +222,9 @@ class EditPipeline:
         mask: torch.Tensor | Image.Image | None = None,
         feather: int = 0,
         color_match: str = "off",
+        preserve: str = "off",
+        preserve_color: str = "fit",
+        reference_latent: torch.Tensor | None = None,
     ) -> EditResult:
         """Edit ``images`` (0 = text-to-image, 1-3 native) following ``prompt``.
 
@@ -221,11 +245,24 @@ class EditPipeline:
                 pixel outside the mask is the input's own.
             feather: pixels over which the composite fades in inside the mask's border.
             color_match: ``off``, ``mean-std`` or ``histogram`` (``masks.color_match``).
+            preserve: ``auto`` keeps every pixel the edit did not really change (``preserve``: the region is
+                estimated from the input and the output, no painted mask); the output has the last image's size,
+                ``masks`` and ``notes`` say what was kept. When the estimate is unsure the edit is returned whole.
+            preserve_color: with ``preserve="auto"``: ``fit`` (remove the fitted global colour drift, default),
+                ``off``, ``mean-std`` or ``histogram``; ``feather`` applies as for a mask.
+            reference_latent: packed model-space tokens [1, L, 64] of the last image at its VAE size, used
+                instead of encoding it (edit chains, ``chains.edit_chain``).
         """
         check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
                "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         images = list(images or [])
+        if preserve not in PV.PRESERVE_MODES:
+            raise InputError(f"preserve {preserve!r} is not one of {PV.PRESERVE_MODES}", field="preserve")
+        if preserve == "auto" and (mask is not None or not images):
+            raise InputError("preserve auto needs an image to edit and no painted mask (the mask already says "
+                             "what to keep)", field="preserve")
+        original = pil_to_tensor(images[-1])[None] if preserve == "auto" else None
         source = src_mask = None
         if mask is not None:
             if not images:
@@ -256,7 +293,7 @@ class EditPipeline:
             negs = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
             uncond = self.encode_prompts(negs, refs, prompt_mode).repeat(num_images)
         dtype = cond.embeds.dtype
-        ref = self.encode_references(refs, dtype)
+        ref = self.encode_references(refs, dtype, reference_latent)
 
         hook = None
         if src_mask is not None:
@@ -266,8 +303,10 @@ class EditPipeline:
                                 M.token_mask(gen_mask))
         latents, stats = denoise_latents(self.model, self.settings, cond, uncond, ref, width, height, seed, steps,
                                          true_cfg, shift=shift, callback=callback, latent_hook=hook)
+        gen_size = (width, height)
+        last_ref = (ref.tokens[:, -int(np.prod(ref.shapes[-1])):], refs.vae_sizes[-1]) if refs else (None, None)
         if output == "latent":
-            return EditResult(None, latents, width, height, stats)
+            return EditResult(None, latents, width, height, stats, None, [], *last_ref, gen_size)
         pixels = decode_to_pixels(self.model, latents, width, height)
         if record is not None:
             pixels = crop_back(pixels.permute(0, 2, 3, 1), record).permute(0, 3, 1, 2)
@@ -276,4 +315,10 @@ class EditPipeline:
             height, width = source.shape[1:3]
             edited = M.resize_image(pixels.permute(0, 2, 3, 1).cpu(), width, height)
             pixels = M.finish(edited, source, src_mask, feather, color_match).permute(0, 3, 1, 2)
-        return EditResult(to_pil(pixels), latents, width, height, stats)
+        masks, notes = None, []
+        if original is not None:
+            height, width = original.shape[1:3]
+            out, masks, notes = PV.preserve_batch(original, pixels.permute(0, 2, 3, 1).cpu(), feather,
+                                                  preserve_color)
+            pixels = out.permute(0, 3, 1, 2)
+        return EditResult(to_pil(pixels), latents, width, height, stats, masks, notes, *last_ref, gen_size)

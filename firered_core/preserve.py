@@ -4,9 +4,9 @@ No model and no instruction: a function of (input, output) pictures only.
 
 1. **Registration** (:mod:`registration`): the output's global shift (phase correlation) and zoom (searched within
    ±3 %) are measured and undone, so a 1-3 px shift or a 1-2 % zoom does not mark the whole picture as changed.
-2. **Colour drift**: a per-channel quadratic map of all three channels (``out_c = sum_k a_ck x_k + b_ck x_k^2 +
-   c_c``) from the registered output to the input, fitted by trimmed least squares on the pixels outside the
-   changed region (re-fitted as the region is found), is undone before comparing.
+2. **Colour drift**: a per-channel quadratic map (``out = a x + b x^2 + c``) from the registered output to the
+   input, fitted by trimmed least squares on the pixels outside the changed region (re-fitted as the region is
+   found), is undone before comparing.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
@@ -38,6 +38,7 @@ from .registration import Registration, gray, register, warp
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
 FIT_SAMPLES = 60_000  # pixels used for the colour fit
+NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ class PreserveSettings:
     """Thresholds of the change mask; tuned on the tuning half of the photographs (``benchmarks/preserve.py``)."""
 
     k_high: float = 6.0  # seeds: this many times the picture's noise level
-    k_low: float = 3.0  # the region grows over pixels this many times above it
-    blur: float = 1.0  # Gaussian sigma (px) of the difference before thresholding
+    k_low: float = 4.0  # the region grows over pixels this many times above it
+    blur: float = 0.7  # Gaussian sigma (px) of the difference before thresholding
     close_radius: int = 3
     open_radius: int = 2
     grow: int = 0  # final dilation (px)
@@ -70,7 +71,7 @@ class Estimate:
     fraction: float  # of the picture inside the region
     noise: float  # flat-area noise level after the colour fit (RGB distance, 0..1 scale)
     drift: float  # mean RGB distance the colour fit moved the unchanged pixels by
-    colour_map: torch.Tensor = field(repr=False)  # [7, 3] coefficients of the fitted colour map
+    colour_map: torch.Tensor = field(repr=False)  # [3, 3] coefficients of the fitted colour map
     unsure: bool = False
 
 
@@ -83,30 +84,41 @@ class PreserveResult:
 
 
 def _features(image: torch.Tensor) -> torch.Tensor:
+    """[..., 3] -> [N, 3, 3]: per pixel and channel (x, x^2, 1)."""
     x = image.reshape(-1, 3).double()
-    return torch.cat([x, x * x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    return torch.stack([x, x * x, torch.ones_like(x)], -1)
 
 
 def apply_colour_map(image: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """The fitted colour map applied to [H, W, 3] in 0..1."""
-    return (_features(image) @ coef).reshape(image.shape).clamp(0, 1).to(image.dtype)
+    """The fitted colour map ([3 channels, 3 coefficients]) applied to [H, W, 3] in 0..1."""
+    return (_features(image) * coef).sum(-1).reshape(image.shape).clamp(0, 1).to(image.dtype)
 
 
-def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """Trimmed least squares of ``source`` on ``edited``'s quadratic features over the pixels ``where``."""
+IDENTITY_MAP = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
+
+
+def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tensor, seed: int = 0,
+                   rounds: int = 3) -> torch.Tensor:
+    """Per channel ``source ≈ a x + b x^2 + c`` of the edit's value ``x``, by least squares over the pixels
+    ``where``: first over the 60 % closest to the identity, then ``rounds`` times over those within 2.5 times the
+    median residual of the last fit."""
     idx = where.reshape(-1).nonzero()[:, 0]
     if len(idx) < 64:
-        return torch.cat([torch.eye(3), torch.zeros(4, 3)]).double()
+        return IDENTITY_MAP.clone()
     if len(idx) > FIT_SAMPLES:
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:FIT_SAMPLES]]
-    x = _features(edited.reshape(-1, 3)[idx].reshape(-1, 1, 3))
+    x = _features(edited.reshape(-1, 3)[idx])
     y = source.reshape(-1, 3)[idx].double()
-    ridge = 1e-6 * torch.eye(7, dtype=torch.float64)
-    coef = torch.linalg.solve(x.T @ x + ridge, x.T @ y)
-    resid = (x @ coef - y).norm(dim=1)
-    keep = resid <= 2.5 * resid.median().clamp_min(1e-6)
-    x, y = x[keep], y[keep]
-    return torch.linalg.solve(x.T @ x + ridge, x.T @ y)
+    resid = (x[..., 0] - y).norm(dim=1)
+    keep = resid <= resid.quantile(0.6)
+    coef = IDENTITY_MAP.clone()
+    for _ in range(rounds):
+        for c in range(3):
+            xc = x[keep, c]
+            coef[c] = torch.linalg.solve(xc.T @ xc + 1e-6 * torch.eye(3, dtype=torch.float64), xc.T @ y[keep, c])
+        resid = ((x * coef).sum(-1) - y).norm(dim=1)
+        keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
+    return coef
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -142,7 +154,7 @@ def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: 
     a, b = torch.linalg.lstsq(a_mat, dm[:, None]).solution[:, 0].tolist()
     if b < 0:
         a, b = float(dm.median()), 0.0
-    return max(a, float(dm.min()) * 0.5, 1e-3), b
+    return max(a, float(dm.min()) * 0.5, NOISE_FLOOR), b
 
 
 def _ramp(value: float, one: float, zero: float) -> float:
@@ -213,7 +225,8 @@ def _note(est: Estimate) -> str:
     where = f"shift {r.dx:+.1f},{r.dy:+.1f} px, zoom {100 * (r.scale - 1):+.1f} %"
     if est.unsure:
         return (f"preserve auto: unsure (confidence {est.confidence:.2f}: {100 * est.fraction:.0f} % of the picture "
-                f"changed, noise {est.noise:.3f}); the edit is returned whole")
+                f"changed, residual noise {est.noise:.3f}, registration peak {r.peak:.2f}): the change looks "
+                "global, so the edit is returned whole")
     if not bool(est.region.any()):
         return f"preserve auto: no change beyond the picture's noise ({where}); the input is returned"
     return (f"preserve auto: {100 * est.fraction:.1f} % of the picture edited (confidence {est.confidence:.2f}; "

@@ -7,6 +7,7 @@ import torch
 from firered_core import geometry as G
 from firered_core import latents as L
 from firered_core import masks as M
+from firered_core import preserve as PV
 from firered_core import stitch as ST
 from firered_core.validation import widget
 
@@ -229,7 +230,52 @@ class FireRedMaskedComposite:
         return (out.to(_comfy.intermediate_device()),)
 
 
+class FireRedPreserveUnedited:
+    NAME = "FireRed Preserve Unedited"
+    DESCRIPTION = ("Keeps every pixel the edit did not really change, with no mask painted: finds the region the "
+                   "edit changed (the output registered to the source to undo a small shift or zoom, the global "
+                   "colour drift removed, thresholds relative to the picture's own noise), pastes the edit there "
+                   "and returns the source's own pixels (bit for bit) everywhere else. Works after any sampler, "
+                   "ComfyUI's native one included. When the change is global (a restyle), the edit is returned "
+                   "whole and the note says so. Chain rounds by feeding the output to the next round's source.")
+    CATEGORY = "FireRed"
+    RETURN_TYPES = ("IMAGE", "MASK", "STRING")
+    RETURN_NAMES = ("image", "mask", "note")
+    OUTPUT_TOOLTIPS = ("The source with the edit inside the estimated region.",
+                       "The estimated region (1 = taken from the edit; all ones when returned whole).",
+                       "One line per image: what was kept, or why the edit was returned whole.")
+    FUNCTION = "preserve"
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict:
+        return {"required": {
+            "image": ("IMAGE", {"tooltip": "The edited images (after FireRed Crop Back or VAE Decode; another "
+                                           "size is resized to the source's)."}),
+            "source": ("IMAGE", {"tooltip": "The picture that was edited (one, or one per edited image)."}),
+            "feather": ("INT", {"default": 2, "min": 0, "max": 256,
+                                "tooltip": "Pixels over which the edit fades in inside the region's border."}),
+            "color": (list(PV.PRESERVE_COLOR), {
+                "default": "fit",
+                "tooltip": "fit: remove the edit's global colour drift (fitted outside the region) from the pasted "
+                           "part too; off: paste as is; mean-std / histogram: as FireRed Masked Composite."}),
+        }}
+
+    def preserve(self, image: torch.Tensor, source: torch.Tensor, feather: int, color: str
+                 ) -> tuple[torch.Tensor, torch.Tensor, str]:
+        image_size(self.NAME, "image", image)
+        image_size(self.NAME, "source", source)
+        if source.shape[0] not in (1, image.shape[0]):
+            raise input_error(self.NAME, "source", f"{source.shape[0]} source images for {image.shape[0]} edited "
+                              "ones; give one source or one per edited image")
+        with blame(self.NAME, "color"):
+            out, masks, notes = PV.preserve_batch(source[..., :3].cpu().float(), image[..., :3].cpu().float(),
+                                                  feather, color)
+        device = _comfy.intermediate_device()
+        return out.to(device), masks.to(device), "\n".join(notes)
+
+
 NODE_CLASS_MAPPINGS = {
+    "FireRedPreserveUnedited": FireRedPreserveUnedited,
     "FireRedPadMask": FireRedPadMask,
     "FireRedMaskedComposite": FireRedMaskedComposite,
     "FireRedImageSize": FireRedImageSize,
