@@ -58,6 +58,8 @@ def test_checker_catches_planted_stale_names():
 def test_every_named_module_exists():
     stale = []
     for path in tracked("*.py", "*.md", "*.toml"):
+        if path == Path(__file__).resolve():  # its planted names are meant to be stale
+            continue
         text = path.read_text(errors="replace")
         for name in sorted(set(DOTTED.findall(text))):
             if (why := stale_dotted(name)) is not None:
