@@ -69,8 +69,8 @@ def edit_chain(pipeline, images: Sequence[Image.Image], prompts: Sequence[str], 
         raise InputError("an edit chain needs an image to edit", field="image")
     if len(prompts) < 1:
         raise InputError("an edit chain needs at least one instruction", field="prompt")
-    for key in ("mask", "num_images"):
-        if edit_kwargs.get(key) not in (None, 1):
+    for key, bad in (("mask", edit_kwargs.get("mask") is not None), ("num_images", edit_kwargs.get("num_images", 1) != 1)):
+        if bad:
             raise InputError(f"an edit chain edits one picture per round without a painted mask; drop {key}",
                              field=key)
     edit_kwargs.pop("num_images", None)
