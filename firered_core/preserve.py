@@ -15,7 +15,7 @@ No model and no instruction: a function of (input, output) pictures only.
    three times (each fit excludes the last region found).
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
    registration peak is clear; it falls to 0 for a global change (a restyle, a new picture, a zoom beyond the
-   search). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
+   search, a colour change too large to be drift). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
 5. **Auto composite** (:func:`preserve`): the registered (and, by default, colour-corrected) output is pasted onto
    the input inside the region through :func:`masks.composite` (feather ramp inside the region's border), so every
    pixel outside the region is the input's own, bit for bit.
@@ -53,8 +53,9 @@ class PreserveSettings:
     grow: int = 0  # final dilation (px)
     min_area: float = 0.002  # smallest region kept, as a fraction of the picture (at least 16 px)
     max_fraction: float = 0.6  # confidence falls from 1 at this changed fraction to 0 at 0.85
-    noise_cap: float = 0.05  # ... and from 1 at this flat-area noise level (RGB distance) to 0 at twice it
-    min_peak: float = 0.03  # ... and from 1 at this registration peak to 0 at a third of it
+    noise_cap: float = 0.08  # ... from 1 at this median residual outside the region (RGB distance) to 0 at twice it
+    max_drift: float = 0.15  # ... from 1 at this mean colour correction (RGB distance) to 0 at twice it
+    min_peak: float = 0.06  # ... and from 1 at this registration peak to 0 at a third of it
     work_side: int = 768  # estimate on a copy at most this large
 
 
@@ -69,7 +70,7 @@ class Estimate:
     confidence: float
     registration: Registration
     fraction: float  # of the picture inside the region
-    noise: float  # flat-area noise level after the colour fit (RGB distance, 0..1 scale)
+    noise: float  # median residual outside the region after the colour fit (RGB distance, 0..1 scale)
     drift: float  # mean RGB distance the colour fit moved the unchanged pixels by
     colour_map: torch.Tensor = field(repr=False)  # [3, 3] coefficients of the fitted colour map
     unsure: bool = False
@@ -207,16 +208,19 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         z = diff / (a + b * tex)
         region = _region(z, valid, s)
     keep = valid & ~region
-    drift = float((corrected - aligned).norm(dim=-1)[keep].mean()) if bool(keep.any()) else 0.0
+    if not bool(keep.any()):
+        keep = valid
+    drift = float((corrected - aligned).norm(dim=-1)[keep].mean())
+    noise = float(diff[keep].median())
     fraction = float(region.float().mean())
-    confidence = min(_ramp(fraction, s.max_fraction, 0.85), _ramp(a, s.noise_cap, 2 * s.noise_cap),
-                     _ramp(-reg.peak, -s.min_peak, -s.min_peak / 3))
+    confidence = min(_ramp(fraction, s.max_fraction, 0.85), _ramp(noise, s.noise_cap, 2 * s.noise_cap),
+                     _ramp(drift, s.max_drift, 2 * s.max_drift), _ramp(-reg.peak, -s.min_peak, -s.min_peak / 3))
     if f != 1.0:
         region = F.interpolate(region.float()[None, None], size=(height, width), mode="bilinear",
                                align_corners=False)[0, 0] > 0.5
         reg = replace(reg, dx=reg.dx * f, dy=reg.dy * f)
     aligned_full, _ = warp(edited, reg, height, width)
-    est = Estimate(region, confidence, reg, fraction, a, drift, coef, unsure=confidence < 0.5)
+    est = Estimate(region, confidence, reg, fraction, noise, drift, coef, unsure=confidence < 0.5)
     return est, aligned_full
 
 
