@@ -4,8 +4,6 @@ after the first reuses the previous round's latent instead of a VAE encode."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
 import torch
@@ -13,29 +11,11 @@ from PIL import Image
 
 from firered_core import chains as C
 from firered_core import pipeline as PL
-from firered_core import preserve as PV
 from firered_core.evaluation import planted_edits as P
+from firered_core.evaluation.planted_edits import PlantedEditor
 from firered_core.images import pil_to_tensor, tensor_to_pil
 
 FAST = dict(steps=2, true_cfg=1.0, vl_area=56 * 56)
-
-
-class PlantedEditor:
-    """Stands in for :class:`EditPipeline`: round ``seed``'s "model" changes a blob (random place, 3 % of the
-    picture), drifts the colours, shifts by up to 3 px and adds tiny-VAE noise to the whole picture."""
-
-    def __init__(self, other: torch.Tensor):
-        self.other = other
-
-    def edit(self, images, prompt, seed, preserve="off", reference_latent=None, **kwargs):
-        src = pil_to_tensor(images[-1])
-        case = P.plant("chain", src, self.other, seed=seed, fraction=0.03, kind="object")
-        if preserve == "auto":
-            out, masks, notes = PV.preserve_batch(src[None], case.edited[None])
-        else:
-            out, masks, notes = case.edited[None], None, []
-        return SimpleNamespace(images=[tensor_to_pil(out[0])], masks=masks, notes=notes, latents=None,
-                               reference_latent=None, reference_size=None, generation_size=None)
 
 
 def test_eight_planted_rounds_keep_everything_outside_their_union():

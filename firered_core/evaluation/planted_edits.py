@@ -213,3 +213,27 @@ def iou(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def to_8bit(image: torch.Tensor) -> np.ndarray:
     return (image.clamp(0, 1).numpy() * 255).round().astype(np.uint8)
+
+
+class PlantedEditor:
+    """Stands in for :class:`~firered_core.pipeline.EditPipeline` in edit chains: round ``seed``'s "model" changes a
+    blob (``fraction`` of the picture, at a place drawn from the seed), drifts the colours, shifts / zooms and adds
+    tiny-VAE noise to the whole picture, as :func:`plant` does; ``preserve="auto"`` then runs the real
+    :func:`~firered_core.preserve.preserve_batch`, as the pipeline does."""
+
+    def __init__(self, other: torch.Tensor, fraction: float = 0.03):
+        self.other, self.fraction = other, fraction
+
+    def edit(self, images, prompt, seed: int = 0, preserve: str = "off", reference_latent=None, **kwargs):
+        from ..images import pil_to_tensor, tensor_to_pil
+        from ..pipeline import EditResult
+        from ..preserve import preserve_batch
+
+        src = pil_to_tensor(images[-1])
+        case = plant("chain", src, self.other, seed=seed, fraction=self.fraction, kind="object")
+        masks, notes = None, []
+        out = case.edited[None]
+        if preserve == "auto":
+            out, masks, notes = preserve_batch(src[None], out)
+        h, w = src.shape[:2]
+        return EditResult([tensor_to_pil(out[0])], None, w, h, None, masks, notes)
