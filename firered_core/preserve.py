@@ -38,6 +38,7 @@ from .registration import Registration, gray, register, warp
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
 FIT_SAMPLES = 60_000  # pixels used for the colour fit
+NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
 
@@ -150,7 +151,7 @@ def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: 
     order = torch.argsort(t)
     chunks = [c for c in torch.tensor_split(order, bins) if len(c)]
     tm = torch.stack([t[c].median() for c in chunks]).double()
-    dm = torch.stack([d[c].median() for c in chunks]).double()
+    dm = torch.stack([d[c].quantile(NOISE_QUANTILE) for c in chunks]).double()
     a_mat = torch.stack([torch.ones_like(tm), tm], 1)
     a, b = torch.linalg.lstsq(a_mat, dm[:, None]).solution[:, 0].tolist()
     if b < 0:

@@ -100,3 +100,12 @@ def test_cli_chain_writes_rounds_and_mask(tiny_model_dir, tmp_path, capsys):
     rc = cli.main(["--model", str(tiny_model_dir), "-i", str(tmp_path / "in.png"), "-p", "red", "--then", "blue",
                    "--num-images", "2", "-o", str(out)])
     assert rc == 2 and "error: --then" in capsys.readouterr().err
+
+
+def test_pipeline_refuses_preserve_with_a_mask_or_a_bad_mode(tiny_model):
+    picture = tensor_to_pil(P.photo("coins", 32))
+    pipe = PL.EditPipeline(tiny_model)
+    with pytest.raises(PL.InputError, match="preserve"):
+        pipe.edit([picture], "x", preserve="auto", mask=torch.ones(32, 32), **FAST)
+    with pytest.raises(PL.InputError, match="preserve 'on'"):
+        pipe.edit([picture], "x", preserve="on", **FAST)
