@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import mask_ops as O
 from . import masks as M
-from .registration import Registration, gray, register, warp
+from .registration import Registration, edges, register, warp
 
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
@@ -136,11 +136,8 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def texture(source: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gradient magnitude of the input's luminance (central differences), blurred like the difference."""
-    g = F.pad(gray(source.float())[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
-    gx = (g[1:-1, 2:] - g[1:-1, :-2]) / 2
-    gy = (g[2:, 1:-1] - g[:-2, 1:-1]) / 2
-    return _blur((gx * gx + gy * gy).sqrt(), max(sigma, 1.0))
+    """Gradient magnitude of the input's luminance, blurred like the difference."""
+    return _blur(edges(source) / 2, max(sigma, 1.0))
 
 
 def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: int = 8) -> tuple[float, float]:

@@ -15,11 +15,8 @@ import torch.nn.functional as F
 
 SCALE_RANGE = 0.03  # zooms searched: 1/1.03 .. 1.03
 SCALE_STEP = 0.004
-SEARCH_SIDE = 256
-REFINE = True  # the scale search runs on a copy at most this large
-REFINE_SIDE = 384  # the refinement runs on a copy at most this large
-REFINE_SHIFT, REFINE_SCALE = 1.0, 0.005  # ... and stays this close to the phase-correlation estimate
-REFINE_STEPS: tuple = ()  # pattern-search steps (px, zoom); none by default: measured no better on the tuning half
+SEARCH_SIDE = 256  # the scale search runs on a copy at most this large
+COST_SIDE = 384  # candidates are compared on a copy at most this large
 IDENTITY_EPS = 0.02  # shifts below this (pixels) and scale errors below this over the half-diagonal count as none
 
 
@@ -149,33 +146,17 @@ def cost(a: torch.Tensor, b: torch.Tensor, reg: Registration, textured: torch.Te
     return float(r.kthvalue(max(1, int(0.6 * len(r))))[0]) if len(r) else 0.0
 
 
-def refine(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> tuple[Registration, float]:
-    """Pattern search of (dx, dy, scale) on :func:`cost` (steps 0.5 -> 0.06 px, zoom 0.2 -> 0.025 %) on slightly
-    blurred copies at most 384 px large; shifts are returned in ``a``'s pixels."""
-    f = min(1.0, REFINE_SIDE / max(a.shape))
-    sa, sb = _blur2(_small(a, REFINE_SIDE), 0.7), _blur2(_small(b, REFINE_SIDE), 0.7)
+def misfit(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> float:
+    """:func:`cost` of ``reg`` on slightly blurred copies at most 384 px large, over their more textured half."""
+    f = min(1.0, COST_SIDE / max(a.shape))
+    sa, sb = _blur2(_small(a, COST_SIDE), 0.7), _blur2(_small(b, COST_SIDE), 0.7)
     h, w = sa.shape
     m = max(2, int(0.03 * max(h, w)))
-    g = F.pad(sa[None, None], (1, 1, 1, 1), mode="replicate")[0, 0]
-    mag = torch.hypot(g[1:-1, 2:] - g[1:-1, :-2], g[2:, 1:-1] - g[:-2, 1:-1])
+    mag = edges(sa[..., None].expand(-1, -1, 3))
     textured = torch.zeros_like(sa, dtype=torch.bool)
     textured[m:h - m, m:w - m] = True
     textured &= mag >= mag[textured].quantile(0.5)
-    p = start = [reg.dx * f, reg.dy * f, reg.scale]
-    best = cost(sa, sb, Registration(*p), textured)
-    for step, zstep in REFINE_STEPS:
-        improved = True
-        while improved:
-            improved = False
-            for i, d in ((0, step), (0, -step), (1, step), (1, -step), (2, zstep), (2, -zstep)):
-                q = list(p)
-                q[i] += d
-                if abs(q[i] - start[i]) > (REFINE_SCALE if i == 2 else REFINE_SHIFT * f):
-                    continue
-                c = cost(sa, sb, Registration(*q), textured)
-                if c < best - 1e-9:
-                    p, best, improved = q, c, True
-    return Registration(p[0] / f, p[1] / f, p[2], reg.peak), best
+    return cost(sa, sb, Registration(reg.dx * f, reg.dy * f, reg.scale), textured)
 
 
 def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SCALE_RANGE) -> Registration:
@@ -183,14 +164,12 @@ def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SC
 
     Phase correlation, once of the gradient-magnitude maps (blind to colour drift and inverted recolourings) and
     once of the luminances: the zoom is searched on a copy at most 256 px large (steps of 0.4 %), the shift
-    measured at full size with that zoom undone; :func:`refine` polishes both candidates and the one with the
-    smaller robust misfit (:func:`cost`) wins.
+    measured at full size with that zoom undone; the candidate with the smaller robust :func:`misfit` wins. (A
+    pattern search and a Gauss-Newton refinement from there were tried on the tuning half: no better.)
     """
     ga, gb = gray(source.float()), gray(edited.float())
     found = [_coarse(edges(source), edges(edited), scale_range), _coarse(ga, gb, scale_range)]
-    if not REFINE:
-        return found[0]
-    return min((refine(ga, gb, reg) for reg in found), key=lambda rc: rc[1])[0]
+    return min(found, key=lambda reg: misfit(ga, gb, reg))
 
 
 def _coarse(a: torch.Tensor, b: torch.Tensor, scale_range: float) -> Registration:
