@@ -75,7 +75,7 @@ def test_global_change_is_returned_whole_with_a_note(change):
 
 
 def test_colour_choices_and_bad_values():
-    src, other = P.photo("cell", 96), P.photo("clock", 96)
+    src, other = P.photo("cell", 64), P.photo("clock", 64)
     case = P.plant("cell", src, other, seed=5, fraction=0.15)
     outside = None
     for color in PV.PRESERVE_COLOR:
@@ -90,7 +90,7 @@ def test_node_outputs_image_mask_and_note():
     import nodes_support as S
 
     node = S.classes()["FireRedPreserveUnedited"]()
-    src, other = P.photo("gravel", 96), P.photo("cell", 96)
+    src, other = P.photo("gravel", 64), P.photo("cell", 64)
     cases = [P.plant("gravel", src, other, seed=s, fraction=0.1) for s in (8, 9)]
     edited = torch.stack([c.edited for c in cases])
     image, mask, note = node.preserve(edited, src[None], 2, "fit")
