@@ -16,7 +16,7 @@ import torch
 
 from firered_core import preview as P
 from firered_core.model import Placement
-from firered_core.paths import walk_folders
+from firered_core.paths import find_in_folders, walk_folders
 
 try:
     import comfy.model_management as _mm
@@ -103,14 +103,8 @@ def list_model_folders() -> list[str]:
 
 
 def find_model_folder(name: str) -> Path | None:
-    """The folder called ``name`` in the first model folder that has it (an absolute path is taken as is)."""
-    if os.path.isabs(name):
-        return Path(name) if os.path.isdir(name) else None
-    for base in model_dirs():
-        path = base / name
-        if path.is_dir():
-            return path
-    return None
+    """The folder called ``name`` in the first model folder that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, model_dirs(), "model name", folder=True)
 
 
 def lora_dirs() -> list[Path]:
@@ -133,16 +127,8 @@ def list_loras() -> list[str]:
 
 
 def find_lora(name: str) -> Path | None:
-    """The LoRA file called ``name`` in the first LoRA folder that has it (an absolute path is taken as is)."""
-    if os.path.isabs(name):
-        return Path(name) if os.path.isfile(name) else None
-    if IN_COMFY:
-        path = _fp.get_full_path(LORA_FOLDER, name)
-        return Path(path) if path else None
-    for base in lora_dirs():
-        if (base / name).is_file():
-            return base / name
-    return None
+    """The LoRA file called ``name`` in the first LoRA folder that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, lora_dirs(), "LoRA name")
 
 
 SINGLE_FILE_FOLDERS = {"transformer": ("diffusion_models", "unet"), "text_encoder": ("text_encoders", "clip"),
@@ -175,13 +161,8 @@ def list_single_files(kind: str) -> list[str]:
 
 
 def find_single_file(kind: str, name: str) -> Path | None:
-    """The file called ``name`` in the first folder for ``kind`` that has it (an absolute path is taken as is)."""
-    if os.path.isabs(name):
-        return Path(name) if os.path.isfile(name) else None
-    for base in single_file_dirs(kind):
-        if (base / name).is_file():
-            return base / name
-    return None
+    """The file called ``name`` in the first folder for ``kind`` that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, single_file_dirs(kind), f"{kind} file name")
 
 
 def comfy_tokenizer_dir() -> Path | None:
