@@ -220,11 +220,14 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
 def run(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
+    from .conditioning import check_prompt_text
     from .images import check_output_path, load_image
     from .pipeline import EditPipeline
     from .speed import from_args
 
     check_number_args(args)
+    check_prompt_text(args.prompt, "--prompt", "prompt")  # before anything is loaded
+    check_prompt_text(args.negative_prompt, "--negative-prompt", "negative_prompt")
     check_output_path(args.output)
     from_args(args)  # bad speed settings fail before anything is loaded
     images = [load_image(p) for p in args.image]
