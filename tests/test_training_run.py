@@ -7,9 +7,11 @@ import filecmp
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from safetensors.torch import load_file
 from firered_core.training.config import load_config
 from firered_core.training.extract import ExtractConfig, SimulatedCrash, extract
 from firered_core.training.synthetic import make_dataset
-from firered_core.training.trainer import SimulatedKill, Trainer, train
+from firered_core.training.trainer import Trainer, train
 
 from tolerances import step_rtol, trained_rtol  # noqa: E402
 
@@ -75,24 +77,68 @@ def test_lora_run_lowers_loss_validates_and_exports_a_loadable_lora(model_dir, d
     assert torch.equal(pipe.edit(src, "Rotate the colours of Picture 1", **edit).latents, base)
 
 
-def test_interrupted_run_resumes_with_identical_losses(model_dir, data_dir, tmp_path):
+class Killed(BaseException):
+    """The test's stand-in for SIGKILL in process (a BaseException: nothing in the trainer catches it)."""
+
+
+@contextlib.contextmanager
+def killed_after(step: int):
+    """The run in the block dies right after step ``step`` (its checkpoint and validation done), as a killed job
+    would: the kill comes from the test, not from a config key."""
+    real = Trainer.train_step
+
+    def step_or_die(self):
+        if self.step >= step:
+            raise Killed(f"killed after step {self.step}")
+        return real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", step_or_die)
+        with pytest.raises(Killed):
+            yield
+
+
+def kill_training_process(tmp_path: Path, values: dict, step: int) -> None:
+    """``training/train.py`` in a real process, SIGKILLed as soon as its step-``step`` checkpoint is in place."""
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "train.py"), str(tmp_path / "killed.yaml")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = Path(values["output_dir"]) / "checkpoints" / f"step-{step:08d}"
+    deadline = time.monotonic() + 300
+    while not target.is_dir():
+        assert proc.poll() is None, f"train.py ended before checkpoint {step}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL  # it was still running: killed, not finished
+    assert not (Path(values["output_dir"]) / "losses.json").exists()
+
+
+def test_killed_run_resumes_with_identical_losses_and_export_bytes(model_dir, data_dir, tmp_path):
+    """A real train.py process is killed after its step-2 checkpoint; the resumed run gives the uninterrupted run's
+    losses and exports the same bytes (tensors, and metadata written in sorted order)."""
     kw = dict(steps=3, lr=1e-3, checkpoint_every=2, ema_decay=0.9, batch_size=2,  # step 3 starts the 2nd epoch
               **{"lora.rank": 4, "timesteps.kind": "logit_normal"})
-    full = train(config(model_dir, data_dir, tmp_path / "full", **kw))
-    with pytest.raises(SimulatedKill):
-        train(config(model_dir, data_dir, tmp_path / "cut", stop_after=3, **kw))
+    with torch_threads(1):  # as the killed process runs (OMP_NUM_THREADS=1): the same kernels, the same sums
+        full = train(config(model_dir, data_dir, tmp_path / "full", **kw))
+    values = {**SMALL, "model": str(model_dir), "data": str(data_dir), "output_dir": str(tmp_path / "cut"),
+              "steps": 3, "lr": 1e-3, "checkpoint_every": 2, "ema_decay": 0.9, "batch_size": 2,
+              "lora": {"rank": 4}, "timesteps": {"kind": "logit_normal"}}
+    kill_training_process(tmp_path, values, 2)
     ckpts = tmp_path / "cut" / "checkpoints"
     (ckpts / ".tmp-step-00000003-999").mkdir()  # a save killed midway: ignored, the previous one is used
     (ckpts / ".tmp-step-00000003-999" / "trainable.safetensors").write_bytes(b"partial")
-    resumed = train(config(model_dir, data_dir, tmp_path / "cut", **kw))
+    with torch_threads(1):
+        resumed = train(config(model_dir, data_dir, tmp_path / "cut", **kw))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # bit-identical: same data, noise, sigmas and optimizer state
-    a = load_file(str(full.exports["comfy"]))
-    b = load_file(str(resumed.exports["comfy"]))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ema_a = load_file(str(tmp_path / "full" / "export" / "firered_lora_ema_comfy.safetensors"))
-    ema_b = load_file(str(tmp_path / "cut" / "export" / "firered_lora_ema_comfy.safetensors"))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    exports = sorted(p.name for p in (tmp_path / "full" / "export").glob("*.safetensors"))
+    assert len(exports) == 4  # trained and EMA LoRA, comfy and diffusers styles
+    for name in exports:
+        assert filecmp.cmp(tmp_path / "full" / "export" / name, tmp_path / "cut" / "export" / name, shallow=False), \
+            name
 
 
 def _free_port() -> int:
