@@ -236,11 +236,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         images, prompt = _pack(images, args)
     mask = None
     if args.mask:
-        from .masks import load_mask
+        from .masks import load_mask, warn_if_empty
 
         if not images:
             raise InputError("--mask needs an image (-i) to edit", field="mask")
         mask = load_mask(args.mask)
+        warn_if_empty(mask, f"--mask {args.mask}")  # before the model loads
     demo = is_demo(args)
     model, steps, speed = load_from_args(args)
     width, height = args.width, args.height

@@ -234,6 +234,7 @@ class EditPipeline:
             if not images:
                 raise M.MaskError("a mask needs an image to edit (the mask applies to the last image)")
             source = pil_to_tensor(images[-1])[None]
+            M.warn_if_empty(mask, "masked edit")
             src_mask = M.fit_batch(M.resize_mask(mask, source.shape[2], source.shape[1]),
                                    len(prompts) * num_images)
         record = None
