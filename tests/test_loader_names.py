@@ -95,7 +95,7 @@ def test_loader_inputs_refuse_names_leaving_their_folders(folders, kind):
 
 def test_a_link_inside_the_folder_is_still_followed(folders, tmp_path):
     """Links that stay inside the folder are fine (a second name for a file of the same folder)."""
-    comfy = S.submodule("_comfy")
+    comfy = S.submodule("_folders")
     os.symlink(tmp_path / "loras" / "good.safetensors", tmp_path / "loras" / "alias.safetensors")
     assert comfy.find_lora("alias.safetensors") == tmp_path / "loras" / "alias.safetensors"
     assert comfy.find_lora("missing.safetensors") is None
