@@ -9,7 +9,7 @@ import weakref
 from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
-from firered_core.validation import widget
+from firered_core.limits import widget
 
 from . import _folders
 from ._errors import blame, check_inputs, look_up, validate_names
