@@ -106,7 +106,7 @@ def _inside(inner, outer) -> bool:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_follows_the_template_conventions(path):
-    """README, ComfyUI section, "Workflow conventions": title, thumbnail, groups, saved view, pictures, speed."""
+    """CONTRIBUTING.md, "Workflow conventions": title, thumbnail, groups, saved view, pictures, speed."""
     wf = json.loads(path.read_text())
     assert path.stem.startswith("FireRed - ") and "_" not in path.stem
     thumb = path.with_suffix(".jpg")
