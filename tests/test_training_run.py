@@ -20,7 +20,8 @@ import yaml
 from safetensors.torch import load_file
 
 from firered_core.training.config import load_config
-from firered_core.training.extract import ExtractConfig, SimulatedCrash, extract
+from firered_core.training import extract as extract_module
+from firered_core.training.extract import ExtractConfig, extract
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import Trainer, train
 
@@ -363,8 +364,17 @@ def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir,
     whole = extract(ExtractConfig(output_dir=str(tmp_path / "whole"), **kw))
     assert whole["encoded"] == 4
     cfg = ExtractConfig(output_dir=str(tmp_path / "cut"), **kw)
-    with pytest.raises(SimulatedCrash):
-        extract(cfg, stop_after=2)
+    real, written = extract_module.write_safetensors, []
+
+    def write_then_die(path, *args):  # the process dies right after its second row file: the kill is the test's
+        real(path, *args)
+        written.append(path)
+        if len(written) == 2:
+            raise Killed("killed after 2 rows")
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(extract_module, "write_safetensors", write_then_die)
+        extract(cfg)
     done = sorted((tmp_path / "cut" / "rows").rglob("*.safetensors"))
     assert len(done) == 2 and not (tmp_path / "cut" / "manifest.json").exists()
     (done[0].parent / f".{done[0].name}.123.tmp").write_bytes(b"half a file")

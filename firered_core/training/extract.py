@@ -68,10 +68,6 @@ class ExtractConfig:
             raise ConfigError(f"unknown variant(s) {sorted(bad)}; choose from {VARIANTS}")
 
 
-class SimulatedCrash(RuntimeError):
-    """Raised by ``stop_after`` (tests): the process dies as if killed between two rows."""
-
-
 def row_file(output_dir: Path, uid: str) -> Path:
     return output_dir / "rows" / f"{uid}.safetensors"
 
@@ -110,8 +106,7 @@ def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[di
     return tensors, keys
 
 
-def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str = "cpu",
-            stop_after: int | None = None, wait=None) -> dict:
+def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str = "cpu", wait=None) -> dict:
     """Encode this process's share of rows; the main process writes the manifest once all shares are done.
 
     ``wait`` is a barrier (e.g. ``accelerator.wait_for_everyone``) for multi-process runs. Returns a summary.
@@ -125,8 +120,6 @@ def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str 
     cache = embed_cache(out)
     done = 0
     for sample in todo:
-        if stop_after is not None and done >= stop_after:
-            raise SimulatedCrash(f"stopped after {done} rows")
         tensors, keys = encode_row(model, sample, cfg, cache)
         write_safetensors(row_file(out, sample.uid), tensors,
                           {"uid": sample.uid, "prompt_mode": cfg.prompt_mode, **keys})
