@@ -116,4 +116,5 @@ def test_fsdp_identity_equals_one_process(tiny_model_dir, tmp_path):
     assert any(d is not None for d in distances), stats_one  # the identity term was on in some step
     for s, want in zip(("1", "2"), distances):
         got = stats_two[s].get("identity_distance")
-        assert (got is None) == (want is None) and (want is None or got == pytest.approx(want, rel=trained_rtol(int(s))))
+        assert (got is None) == (want is None)
+        assert want is None or got == pytest.approx(want, rel=trained_rtol(int(s)))

@@ -185,8 +185,9 @@ def test_two_process_run_matches_one_process_gradients(model_dir, data_dir, tmp_
 
     Rank 0's first-step gradients after DDP's all-reduce equal the 1-process ones, and the second step's loss
     matches, within the bounds of tests/tolerances.py (fp32; both sides use one thread, so the only difference is
-    the order of the two-row sum). The trained set includes the last block, whose text-stream tensors get no gradient: DDP must not wait
-    for them (it used to skip the all-reduce of their bucket, then fail on the next step).
+    the order of the two-row sum). The trained set includes the last block, whose text-stream tensors get no
+    gradient: DDP must not wait for them (it used to skip the all-reduce of their bucket, then fail on the next
+    step).
     """
     kw = dict(steps=2, lr=1e-3, checkpoint_every=0, method="full", trainable=["transformer_blocks.1.*", "proj_out.*"])
     with torch_threads(1):
