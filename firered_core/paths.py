@@ -60,7 +60,8 @@ def find_in_folders(name: str, bases: Iterable[str | Path], what: str = "name", 
 
 def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str]]]:
     """(folder, file names) for ``base`` and its sub-folders, following links, each real folder once, at most
-    ``max_depth`` levels down; unreadable folders are skipped."""
+    ``max_depth`` levels down; unreadable folders are skipped. Links that lead out of ``base`` are left out, as
+    :func:`find_in_folders` refuses them: a list never offers a name its loader will refuse."""
     seen: set[str] = set()
     stack = [(Path(base), 0)]
     while stack:
@@ -76,6 +77,8 @@ def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple
         files, subs = [], []
         for entry in entries:
             try:
+                if entry.is_symlink() and not _inside(Path(entry.path), Path(base)):
+                    continue
                 (subs if entry.is_dir() else files).append(entry.name)
             except OSError:
                 continue

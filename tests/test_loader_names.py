@@ -93,9 +93,18 @@ def test_loader_inputs_refuse_names_leaving_their_folders(folders, kind):
         assert f"input '{input_name}'" in str(err.value) and "\n" not in str(err.value), (node, input_name)
 
 
+def test_lists_offer_no_name_their_loader_refuses(folders):
+    """The folder walk leaves out the links that lead out, so the node's list holds only loadable names."""
+    folders_module = S.submodule("_folders")
+    assert folders_module.list_model_folders() == ["good"]
+    assert folders_module.list_loras() == ["good.safetensors"]
+    assert folders_module.list_single_files("vae") == ["good.safetensors"]
+
+
 def test_a_link_inside_the_folder_is_still_followed(folders, tmp_path):
     """Links that stay inside the folder are fine (a second name for a file of the same folder)."""
-    comfy = S.submodule("_folders")
+    folders_module = S.submodule("_folders")
     os.symlink(tmp_path / "loras" / "good.safetensors", tmp_path / "loras" / "alias.safetensors")
-    assert comfy.find_lora("alias.safetensors") == tmp_path / "loras" / "alias.safetensors"
-    assert comfy.find_lora("missing.safetensors") is None
+    assert folders_module.find_lora("alias.safetensors") == tmp_path / "loras" / "alias.safetensors"
+    assert folders_module.find_lora("missing.safetensors") is None
+    assert "alias.safetensors" in folders_module.list_loras()
