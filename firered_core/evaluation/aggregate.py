@@ -51,7 +51,8 @@ def aggregate_judge(spec: BenchSpec, records: list[dict], failure_policy: str = 
         failed = [r for r in mine if r.get("score") is None]
         values = [rounded(r["score"]) for r in judged] + ([floor] * len(failed) if failure_policy == "min" else [])
         names = list(dict.fromkeys(n for r in judged for n in r["scores"]))
-        tasks[task] = {"rows": len(mine), "judged": len(judged), "failures": len(failed), "mean": rounded(_mean(values)),
+        tasks[task] = {"rows": len(mine), "judged": len(judged), "failures": len(failed),
+                       "mean": rounded(_mean(values)),
                        "n": len(values), "criteria": {n: _mean([r["scores"].get(n) for r in judged]) for n in names},
                        "failed": [{"key": r["key"], "error": r.get("error")} for r in failed]}
     means = [t["mean"] for t in tasks.values() if t["mean"] is not None]

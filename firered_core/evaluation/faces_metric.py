@@ -55,6 +55,12 @@ class FaceIdentity:
             return ((0.0, 0.0, float(image.width), float(image.height)),)
         return detected_faces(self.detector, image, where)
 
+    def embed(self, image: Image.Image, box: Box) -> torch.Tensor:
+        """[D] float64: the embedding of ``box`` in ``image``."""
+        with torch.no_grad():
+            emb = self.embedder(face_crop(image, box, self.size))
+        return (emb[0] if isinstance(emb, (tuple, list)) else emb).flatten(1)[0].double()
+
     def __call__(self, source: Image.Image, output: Image.Image, where: str = "sample") -> dict | None:
         src_boxes = self.boxes(source, f"{where} (source)")
         if not src_boxes:
@@ -66,8 +72,5 @@ class FaceIdentity:
             sx, sy = output.width / source.width, output.height / source.height
             x0, y0, x1, y1 = src_boxes[0]
             out_box, how = (x0 * sx, y0 * sy, x1 * sx, y1 * sy), "source box"
-        crops = torch.cat([face_crop(source, src_boxes[0], self.size), face_crop(output, out_box, self.size)])
-        with torch.no_grad():
-            emb = self.embedder(crops)
-        emb = (emb[0] if isinstance(emb, (tuple, list)) else emb).flatten(1).double()
-        return {"face_identity": float(F.cosine_similarity(emb[:1], emb[1:]).item()), "face_box": how}
+        a, b = self.embed(source, src_boxes[0]), self.embed(output, out_box)
+        return {"face_identity": float(F.cosine_similarity(a, b, dim=0)), "face_box": how}
