@@ -8,7 +8,7 @@ The embedder is differentiable and written here: eigenfaces (grey, a centre crop
 projected on the first ``k`` principal components of the DESIGN faces, whitened). Faces 0-49 and seeds 100-101
 designed it (``k`` and the crop were picked on them); faces 50-99 and seeds 0-4 are held out and reported.
 
-    python benchmarks/face_identity.py            # the table: design grid, then held-out rates per seed
+    python -m benchmarks.face_identity            # the table: design grid, then held-out rates per seed
 
 Rate = the fraction of (i, j != i) pairs in which face i in scene A vs face i in scene B scores higher than face i in
 scene A vs face j in scene B.

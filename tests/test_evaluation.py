@@ -351,6 +351,10 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
       "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"], "judge prompts .*missing.json not found"),
     (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--bench", "nope"], "neither a built-in"),
     (["report", "--compare", "{tmp}/a", "{tmp}/b"], "scores.json not found"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--face-embedder", "{tmp}/arcface.onnx"],
+     "--face-embedder / --face-detector: identity.embedder '.*arcface.onnx' is neither a file"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--ocr", "no_such_ocr_xyz:engine"],
+     "--ocr: reward.typography.ocr 'no_such_ocr_xyz:engine': cannot import"),
 ])
 def test_cli_errors_are_one_line(argv, message, bench, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, bench=bench) for a in argv]

@@ -220,12 +220,19 @@ def measures(args):
         raise FireRedError(f"--threshold {args.threshold} must be in (0, 1): a mean RGB difference")
     if not 16 <= args.face_size <= 1024:
         raise FireRedError(f"--face-size {args.face_size} must be in [16, 1024] pixels")
-    face = FaceIdentity(args.face_embedder, args.face_detector, args.face_size) if args.face_embedder else None
+    try:  # the plug-in loaders name their config keys; on the command line the flags are at fault
+        face = FaceIdentity(args.face_embedder, args.face_detector, args.face_size) if args.face_embedder else None
+    except FireRedError as exc:
+        raise FireRedError(f"--face-embedder / --face-detector: {exc}") from None
     ocr = default_ocr() if args.ocr == "auto" else None if args.ocr == "none" else args.ocr
     if ocr is None and args.ocr == "auto":
         print(f"metrics: text accuracy off: no OCR installed ({RAPIDOCR_HINT})", file=sys.stderr)
+    try:
+        text = TextAccuracy(ocr) if ocr else None
+    except FireRedError as exc:
+        raise FireRedError(f"--ocr: {exc}") from None
     return Measures(threshold=args.threshold, masks=args.masks, face=face, face_tasks=_tasks(args.face_tasks),
-                    text=TextAccuracy(ocr) if ocr else None, text_tasks=_tasks(args.text_tasks))
+                    text=text, text_tasks=_tasks(args.text_tasks))
 
 
 def cmd_metrics(args, m=None) -> int:
