@@ -341,13 +341,14 @@ def cmd_run(args) -> int:
     from .generate import ranks_from_env
 
     rank, world, _ = ranks_from_env()
-    client, m = None, measures(args)  # a wrong face embedder or OCR fails here, before anything is generated
-    if args.judge_url:  # before anything is generated: a refused key or a wrong URL costs one call, not a run
+    # before anything is generated, in every process (none is left waiting for one that stopped): a wrong face
+    # embedder or OCR fails here, and a refused key or a wrong URL costs one call, not a run
+    client, m = None, measures(args)
+    if args.judge_url:
         client = judge_client(args)
         spec, _, record = selection(args)
         B.load_prompts(spec, record["root"], args.prompts)
-        if rank == 0:
-            client.preflight()
+        client.preflight()
     code = cmd_generate(args)
     if world > 1:
         import datetime
