@@ -343,12 +343,13 @@ def cmd_run(args) -> int:
     rank, world, _ = ranks_from_env()
     # before anything is generated, in every process (none is left waiting for one that stopped): a wrong face
     # embedder or OCR fails here, and a refused key or a wrong URL costs one call, not a run
-    client, m = None, measures(args)
+    client = None
     if args.judge_url:
         client = judge_client(args)
         spec, _, record = selection(args)
         B.load_prompts(spec, record["root"], args.prompts)
         client.preflight()
+    m = measures(args)
     code = cmd_generate(args)
     if world > 1:
         import datetime
