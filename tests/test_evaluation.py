@@ -432,3 +432,4 @@ def test_fireredteam_aggregation_equals_firereds_steps_by_hand(bench, tmp_path, 
     assert abs(plain["overall"]["mean"] - firered["overall"]["mean"]) > 1e-3
     assert "aggregation <b>mean</b>" in (out / "report.html").read_text(encoding="utf-8")
     assert "aggregation mean" in capsys.readouterr().err
+    assert "aggregation: 'fireredteam' -> 'mean'" in compare(firered, plain)["settings"]  # a comparison says so

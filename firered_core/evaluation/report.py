@@ -326,6 +326,9 @@ def compare(a: dict, b: dict, top: int = 20) -> dict:
     judges = [(s.get("judge") or {}).get("model") for s in (a, b)]
     if judges[0] != judges[1]:
         settings.append(f"judge: {judges[0]!r} -> {judges[1]!r}")
+    ways = [(s.get("overall") or {}).get("aggregation", "mean") for s in (a, b)]
+    if ways[0] != ways[1]:  # rounded and unrounded means differ in the third decimal
+        settings.append(f"aggregation: {ways[0]!r} -> {ways[1]!r}")
     return {"tasks": rows, "overall": {"a": oa, "b": ob, "delta": None if oa is None or ob is None else ob - oa},
             "changed": changed[:top], "settings": settings}
 
