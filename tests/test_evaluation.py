@@ -425,7 +425,8 @@ def test_fireredteam_aggregation_equals_firereds_steps_by_hand(bench, tmp_path, 
     assert {t: v["mean"] for t, v in firered["tasks"].items()} == {"add": 3.67, "remove": 2.5, "text": 3.0}
     assert firered["overall"]["mean"] == pytest.approx(9.17 / 3, abs=1e-12)
     assert "aggregation <b>fireredteam</b>" in (out / "report.html").read_text(encoding="utf-8")
-    assert bench_main(["report", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--aggregation", "mean"]) == 0
+    assert bench_main(["report", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--aggregation",
+                       "mean"]) == 0
     plain = load_scores(out)  # the default keeps every digit: add 11/3, overall (11/3 + 2.5 + 3) / 3
     assert plain["tasks"]["add"]["mean"] == pytest.approx(11 / 3, abs=1e-12)
     assert plain["overall"]["mean"] == pytest.approx((11 / 3 + 5.5) / 3, abs=1e-12)

@@ -120,7 +120,8 @@ def _save(image: Image.Image, path, text: str | None = None):
         OCR_TEXT[hashlib.sha256(image.convert("RGB").tobytes()).hexdigest()] = text
 
 
-PORTRAIT = [("1", 50, 50, 5), ("2", 51, 51, 4), ("3", 52, 70, 2), ("4", 53, 71, 1)]  # id, source face, output face, judge
+# id, source face, output face, the judge's score: the same person kept (1, 2) scored below another person (3, 4)
+PORTRAIT = [("1", 50, 50, 1), ("2", 51, 51, 2), ("3", 52, 70, 5), ("4", 53, 71, 4)]
 TEXT = [("1", "GRAND OPENING", 5), ("2", "GRAND OPENIMG", 4), ("3", "GRUMPY OPENER", 2)]  # id, OCR reading, judge
 
 
@@ -136,7 +137,7 @@ def _bench(root, faces, scenes) -> tuple:
         text = f"put this person on a beach {uid}"
         lines.append({"id": uid, "task": "portrait", "source": f"src/portrait-{uid}.png", "a_to_b_instructions": text,
                       "a_to_b_instructions_eng": text})
-        replies[text] = 6 - judge if int(uid) <= 2 else judge + 3  # same faces 1 and 2; other faces 5 and 4
+        replies[text] = judge
     for uid, reading, judge in TEXT:
         _save(Image.new("RGB", (96, 64), (200, 200, 200)), root / f"src/text-{uid}.png")
         _save(Image.new("RGB", (96, 64), (10 * int(uid), 90, 90)), root / f"run/text/text-{uid}.png", reading)
@@ -163,8 +164,9 @@ def test_metrics_beside_the_judge_cached_correlated_and_reported(lfw, embedder_f
     jsonl, replies = _bench(tmp_path, faces, scenes)
     run = tmp_path / "run"
     sel = ["--out", str(run), "--jsonl", str(jsonl), "--lang", "en"]
-    metric_args = ["--face-embedder", str(embedder_file), "--face-detector", "benchmarks.face_identity:planted_detector",
-                   "--face-size", "64", "--ocr", "test_evaluation_metrics:planted_ocr"]
+    metric_args = ["--face-embedder", str(embedder_file), "--face-detector",
+                   "benchmarks.face_identity:planted_detector", "--face-size", "64",
+                   "--ocr", "test_evaluation_metrics:planted_ocr"]
     assert bench_main(["metrics", *sel, *metric_args]) == 0
     records = {r["key"]: r for r in json.loads((run / "metrics.json").read_text())["records"]}
     identity = [records[f"portrait/portrait-{uid}"]["face_identity"] for uid, *_ in PORTRAIT]
