@@ -57,20 +57,18 @@ def scenes() -> list[Image.Image]:
 
 
 class EigenfaceEmbedder(torch.nn.Module):
-    """Grey centre crop -> 25 x 25 -> standardised -> whitened principal components of the design faces."""
+    """Grey, 64 x 64, centre crop -> 25 x 25 -> standardised -> whitened principal components of the design faces."""
 
     def __init__(self, mean: torch.Tensor, basis: torch.Tensor, scale: torch.Tensor, crop: float):
         super().__init__()
         self.register_buffer("mean", mean)
         self.register_buffer("basis", basis)
         self.register_buffer("scale", scale)
-        self.crop = crop
+        self.margin = int(round(64 * (1.0 - crop) / 2))  # a constant: the module traces (ONNX) and scripts alike
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g = x.mean(1, keepdim=True)
-        side = g.shape[-1]
-        m = int(round(side * (1.0 - self.crop) / 2))
-        g = g[..., m:side - m, m:side - m]
+        g = F.interpolate(x.mean(1, keepdim=True), size=(64, 64), mode="bilinear", align_corners=False)
+        g = g[..., self.margin:64 - self.margin, self.margin:64 - self.margin]
         g = F.interpolate(g, size=(25, 25), mode="bilinear", align_corners=False).flatten(1)
         g = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + 1e-6)
         return ((g - self.mean) @ self.basis.T) / self.scale

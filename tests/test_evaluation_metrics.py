@@ -72,6 +72,52 @@ def test_face_identity_tells_the_same_face_from_another_on_held_out_lfw(lfw, emb
     assert result["same"] > result["different"] + 0.3
 
 
+def _rgb(name: str) -> Image.Image:
+    from skimage import data
+
+    arr = np.asarray(getattr(data, name)())
+    return Image.fromarray(np.stack([arr] * 3, -1) if arr.ndim == 2 else arr[..., :3])
+
+
+def test_face_identity_with_the_default_haar_detector_on_a_real_photograph(embedder_file, lfw):
+    """OpenCV's cascade (the default detector) finds the astronaut's face in ``skimage.data.astronaut()`` and in a
+    relit, resized copy: the same face scores high. Her face covered by an LFW face scores lower; an output without a
+    face falls back to the source's box; a source without a face is not measured."""
+    pytest.importorskip("cv2")
+    from PIL import ImageEnhance
+
+    metric = FaceIdentity(str(embedder_file), "haar", 64)
+    source = _rgb("astronaut")
+    same = metric(source, ImageEnhance.Brightness(source).enhance(1.2).resize((400, 400)), "astronaut")
+    assert same["face_box"] == "detected" and same["face_identity"] > 0.9, same
+    covered = source.copy()
+    x0, y0, x1, y1 = (round(v) for v in metric.boxes(source, "astronaut")[0])
+    covered.paste(Image.fromarray(lfw[0][60]).convert("RGB").resize((x1 - x0, y1 - y0)), (x0, y0))
+    other = metric(source, covered, "covered")
+    assert other["face_identity"] < same["face_identity"] - 0.3, (same, other)
+    gone = metric(source, _rgb("coffee").resize(source.size), "no face")
+    assert gone["face_box"] == "source box" and gone["face_identity"] < same["face_identity"] - 0.3, gone
+    assert metric(_rgb("coffee"), source, "coffee") is None
+
+
+def test_face_identity_from_an_onnx_file_equals_the_torchscript_one(embedder_file, lfw, tmp_path):
+    """The same planted embedder exported to ONNX (opset 17) and loaded through the identity plug-in (onnx2torch,
+    checked against onnxruntime): the metric agrees with the TorchScript file to float32 rounding."""
+    for module in ("onnx", "onnx2torch", "onnxruntime"):
+        pytest.importorskip(module)
+    faces, scenes = lfw
+    module = FI.design_embedder(faces[list(FI.DESIGN)], **FI.CHOSEN)
+    torch.onnx.export(module, (torch.rand(2, 3, 64, 64),), str(tmp_path / "e.onnx"), dynamo=False, opset_version=17,
+                      input_names=["crops"], output_names=["embedding"], dynamic_axes={"crops": {0: "faces"}})
+    ts = FaceIdentity(str(embedder_file), "benchmarks.face_identity:planted_detector", 64)
+    ox = FaceIdentity(str(tmp_path / "e.onnx"), "benchmarks.face_identity:planted_detector", 64)
+    assert ts.name != ox.name  # another file, another cache key
+    rng = np.random.default_rng(3)
+    for i, j in ((60, 60), (61, 62)):
+        a, b = FI.composite(faces[i], scenes[0], rng), FI.composite(faces[j], scenes[1], rng)
+        assert ox(a, b)["face_identity"] == pytest.approx(ts(a, b)["face_identity"], abs=1e-5)
+
+
 # ---- text accuracy with the real RapidOCR ---------------------------------------------------------------------------
 
 def rendered(text: str, xy: tuple[int, int], size: int = 40, width: int = 384, height: int = 256) -> Image.Image:
