@@ -211,7 +211,7 @@ def _tasks(value: str) -> tuple[str, ...] | None:
 
 
 def measures(args):
-    """What ``metrics`` measures, from the flags; the text metric says in one line why it is off."""
+    """What ``metrics`` measures, from the flags; ``notes`` say why a metric is off."""
     from .faces_metric import FaceIdentity
     from .measure import Measures
     from .text_metric import RAPIDOCR_HINT, TextAccuracy, default_ocr
@@ -225,22 +225,23 @@ def measures(args):
     except FireRedError as exc:
         raise FireRedError(f"--face-embedder / --face-detector: {exc}") from None
     ocr = default_ocr() if args.ocr == "auto" else None if args.ocr == "none" else args.ocr
+    notes = () if face else ("face identity off: no --face-embedder (a TorchScript or ONNX face embedder)",)
     if ocr is None and args.ocr == "auto":
-        print(f"metrics: text accuracy off: no OCR installed ({RAPIDOCR_HINT})", file=sys.stderr)
+        notes += (f"text accuracy off: no OCR installed ({RAPIDOCR_HINT})",)
     try:
         text = TextAccuracy(ocr) if ocr else None
     except FireRedError as exc:
         raise FireRedError(f"--ocr: {exc}") from None
     return Measures(threshold=args.threshold, masks=args.masks, face=face, face_tasks=_tasks(args.face_tasks),
-                    text=text, text_tasks=_tasks(args.text_tasks))
+                    text=text, text_tasks=_tasks(args.text_tasks), notes=notes)
 
 
 def cmd_metrics(args, m=None) -> int:
     from .generate import write_json_atomic
     from .measure import MetricCache, measure_rows
 
-    m = m or measures(args)
     spec, rows, _ = selection(args)
+    m = m or measures(args)
     cache = MetricCache(args.metrics_cache or Path(args.out) / "metrics_cache")
     records = measure_rows(rows, args.out, m, cache)
     write_json_atomic(Path(args.out) / METRICS, {
@@ -250,8 +251,8 @@ def cmd_metrics(args, m=None) -> int:
     faces = sum(r.get("face_identity") is not None for r in records)
     texts = sum(r.get("text_accuracy") is not None for r in records)
     print(f"metrics: {sum(r['error'] is None for r in records)} of {len(records)} samples measured "
-          f"({faces} for face identity, {texts} for text accuracy; {cache.computed} computed, {cache.hits} cached)",
-          file=sys.stderr)
+          f"({faces} for face identity, {texts} for text accuracy; {cache.computed} computed, {cache.hits} cached)"
+          + "".join(f"; {note}" for note in m.notes), file=sys.stderr)
     return 0
 
 

@@ -62,6 +62,7 @@ class Measures:
     face_tasks: tuple[str, ...] | None = None
     text: object | None = None  # TextAccuracy
     text_tasks: tuple[str, ...] | None = None
+    notes: tuple[str, ...] = ()  # why a metric is off, said once with the summary
 
 
 def measure_row(row: BenchRow, out: str | Path, m: Measures, cache: MetricCache) -> dict:
