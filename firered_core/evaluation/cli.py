@@ -1,8 +1,9 @@
 """``firered-bench``: generate a bench's edits, judge them, measure them offline, report, compare.
 
     firered-bench generate --jsonl redbench.jsonl --out runs/base --model M [edit / speed / LoRA flags]
-    firered-bench metrics  --out runs/base
+    firered-bench metrics  --out runs/base [--face-embedder arcface.onnx] [--ocr auto]
     firered-bench judge    --out runs/base --judge-url https://api.openai.com/v1 --judge-model gpt-4.1
+                           [--aggregation fireredteam]
     firered-bench report   --out runs/base
     firered-bench report   --compare runs/base runs/int8 -o compare.html
     firered-bench run      ... (generate, metrics, judge when --judge-url is given, report)
