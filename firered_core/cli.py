@@ -74,8 +74,9 @@ def add_mask_and_pack_arguments(p: argparse.ArgumentParser) -> None:
                    help="confine the edit of the last image to a mask: white (or, with transparency, the "
                         "transparent part, as ComfyUI's mask editor saves it) may change, black stays exactly as it "
                         "is, grey partly; any size (stretched to the image). The output has the image's size")
-    p.add_argument("--feather", type=int, default=8, help="with --mask: pixels over which the edit fades in inside "
-                                                          "the mask's border (default 8; 0 = hard edge)")
+    p.add_argument("--feather", type=int, default=None,
+                   help="with --mask or --preserve auto: pixels over which the edit fades in inside the region's "
+                        "border (default 8 with --mask, 2 with --preserve auto; 0 = hard edge)")
     p.add_argument("--color-match", choices=("off", "mean-std", "histogram"), default="off",
                    help="with --mask: undo the edit's colour drift measured outside the mask (default off)")
     p.add_argument("--pack", choices=("auto", "off"), default="auto",
@@ -268,7 +269,7 @@ def run(args: argparse.Namespace) -> list[Path]:
     kwargs = dict(negative_prompt=args.negative_prompt, steps=steps, true_cfg=args.true_cfg, width=width,
                   height=height, vl_area=args.vl_area, vae_area=args.vae_area, prompt_mode=args.prompt_mode,
                   shift=args.shift or None, match_input=args.match_input_size, callback=lambda info: bar.update(1),
-                  feather=args.feather, preserve_color=args.preserve_color)
+                  feather=_feather(args), preserve_color=args.preserve_color)
     pipe = EditPipeline(model, speed.run)
     if args.then:
         return _run_chain(pipe, images, [prompt, *args.then], args, bar, kwargs)
@@ -283,6 +284,13 @@ def run(args: argparse.Namespace) -> list[Path]:
     for note in result.notes:
         print(note, file=sys.stderr)
     return paths
+
+
+def _feather(args: argparse.Namespace) -> int:
+    """--feather, else 8 for a painted mask (its border is loose) and 2 for --preserve auto (a tight estimate)."""
+    if args.feather is not None:
+        return args.feather
+    return 2 if args.preserve == "auto" else 8
 
 
 def _save(img, path: Path) -> None:
