@@ -129,6 +129,21 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         run_pipeline(load_pipeline_config(None, output=str(tmp_path / "raw" / "data" / "out"), **kw))
 
 
+def test_failed_start_leaves_the_output_folder_usable(tmp_path):
+    """A mistyped (missing, or empty) input is refused before the output folder is written to, so the corrected
+    command into the same folder runs (it used to be refused as "a run of a different input")."""
+    _small_set(tmp_path)
+    (tmp_path / "empty").mkdir()
+    kw = dict(output=str(tmp_path / "out"), analysis_size=64, stages=[{"kind": "photometric"}],
+              engine={"workers": 0})
+    for wrong, msg in ((tmp_path / "raw" / "dta", "does not exist"), (tmp_path / "empty", "no JSONL rows")):
+        with pytest.raises(DataToolError, match=msg):
+            run_pipeline(load_pipeline_config(None, input=str(wrong), **kw))
+        assert not (tmp_path / "out").exists()
+    result = run_pipeline(load_pipeline_config(None, input=str(tmp_path / "raw" / "data"), **kw))
+    assert sum(result.rows_per_task.values()) > 0 and result.decisions.exists()
+
+
 def test_mask_pairs_paste_and_inpaint(tmp_path):
     from firered_core.data.planted import write_masks
     from firered_core.data.stages import build_stage

@@ -29,7 +29,7 @@ from .engines import LocalPool, load_scores, run_shards
 from .extras import DataToolError
 from .files import atomic_open, write_json, write_jsonl, write_text
 from .report import write_index, write_stage_report
-from .rows import JsonlWriter, Shards, iter_input, write_rows
+from .rows import JsonlWriter, Shards, check_input, iter_input, write_rows
 from .spill import Spill
 from .stages import Context, build_stage
 from .stages.base import ADD, DROP
@@ -95,12 +95,13 @@ def _read_input(cfg: PipelineConfig, work: Path) -> dict:
 
 
 def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) -> RunResult:
-    out = _prepare_output(cfg)
-    work = out / ".work"
-    ctx = Context(output=str(out), analysis_size=cfg.analysis_size)
+    ctx = Context(output=str(Path(cfg.output).resolve()), analysis_size=cfg.analysis_size)
     stages = [build_stage(s.model_dump(), ctx.__dict__) for s in cfg.stages]
     for stage in stages:  # missing optional packages are reported before any work
         stage.check()
+    check_input(cfg.input)  # a bad input is refused before the output folder is written to
+    out = _prepare_output(cfg)
+    work = out / ".work"
     summary = [_read_input(cfg, work)]
     rows_path, parts, reports = work / "read" / "rows.jsonl", [work / "read" / "decisions.jsonl"], []
     for idx, (stage, scfg) in enumerate(zip(stages, cfg.stages)):
