@@ -113,11 +113,15 @@ def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) ->
         saved = json.loads(done.read_text(encoding="utf-8"))
         report = f"{idx:02d}-{stage.name}.html"
         values = dict(np.load(sdir / "values.npz")) if (sdir / "values.npz").exists() else {}
+        problems = saved.get("problems", [])
+        for p in problems:
+            log.error("stage %s: %s", stage.name, p)
         write_stage_report(out / "report" / report, stage.name, stage.kind, sdir / "decisions.jsonl",
-                           sdir / "pics.jsonl", saved["cutoffs"], values, cfg.report)
+                           sdir / "pics.jsonl", saved["cutoffs"], values, cfg.report, problems)
         counts = saved["counts"]
         summary.append({"stage": stage.name, "kind": stage.kind, "in": saved["in"], **counts, "report": report,
-                        "images": saved["images"], "seconds": saved["seconds"]})
+                        "images": saved["images"], "seconds": saved["seconds"],
+                        **({"problems": problems} if problems else {})})
         reports.append((stage.name, report, counts))
         parts.append(sdir / "decisions.jsonl")
         rows_path = sdir / "rows.jsonl"
@@ -208,7 +212,8 @@ def _run_stage(stage, spec: str, rows_path: Path, sdir: Path, cfg: PipelineConfi
         with atomic_open(sdir / "values.npz", "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in values.items()})
     write_json(sdir / "result.json", {"counts": counts, "cutoffs": cutoffs, "in": n_in, "images": images,
-                                      "seconds": round(time.perf_counter() - started, 3)})
+                                      "seconds": round(time.perf_counter() - started, 3),
+                                      "problems": stage.problems()})
 
 
 def _pictures(row: dict | None) -> dict:
