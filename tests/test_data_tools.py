@@ -27,7 +27,8 @@ RECALL_FLOOR = {"pair_check (L2)": 0.5, "photometric (dataset tails)": 0.8}
 RECALL_DEFAULT = 0.9
 PIPELINE_RECALL_FLOOR = 0.9  # share of all planted defect rows the whole pipeline drops
 
-ALL_STAGES = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "artefacts"},
+ALL_STAGES = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "quality", "global_tasks": ["style"]},
+              {"kind": "artefacts"},
               {"kind": "pair_check", "global_tasks": ["style"]}, {"kind": "fine_check", "global_tasks": ["style"]}]
 
 
@@ -75,12 +76,12 @@ def test_pipeline_keeps_clean_rows_drops_defects_reports_and_trains(planted, tmp
     print(f"defect rows dropped: {len(caught)}/{len(defects)}")
     assert len(caught) >= PIPELINE_RECALL_FLOOR * len(defects), sorted(defects - caught)
     # each stage records every row it saw, with its scores
-    for stage in ("dedup", "photometric", "artefacts"):
+    for stage in ("dedup", "photometric", "quality", "artefacts"):
         got = [d for d in decisions if d["stage"] == stage]
         assert len({d["row"] for d in got}) == len(got) and all("scores" in d for d in got)
     # reports: histograms with cut-offs, thumbnails of dropped rows
     html = (result.output / "report" / "01-photometric.html").read_text()
-    assert html.count("<svg") == 6 and 'class="cutoff"' in html and "data:image/jpeg;base64" in html
+    assert html.count("<svg") == 7 and 'class="cutoff"' in html and "data:image/jpeg;base64" in html
     assert (result.output / "report" / "index.html").exists()
     # synthetic rows: 3 mask records -> remove + add pairs; inverted rows; negatives kept apart
     assert result.rows_per_task["add"] > 0 and (result.output / "negatives").is_dir()

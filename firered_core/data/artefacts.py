@@ -25,7 +25,7 @@ def text_find(arr: np.ndarray, ref: np.ndarray | None = None) -> tuple[float, Bo
     """Overlay text: thin high-contrast strokes (top-hat / black-hat) joined into line blobs; the score is the most
     stroke crossings along one blob's scan lines (shape edges cross 1-4 times; a word of text 8 or more), and the
     box is that blob's. With ``ref`` (the row's source, resized to ``arr``) only strokes the source does not have
-    within a pixel count: a photograph's own fine texture is in both pictures, an overlay only in the target."""
+    within two pixels count: a photograph's own fine texture is in both pictures, an overlay only in the target."""
     cv2 = require("cv2", "the overlay-text / watermark detector (artefacts.text)")
     g = np.clip(gray(arr), 0, 255).astype(np.uint8)
     r = None if ref is None else np.clip(gray(ref), 0, 255).astype(np.uint8)
@@ -33,7 +33,7 @@ def text_find(arr: np.ndarray, ref: np.ndarray | None = None) -> tuple[float, Bo
     for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # light text, dark text: one polarity at a time
         mask = _strokes(cv2, g, op)
         if r is not None:
-            mask &= 1 - cv2.dilate(_strokes(cv2, r, op), np.ones((3, 3), np.uint8))
+            mask &= 1 - cv2.dilate(_strokes(cv2, r, op), np.ones((5, 5), np.uint8))
         lines = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 1)))
         n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         for i in range(1, n):
@@ -72,7 +72,7 @@ def mosaic_find(arr: np.ndarray, min_side: int = 24) -> tuple[float, Box | None]
     g = gray(arr).astype(np.float64)
     cx = np.vstack([np.zeros((1, w - 1)), np.cumsum(np.abs(np.diff(g, axis=1)), axis=0)])  # column profiles
     cy = np.hstack([np.zeros((h - 1, 1)), np.cumsum(np.abs(np.diff(g, axis=0)), axis=1)])  # row profiles
-    for part, step in ((2, 2), (3, 1)):  # halves overlapping by half, thirds side by side
+    for part, step in ((2, 2), (3, 2)):  # halves and thirds, each overlapping its neighbour by half
         wh, ww = min(h // part, 512), min(w // part, 512)
         if min(wh, ww) < min_side:
             continue

@@ -71,11 +71,17 @@ def _robust_line(s: np.ndarray, t: np.ndarray, keep: np.ndarray) -> np.ndarray:
 def edit_region(src: np.ndarray, tgt: np.ndarray, cells: int = 16, floor: float = 6.0) -> np.ndarray:
     """Boolean [cells, cells]: the cells of an equal-size pair that the edit changed (see the module docstring).
     A cell is edited when some channel's mean is off the fitted line by more than ``floor`` levels and more than
-    4 robust deviations of the residuals. The first pass fits an offset only (a median: an edit cannot pull it),
-    later passes a line on the cells not yet marked; the mark is then grown by one cell (soft edges)."""
+    4 robust deviations of the residuals. When a fifth of the cells is unchanged (a clean edit leaves the rest
+    identical, even when the edit covers most of the picture) those cells are the reference; otherwise the first
+    pass fits an offset or a gain (medians: an edit cannot pull them). Later passes fit a line on the cells not
+    yet marked; the mark is then grown by one cell (soft edges)."""
     s, t = cell_means(src.astype(np.float64), cells), cell_means(tgt.astype(np.float64), cells)
     off = np.zeros((cells, cells), dtype=bool)
-    for it in range(4):
+    same = (np.abs(t - s) < 2.0).all(axis=-1)  # cells the pair shares untouched
+    start = 0
+    if same.mean() >= 0.2:  # a clean edit leaves the rest identical: that rest is the reference, however small
+        off, start = ~same, 1
+    for it in range(start, 4):
         worst = np.zeros((cells, cells))
         for c in range(3):
             sc, tc = s[..., c].ravel(), t[..., c].ravel()

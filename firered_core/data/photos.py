@@ -2,7 +2,8 @@
 
 Each photograph is cut into non-overlapping square regions, labelled flat or textured (their fine detail below or
 above the photograph's median). A clean row is (region, region with one clean local edit: a recolour, a patch moved,
-an object added, a local relight). A defect row is a clean row whose target also carries one defect at one of three
+an object added, a local relight), both re-rendered as real pairs are (:func:`rerender`: JPEG at high quality,
+the target with a small invisible global drift). A defect row is a clean row whose target also carries one defect at one of three
 strengths; level 0 is faint (reported, never a floor), levels 1 and 2 are the visible strengths the floors hold at.
 
 The split between tuning and held-out material lives here, in :data:`SPLITS`, and nowhere else: thresholds are
@@ -115,6 +116,18 @@ def clean_edit(src: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def rerender(arr: np.ndarray, rng: np.random.Generator, tone: bool = True) -> np.ndarray:
+    """What a good pair carries besides its edit: half the pictures saved as JPEG (quality 88-95) and, for targets
+    (``tone``), the small global drift an edit model leaves: +-0.05 stops and +-1.5% per-channel gain, invisible."""
+    out = arr
+    if tone:
+        gains = 2.0 ** rng.uniform(-0.05, 0.05) * (1 + rng.uniform(-0.015, 0.015, 3))
+        out = _srgb(_linear(out) * gains)
+    if rng.random() < 0.5:
+        out = np.asarray(jpeg(Image.fromarray(out), int(rng.integers(88, 96))))
+    return out
+
+
 def _linear(a: np.ndarray) -> np.ndarray:
     c = a.astype(np.float64) / 255.0
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
@@ -206,9 +219,9 @@ def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int 
             for k, (cls, level, strength) in enumerate(plan):
                 want = k % 2 == 1  # alternate flat and textured regions
                 pool = [i for i, t in enumerate(textured) if t == want] or list(range(len(crops)))
-                src = crops[int(rng.choice(pool))]
+                src = rerender(crops[int(rng.choice(pool))], rng, tone=False)
                 edit = CLEAN_EDITS[int(rng.integers(len(CLEAN_EDITS)))]
-                tgt = clean_edit(src, edit, rng)
+                tgt = rerender(clean_edit(src, edit, rng), rng)
                 psnr = 100.0
                 if cls != "clean":
                     clean_tgt, tgt = tgt, defect(tgt, cls, strength, rng)

@@ -13,6 +13,7 @@ import numpy as np
 
 from .artefacts import mosaic_score, text_find
 from .extras import available
+from .imageops import resize_to
 from .pairquality import blockiness, noise_level
 
 DEFECTS = ("text", "mosaic", "noise", "blocky", "clip")
@@ -23,14 +24,17 @@ WHAT = {"text": "overlay text", "mosaic": "mosaic", "noise": "noise", "blocky": 
 
 
 def defect_values(images: list[np.ndarray]) -> dict[str, float]:
-    """The row's defect measures, the worst over its images (noise as log1p of the no-reference sigma, measured at
-    a common scale)."""
+    """The row's defect measures (``images``: its sources, then its target), summed over its images (a sum keeps a
+    difference in any one image); overlay text is the target's strokes its first source lacks (as the artefact
+    stage measures it in a pair); noise is log1p of the no-reference sigma, at a common scale."""
+    *sources, target = images
+    ref = resize_to(sources[0], (target.shape[1], target.shape[0])) if sources else None
     out = {k: 0.0 for k in DEFECTS}
+    out["text"] = round(text_find(target, ref)[0], 6) if available("cv2") else 0.0
     for arr in images:
-        got = {"text": text_find(arr)[0] if available("cv2") else 0.0, "mosaic": mosaic_score(arr),
-               "noise": float(np.log1p(noise_level(_common_scale(arr)))), "blocky": blockiness(arr),
-               "clip": float(((arr.max(axis=-1) >= 250) | (arr.max(axis=-1) <= 5)).mean())}
-        out = {k: max(out[k], round(float(v), 6)) for k, v in got.items()}
+        got = {"mosaic": mosaic_score(arr), "noise": float(np.log1p(noise_level(_common_scale(arr)))),
+               "blocky": blockiness(arr), "clip": float(((arr.max(axis=-1) >= 250) | (arr.max(axis=-1) <= 5)).mean())}
+        out.update({k: round(out[k] + float(v), 6) for k, v in got.items()})
     return out
 
 
