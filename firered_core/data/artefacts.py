@@ -24,16 +24,16 @@ def _strokes(cv2, g: np.ndarray, op) -> np.ndarray:
 def text_find(arr: np.ndarray, ref: np.ndarray | None = None) -> tuple[float, Box | None]:
     """Overlay text: thin high-contrast strokes (top-hat / black-hat) joined into line blobs; the score is the most
     stroke crossings along one blob's scan lines (shape edges cross 1-4 times; a word of text 8 or more), and the
-    box is that blob's. With ``ref`` (the row's source, resized to ``arr``) only strokes the source does not have
-    within two pixels count: a photograph's own fine texture is in both pictures, an overlay only in the target."""
+    box is that blob's. With ``ref`` (the row's source, resized to ``arr``) the strokes are looked for in the
+    difference target - source (on mid grey): a photograph's own fine texture cancels, an overlay stays."""
     cv2 = require("cv2", "the overlay-text / watermark detector (artefacts.text)")
-    g = np.clip(gray(arr), 0, 255).astype(np.uint8)
-    r = None if ref is None else np.clip(gray(ref), 0, 255).astype(np.uint8)
+    if ref is None:
+        g = np.clip(gray(arr), 0, 255).astype(np.uint8)
+    else:
+        g = np.clip(128.0 + gray(arr) - gray(ref), 0, 255).astype(np.uint8)
     best, where = 0, None
     for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # light text, dark text: one polarity at a time
         mask = _strokes(cv2, g, op)
-        if r is not None:
-            mask &= 1 - cv2.dilate(_strokes(cv2, r, op), np.ones((5, 5), np.uint8))
         lines = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 1)))
         n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         for i in range(1, n):

@@ -21,7 +21,8 @@ from .stages import build_stage
 # class -> the scores whose firing counts as that class's detector (precision)
 DETECTORS = {"overexposed": {"exposure", "clip_high"}, "underexposed": {"exposure", "clip_low"},
              "colour_cast": {"cast", "wb"}, "blurred": {"detail"}, "jpeg": {"blocky", "detail"},
-             "noise": {"noise"}, "mosaic": {"mosaic"}, "text": {"text"}, "logo": {"text"}, "qr": {"codes"}}
+             "noise": {"noise"}, "mosaic": {"mosaic"}, "text": {"text"}, "logo": {"text"}, "qr": {"codes"},
+             "collage": {"collage"}}
 
 # tuned field -> (stage kind, score, sign, the classes it is for)
 TUNED = {
@@ -35,7 +36,7 @@ TUNED = {
     "blocky": ("quality", "blocky", 1, ("jpeg",)),
     "text": ("artefacts", "text", 1, ("text", "logo")),
     "mosaic": ("artefacts", "mosaic", 1, ("mosaic",)),
-    "collage": ("artefacts", "collage", 1, ()),
+    "collage": ("artefacts", "collage", 1, ("collage",)),
 }
 
 
@@ -110,9 +111,10 @@ def _value(s: dict, score: str) -> float:
 
 def tune_limits(truth: dict[str, dict], rows: list[dict], scores: dict[str, list[dict]],
                 clean_share: float = 0.01) -> dict[str, float]:
-    """The tuning rule, applied to one (tuning) set: for each limit, the clean rows' value in the defect's direction
-    that all but ``clean_share`` of them stay within (the 99th percentile, the next higher row), moved half way to
-    the nearest visible defect row beyond it (a tenth further when none is). Nothing else is fitted."""
+    """The tuning rule, applied to one (tuning) set: for each limit, half way between the clean rows' tail (the
+    value all but ``clean_share`` of them stay within, in the defect's direction) and the 10th percentile of the
+    visible defect rows beyond it: as far from the clean rows as it can be while still below nine in ten visible
+    defects (a tenth beyond the clean tail when no defect is beyond it). Nothing else is fitted."""
     by_uid = {r["uid"]: i for i, r in enumerate(rows)}
     out = {}
     for field, (kind, score, sign, classes) in TUNED.items():
@@ -121,9 +123,8 @@ def tune_limits(truth: dict[str, dict], rows: list[dict], scores: dict[str, list
         vals = {u: sign * _value(scores[kind][i], score) for u, i in by_uid.items()}
         clean = float(np.quantile([v for u, v in vals.items() if truth[u]["class"] == "clean"], 1 - clean_share,
                                   method="higher"))
-        beyond = sorted(v for u, v in vals.items() if truth[u]["class"] in classes and truth[u]["visible"]
-                        and v > clean)
-        cut = (clean + beyond[0]) / 2 if beyond else clean + 0.1 * abs(clean)
+        beyond = [v for u, v in vals.items() if truth[u]["class"] in classes and truth[u]["visible"] and v > clean]
+        cut = (clean + float(np.quantile(beyond, 0.1))) / 2 if beyond else clean + 0.1 * abs(clean)
         out[field] = float(f"{cut:.3g}")
     return out
 

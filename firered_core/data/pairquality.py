@@ -14,8 +14,8 @@ Scores (all 0 for a clean, unedited-elsewhere pair):
   target minus that share in the source.
 - ``cast``: CIELAB a*/b* shift of the outside mean, Euclidean (Lab units; ~2.3 is a just-noticeable difference).
 - ``wb``: white-balance error: the largest per-channel log gain (linear light) off the mean gain.
-- ``detail``: median over the source's textured cells of log(target / source high-pass energy), the target's
-  contrast gain divided out: < 0 blurred (or smoothed by compression).
+- ``detail``: median over the source's textured cells of log(target / source high-pass energy) at half
+  resolution, the target's contrast gain divided out: < 0 blurred (or smoothed by heavy compression).
 - ``noise``: the same over the source's flattest cells: > 0 noisier.
 - ``blocky``: JPEG 8x8 grid ratio of the target minus the source's (full resolution): > 0 compressed harder.
 - ``edit_share``: share of the picture estimated as edited (too large a share: the pair is judged globally).
@@ -123,6 +123,12 @@ def highpass_energy(g: np.ndarray, cells: int) -> np.ndarray:
     return cell_means(lap, cells)
 
 
+def _half(g: np.ndarray) -> np.ndarray:
+    """2 x 2 box average (the ragged edge dropped)."""
+    h, w = g.shape[0] // 2 * 2, g.shape[1] // 2 * 2
+    return g[:h, :w].reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))
+
+
 def blockiness(arr: np.ndarray) -> float:
     """JPEG 8x8 grid edge ratio (grid at the origin), both axes, on a crop of at most 512 px."""
     g = gray(arr[:512, :512]).astype(np.float64)
@@ -152,13 +158,16 @@ def pair_quality(src: np.ndarray, tgt: np.ndarray, tgt_full: np.ndarray | None =
     cast = float(np.hypot(*(lab_t[:, 1:].mean(axis=0) - lab_s[:, 1:].mean(axis=0))))
     stat_cells = int(np.clip(side // 12, 2, 8))
     keep = (cell_means((~outside).astype(np.float64), stat_cells) < 0.25).ravel()  # cells mostly outside
-    es, et = highpass_energy(ls, stat_cells).ravel()[keep], highpass_energy(lt, stat_cells).ravel()[keep]
     # the target's contrast gain (exposure scales every difference): the spread of luma outside the edit
     gain = (lt[outside].std() + 1.0) / (ls[outside].std() + 1.0)
+    es, et = highpass_energy(ls, stat_cells).ravel()[keep], highpass_energy(lt, stat_cells).ravel()[keep]
     ratio = np.log((et + 0.5) / (gain * es + 0.5))
+    # detail at half resolution: blur removes it there too, high-quality JPEG of fine texture hardly does
+    hs, ht = highpass_energy(_half(ls), stat_cells).ravel()[keep], highpass_energy(_half(lt), stat_cells).ravel()[keep]
+    coarse = np.log((ht + 0.5) / (gain * hs + 0.5))
     order = np.argsort(es, kind="stable")
     third = max(1, len(order) // 3)
-    detail = float(np.median(ratio[order[-max(1, len(order) // 2):]])) if len(order) else 0.0
+    detail = float(np.median(coarse[order[-max(1, len(order) // 2):]])) if len(order) else 0.0
     noise = float(np.median(ratio[order[:third]])) if len(order) else 0.0
     blocky = blockiness(tgt_full if tgt_full is not None else tgt) - \
         blockiness(src_full if src_full is not None else src)
