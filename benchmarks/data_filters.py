@@ -8,7 +8,7 @@ on (benchmarks/tune_filters.py tunes on SPLITS["tune"]), judged with the stages 
 training/configs/curate.yaml ships them; a row is caught when any of them drops it.
 
 Each filter runs alone over every row and is judged on the clean rows plus its own defect classes
-(firered_core/data/evaluate.py). Throughput: the whole default pipeline over the same set, images scored per
+(firered_core/data/scorecard.py). Throughput: the whole default pipeline over the same set, images scored per
 second per stage, with the local engine (2 worker processes) and Ray Data (local, 2 workers); Ray's start-up is
 timed separately.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 from firered_core.data.config import EngineConfig, load_pipeline_config
 from firered_core.data.engines import start_ray
-from firered_core.data.evaluate import evaluate_filters
+from firered_core.data.scorecard import evaluate_filters
 from firered_core.data.extras import available
 from firered_core.data.holdout import decide_set, format_table, score_set, table
 from firered_core.data.photos import STRENGTHS, make_photo_set
