@@ -86,13 +86,18 @@ def mosaic_find(arr: np.ndarray, min_side: int = 24) -> tuple[float, Box | None]
     return best, where
 
 
-def collage_score(arr: np.ndarray, strong: float = 24.0) -> float:
+def collage_score(arr: np.ndarray, strong: float = 24.0, ref: np.ndarray | None = None) -> float:
     """Straight internal borders: the largest share of one full row / column (inside the middle 80%) where some colour
-    channel jumps by more than ``strong``, among at most 4 such lines per axis (a block grid has many: a mosaic)."""
+    channel jumps by more than ``strong``, among at most 4 such lines per axis (a block grid has many: a mosaic).
+    With ``ref`` (the row's source, resized to ``arr``) a line counts only by how much more of it jumps than in the
+    source: a photograph's own horizon or frame is in both pictures, a pasted picture's border only in the target."""
     a = arr.astype(np.float32)
+    r = None if ref is None else ref.astype(np.float32)
     best = 0.0
     for axis in (0, 1):
         share = (np.abs(np.diff(a, axis=axis)).max(axis=2) > strong).mean(axis=1 - axis)
+        if r is not None:
+            share = np.clip(share - (np.abs(np.diff(r, axis=axis)).max(axis=2) > strong).mean(axis=1 - axis), 0, 1)
         n = len(share)
         inner = share[int(0.1 * n): int(0.9 * n) + 1]
         if len(inner) and (inner > 0.5).sum() <= 4:

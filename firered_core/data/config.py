@@ -131,27 +131,28 @@ class QualityConfig(_Stage):
     tuned on the tuning photographs (benchmarks/tune_filters.py); training/configs/curate.yaml ships the same."""
 
     kind: Literal["quality"] = "quality"
-    exposure_up: float | None = Field(0.0936, ge=0, le=8, description="stops brighter than the source")
-    exposure_down: float | None = Field(0.265, ge=0, le=8, description="stops darker than the source")
-    clip: float | None = Field(0.0355, ge=0, le=1, description="extra share of pixels blown out / crushed")
-    cast: float | None = Field(1.69, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
-    wb: float | None = Field(0.075, ge=0, le=5, description="per-channel log gain off the mean gain")
-    blur: float | None = Field(0.109, ge=0, le=10, description="log detail lost in textured cells")
-    noise: float | None = Field(0.364, ge=0, le=10, description="log high-pass energy added in flat cells")
-    blocky: float | None = Field(0.297, ge=0, le=100, description="JPEG block-grid ratio added")
+    exposure_up: float | None = Field(0.308, ge=0, le=8, description="stops brighter than the source")
+    exposure_down: float | None = Field(0.365, ge=0, le=8, description="stops darker than the source")
+    clip: float | None = Field(0.0469, ge=0, le=1, description="extra share of pixels blown out / crushed")
+    cast: float | None = Field(2.16, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
+    wb: float | None = Field(0.0781, ge=0, le=5, description="per-channel log gain off the mean gain")
+    blur: float | None = Field(0.0794, ge=0, le=10, description="log detail lost in textured cells")
+    noise: float | None = Field(0.518, ge=0, le=10, description="log high-pass energy added in flat cells")
+    blocky: float | None = Field(0.337, ge=0, le=100, description="JPEG block-grid ratio added")
     global_tasks: list[str] = Field(default_factory=list, description="tasks that change the whole picture "
                                                                       "(judged by the dataset tails only)")
 
 
 class ArtefactConfig(_Stage):
     """Heuristics: overlay text / watermark, mosaic, collage borders, QR codes and barcodes (OpenCV). text, mosaic
-    and collage defaults: tuned on the tuning photographs (benchmarks/tune_filters.py)."""
+    defaults: tuned on the tuning photographs (benchmarks/tune_filters.py). collage keeps its earlier limit: in a
+    pair it counts only border the source lacks (no photograph collage class was planted)."""
 
     kind: Literal["artefacts"] = "artefacts"
-    text: float | None = Field(6.5, ge=0, description="most stroke crossings along one text-line blob (in a pair: "
+    text: float | None = Field(7.5, ge=0, description="most stroke crossings along one text-line blob (in a pair: "
                                "of the target - source difference); None = off")
-    mosaic: float | None = Field(12.0, ge=0, description="block-grid edge ratio, best window; None = off")
-    collage: float | None = Field(0.905, ge=0, le=1, description="share of a straight internal line that is a "
+    mosaic: float | None = Field(13.6, ge=0, description="block-grid edge ratio, best window; None = off")
+    collage: float | None = Field(0.62, ge=0, le=1, description="share of a straight internal line that is a "
                                                                  "strong edge; None = off")
     codes: bool = True
 

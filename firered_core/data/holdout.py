@@ -21,8 +21,7 @@ from .stages import build_stage
 # class -> the scores whose firing counts as that class's detector (precision)
 DETECTORS = {"overexposed": {"exposure", "clip_high"}, "underexposed": {"exposure", "clip_low"},
              "colour_cast": {"cast", "wb"}, "blurred": {"detail"}, "jpeg": {"blocky", "detail"},
-             "noise": {"noise"}, "mosaic": {"mosaic"}, "text": {"text"}, "logo": {"text"}, "qr": {"codes"},
-             "collage": {"collage"}}
+             "noise": {"noise"}, "mosaic": {"mosaic"}, "text": {"text"}, "logo": {"text"}, "qr": {"codes"}}
 
 # tuned field -> (stage kind, score, sign, the classes it is for)
 TUNED = {
@@ -36,7 +35,6 @@ TUNED = {
     "blocky": ("quality", "blocky", 1, ("jpeg",)),
     "text": ("artefacts", "text", 1, ("text", "logo")),
     "mosaic": ("artefacts", "mosaic", 1, ("mosaic",)),
-    "collage": ("artefacts", "collage", 1, ("collage",)),
 }
 
 

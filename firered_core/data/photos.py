@@ -41,8 +41,7 @@ STRENGTHS: dict[str, tuple[tuple[float, float, float], str]] = {
     "mosaic": ((3, 5, 8), "mosaic block (px) over 30-50% of the picture"),
     "text": ((0.07, 0.1, 0.14), "text height / picture height"),
     "logo": ((0.35, 0.6, 0.9), "watermark opacity"),
-    "qr": ((0.3, 0.6, 0.8), "QR side / picture side"),
-    "collage": ((0.25, 0.4, 0.5), "share of the width from another picture"),  # at 96 px: modules of 1, 2 and 2.7 px
+    "qr": ((0.3, 0.6, 0.8), "QR side / picture side"),  # at 96 px: modules of 1, 2 and 2.7 px
 }
 VISIBLE = (1, 2)
 # ... and only where the defect moved the picture: below 40 dB PSNR against the same target without it (more than
@@ -187,11 +186,6 @@ def defect(tgt: np.ndarray, kind: str, strength: float, rng: np.random.Generator
             draw.ellipse((int(0.08 * size), y, int(0.08 * size) + r, y + r), outline=(255, 255, 255, alpha),
                          width=max(1, size // 48))
         return np.asarray(Image.alpha_composite(img.convert("RGBA"), layer).convert("RGB"))
-    if kind == "collage":  # the right part replaced by another picture (the region turned upside down)
-        k = int(strength * size)
-        out = tgt.copy()
-        out[:, size - k:] = np.rot90(tgt, 2)[:, size - k:]
-        return out
     if kind == "qr":
         side = int(strength * size)
         code = qr_image(f"https://example.com/{int(rng.integers(1e6))}", side)

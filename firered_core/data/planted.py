@@ -253,9 +253,10 @@ def make_planted(root: str | Path, clean: int = 40, per_defect: int = 3, size: i
                 tgt = jpeg(src, 95) if n % 2 else src.copy()
             elif kind == "unrelated":
                 tgt = finish(base_scene(rng, size, size), texture(rng, size, size))
-            elif kind in ("mosaic", "collage"):
-                other = finish(base_scene(rng, size, size), texture(rng, size, size))
-                src, tgt = plant(kind, src, rng, other), plant(kind, tgt, rng, other)
+            elif kind == "mosaic":
+                src, tgt = plant(kind, src, rng), plant(kind, tgt, rng)
+            elif kind == "collage":  # the target pasted together with half of another picture
+                tgt = plant(kind, tgt, rng, finish(base_scene(rng, size, size), texture(rng, size, size)))
             else:
                 tgt = plant(kind, tgt, rng)
             save(task, name, src, tgt, text, kind)

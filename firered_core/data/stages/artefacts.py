@@ -1,6 +1,6 @@
-"""Artefact stage: a row is dropped when any of its images shows a mosaic, a collage or a code, or its target shows
-overlay text (in a pair: text strokes its first source does not have, so a photograph's own texture and signage
-do not count). Text,
+"""Artefact stage: a row is dropped when any of its images shows a mosaic or a code, or its target shows overlay text
+or a collage border (in a pair: strokes and borders its first source does not have, so a photograph's own texture,
+signage, horizon and frame do not count). Text,
 mosaic and codes are looked for in parts of the picture (text-line blobs, windows, the detector's quadrilateral);
 the decision says where: ``boxes`` lists [image, x0, y0, x1, y1, what] with coordinates as fractions of the
 picture, drawn on the report's thumbnails."""
@@ -35,14 +35,16 @@ class ArtefactStage(Stage):
             arr = load_rgb(path)
             small = downscale(arr, self.ctx.analysis_size)
             got = {}
-            if self.cfg.text is not None and name == "target":  # paired: only strokes the source lacks
-                ref = None if not row["sources"] else resize_to(
-                    downscale(load_rgb(row["sources"][0]), self.ctx.analysis_size), (small.shape[1], small.shape[0]))
+            ref = None  # paired target: text strokes / borders the first source lacks
+            if name == "target" and row["sources"]:
+                ref = resize_to(downscale(load_rgb(row["sources"][0]), self.ctx.analysis_size),
+                                (small.shape[1], small.shape[0]))
+            if self.cfg.text is not None and name == "target":
                 got["text"] = (*text_find(small, ref), small.shape)
             if self.cfg.mosaic is not None:
                 got["mosaic"] = (*mosaic_find(arr), arr.shape)
-            if self.cfg.collage is not None:
-                got["collage"] = (collage_score(small), None, None)
+            if self.cfg.collage is not None and (name == "target" or ref is None):
+                got["collage"] = (collage_score(small, ref=ref), None, None)
             if self.cfg.codes:
                 got["codes"] = (*code_find(small), small.shape)
             for k, (v, box, shape) in got.items():
