@@ -24,13 +24,14 @@ from firered_core.data.photos import SPLITS, STRENGTHS, clean_edit, defect, make
 
 SHIPPED = Path(__file__).resolve().parents[1] / "training" / "configs" / "curate.yaml"
 JUDGED = ("quality", "artefacts", "pair_check", "fine_check")
-# Measured on this test's held-out subset (seed 100, 8 photographs, 48 clean rows, 15-16 visible rows per class):
-# clean kept 0.917, pooled visible recall 149/159 = 0.937, worst class noise 0.75 (12/16). The issue's targets
-# (clean >= 0.95, every class >= 0.9) are NOT all met on held-out material: docs/benchmarks.md has the table.
-# Floors: the measured value less 3 binomial standard deviations at this sample size (a regression guard).
-CLEAN_FLOOR = 0.80  # 0.917 - 3 * sqrt(0.917 * 0.083 / 48) = 0.80
-POOLED_FLOOR = 0.88  # 0.937 - 3 * sqrt(0.937 * 0.063 / 159) = 0.88
-CLASS_FLOOR = 0.5  # per class, 16 rows: 0.75 - 3 * sqrt(0.75 * 0.25 / 16) = 0.43, rounded up
+# Measured on this test's held-out subset (seed 100; coffee, chelsea, stereo_motorcycle, gravel; 32 clean rows,
+# 8 visible rows per class): clean kept 30/32 = 0.938, pooled visible recall 76/80 = 0.95, worst class noise 6/8.
+# The issue's targets (clean >= 0.95, every class >= 0.9) are NOT all met on held-out material (the benchmark's
+# full held-out table in docs/benchmarks.md: clean 0.891, noise 0.78, logo 0.84). Floors: the measured value less
+# 3 binomial standard deviations at this sample size (a regression guard, not the target).
+CLEAN_FLOOR = 0.80  # 0.938 - 3 * sqrt(0.938 * 0.062 / 32) = 0.81
+POOLED_FLOOR = 0.87  # 0.95 - 3 * sqrt(0.95 * 0.05 / 80) = 0.877
+CLASS_FLOOR = 0.5  # per class, 8 rows: half of them at least (measured 0.75 at worst)
 
 
 def shipped(kinds=JUDGED) -> list[dict]:
@@ -53,10 +54,12 @@ def test_tuning_and_heldout_material_never_meet_and_the_shipped_limits_are_the_d
 
 
 def test_heldout_photographs_meet_the_floors(tmp_path):
-    """One held-out seed, every held-out photograph, the visible strengths of every class, 6 clean rows each."""
+    """One held-out seed, four held-out photographs (a colour picture, a face-free animal, a stereo view and a
+    grey texture), the visible strengths of every class, 8 clean rows each (the benchmark runs all 8, 2 seeds)."""
     from firered_core.data.holdout import decide_set, format_table, score_set, table
 
-    truth = make_photo_set(tmp_path, "heldout", size=96, clean_per=6, levels=(1, 2), seeds=(100,))
+    truth = make_photo_set(tmp_path, "heldout", size=96, clean_per=8, levels=(1, 2), seeds=(100,),
+                           images=("coffee", "chelsea", "stereo_motorcycle", "gravel"))
     stages = shipped()
     rows, scores = score_set(tmp_path / "data", stages, 256, work=tmp_path / "work")
     what, reason = decide_set(rows, scores, stages, 256)
@@ -68,7 +71,7 @@ def test_heldout_photographs_meet_the_floors(tmp_path):
     visible = [u for u, t in truth.items() if t["visible"]]
     assert sum(1 for u in visible if u in what) / len(visible) >= POOLED_FLOOR
     for cls, r in result["classes"].items():
-        assert r["visible"] >= 8, (cls, r)
+        assert r["visible"] >= 6, (cls, r)
         missed = [(u, truth[u]) for u, t in truth.items() if t["class"] == cls and t["visible"] and u not in what]
         assert r["visible_recall"] >= CLASS_FLOOR, (cls, missed)
 
