@@ -22,9 +22,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 from .block_cache import BlockCache, BlockCacheConfig
 from .errors import FireRedError
 from .kernels.attention import SAGE_MISSING, sage_installed
-from .options import COMPILE_MODES, fields, names
+from .options import fields, names
 
-# torch.compile mode per COMPILE_MODES value (regional compile of the repeated blocks in each case).
+# torch.compile mode per `options.COMPILE_MODES` value (regional compile of the repeated blocks in each case).
 COMPILE_TORCH_MODE = {"blocks": None, "blocks-max-autotune": "max-autotune-no-cudagraphs",
                       "blocks-cudagraphs": "reduce-overhead"}
 
