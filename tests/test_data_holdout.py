@@ -20,7 +20,8 @@ pytest.importorskip("cv2")
 pytest.importorskip("imagehash")
 
 from firered_core.data import load_pipeline_config, run_pipeline  # noqa: E402
-from firered_core.data.photos import SPLITS, STRENGTHS, clean_edit, defect, make_photo_set, photograph, regions  # noqa: E402
+from firered_core.data.photos import (SPLITS, STRENGTHS, clean_edit, defect, make_photo_set,  # noqa: E402
+                                      photograph, regions)
 
 SHIPPED = Path(__file__).resolve().parents[1] / "training" / "configs" / "curate.yaml"
 JUDGED = ("quality", "artefacts", "pair_check", "fine_check")
@@ -167,8 +168,8 @@ def test_out_of_range_cutoff_is_an_error_in_the_report(tmp_path):
 
 
 def test_local_mosaic_is_located_and_drawn(tmp_path):
-    """A mosaic over the middle half of a held-out region: found in a window, its box in the decision overlaps the planted
-    square, and the report's thumbnail of the dropped row carries the red box."""
+    """A mosaic over the middle half of a held-out region: found in a window, its box in the decision overlaps the
+    planted square, and the report's thumbnail of the dropped row carries the red box."""
     crops, textured = regions(photograph("stereo_motorcycle"), 96)
     src = crops[int(np.argmax(textured))]
     tgt = src.copy()  # the middle half of the picture (the issue's case), 8 px blocks

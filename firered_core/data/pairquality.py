@@ -172,7 +172,8 @@ def pair_quality(src: np.ndarray, tgt: np.ndarray, tgt_full: np.ndarray | None =
     blocky = blockiness(tgt_full if tgt_full is not None else tgt) - \
         blockiness(src_full if src_full is not None else src)
     return {"exposure": exposure, "clip_high": float(blown(tf) - blown(sf)),
-            "clip_low": float(crushed(tf) - crushed(sf)), "cast": cast, "wb": gain_cast, "detail": detail, "noise": noise,
+            "clip_low": float(crushed(tf) - crushed(sf)), "cast": cast, "wb": gain_cast, "detail": detail,
+            "noise": noise,
             "blocky": float(blocky), "edit_share": float(edited.mean())}
 
 

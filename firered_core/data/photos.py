@@ -2,9 +2,9 @@
 
 Each photograph is cut into non-overlapping square regions, labelled flat or textured (their fine detail below or
 above the photograph's median). A clean row is (region, region with one clean local edit: a recolour, a patch moved,
-an object added, a local relight), both re-rendered as real pairs are (:func:`rerender`: JPEG at high quality,
-the target with a small invisible global drift). A defect row is a clean row whose target also carries one defect at one of three
-strengths; level 0 is faint (reported, never a floor), levels 1 and 2 are the visible strengths the floors hold at.
+an object added, a local relight), both re-rendered as real pairs are (:func:`rerender`: JPEG at high quality, the
+target with a small invisible global drift). A defect row is a clean row whose target also carries one defect at
+one of three strengths; level 0 is faint (reported, never a floor), levels 1 and 2 are the visible strengths.
 
 The split between tuning and held-out material lives here, in :data:`SPLITS`, and nowhere else: thresholds are
 tuned on ``tune`` (``benchmarks/tune_filters.py``) and reported on ``heldout`` (``benchmarks/data_filters.py``,
@@ -195,13 +195,14 @@ def defect(tgt: np.ndarray, kind: str, strength: float, rng: np.random.Generator
     raise ValueError(f"unknown defect {kind!r}")
 
 
-def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int = 4, levels: tuple[int, ...] = (0, 1, 2),
-                   images: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
+def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int = 4,
+                   levels: tuple[int, ...] = (0, 1, 2), images: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
                    classes: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Write the rows of one split under ``root/data/<task>/data.jsonl`` (task ``edit``; the pipeline's input is
     ``root/data``) and ``root/truth.json``: uid -> {"class", "level", "strength", "photo", "seed", "textured",
-    "edit", "psnr", "visible"}; "class" is "clean" for clean rows, "psnr" the defect's PSNR against the same target without
-    it and "visible" whether the floors hold for the row (a visible strength that moved the picture). ``images`` / ``seeds``: a subset of the split's own (tests)."""
+    "edit", "psnr", "visible"}; "class" is "clean" for clean rows, "psnr" the defect's PSNR against the same target
+    without it and "visible" whether the floors hold for the row (a visible strength that moved the picture).
+    ``images`` / ``seeds`` / ``classes``: a subset of the split's own (tests)."""
     names, split_seeds = SPLITS[split]
     names = tuple(n for n in names if images is None or n in images)
     seeds = tuple(s for s in split_seeds if seeds is None or s in seeds)
@@ -234,7 +235,8 @@ def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int 
                                          "instruction": f"{edit} part of Picture 1"}))
                 truth[f"edit/data:{len(lines)}"] = {"class": cls, "level": level, "strength": strength, "photo": name,
                                                     "seed": seed, "textured": want, "edit": edit, "psnr": psnr,
-                                                    "visible": bool(cls != "clean" and level in VISIBLE and psnr < VISIBLE_PSNR)}
+                                                    "visible": bool(cls != "clean" and level in VISIBLE
+                                                                    and psnr < VISIBLE_PSNR)}
     (folder / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     write_json(Path(root) / "truth.json", truth)
     return truth

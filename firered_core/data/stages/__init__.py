@@ -14,8 +14,8 @@ from .split import SplitTasksStage
 from .synthetic import InvertStage, MaskPairsStage, NegativesStage
 
 STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (
-    DedupStage, PairCheckStage, FineCheckStage, PhotometricStage, QualityStage, ArtefactStage, MaskPairsStage, InvertStage,
-    NegativesStage, SplitTasksStage, SampleStage)}
+    DedupStage, PairCheckStage, FineCheckStage, PhotometricStage, QualityStage, ArtefactStage, MaskPairsStage,
+    InvertStage, NegativesStage, SplitTasksStage, SampleStage)}
 
 
 def build_stage(config: dict, context: dict) -> Stage:
