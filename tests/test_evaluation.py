@@ -328,9 +328,18 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
     assert result["settings"] == ["edit.seed: 43 -> 7"]
     assert "add/add-1" in out.read_text(encoding="utf-8") and "edit.seed: 43 -&gt; 7" in out.read_text(encoding="utf-8")
 
+
+def test_report_screenshot_draws_its_tables(bench, tmp_path, tiny_model_dir):
+    """Its own test, so a machine without Chromium skips only the screenshot, not the end-to-end asserts."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not installed: the report's screenshot is not taken")
+    run_a = tmp_path / "base"
+    with FakeOpenAI(Judge(REPLIES)) as fake:
+        assert bench_main(["run", "--out", str(run_a), "--judge-url", fake.url, "--jsonl", str(bench), "--lang",
+                           "en", "--model", str(tiny_model_dir), "--steps", "1", "--true-cfg", "1", "--limit", "1",
+                           "--match-input-size", "--vl-area", "1024", "--vae-area", "1024", "--no-progress",
+                           "--judge-model", "judge-1", *FAST_JUDGE]) == 0
     shot = tmp_path / "report.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1400,1000", (run_a / "report.html").as_uri()], capture_output=True, timeout=120)

@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -343,6 +344,11 @@ def cmd_run(args) -> int:
     from .generate import ranks_from_env
 
     rank, world, _ = ranks_from_env()
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(name)]
+    if missing:  # checked before hours of generation, not at the barrier after them
+        raise FireRedError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"not set: start the run with torchrun --nproc_per_node {world} (or accelerate launch), "
+                           "or unset RANK / WORLD_SIZE for one process")
     # before anything is generated, in every process (none is left waiting for one that stopped): a wrong face
     # embedder or OCR fails here, and a refused key or a wrong URL costs one call, not a run
     client = None
@@ -359,7 +365,11 @@ def cmd_run(args) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+            try:
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+            except (ValueError, RuntimeError) as exc:  # e.g. an unreachable MASTER_ADDR
+                raise FireRedError(f"cannot join the other {world - 1} process(es) of this run (RANK={rank}, "
+                                   f"WORLD_SIZE={world}): {exc}") from None
         dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
