@@ -82,11 +82,12 @@ def test_omega_weighs_the_preferred_gradient_outside_the_sigmoid_and_sft_adds_th
     mw_, ml_ = mw.clone().requires_grad_(True), ml.clone().requires_grad_(True)
     loss, stats = dpo_loss(mw_, ml_, rw, rl, beta, omega)
     loss.backward()
-    # value: -log sigmoid(inside) + (omega - 1) beta/2 s (e_w - r_w), mean over the 2 rows
-    want = (-F.logsigmoid(inside) + (omega - 1) * 0.5 * beta * s * (mw - rw)).mean()
+    # value: -log sigmoid(inside) + (omega - 1) beta/2 s max(e_w - r_w, 0), mean over the 2 rows: row 0's preferred
+    # error is below the reference's (0.30 < 0.35, term off), row 1's above it (0.50 > 0.45, term on)
+    want = (-F.logsigmoid(inside) + (omega - 1) * 0.5 * beta * s * torch.tensor([0.0, 0.05])).mean()
     assert loss.item() == pytest.approx(want.item(), abs=1e-6)
-    # gradients: preferred omega * beta/2 * s, dispreferred -beta/2 * s (each / 2 rows)
-    assert torch.allclose(mw_.grad, omega * 0.5 * beta * s / 2, atol=1e-6)
+    # gradients: preferred beta/2 * s times (1, omega), dispreferred -beta/2 * s (each / 2 rows)
+    assert torch.allclose(mw_.grad, torch.tensor([1.0, omega]) * 0.5 * beta * s / 2, atol=1e-6)
     assert torch.allclose(ml_.grad, -0.5 * beta * s / 2, atol=1e-6)
     assert torch.equal(stats.margin, inside) and stats.accuracy == 0.5  # the margin is the published one
     sft, _ = dpo_loss(mw, ml, rw, rl, beta, omega, sft_weight=0.25)
@@ -97,8 +98,9 @@ def test_omega_weighs_the_preferred_gradient_outside_the_sigmoid_and_sft_adds_th
 @pytest.mark.parametrize("fall", [0.005, 0.05])
 def test_preference_gradient_survives_a_common_fall_of_both_errors(fall):
     """The shipped recipe (beta 2500, omega 1.5) after both errors fell by the same amount from the reference's 0.5:
-    the published margin is still 0, so by hand sigmoid(0) = 1/2 and d loss / d e_l = -1250 * 1/2 = -625,
-    d loss / d e_w = 1.5 * 625 = 937.5, whatever the fall. The earlier form (omega inside the sigmoid) had
+    the published margin is still 0, so by hand sigmoid(0) = 1/2 and d loss / d e_l = -1250 * 1/2 = -625, and
+    d loss / d e_w = 625 (the preferred error is below the reference's: the positive term rests), whatever the fall;
+    after a common rise it is 1.5 * 625 = 937.5. The earlier form (omega inside the sigmoid) had
     inside = -1250 * (1.5 * -fall + fall) = 625 * fall: 3.125 (sigmoid(-3.125) = 0.0421, d/d e_l = -52.6) and 31.25
     (d/d e_l = -3.4e-11): the preference gradient vanished."""
     beta, omega = 2500.0, 1.5
@@ -109,7 +111,10 @@ def test_preference_gradient_survives_a_common_fall_of_both_errors(fall):
     loss.backward()
     assert stats.margin.item() == 0.0
     assert el.grad.item() == pytest.approx(-625.0, rel=1e-12)
-    assert ew.grad.item() == pytest.approx(937.5, rel=1e-12)
+    assert ew.grad.item() == pytest.approx(625.0, rel=1e-12)
+    up_w, up_l = (torch.tensor([0.5 + fall], dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dpo_loss(up_w, up_l, r, r, beta, omega)[0].backward()
+    assert up_w.grad.item() == pytest.approx(937.5, rel=1e-12) and up_l.grad.item() == pytest.approx(-625.0, rel=1e-12)
     # the earlier form, by hand: the same situation drove its preference gradient to (near) zero
     old_inside = -0.5 * beta * (omega * (ew - r) - (el - r))
     old_grad_l = -0.5 * beta * torch.sigmoid(-old_inside)

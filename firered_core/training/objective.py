@@ -65,6 +65,10 @@ class RowObjective:
         if self.preference is not None:
             self.preference.reference.after_prepare(acc)
 
+    def input_step(self, step: int) -> int:
+        """The step whose draws make a row's inputs: NFT trains a whole round on its first step's inputs."""
+        return step if self.nft is None else self.nft.round_start(step)
+
     def after_step(self) -> None:
         """Called after each optimizer step (the NFT old policy follows the trained weights)."""
         if self.nft is not None:
