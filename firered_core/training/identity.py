@@ -34,6 +34,9 @@ class IdentityConfig:
     enabled: bool = False
     eta: NonNegative = 0.1
     cutoff: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # no identity loss at sigma >= cutoff
+    # divide each row's distance by its own (gradient-free) value: the term's gradient is then the relative change
+    # of the distance, so one eta fits any embedder's distance scale (ArcFace ~0.3-1, a pixel descriptor ~0.01)
+    normalise: bool = False
     embedder: str = ""  # TorchScript or ONNX file, or "package.module:factory"
     input_size: Annotated[int, Field(ge=8, le=1024)] = 112  # face crops are resized to this square before embedding
     max_faces: PositiveInt = 4  # per row, the first ones in the JSONL
@@ -113,7 +116,8 @@ def identity_loss(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, x0: to
     with torch.no_grad():
         target = face_crops(x0.to(vae_dtype), boxes, stored_size, train_size, vae, cfg.input_size)
     distance = identity_distance(embedder, crops, target).mean()
-    return weight * distance, {"identity_distance": float(distance.detach())}
+    term = distance / distance.detach().clamp(min=1e-6) if cfg.normalise else distance
+    return weight * term, {"identity_distance": float(distance.detach())}
 
 
 def train_size(img_shapes: list) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from .identity import IdentityObjective, train_size
 from .losses import flow_matching_loss
 from .nft import STATE_NAME, NFTObjective
 from .preference import PreferenceObjective, rejected_latents
+from .proven import warn_outside_proven
 
 
 class RowObjective:
@@ -25,6 +26,7 @@ class RowObjective:
         self.preference = None
         self.identity = None
         self.nft = None
+        warn_outside_proven(cfg)
         if cfg.nft.enabled:
             if cfg.preference.enabled or cfg.identity.enabled:
                 raise ConfigError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
