@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter()
 
     from benchmarks import gpu_kernels
-    from firered_core.cache import BlockCache, BlockCacheConfig
+    from firered_core.block_cache import BlockCache, BlockCacheConfig
     from firered_core.kernels.attention import resolve, sage_installed, set_attention_backend
     from firered_core.memory import BlockSwap, quantize_transformer, weight_bytes
     from firered_core.speed import compile_blocks

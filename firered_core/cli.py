@@ -123,7 +123,7 @@ NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images",
 def lora_specs(args: argparse.Namespace) -> list:
     """The ``--lora FILE[:STRENGTH]`` specs, each strength checked against its range."""
     from .lora import LoraSpec
-    from .validation import check
+    from .limits import check
 
     specs = [LoraSpec.parse(s) for s in args.lora]
     for text, spec in zip(args.lora, specs):
@@ -178,7 +178,7 @@ def _output_paths(output: str, count: int) -> list[Path]:
 def check_number_args(args: argparse.Namespace) -> None:
     """Every numeric option present in ``args`` against its range, and each ``--lora`` strength: before any model
     is loaded, the option named in the error."""
-    from .validation import SPEED_OPTIONS, check
+    from .limits import SPEED_OPTIONS, check
 
     check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
           spell=lambda name: "--" + name.replace("_", "-"))

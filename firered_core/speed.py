@@ -14,12 +14,13 @@ raise :class:`SettingsError` naming the field.
 
 from __future__ import annotations
 
+import weakref
 from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .cache import BlockCache, BlockCacheConfig
+from .block_cache import BlockCache, BlockCacheConfig
 from .errors import FireRedError
 from .kernels.attention import ATTENTION_BACKENDS, SAGE_MISSING, sage_installed
 from .memory import QUANT_MODES
@@ -200,13 +201,18 @@ def _clone_outputs(block) -> None:
     """With CUDA graphs every block replays the same graph, whose outputs live in static memory that the next
     block's replay overwrites: hand the loop copies (one activation copy per block, microseconds)."""
     compiled = block._compiled_call_impl
-    if compiled is None or getattr(compiled, "_firered_clones", False):
+    if compiled is None or compiled in _CLONING_CALLS:
         return
 
     def call(*args, **kwargs):
         return tuple(t.clone() for t in compiled(*args, **kwargs))
-    call._firered_clones = True
+    _CLONING_CALLS.add(call)
     block._compiled_call_impl = call
+
+
+# The wrappers _clone_outputs installed (a second compile_blocks on the same blocks must not wrap them twice); weak,
+# so a dropped model takes its wrappers with it.
+_CLONING_CALLS: weakref.WeakSet = weakref.WeakSet()
 
 
 def add_arguments(parser) -> None:

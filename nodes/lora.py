@@ -10,7 +10,7 @@ from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
 from firered_core.paths import check_relative_name
-from firered_core.validation import widget
+from firered_core.limits import widget
 
 from . import _comfy
 from ._errors import blame, check_inputs, input_error

@@ -13,7 +13,7 @@ from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
 from firered_core.speed import SpeedSettings
-from firered_core.validation import widget
+from firered_core.limits import widget
 
 from . import _comfy
 from . import speed as SP

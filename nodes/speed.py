@@ -9,13 +9,13 @@ loads, which applies it when each component first runs
 
 from __future__ import annotations
 
-from firered_core.cache import BlockCacheConfig
+from firered_core.block_cache import BlockCacheConfig
 from firered_core.kernels.attention import ATTENTION_BACKENDS
 from firered_core.memory import QUANT_MODES
 from firered_core.model import FireRedModel
 from firered_core.quant.fp8_file import FP8_MODES
 from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
-from firered_core.validation import SPEED_OPTIONS, widget
+from firered_core.limits import SPEED_OPTIONS, widget
 
 from ._errors import blame, check_inputs, input_error
 
@@ -84,8 +84,9 @@ class FireRedSpeedSettings:
                                              "tooltip": "Loader: quantisation of the transformer (half the "
                                                         "weight memory of bf16; output projections stay full "
                                                         "precision). int8 / fp8: weight-only; int8_mm / fp8_mm: "
-                                                        "int8 / fp8 matmuls on GPUs that have them (fastest: "
-                                                        "fp8_mm on RTX 40xx / H100 and newer). Lossy."}),
+                                                        "int8 / fp8 matmuls on GPUs that have them (fp8_mm "
+                                                        "needs RTX 40xx / H100 or newer and is fastest only "
+                                                        "with compile: without it, slower than bf16). Lossy."}),
             "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
                                                           "tooltip": "Loader: weight-only quantisation of the "
                                                                      "Qwen2.5-VL text encoder (vision tower kept)."}),

@@ -23,7 +23,7 @@ from test_nodes import lora_dir, model, model_dirs, single_file_dir  # noqa: E40
 from firered_core import cli  # noqa: E402
 from firered_core.errors import FireRedError  # noqa: E402
 from firered_core.lora import LoraError, LoraSpec, apply_loras, linear_modules, lora_state_dict, save_lora  # noqa: E402
-from firered_core.validation import OptionError  # noqa: E402
+from firered_core.limits import OptionError  # noqa: E402
 
 
 SPEED = dict(batched_cfg=False, block_cache=True, cache_threshold=0.08, cache_first=1, cache_last=1, cache_warmup=2,

@@ -39,7 +39,7 @@ def planted(tmp_path_factory):
 
 
 def test_each_filter_meets_its_precision_and_recall_floor(planted, tmp_path):
-    from firered_core.data.evaluate import evaluate_filters
+    from firered_core.data.scorecard import evaluate_filters
 
     root, truth = planted
     results = evaluate_filters(root / "data", truth, work=tmp_path)

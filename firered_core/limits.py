@@ -86,7 +86,7 @@ def annotated(name: str, strict: bool = True) -> Any:
     return Annotated[lim.kind, Field(ge=lim.lo, le=lim.hi, multiple_of=lim.multiple, **extra)]
 
 
-# Typed fields of config dataclasses (validated by pydantic at the edge, see training/config.py).
+# Typed fields of config dataclasses (validated by pydantic at the edge, see firered_core/training/config.py).
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
