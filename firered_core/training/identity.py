@@ -5,6 +5,11 @@ On the one-step estimate ``x0_hat = x_t - sigma * v`` (flow matching), only the 
 distance. The weight ``lambda(sigma) = eta * sigma^2`` below ``cutoff`` (0.9) and 0 above it: the estimate is
 meaningless at almost pure noise, and the constraint relaxes towards low noise, where fine detail forms.
 
+With ``normalise`` each row's distance d is divided by its own gradient-free value: the term ``eta sigma^2 d / sg[d]``
+has the value ``eta sigma^2`` and the gradient ``eta sigma^2 grad(d) / d``, the distance's relative change, so eta
+means the same whatever the embedder's distance scale (ArcFace's 1 - cos is ~0.3-1, a pixel descriptor's ~0.01: the
+same eta would otherwise be 100x stronger for one than the other).
+
 Face boxes are ``[x0, y0, x1, y1]`` pixels of the target image as stored (the JSONL ``faces`` field, else the
 configured detector's, found once per row); they are scaled to the training size and widened to whole latent pixels.
 The embedder and the detector are the user's (:mod:`.faces`); nothing is downloaded. The embedder is frozen;

@@ -23,8 +23,17 @@ Per training row (a prompt with its reference latents), one step:
    than their group and a push away from worse ones. Implementations differ by constant or per-sample rescalings of
    this loss (e.g. dividing by beta, an x0-space weight); none is applied here (tune ``lr`` instead).
 
+Rounds (``inner_steps`` K): a rollout batch costs ``rollout_steps`` forwards per rollout, a training step two, so
+the rows and rollouts of a round serve K optimizer steps (the sampler repeats the round's rows; each step draws
+fresh noise and sigma, seeded by the step, so the K steps see K different noisings of the same rollouts). The old
+policy stays fixed within the round, as the policy that sampled its data, and is soft-updated at the round's end.
+``kl_weight`` adds ``kl_weight * ||v_theta - v_old||^2`` per rollout: the KL between the two policies' Gaussian
+transitions is this squared velocity difference up to a time weight, so it is a trust region that keeps the K steps
+near the policy whose rollouts they reuse (0 at each round's first step when ``old_decay`` is 0). Rollouts are remade
+from the checkpointed old policy and the round's first step's draws after a resume, so resume stays exact.
+
 The old policy is a lagged copy of the trained tensors (the LoRA adapter's, or the full fine-tune's trained
-tensors), soft-updated after every optimizer step as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
+tensors), soft-updated after every round (K optimizer steps) as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
 paper's soft update; ``old_decay: 0`` = the previous step's weights). Why a lagged copy rather than the LoRA-disabled
 base: the old policy is the one that samples, so it must improve with training (the base would keep sampling the
 untrained model), yet lag the trained weights so that ``v+`` / ``v-`` differ from ``v_theta`` and the update stays
