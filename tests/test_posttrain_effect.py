@@ -1,9 +1,14 @@
-"""The shipped post-training recipes move their own measure on HELD-OUT rows: one cell (model build 0 = the
-``tiny_model_dir`` fixture, seed 0) of ``benchmarks/posttrain_effect.py``, the same code and settings as its table.
+"""The shipped NFT recipe raises the reward on HELD-OUT prompts: one cell (model build 0 = the ``tiny_model_dir``
+fixture, seed 0) of ``benchmarks/posttrain_effect.py``, the same code and settings as its table.
 
-Each floor is 3 standard deviations of the seed-to-seed spread that the benchmark measured for that effect over
-3 seeds x 2 model builds (docs/benchmarks.md, "Post-training effect on held-out rows"): a change of code or recipe
-that brings an effect down into the noise fails here, while seed and build variation alone does not reach it.
+The benchmark measured the held-out reward gain over 3 seeds x 2 model builds (docs/benchmarks.md, "Post-training
+effect on held-out rows"): mean +2.20e-4, seed-to-seed standard deviation 6.2e-5 (mean / std = 3.5), every cell > 0.
+The floor is that mean minus 3 standard deviations (3.4e-5): by seed and build variation alone a cell falls below
+it about once in a thousand, and since it is above 0, a pass means the reward rose. A change of code or recipe that
+brings the gain down into the noise fails here.
+
+The DPO and identity recipes have no such test: their held-out effects did not clear 3 standard deviations of the
+seed-to-seed spread (mean / std 1.3-1.7 and 1.0-1.6, docs/benchmarks.md), so no floor from that noise is above 0.
 """
 
 from __future__ import annotations
@@ -11,13 +16,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.posttrain_effect import STEPS, run_dpo, run_identity, run_nft
+from benchmarks.posttrain_effect import STEPS, run_nft
 
-# 3 x the seed-to-seed standard deviation over the benchmark's 6 (build, seed) cells (docs/benchmarks.md)
-DPO_MARGIN_FLOOR = 3 * 0.0
-DPO_ACCURACY_FLOOR = 3 * 0.0
-NFT_REWARD_FLOOR = 3 * 0.0
-IDENTITY_FLOOR = 3 * 0.0
+NFT_GAIN_MEAN, NFT_GAIN_STD = 2.1997e-4, 6.206e-5  # 6 cells of benchmarks/posttrain_effect.py --recipe nft
+NFT_FLOOR = NFT_GAIN_MEAN - 3 * NFT_GAIN_STD
 
 
 @pytest.fixture(autouse=True)
@@ -28,19 +30,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def test_dpo_recipe_raises_the_heldout_margin_and_accuracy(tiny_model_dir, tmp_path):
-    cell = run_dpo(tiny_model_dir, tmp_path, seed=0, steps=STEPS["dpo"])
-    # the LoRA starts at zero: the model is its reference, every held-out margin 0, accuracy (ties 1/2) 1/2
-    assert cell["margin_before"] == 0.0 and cell["accuracy_before"] == 0.5
-    assert cell["margin_after"] > DPO_MARGIN_FLOOR, cell
-    assert cell["accuracy_after"] - 0.5 > DPO_ACCURACY_FLOOR, cell
-
-
-def test_nft_recipe_raises_the_heldout_reward(tiny_model_dir, tmp_path):
+def test_nft_recipe_raises_the_heldout_reward_beyond_seed_noise(tiny_model_dir, tmp_path):
+    assert NFT_FLOOR > 0
     cell = run_nft(tiny_model_dir, tmp_path, seed=0, steps=STEPS["nft"])
-    assert cell["reward_after"] - cell["reward_before"] > NFT_REWARD_FLOOR, cell
-
-
-def test_identity_recipe_keeps_heldout_faces_closer_than_training_without_it(tiny_model_dir, tmp_path):
-    cell = run_identity(tiny_model_dir, tmp_path, seed=0, steps=STEPS["identity"])
-    assert cell["distance_without"] - cell["distance_with"] > IDENTITY_FLOOR, cell
+    assert cell["reward_after"] - cell["reward_before"] > NFT_FLOOR, cell
