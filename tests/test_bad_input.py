@@ -245,9 +245,9 @@ def test_symlink_loop_in_the_model_folder_does_not_hang(tmp_path, monkeypatch):
     os.symlink(root / "good", root / "alias")  # a second name for a real folder: listed once
     monkeypatch.setenv("FIRERED_MODEL_DIRS", str(root))
     monkeypatch.setenv("FIRERED_LORA_DIRS", str(root))
-    comfy = S.submodule("_comfy")
+    folders = S.submodule("_folders")
     found: list = []
-    worker = threading.Thread(target=lambda: found.append((comfy.list_model_folders(), comfy.list_loras())),
+    worker = threading.Thread(target=lambda: found.append((folders.list_model_folders(), folders.list_loras())),
                               daemon=True)
     worker.start()
     worker.join(timeout=20)
