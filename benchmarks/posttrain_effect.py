@@ -51,6 +51,7 @@ CONFIGS = ROOT / "training" / "configs"
 RECIPES = {"dpo": "dpo_lora.yaml", "nft": "nft_lora.yaml", "identity": "identity_sft.yaml"}
 STEPS = {"dpo": 80, "nft": 24, "identity": 32}  # the scaled-down run of each recipe (benchmark and tests)
 SIZE = 64
+TRAIN_ROWS = {"dpo": 8}  # training pairs (--train-rows)
 CONFIG_FILES: dict[str, Path] = {}  # --config: another file for a recipe (your own recipe, proven the same way)
 EVAL_STEP = 10**9
 SIGMAS = (0.3, 0.5, 0.7)
@@ -224,7 +225,7 @@ def train_steps(trainer, steps: int) -> None:
 def run_dpo(model: Path, work: Path, seed: int, steps: int) -> dict:
     from firered_core.training.trainer import Trainer
 
-    train = colour_rows(work / "dpo_train", 8, 100, rejected=True)
+    train = colour_rows(work / "dpo_train", TRAIN_ROWS["dpo"], 100, rejected=True)
     held = held_samples(colour_rows(work / "dpo_held", 8, 200, rejected=True))
     trainer = Trainer(scaled_config("dpo", model, train, work / f"dpo_run{seed}", steps, seed))
     m0, a0 = dpo_heldout(trainer, held)
@@ -317,11 +318,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="append each cell as a JSON line here")
     p.add_argument("--config", type=Path, default=None, help="prove this config file instead of the shipped one "
                    "(one --recipe)")
+    p.add_argument("--train-rows", type=int, default=None, help="DPO training pairs (default 8)")
     p.add_argument("--table", type=Path, default=None, help="print the markdown table of a --json file and exit")
     args = p.parse_args(argv)
     if args.table:
         print(markdown([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
         return
+    if args.train_rows:
+        TRAIN_ROWS["dpo"] = args.train_rows
     if args.config:
         CONFIG_FILES[(args.recipe or ["dpo"])[0]] = args.config
     torch.set_num_threads(1)

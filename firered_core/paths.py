@@ -1,7 +1,10 @@
 """Names of files chosen from model folders, and walking those folders safely.
 
-A model or LoRA *name* (what a ComfyUI list offers) is relative to one of the configured folders: an absolute path
-or a ``..`` part could read any file on the machine, so it is refused even though ComfyUI checks list inputs first.
+A model or LoRA *name* (what a ComfyUI list offers) is relative to one of the configured folders: an absolute path,
+a ``..`` part, a NUL byte or a link inside the folder that points out of it could read any file on the machine, so
+:func:`find_in_folders`, the one look-up every loader input goes through (in ``VALIDATE_INPUTS`` and again when the
+node runs), refuses them. Link a whole model folder in (the configured folder itself may be a link), or add the
+other place to ComfyUI's ``extra_model_paths.yaml``.
 Folder walks follow symbolic links (model folders are often linked in) but remember the real folders they visited
 and stop at a depth limit, so a link loop cannot make them run forever.
 """
@@ -10,7 +13,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import FireRedError
 
@@ -33,9 +36,32 @@ def check_relative_name(name: str, what: str = "name") -> str:
     return name
 
 
+def _inside(path: Path, base: Path) -> bool:
+    real, root = os.path.realpath(path), os.path.realpath(base)
+    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def find_in_folders(name: str, bases: Iterable[str | Path], what: str = "name", folder: bool = False) -> Path | None:
+    """The file (``folder``: the directory) called ``name`` in the first of ``bases`` that has it, or None.
+
+    ``name`` must be relative without ``..`` or NUL (:func:`check_relative_name`), and what it names must really lie
+    inside its base: a link that leads out of the folder is refused (:class:`UnsafeNameError`), not followed."""
+    check_relative_name(name, what)
+    for base in bases:
+        path = Path(base) / name
+        if not (path.is_dir() if folder else path.is_file()):
+            continue
+        if not _inside(path, Path(base)):
+            raise UnsafeNameError(f"{what} {name!r} is a link that leads out of the model folder {base} (to "
+                                  f"{os.path.realpath(path)}); put the file itself there or link the whole folder")
+        return path
+    return None
+
+
 def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str]]]:
     """(folder, file names) for ``base`` and its sub-folders, following links, each real folder once, at most
-    ``max_depth`` levels down; unreadable folders are skipped."""
+    ``max_depth`` levels down; unreadable folders are skipped. Links that lead out of ``base`` are left out, as
+    :func:`find_in_folders` refuses them: a list never offers a name its loader will refuse."""
     seen: set[str] = set()
     stack = [(Path(base), 0)]
     while stack:
@@ -51,6 +77,8 @@ def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple
         files, subs = [], []
         for entry in entries:
             try:
+                if entry.is_symlink() and not _inside(Path(entry.path), Path(base)):
+                    continue
                 (subs if entry.is_dir() else files).append(entry.name)
             except OSError:
                 continue

@@ -8,7 +8,9 @@ import torch
 from firered_core.training.buckets import bucket_key
 from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
-from firered_core.training.trainer import EVAL_STEP, SimulatedKill, Trainer, train
+from firered_core.training.trainer import EVAL_STEP, Trainer, train
+
+from test_training_run import killed_after  # noqa: E402
 
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
              resume=None, checkpoint_every=0)
@@ -78,8 +80,8 @@ def test_nft_resume_is_exact(tiny_model_dir, rows, tmp_path, inner):
                         "nft.kl_weight": 0.0 if inner == 1 else 0.1,
                         "nft.reward.callable": "test_posttrain_nft_train:brightness"})
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with pytest.raises(SimulatedKill):
-        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=stop, **kw))
+    with killed_after(stop):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert (tmp_path / "cut" / "checkpoints" / f"step-{stop:08d}" / "nft_old.safetensors").is_file()
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **{**kw, "resume": "auto"}))
     assert list(resumed.losses) == [1, 2, 3]
