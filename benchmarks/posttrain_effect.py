@@ -49,7 +49,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "training" / "configs"
 RECIPES = {"dpo": "dpo_lora.yaml", "nft": "nft_lora.yaml", "identity": "identity_sft.yaml"}
-STEPS = {"dpo": 80, "nft": 24, "identity": 32}  # the scaled-down run of each recipe (benchmark and tests)
+STEPS = {"dpo": 80, "nft": 24, "identity": 64}  # the scaled-down run of each recipe (benchmark and tests)
 SIZE = 64
 TRAIN_ROWS = {"dpo": 8}  # training pairs (--train-rows)
 CONFIG_FILES: dict[str, Path] = {}  # --config: another file for a recipe (your own recipe, proven the same way)

@@ -8,7 +8,7 @@ it about once in a thousand, and since it is above 0, a pass means the reward ro
 brings the gain down into the noise fails here.
 
 The DPO and identity recipes have no such test: their held-out effects did not clear 3 standard deviations of the
-seed-to-seed spread (DPO accuracy 2.5, margin 1.3; identity 1.4; docs/benchmarks.md): both moved the right way in
+seed-to-seed spread (DPO accuracy 2.5, margin 1.3; identity 2.1; docs/benchmarks.md): both moved the right way in
 every cell (DPO's margin in 5 of 6), but no floor 3 standard deviations below their mean is above 0.
 """
 
