@@ -1,12 +1,14 @@
 """Names of files chosen from model folders, and walking those folders safely.
 
-A model or LoRA *name* (what a ComfyUI list offers) is relative to one of the configured folders: an absolute path,
-a ``..`` part, a NUL byte or a link inside the folder that points out of it could read any file on the machine, so
+A model or LoRA *name* (what a ComfyUI list offers, or what a submitted workflow claims) is relative to one of the
+configured folders: an absolute path, a ``..`` part or a NUL byte could read any file on the machine, so
 :func:`find_in_folders`, the one look-up every loader input goes through (in ``VALIDATE_INPUTS`` and again when the
-node runs), refuses them. Link a whole model folder in (the configured folder itself may be a link), or add the
-other place to ComfyUI's ``extra_model_paths.yaml``.
-Folder walks follow symbolic links (model folders are often linked in) but remember the real folders they visited
-and stop at a depth limit, so a link loop cannot make them run forever.
+node runs), refuses them. The check is on the *name*, the part a workflow's author controls. Links that the folder's
+owner placed inside a model folder are followed, as ComfyUI's own ``folder_paths.get_full_path`` does (v0.3.64):
+linking model files in from another disk is the usual set-up, and whoever can place a link there can already read
+the file it points to.
+Folder walks follow symbolic links but remember the real folders they visited and stop at a depth limit, so a link
+loop cannot make them run forever.
 """
 
 from __future__ import annotations
@@ -36,32 +38,23 @@ def check_relative_name(name: str, what: str = "name") -> str:
     return name
 
 
-def _inside(path: Path, base: Path) -> bool:
-    real, root = os.path.realpath(path), os.path.realpath(base)
-    return real == root or real.startswith(root.rstrip(os.sep) + os.sep)
-
-
 def find_in_folders(name: str, bases: Iterable[str | Path], what: str = "name", folder: bool = False) -> Path | None:
     """The file (``folder``: the directory) called ``name`` in the first of ``bases`` that has it, or None.
 
-    ``name`` must be relative without ``..`` or NUL (:func:`check_relative_name`), and what it names must really lie
-    inside its base: a link that leads out of the folder is refused (:class:`UnsafeNameError`), not followed."""
+    ``name`` must be relative without ``..`` or NUL (:func:`check_relative_name`), so the path found is always
+    ``base / name`` lexically inside ``base``; links placed in the folder are followed (module docstring)."""
     check_relative_name(name, what)
     for base in bases:
         path = Path(base) / name
         if not (path.is_dir() if folder else path.is_file()):
             continue
-        if not _inside(path, Path(base)):
-            raise UnsafeNameError(f"{what} {name!r} is a link that leads out of the model folder {base} (to "
-                                  f"{os.path.realpath(path)}); put the file itself there or link the whole folder")
         return path
     return None
 
 
 def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str]]]:
     """(folder, file names) for ``base`` and its sub-folders, following links, each real folder once, at most
-    ``max_depth`` levels down; unreadable folders are skipped. Links that lead out of ``base`` are left out, as
-    :func:`find_in_folders` refuses them: a list never offers a name its loader will refuse."""
+    ``max_depth`` levels down; unreadable folders are skipped."""
     seen: set[str] = set()
     stack = [(Path(base), 0)]
     while stack:
@@ -77,8 +70,6 @@ def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple
         files, subs = [], []
         for entry in entries:
             try:
-                if entry.is_symlink() and not _inside(Path(entry.path), Path(base)):
-                    continue
                 (subs if entry.is_dir() else files).append(entry.name)
             except OSError:
                 continue

@@ -1,7 +1,7 @@
 """Every loader input of every node (a list of names from a model folder, checked by the node's VALIDATE_INPUTS
 instead of ComfyUI's list check) refuses names that leave its folders, both in VALIDATE_INPUTS and when the node
-runs: '..', absolute paths, links pointing out of the folder and NUL bytes. The file outside is a real, loadable
-one, so a loader that followed the name would open it."""
+runs: '..', absolute paths and NUL bytes. The file outside is a real, loadable one, so a loader that followed the
+name would open it. A link that the folder's owner placed in a model folder is followed, as ComfyUI does."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def good_value(name: str, value) -> object:
 def bad_names(outside) -> dict[str, str]:
     return {"dotdot": "../outside/secret.safetensors", "nested dotdot": "good/../../outside/model",
             "absolute": str(outside / "secret.safetensors"), "absolute folder": str(outside / "model"),
-            "link out": "escape.safetensors", "NUL": "good.safetensors\x00.txt"}
+            "NUL": "good.safetensors\x00.txt"}
 
 
 def test_every_loader_input_is_found():
@@ -73,7 +73,7 @@ def test_every_loader_input_is_found():
                                     ("FireRedSingleFileLoader", "vae_name")}
 
 
-@pytest.mark.parametrize("kind", ["dotdot", "nested dotdot", "absolute", "absolute folder", "link out", "NUL"])
+@pytest.mark.parametrize("kind", ["dotdot", "nested dotdot", "absolute", "absolute folder", "NUL"])
 def test_loader_inputs_refuse_names_leaving_their_folders(folders, kind):
     classes = S.classes()
     for node, input_name in loader_inputs():
@@ -83,22 +83,25 @@ def test_loader_inputs_refuse_names_leaving_their_folders(folders, kind):
         values = {name: good_value(name, value) for name, value in spec.items()}
         checked = inspect.signature(cls.VALIDATE_INPUTS).parameters
         assert cls.VALIDATE_INPUTS(**{k: values[k] for k in checked}) is True, (node, "the good names pass")
-        values[input_name] = bad = "escape" if kind == "link out" and input_name == "model_name" else bad
+        values[input_name] = bad
         verdict = cls.VALIDATE_INPUTS(**{k: values[k] for k in checked})
         assert isinstance(verdict, str) and f"input '{input_name}'" in verdict and repr(bad) in verdict, \
             (node, input_name, verdict)
-        assert any(word in verdict for word in ("'..'", "absolute", "link", "NUL")), verdict
+        assert any(word in verdict for word in ("'..'", "absolute", "NUL")), verdict
         with pytest.raises(FireRedError) as err:  # and when it runs (ComfyUI may skip VALIDATE_INPUTS)
             getattr(cls(), cls.FUNCTION)(**values)
         assert f"input '{input_name}'" in str(err.value) and "\n" not in str(err.value), (node, input_name)
 
 
-def test_lists_offer_no_name_their_loader_refuses(folders):
-    """The folder walk leaves out the links that lead out, so the node's list holds only loadable names."""
+def test_links_placed_in_a_model_folder_are_listed_and_followed(folders, tmp_path):
+    """Models linked in from another disk (the usual set-up, and what ComfyUI's folder_paths follows) are offered
+    and found at the link's own path; a name can still not walk out through a link with '..'."""
     folders_module = S.submodule("_folders")
-    assert folders_module.list_model_folders() == ["good"]
-    assert folders_module.list_loras() == ["good.safetensors"]
-    assert folders_module.list_single_files("vae") == ["good.safetensors"]
+    assert folders_module.list_model_folders() == ["escape", "good"]
+    assert folders_module.list_loras() == ["escape.safetensors", "good.safetensors"]
+    assert folders_module.find_lora("escape.safetensors") == tmp_path / "loras" / "escape.safetensors"
+    with pytest.raises(FireRedError, match="'..'"):
+        folders_module.find_lora("escape/../../outside/secret.safetensors")
 
 
 def test_a_link_inside_the_folder_is_still_followed(folders, tmp_path):
