@@ -70,14 +70,19 @@ def test_nft_raises_the_reward_and_follows_its_sign(tiny_model_dir, rows, tmp_pa
     assert dark < before - 0.002, (before, dark)
 
 
-def test_nft_resume_is_exact(tiny_model_dir, rows, tmp_path):
-    kw = dict(**{**SMALL, "checkpoint_every": 2}, model=str(tiny_model_dir), data=str(rows), steps=3, lr=5e-2, **NFT,
-              **{"nft.group_size": 4, "nft.old_decay": 0.5, "nft.beta": 0.5,
-                 "nft.reward.callable": "test_posttrain_nft_train:brightness"})
+@pytest.mark.parametrize("inner", [1, 2])
+def test_nft_resume_is_exact(tiny_model_dir, rows, tmp_path, inner):
+    """inner 2: rounds of 2 steps, killed after step 1, inside round 0: the resumed run remakes the round's rollouts
+    from the checkpointed old policy and continues with the same rows, trust region and draws."""
+    stop = 2 if inner == 1 else 1
+    kw = dict(**{**SMALL, "checkpoint_every": stop}, model=str(tiny_model_dir), data=str(rows), steps=3, lr=5e-2,
+              **NFT, **{"nft.group_size": 4, "nft.old_decay": 0.5, "nft.beta": 0.5, "nft.inner_steps": inner,
+                        "nft.kl_weight": 0.0 if inner == 1 else 0.1,
+                        "nft.reward.callable": "test_posttrain_nft_train:brightness"})
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with killed_after(2):
+    with killed_after(stop):
         train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
-    assert (tmp_path / "cut" / "checkpoints" / "step-00000002" / "nft_old.safetensors").is_file()
+    assert (tmp_path / "cut" / "checkpoints" / f"step-{stop:08d}" / "nft_old.safetensors").is_file()
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **{**kw, "resume": "auto"}))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # exact: same rollouts, same old policy (restored), same draws

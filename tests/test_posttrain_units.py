@@ -71,31 +71,55 @@ def test_dpo_with_omega_1_equals_the_published_loss():
         assert torch.allclose(stats.margin, dpo_logits(*errs, beta=beta))
 
 
-def test_omega_changes_only_the_preferred_term_and_sft_adds_the_preferred_error():
+def test_omega_weighs_the_preferred_gradient_outside_the_sigmoid_and_sft_adds_the_preferred_error():
     mw, ml = torch.tensor([0.30, 0.50]), torch.tensor([0.40, 0.10])
     rw, rl = torch.tensor([0.35, 0.45]), torch.tensor([0.30, 0.20])
     beta, omega = 4.0, 1.5
-    one, many = dpo_logits(mw, ml, rw, rl, beta), dpo_logits(mw, ml, rw, rl, beta, omega)
-    assert torch.allclose(many - one, -0.5 * beta * (omega - 1) * (mw - rw))
-    # by hand, row 0: -2 * (1.5 * (0.30 - 0.35) - (0.40 - 0.30)) = 0.35
-    assert many[0].item() == pytest.approx(0.35, abs=1e-6)
-    # the dispreferred side's gradient is the same whatever omega
-    for w in (1.0, omega):
-        ml_ = ml.clone().requires_grad_(True)
-        mw_ = mw.clone().requires_grad_(True)
-        dpo_loss(mw_, ml_, rw, rl, beta, w)[0].backward()
-        if w == 1.0:
-            grad_l_one = ml_.grad * torch.sigmoid(-one) / torch.sigmoid(-one)  # d/dl at omega = 1
-            sig_one = torch.sigmoid(-one)
-        else:
-            # d loss / d e_l = -beta/2 * sigmoid(-inside) / rows: only sigmoid(-inside) changes with omega
-            assert torch.allclose(ml_.grad / torch.sigmoid(-many), grad_l_one / sig_one)
-            assert torch.allclose(mw_.grad, 0.5 * beta * omega * torch.sigmoid(-many) / 2)
+    inside = dpo_logits(mw, ml, rw, rl, beta)
+    # by hand: row 0 -2 * ((0.30 - 0.35) - (0.40 - 0.30)) = 0.3, row 1 -2 * ((0.50 - 0.45) - (0.10 - 0.20)) = -0.3
+    assert torch.allclose(inside, torch.tensor([0.3, -0.3]), atol=1e-6)
+    s = torch.sigmoid(-inside)
+    mw_, ml_ = mw.clone().requires_grad_(True), ml.clone().requires_grad_(True)
+    loss, stats = dpo_loss(mw_, ml_, rw, rl, beta, omega)
+    loss.backward()
+    # value: -log sigmoid(inside) + (omega - 1) beta/2 s max(e_w - r_w, 0), mean over the 2 rows: row 0's preferred
+    # error is below the reference's (0.30 < 0.35, term off), row 1's above it (0.50 > 0.45, term on)
+    want = (-F.logsigmoid(inside) + (omega - 1) * 0.5 * beta * s * torch.tensor([0.0, 0.05])).mean()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-6)
+    # gradients: preferred beta/2 * s times (1, omega), dispreferred -beta/2 * s (each / 2 rows)
+    assert torch.allclose(mw_.grad, torch.tensor([1.0, omega]) * 0.5 * beta * s / 2, atol=1e-6)
+    assert torch.allclose(ml_.grad, -0.5 * beta * s / 2, atol=1e-6)
+    assert torch.equal(stats.margin, inside) and stats.accuracy == 0.5  # the margin is the published one
     sft, _ = dpo_loss(mw, ml, rw, rl, beta, omega, sft_weight=0.25)
     assert sft.item() == pytest.approx(dpo_loss(mw, ml, rw, rl, beta, omega)[0].item() + 0.25 * 0.4, abs=1e-6)
-    # published form by hand for row 1 at omega = 1: -log sigmoid(-2 * ((0.5 - 0.45) - (0.1 - 0.2)))
-    assert one[1].item() == pytest.approx(-2 * (0.05 + 0.1), abs=1e-6)
-    assert -F.logsigmoid(one[1]).item() == pytest.approx(-math.log(1 / (1 + math.exp(0.3))), abs=1e-6)
+    assert -F.logsigmoid(inside[1]).item() == pytest.approx(-math.log(1 / (1 + math.exp(0.3))), abs=1e-6)
+
+
+@pytest.mark.parametrize("fall", [0.005, 0.05])
+def test_preference_gradient_survives_a_common_fall_of_both_errors(fall):
+    """The shipped recipe (beta 2500, omega 1.5) after both errors fell by the same amount from the reference's 0.5:
+    the published margin is still 0, so by hand sigmoid(0) = 1/2 and d loss / d e_l = -1250 * 1/2 = -625, and
+    d loss / d e_w = 625 (the preferred error is below the reference's: the positive term rests), whatever the fall;
+    after a common rise it is 1.5 * 625 = 937.5. The earlier form (omega inside the sigmoid) had
+    inside = -1250 * (1.5 * -fall + fall) = 625 * fall: 3.125 (sigmoid(-3.125) = 0.0421, d/d e_l = -52.6) and 31.25
+    (d/d e_l = -3.4e-11): the preference gradient vanished."""
+    beta, omega = 2500.0, 1.5
+    r = torch.tensor([0.5], dtype=torch.float64)
+    ew = torch.tensor([0.5 - fall], dtype=torch.float64, requires_grad=True)
+    el = torch.tensor([0.5 - fall], dtype=torch.float64, requires_grad=True)
+    loss, stats = dpo_loss(ew, el, r, r, beta, omega)
+    loss.backward()
+    assert stats.margin.item() == 0.0
+    assert el.grad.item() == pytest.approx(-625.0, rel=1e-12)
+    assert ew.grad.item() == pytest.approx(625.0, rel=1e-12)
+    up_w, up_l = (torch.tensor([0.5 + fall], dtype=torch.float64, requires_grad=True) for _ in range(2))
+    dpo_loss(up_w, up_l, r, r, beta, omega)[0].backward()
+    assert up_w.grad.item() == pytest.approx(937.5, rel=1e-12) and up_l.grad.item() == pytest.approx(-625.0, rel=1e-12)
+    # the earlier form, by hand: the same situation drove its preference gradient to (near) zero
+    old_inside = -0.5 * beta * (omega * (ew - r) - (el - r))
+    old_grad_l = -0.5 * beta * torch.sigmoid(-old_inside)
+    assert old_inside.item() == pytest.approx(625 * fall, rel=1e-9)
+    assert abs(old_grad_l.item()) < 0.1 * 625
 
 
 def test_preference_config_ranges():

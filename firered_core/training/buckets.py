@@ -68,10 +68,12 @@ class BucketSampler:
 
     def __init__(self, samples: list[Sample], batch_size: int, world_size: int = 1,
                  task_weights: dict[str, float] | None = None, count_weights: dict[int, float] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, repeat: int = 1):
         if batch_size < 1 or world_size < 1:
             raise ValueError("batch_size and world_size must be at least 1")
         self.batch_size, self.world_size, self.seed = batch_size, world_size, seed
+        self.repeat = max(1, int(repeat))  # steps that train on the same rows (NFT: a rollout batch, several steps)
+        self.last: Batch | None = None
         self.task_weights = dict(task_weights or {})
         self.count_weights = dict(count_weights or {})
         buckets: dict[BucketKey, list[int]] = {}
@@ -131,14 +133,19 @@ class BucketSampler:
         return out
 
     def next(self) -> Batch:
-        key = self._pick_bucket(self.step)
-        batch = Batch(self.step, key, tuple(self._take(key, self.global_batch)))
+        if self.step % self.repeat and self.last is not None:  # inside a round: the round's rows again
+            batch = Batch(self.step, self.last.key, self.last.indices)
+        else:
+            key = self._pick_bucket(self.step)
+            batch = Batch(self.step, key, tuple(self._take(key, self.global_batch)))
+        self.last = batch
         self.step += 1
         return batch
 
     def state_dict(self) -> dict:
         return {"step": self.step, "cursors": {k: list(v) for k, v in self.cursors.items()}, "seed": self.seed,
-                "num_samples": self.num_samples, "global_batch": self.global_batch}
+                "num_samples": self.num_samples, "global_batch": self.global_batch,
+                "last": None if self.last is None else {"key": self.last.key, "indices": list(self.last.indices)}}
 
     def load_state_dict(self, state: dict) -> None:
         for name in ("seed", "num_samples", "global_batch"):
@@ -147,3 +154,7 @@ class BucketSampler:
                                  "resume with the same data, seed, batch size and process count")
         self.step = int(state["step"])
         self.cursors = {k: [int(v[0]), int(v[1])] for k, v in state["cursors"].items()}
+        last = state.get("last")
+        if last is not None:  # JSON made the key's tuples lists
+            task, n, bins, target = last["key"]
+            self.last = Batch(self.step - 1, (task, int(n), tuple(bins), target), tuple(int(i) for i in last["indices"]))

@@ -5,6 +5,11 @@ On the one-step estimate ``x0_hat = x_t - sigma * v`` (flow matching), only the 
 distance. The weight ``lambda(sigma) = eta * sigma^2`` below ``cutoff`` (0.9) and 0 above it: the estimate is
 meaningless at almost pure noise, and the constraint relaxes towards low noise, where fine detail forms.
 
+With ``normalise`` each row's distance d is divided by its own gradient-free value: the term ``eta sigma^2 d / sg[d]``
+has the value ``eta sigma^2`` and the gradient ``eta sigma^2 grad(d) / d``, the distance's relative change, so eta
+means the same whatever the embedder's distance scale (ArcFace's 1 - cos is ~0.3-1, a pixel descriptor's ~0.01: the
+same eta would otherwise be 100x stronger for one than the other).
+
 Face boxes are ``[x0, y0, x1, y1]`` pixels of the target image as stored (the JSONL ``faces`` field, else the
 configured detector's, found once per row); they are scaled to the training size and widened to whole latent pixels.
 The embedder and the detector are the user's (:mod:`.faces`); nothing is downloaded. The embedder is frozen;
@@ -34,6 +39,9 @@ class IdentityConfig:
     enabled: bool = False
     eta: NonNegative = 0.1
     cutoff: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9  # no identity loss at sigma >= cutoff
+    # divide each row's distance by its own (gradient-free) value: the term's gradient is then the relative change
+    # of the distance, so one eta fits any embedder's distance scale (ArcFace ~0.3-1, a pixel descriptor ~0.01)
+    normalise: bool = False
     embedder: str = ""  # TorchScript or ONNX file, or "package.module:factory"
     input_size: Annotated[int, Field(ge=8, le=1024)] = 112  # face crops are resized to this square before embedding
     max_faces: PositiveInt = 4  # per row, the first ones in the JSONL
@@ -99,7 +107,8 @@ def identity_loss(xt: torch.Tensor, sigma: torch.Tensor, v: torch.Tensor, x0: to
     with torch.no_grad():
         target = face_crops(x0.to(vae_dtype), boxes, stored_size, train_size, vae, cfg.input_size)
     distance = identity_distance(embedder, crops, target).mean()
-    return weight * distance, {"identity_distance": float(distance.detach())}
+    term = distance / distance.detach().clamp(min=1e-6) if cfg.normalise else distance
+    return weight * term, {"identity_distance": float(distance.detach())}
 
 
 def train_size(img_shapes: list) -> tuple[int, int]:

@@ -23,8 +23,17 @@ Per training row (a prompt with its reference latents), one step:
    than their group and a push away from worse ones. Implementations differ by constant or per-sample rescalings of
    this loss (e.g. dividing by beta, an x0-space weight); none is applied here (tune ``lr`` instead).
 
+Rounds (``inner_steps`` K): a rollout batch costs ``rollout_steps`` forwards per rollout, a training step two, so
+the rows and rollouts of a round serve K optimizer steps (the sampler repeats the round's rows; each step draws
+fresh noise and sigma, seeded by the step, so the K steps see K different noisings of the same rollouts). The old
+policy stays fixed within the round, as the policy that sampled its data, and is soft-updated at the round's end.
+``kl_weight`` adds ``kl_weight * ||v_theta - v_old||^2`` per rollout: the KL between the two policies' Gaussian
+transitions is this squared velocity difference up to a time weight, so it is a trust region that keeps the K steps
+near the policy whose rollouts they reuse (0 at each round's first step when ``old_decay`` is 0). Rollouts are remade
+from the checkpointed old policy and the round's first step's draws after a resume, so resume stays exact.
+
 The old policy is a lagged copy of the trained tensors (the LoRA adapter's, or the full fine-tune's trained
-tensors), soft-updated after every optimizer step as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
+tensors), soft-updated after every round (K optimizer steps) as ``old <- old_decay * old + (1 - old_decay) * theta`` (the
 paper's soft update; ``old_decay: 0`` = the previous step's weights). Why a lagged copy rather than the LoRA-disabled
 base: the old policy is the one that samples, so it must improve with training (the base would keep sampling the
 untrained model), yet lag the trained weights so that ``v+`` / ``v-`` differ from ``v_theta`` and the update stays
@@ -73,6 +82,8 @@ class NFTConfig:
     adv_clip: Positive = 5.0  # normalised advantages beyond +-adv_clip map to r = 1 / 0
     std_eps: Positive = 1e-4
     old_decay: Annotated[float, Field(ge=0.0, lt=1.0)] = 0.5  # soft update of the old (sampling) policy
+    inner_steps: Annotated[int, Field(ge=1, le=64)] = 1  # optimizer steps per rollout batch (a round)
+    kl_weight: Annotated[float, Field(ge=0.0)] = 0.0  # trust region: + kl_weight * ||v_theta - v_old||^2
     reward: RewardConfig = field(default_factory=RewardConfig)
 
 
@@ -96,13 +107,17 @@ def implicit_policies(v_theta: torch.Tensor, v_old: torch.Tensor, beta: float) -
 
 
 def nft_loss(v_theta: torch.Tensor, v_old: torch.Tensor, noise: torch.Tensor, x0: torch.Tensor, r: torch.Tensor,
-             beta: float, outlier: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The mean DiffusionNFT loss over rollouts and the per-rollout losses (see the module docstring)."""
+             beta: float, outlier: float | None = None, kl_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The mean DiffusionNFT loss over rollouts and the per-rollout losses (see the module docstring), plus
+    ``kl_weight`` times the per-rollout mean square ``||v_theta - v_old||^2`` (the trust region)."""
     v_pos, v_neg = implicit_policies(v_theta, v_old, beta)
     e_pos, _ = row_errors(v_pos, noise, x0, outlier)
     e_neg, _ = row_errors(v_neg, noise, x0, outlier)
     r = r.to(e_pos.device, e_pos.dtype)
     per_row = r * e_pos + (1.0 - r) * e_neg
+    if kl_weight:
+        dims = tuple(range(1, v_theta.dim()))
+        per_row = per_row + kl_weight * (v_theta.float() - v_old.detach().float()).square().mean(dims)
     return per_row.mean(), per_row.detach()
 
 
@@ -127,6 +142,8 @@ class NFTObjective:
         self.seed, self.timesteps, self.outlier = seed, timesteps, outlier
         self.named = {n: p for n, p in module.named_parameters() if p.requires_grad}
         self.old: EMA | None = None  # made by after_prepare, from the tensors as the wrapper leaves them
+        self.round: dict[int, tuple[Rollouts, torch.Tensor]] = {}  # this round's rollouts and r, by row position
+        self.round_id, self.last_step = -1, -1
         default_dir = Path(output_dir) / "reward_cache"
         self.reward = reward if reward is not None else build_reward(cfg.reward, default_dir)
 
@@ -138,9 +155,15 @@ class NFTObjective:
         self.old = EMA(self.named, self.cfg.old_decay, warmup=False)
 
     # -- the old policy ---------------------------------------------------------------------------------------
+    def round_start(self, step: int) -> int:
+        """The first step of ``step``'s round: its rows, inputs and rollouts serve the round's ``inner_steps`` steps."""
+        return step - step % self.cfg.inner_steps
+
     def after_step(self) -> None:
-        """Soft-update the old policy towards the weights the optimizer just produced."""
-        self.old.update(self.named)
+        """At the end of a round, soft-update the old policy towards the weights the optimizer just produced (inside
+        a round it stays: it sampled the round's rollouts and anchors its trust region)."""
+        if (self.last_step + 1) % self.cfg.inner_steps == 0:
+            self.old.update(self.named)
 
     def old_policy(self):
         """The old policy in the trained tensors for the block, then the trained values back bit-exactly."""
@@ -179,10 +202,23 @@ class NFTObjective:
         batch = RewardBatch(images, [text] * g, [sources] * g, [sample_row.task] * g)
         return Rollouts(x0.float(), images, self.reward(batch))
 
+    def round_rollouts(self, sample_row, inputs, step: int, pos: int) -> tuple[Rollouts, torch.Tensor]:
+        """The round's rollouts of the row at ``pos`` and their optimality probabilities, made at the round's first
+        step (or remade after a resume: the old policy is the checkpoint's, the draws are the round start's, so they
+        are the same rollouts)."""
+        start = self.round_start(step)
+        if start != self.round_id:
+            self.round, self.round_id = {}, start
+        if pos not in self.round:
+            roll = self.rollouts(sample_row, inputs, start, pos)
+            self.round[pos] = roll, optimality_probability(group_advantages(roll.rewards, self.cfg.std_eps),
+                                                           self.cfg.adv_clip)
+        return self.round[pos]
+
     def row_loss(self, transformer, sample_row, inputs, step: int, pos: int) -> tuple[torch.Tensor, dict[str, float]]:
         g = self.cfg.group_size
-        roll = self.rollouts(sample_row, inputs, step, pos)
-        r = optimality_probability(group_advantages(roll.rewards, self.cfg.std_eps), self.cfg.adv_clip)
+        self.last_step = step
+        roll, r = self.round_rollouts(sample_row, inputs, step, pos)
         seq = roll.x0.shape[1]
         noise = torch.randn(roll.x0.shape, generator=row_generator(self.seed, step, pos, "noise")).to(roll.x0.device)
         sigma = sample_sigmas(self.timesteps, step, range(pos * g, pos * g + g), g, seq, self.model.scheduler_config,
@@ -192,6 +228,6 @@ class NFTObjective:
         with torch.no_grad(), self.old_policy():
             v_old = transformer_denoiser(self.transformer, inputs.ref, inputs.img_shapes)(xt, sigma, cond, "cond")
         v = transformer_denoiser(transformer, inputs.ref, inputs.img_shapes)(xt, sigma, cond, "cond")
-        loss, _ = nft_loss(v, v_old, noise, roll.x0, r, self.cfg.beta, self.outlier)
+        loss, _ = nft_loss(v, v_old, noise, roll.x0, r, self.cfg.beta, self.outlier, self.cfg.kl_weight)
         return loss, {"nft_reward": float(roll.rewards.mean()), "nft_reward_std": float(roll.rewards.std(
             unbiased=False))}

@@ -17,6 +17,7 @@ from .identity import IdentityObjective, train_size
 from .losses import flow_matching_loss
 from .nft import STATE_NAME, NFTObjective
 from .preference import PreferenceObjective, rejected_latents
+from .proven import warn_outside_proven
 
 
 class RowObjective:
@@ -25,6 +26,7 @@ class RowObjective:
         self.preference = None
         self.identity = None
         self.nft = None
+        warn_outside_proven(cfg)
         if cfg.nft.enabled:
             if cfg.preference.enabled or cfg.identity.enabled:
                 raise ConfigError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
@@ -64,6 +66,10 @@ class RowObjective:
             self.nft.after_prepare(transformer)
         if self.preference is not None:
             self.preference.reference.after_prepare(acc)
+
+    def input_step(self, step: int) -> int:
+        """The step whose draws make a row's inputs: NFT trains a whole round on its first step's inputs."""
+        return step if self.nft is None else self.nft.round_start(step)
 
     def after_step(self) -> None:
         """Called after each optimizer step (the NFT old policy follows the trained weights)."""

@@ -92,7 +92,8 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dataset = load_dataset(cfg.data)
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
-                                     parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
+                                     parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed,
+                                     repeat=cfg.nft.inner_steps if cfg.nft.enabled else 1)
         store = open_embeddings(cfg, self.dataset.samples)
         if cfg.fsdp and cfg.dump_grads:
             raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
@@ -193,7 +194,7 @@ class Trainer:
         total, stats = 0.0, []
         for j, (idx, pos) in enumerate(zip(rows, positions)):
             sample = self.dataset.samples[idx]
-            inputs = self.row_inputs(sample, batch.key, step, pos)
+            inputs = self.row_inputs(sample, batch.key, self.objective.input_step(step), pos)
             last = j == len(rows) - 1
             with contextlib.nullcontext() if last else self.acc.no_sync(self.transformer), \
                     self.low_vram.activations():

@@ -1,0 +1,354 @@
+"""Do the shipped post-training recipes learn what they claim? Each effect on HELD-OUT rows, over seeds and builds.
+
+Each shipped config (``training/configs/dpo_lora.yaml``, ``nft_lora.yaml``, ``identity_sft.yaml``) is loaded as
+shipped and only scaled down (:func:`scaled_config`): the model (a tiny random model of the real architecture, two
+builds from different weight seeds), the data and output paths, the image size (64x64), the number of steps, and
+with it the warm-up and the learning rate, kept at the shipped ``lr x steps`` (Adam moves each weight about
+``lr`` per step, so the short run moves the weights as far as the shipped run would), and fp32 (bf16 on this CPU is
+4x slower). Every other key (LoRA rank, beta, omega, group size, rollout steps, inner steps, trust region, eta...)
+is the shipped one. NFT's reward is the ``module:function`` plug-in ``brightness`` (the shipped OCR reward scores 0
+on every image a random tiny model makes: no signal to learn from); DPO's and NFT's rows are
+:mod:`firered_core.training.synthetic` colour edits, identity's are real faces (``skimage.data.lfw_subset``) pasted
+into real photographs (``skimage.data``).
+
+Training rows and held-out rows are disjoint (different block pictures; different faces and scenes); everything
+reported is measured on the held-out rows only, at fixed noise draws:
+
+- DPO: the implicit reward margin ``-beta/2 ((e_w - r_w) - (e_l - r_l))`` and the preference accuracy (margin > 0,
+  ties count 1/2) before (the LoRA starts at zero: margin 0, accuracy 1/2 exactly) and after;
+- NFT: the mean reward of 8 edits per held-out prompt by the current weights (10 Euler steps from fixed noise),
+  before and after;
+- identity: the face-embedding distance (1 - cos) between the edited face (the one-step edit
+  ``x0_hat = x_t - sigma v`` at sigma 0.3 / 0.5 / 0.7, decoded) and the target's face, after training with the
+  identity term and after the same training without it (same seed, data, draws).
+
+The embedder is planted: eigenfaces (the top principal components of the TRAINING faces' pixels), a differentiable
+face descriptor known to separate these identities; nothing is downloaded. Note that the tiny models' VAE is random:
+the decoded "faces" are the random decoder's rendering of the latents, so this measures whether the term moves the
+embedding distance it optimises on faces it never saw, not how a real face looks.
+
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/posttrain_effect.py --recipe dpo --json cells.jsonl
+    PYTHONPATH=. python benchmarks/posttrain_effect.py --table cells.jsonl      # the markdown of docs/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ROOT / "training" / "configs"
+RECIPES = {"dpo": "dpo_lora.yaml", "nft": "nft_lora.yaml", "identity": "identity_sft.yaml"}
+STEPS = {"dpo": 80, "nft": 24, "identity": 64}  # the scaled-down run of each recipe (benchmark and tests)
+SIZE = 64
+TRAIN_ROWS = {"dpo": 8}  # training pairs (--train-rows)
+CONFIG_FILES: dict[str, Path] = {}  # --config: another file for a recipe (your own recipe, proven the same way)
+EVAL_STEP = 10**9
+SIGMAS = (0.3, 0.5, 0.7)
+
+
+def brightness(images: torch.Tensor, prompts: list[str]) -> list[float]:
+    """The NFT reward plug-in of this benchmark: mean pixel value of each edit (higher is better)."""
+    return images.mean(dim=(1, 2, 3)).tolist()
+
+
+# -- data --------------------------------------------------------------------------------------------------------------
+def colour_rows(root: Path, rows: int, seed: int, rejected: bool) -> Path:
+    from firered_core.training.synthetic import make_dataset
+
+    return make_dataset(root, rows=rows, seed=seed, rejected=rejected)
+
+
+def lfw_faces() -> np.ndarray:
+    """The 100 real face crops of ``skimage.data.lfw_subset()`` (the first 100 of its 200 are faces), 25x25 in 0..1."""
+    from skimage.data import lfw_subset
+
+    return lfw_subset()[:100].astype(np.float32)
+
+
+TRAIN_FACES, HELD_FACES = range(0, 50), range(50, 100)
+
+
+def scenes() -> list[np.ndarray]:
+    """Real photographs shipped in scikit-image (no download)."""
+    from skimage import data
+
+    return [getattr(data, n)() for n in ("astronaut", "coffee", "chelsea", "rocket", "immunohistochemistry")]
+
+
+def face_rows(root: Path, faces: range, rows: int, seed: int) -> Path:
+    """Rows whose source is a photograph crop with a real face pasted at a random place, the target the same
+    picture with its colour channels rotated (the grey face stays as it is), ``faces`` its box."""
+    from firered_core.training.synthetic import recolour
+
+    rng = np.random.default_rng(seed)
+    pool, photos = lfw_faces(), scenes()
+    folder = root / "faces"
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for i in range(rows):
+        photo = photos[rng.integers(len(photos))]
+        h, w = photo.shape[:2]
+        side = int(rng.integers(min(h, w) // 3, min(h, w)))
+        y, x = int(rng.integers(0, h - side + 1)), int(rng.integers(0, w - side + 1))
+        scene = np.asarray(Image.fromarray(photo[y:y + side, x:x + side]).convert("RGB").resize((SIZE, SIZE),
+                                                                                               Image.LANCZOS))
+        face = pool[faces[int(rng.integers(len(faces)))]]
+        fs = SIZE // 2
+        face_img = np.asarray(Image.fromarray((face * 255).astype(np.uint8)).resize((fs, fs), Image.LANCZOS))
+        fy, fx = int(rng.integers(0, SIZE - fs + 1)), int(rng.integers(0, SIZE - fs + 1))
+        src = scene.copy()
+        src[fy:fy + fs, fx:fx + fs] = face_img[..., None]
+        Image.fromarray(src).save(folder / f"img/{i:04d}_src.png")
+        Image.fromarray(np.ascontiguousarray(recolour(src))).save(folder / f"img/{i:04d}_tgt.png")
+        lines.append(json.dumps({"source_image": f"img/{i:04d}_src.png", "target_image": f"img/{i:04d}_tgt.png",
+                                 "instruction": "Rotate the colours of Picture 1, keep the face",
+                                 "instruction_cn": "旋转图1的颜色，保留人脸", "faces": [[fx, fy, fx + fs, fy + fs]]}))
+    (folder / "data.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+class EigenfaceEmbedder(torch.nn.Module):
+    """A planted, differentiable face embedder: grey 25x25 crop minus the mean face, projected on the top ``k``
+    principal components of the training faces (eigenfaces)."""
+
+    def __init__(self, faces: np.ndarray, k: int = 16):
+        super().__init__()
+        x = torch.from_numpy(faces.reshape(len(faces), -1)).double()
+        mean = x.mean(0)
+        _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+        self.register_buffer("mean", mean.float())
+        self.register_buffer("basis", vh[:k].float())
+
+    def forward(self, crops: torch.Tensor) -> torch.Tensor:
+        grey = F.interpolate(crops.mean(1, keepdim=True), size=(25, 25), mode="bilinear", align_corners=False)
+        return (grey.flatten(1) - self.mean) @ self.basis.T
+
+
+def planted_embedder() -> EigenfaceEmbedder:
+    return EigenfaceEmbedder(lfw_faces()[list(TRAIN_FACES)])
+
+
+# -- the runs ----------------------------------------------------------------------------------------------------------
+def scaled_config(recipe: str, model: Path, data: Path, out: Path, steps: int, seed: int, **extra):
+    """The shipped config with only model, data, output, size, steps (warm-up and lr kept at the shipped
+    ``lr x steps``) and precision changed (module docstring)."""
+    from firered_core.training.config import load_config
+
+    path = CONFIG_FILES.get(recipe, CONFIGS / RECIPES[recipe])
+    shipped = load_config(path)
+    scale = shipped.steps / steps
+    values = dict(model=str(model), data=str(data), output_dir=str(out), steps=steps, seed=seed,
+                  lr=shipped.lr * scale, warmup_steps=round(shipped.warmup_steps / scale),
+                  target_area=SIZE * SIZE, reference_area=SIZE * SIZE, vl_area=SIZE * SIZE, mixed_precision="no",
+                  gradient_checkpointing=False, tracker=None, checkpoint_every=0, resume=None)
+    values["validation.every"] = 0
+    values.update(extra)
+    return load_config(path, **values)
+
+
+def held_samples(data: Path):
+    from firered_core.training.data import load_dataset
+
+    return load_dataset(str(data)).samples
+
+
+@torch.no_grad()
+def dpo_heldout(trainer, samples, draws: int = 4) -> tuple[float, float]:
+    """Mean implicit reward margin and preference accuracy (ties 1/2) over held-out rows x fixed draws."""
+    from firered_core.training.buckets import bucket_key
+
+    trainer.transformer.eval()
+    margins = []
+    for i, s in enumerate(samples):
+        for d in range(draws):
+            inputs = trainer.row_inputs(s, bucket_key(s), EVAL_STEP + d, i)
+            margins.append(trainer.row_objective(inputs, EVAL_STEP + d, i, s)[1]["dpo_margin"])
+    trainer.transformer.train()
+    m = np.asarray(margins)
+    return float(m.mean()), float(((m > 0) + 0.5 * (m == 0)).mean())
+
+
+@torch.no_grad()
+def nft_heldout(trainer, samples) -> float:
+    """Mean reward of the current weights' edits (group_size each, fixed noise) of the held-out prompts."""
+    from firered_core.training.buckets import bucket_key
+
+    trainer.transformer.eval()
+    out = []
+    for i, s in enumerate(samples):
+        inputs = trainer.row_inputs(s, bucket_key(s), EVAL_STEP, i)
+        out.append(float(trainer.objective.nft.rollouts(s, inputs, EVAL_STEP, i, old=False).rewards.mean()))
+    trainer.transformer.train()
+    return float(np.mean(out))
+
+
+@torch.no_grad()
+def identity_heldout(trainer, samples, embedder) -> float:
+    """Mean face-embedding distance of the one-step edit's faces to the targets' (held-out rows, fixed noise)."""
+    from firered_core.sampling import noised_start, transformer_denoiser
+    from firered_core.training.buckets import bucket_key
+    from firered_core.training.identity import face_crops, identity_distance, train_size, x0_estimate
+
+    trainer.transformer.eval()
+    vae, out = trainer.model.vae, []
+    for i, s in enumerate(samples):
+        inputs = trainer.row_inputs(s, bucket_key(s), EVAL_STEP, i)
+        size = train_size(inputs.img_shapes)
+        target = face_crops(inputs.x0, s.faces, s.target_size, size, vae, 112)
+        for k, sigma in enumerate(SIGMAS):
+            noise = torch.randn(inputs.x0.shape, generator=torch.Generator().manual_seed(1000 * i + k))
+            sig = torch.tensor([sigma])
+            xt = noised_start(inputs.x0, noise, sig)
+            v = transformer_denoiser(trainer.transformer, inputs.ref, inputs.img_shapes)(xt, sig, inputs.cond, "cond")
+            crops = face_crops(x0_estimate(xt, sig, v), s.faces, s.target_size, size, vae, 112)
+            out.append(float(identity_distance(embedder, crops, target).mean()))
+    trainer.transformer.train()
+    return float(np.mean(out))
+
+
+def train_steps(trainer, steps: int) -> None:
+    for _ in range(steps):
+        trainer.train_step()
+
+
+def run_dpo(model: Path, work: Path, seed: int, steps: int) -> dict:
+    from firered_core.training.trainer import Trainer
+
+    train = colour_rows(work / "dpo_train", TRAIN_ROWS["dpo"], 100, rejected=True)
+    held = held_samples(colour_rows(work / "dpo_held", 8, 200, rejected=True))
+    trainer = Trainer(scaled_config("dpo", model, train, work / f"dpo_run{seed}", steps, seed))
+    m0, a0 = dpo_heldout(trainer, held)
+    train_steps(trainer, steps)
+    m1, a1 = dpo_heldout(trainer, held)
+    return {"margin_before": m0, "margin_after": m1, "accuracy_before": a0, "accuracy_after": a1}
+
+
+def run_nft(model: Path, work: Path, seed: int, steps: int) -> dict:
+    from firered_core.training.trainer import Trainer
+
+    sys.modules.setdefault("posttrain_effect", sys.modules[__name__])
+    train = colour_rows(work / "nft_train", 4, 100, rejected=False)
+    held = held_samples(colour_rows(work / "nft_held", 4, 200, rejected=False))
+    cfg = scaled_config("nft", model, train, work / f"nft_run{seed}", steps, seed,
+                        **{"nft.reward.kind": "callable", "nft.reward.callable": "posttrain_effect:brightness"})
+    trainer = Trainer(cfg)
+    r0 = nft_heldout(trainer, held)
+    train_steps(trainer, steps)
+    return {"reward_before": r0, "reward_after": nft_heldout(trainer, held)}
+
+
+def run_identity(model: Path, work: Path, seed: int, steps: int) -> dict:
+    from firered_core.training.trainer import Trainer
+
+    train = face_rows(work / "id_train", TRAIN_FACES, 8, 100)
+    held = held_samples(face_rows(work / "id_held", HELD_FACES, 8, 200))
+    embedder = planted_embedder()
+    sys.modules.setdefault("posttrain_effect", sys.modules[__name__])
+    out = {}
+    for name, on in (("without", False), ("with", True)):
+        trainer = Trainer(scaled_config("identity", model, train, work / f"id_{name}{seed}", steps, seed,
+                                        **{"identity.enabled": on, "identity.detector": "",
+                                           "identity.embedder": "posttrain_effect:planted_embedder"}))
+        if name == "without":
+            out["distance_before"] = identity_heldout(trainer, held, embedder)
+        train_steps(trainer, steps)
+        out[f"distance_{name}"] = identity_heldout(trainer, held, embedder)
+    return out
+
+
+RUNS = {"dpo": run_dpo, "nft": run_nft, "identity": run_identity}
+
+
+def build(root: Path, b: int) -> Path:
+    from firered_core.demo_models import build_model
+
+    return build_model(root / f"tiny_build{b}", "tiny", seed=b)
+
+
+def summary(rows: list[dict], key: str) -> str:
+    v = np.asarray([r[key] for r in rows])
+    return f"{v.mean():.4f} ± {v.std(ddof=1) if len(v) > 1 else 0.0:.4f}"
+
+
+EFFECTS = {  # recipe -> (name, effect of a cell): positive = the recipe did what it claims
+    "dpo": (("held-out margin after - before", lambda c: c["margin_after"] - c["margin_before"]),
+            ("held-out accuracy after - before", lambda c: c["accuracy_after"] - c["accuracy_before"])),
+    "nft": (("held-out reward after - before", lambda c: c["reward_after"] - c["reward_before"]),),
+    "identity": (("face distance without - with the term", lambda c: c["distance_without"] - c["distance_with"]),),
+}
+
+
+def markdown(cells: list[dict]) -> str:
+    """The table of docs/benchmarks.md: every cell, then each effect's mean, seed-to-seed std (over all cells) and
+    how many cells moved the right way."""
+    lines = []
+    for recipe in [r for r in RUNS if any(c["recipe"] == r for c in cells)]:
+        rows = [c for c in cells if c["recipe"] == recipe]
+        keys = [k for k in rows[0] if k not in ("recipe", "build", "seed", "seconds")]
+        lines += [f"**{recipe}** ({RECIPES[recipe]}, {STEPS[recipe]} steps)", "",
+                  "| build | seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+        lines += [f"| {c['build']} | {c['seed']} | " + " | ".join(f"{c[k]:.5f}" for k in keys) + " |" for c in rows]
+        lines.append("")
+        for name, fn in EFFECTS[recipe]:
+            v = np.asarray([fn(c) for c in rows])
+            sd = v.std(ddof=1) if len(v) > 1 else float("nan")
+            lines.append(f"- {name}: mean {v.mean():+.5f}, seed-to-seed std {sd:.5f} (mean / std = "
+                         f"{v.mean() / sd:.1f}), {int((v > 0).sum())} of {len(v)} cells > 0, smallest {v.min():+.5f}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", choices=sorted(RUNS), action="append")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--builds", type=int, nargs="+", default=[0, 1])
+    p.add_argument("--steps", type=int, default=None, help="override the scaled-down step count")
+    p.add_argument("--json", type=Path, default=None, help="append each cell as a JSON line here")
+    p.add_argument("--config", type=Path, default=None, help="prove this config file instead of the shipped one "
+                   "(one --recipe)")
+    p.add_argument("--train-rows", type=int, default=None, help="DPO training pairs (default 8)")
+    p.add_argument("--table", type=Path, default=None, help="print the markdown table of a --json file and exit")
+    args = p.parse_args(argv)
+    if args.table:
+        print(markdown([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
+    if args.train_rows:
+        TRAIN_ROWS["dpo"] = args.train_rows
+    if args.config:
+        CONFIG_FILES[(args.recipe or ["dpo"])[0]] = args.config
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        for recipe in args.recipe or sorted(RUNS):
+            rows = []
+            for b in args.builds:
+                model = build(root, b)
+                for seed in args.seeds:
+                    t0 = time.perf_counter()
+                    cell = RUNS[recipe](model, root / f"{recipe}_b{b}_s{seed}", seed, args.steps or STEPS[recipe])
+                    cell.update(recipe=recipe, build=b, seed=seed, seconds=round(time.perf_counter() - t0, 1))
+                    rows.append(cell)
+                    print(json.dumps(cell), flush=True)
+                    if args.json:
+                        with args.json.open("a") as f:
+                            f.write(json.dumps(cell) + "\n")
+            keys = [k for k in rows[0] if k not in ("recipe", "build", "seed", "seconds")]
+            print(f"\n{recipe}: mean ± std over {len(rows)} (build, seed) cells")
+            for k in keys:
+                print(f"  {k:18s} {summary(rows, k)}")
+
+
+if __name__ == "__main__":
+    main()
