@@ -20,7 +20,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .files import write_json
-from .planted import jpeg, qr_image
+from .render import jpeg, qr_image
 
 # split -> (photographs, seeds). Only photographs that load offline from the wheel (no pooch download).
 SPLITS: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {

@@ -7,7 +7,6 @@ noise texture; an edit changes only its region (the noise is shared by source an
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from .files import write_json
+from .render import jpeg, qr_image
 
 COLOURS = {"red": (220, 40, 40), "blue": (40, 70, 220), "green": (40, 170, 60), "yellow": (235, 210, 40),
            "purple": (140, 50, 180), "orange": (240, 140, 30)}
@@ -68,12 +68,6 @@ def finish(img: Image.Image, noise: np.ndarray) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, dtype=np.float32) + noise, 0, 255).astype(np.uint8))
 
 
-def jpeg(img: Image.Image, quality: int) -> Image.Image:
-    buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=quality)
-    return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
-
-
 def clean_pair(rng: np.random.Generator, w: int, h: int, task: str) -> tuple[Image.Image, Image.Image, dict]:
     base, noise = base_scene(rng, w, h), texture(rng, w, h)
     colour, shape = str(rng.choice(list(COLOURS))), str(rng.choice(list(SHAPES_CN)))
@@ -102,13 +96,6 @@ def clean_pair(rng: np.random.Generator, w: int, h: int, task: str) -> tuple[Ima
                 "inverse_instruction": f"Add a {colour} {shape} to Picture 1",
                 "inverse_instruction_cn": f"在图1中添加一个{COLOURS_CN[colour]}的{SHAPES_CN[shape]}"}
     return src, tgt, text
-
-
-def qr_image(text: str, side: int) -> Image.Image:
-    import cv2
-
-    code = cv2.QRCodeEncoder.create().encode(text)
-    return Image.fromarray(code).convert("RGB").resize((side, side), Image.NEAREST)
 
 
 _EAN_L = ["0001101", "0011001", "0010011", "0111101", "0100011", "0110001", "0101111", "0111011", "0110111",
