@@ -120,21 +120,23 @@ def denoise_latents(model: FireRedModel, settings: RunSettings | None, cond: Pro
                     ref: RefLatents, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
                     steps: int, true_cfg: float, shift: float | None = None, denoise: float = 1.0,
                     init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None,
-                    latent_hook: Callable[[torch.Tensor], StepHook] | None = None
-                    ) -> tuple[torch.Tensor, dict | None]:
+                    latent_hook: Callable[[torch.Tensor], StepHook] | None = None,
+                    sigmas: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
     """The sampling stage: noise (from a CPU generator) -> packed model-space latents [B, L, 64].
 
     One sample per row of ``cond``. With ``denoise`` < 1, ``init`` (packed, model space) is noised to the first
     sigma of the shortened schedule and sampling starts there. ``latent_hook``, given the drawn noise, returns the
     per-step hook of :func:`sampling.sample` (e.g. :func:`masks.blend_hook`). Returns the latents and the
-    block-cache report.
+    block-cache report. ``sigmas`` (a distilled LoRA's fixed schedule, already cut to ``denoise``) replace the
+    checkpoint's schedule for ``steps`` / ``shift`` / ``denoise``.
     """
     batch, dtype = cond.embeds.shape[0], cond.embeds.dtype
     check({"steps": steps, "true_cfg": true_cfg, "denoise": denoise, "shift": shift})
     noise = make_noise(batch, width, height, seed, dtype, model.device)
     img_shapes = [[L.token_grid(height, width), *ref.shapes]]
     check_text_length(cond.embeds.shape[1], img_shapes[0])
-    sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
+    if sigmas is None:
+        sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
     start = noise
     if init is not None and denoise < 1.0:
         require_finite(init, "the input latent")
@@ -201,6 +203,7 @@ class EditPipeline:
         mask: torch.Tensor | Image.Image | None = None,
         feather: int = 0,
         color_match: str = "off",
+        sigmas: torch.Tensor | None = None,
     ) -> EditResult:
         """Edit ``images`` (0 = text-to-image, 1-3 native) following ``prompt``.
 
@@ -221,6 +224,8 @@ class EditPipeline:
                 pixel outside the mask is the input's own.
             feather: pixels over which the composite fades in inside the mask's border.
             color_match: ``off``, ``mean-std`` or ``histogram`` (``masks.color_match``).
+            sigmas: a fixed schedule (``steps + 1`` values down to 0, e.g. a distilled LoRA's
+                :meth:`~firered_core.lora.LoraSchedule.tensor`) instead of the checkpoint's; ``shift`` is then unused.
         """
         check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
                "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
@@ -265,7 +270,8 @@ class EditPipeline:
             hook = M.blend_hook(self.source_latents(refs, ref, images[-1], width, height, dtype),
                                 M.token_mask(gen_mask))
         latents, stats = denoise_latents(self.model, self.settings, cond, uncond, ref, width, height, seed, steps,
-                                         true_cfg, shift=shift, callback=callback, latent_hook=hook)
+                                         true_cfg, shift=shift, callback=callback, latent_hook=hook,
+                                         sigmas=sigmas)
         if output == "latent":
             return EditResult(None, latents, width, height, stats)
         pixels = decode_to_pixels(self.model, latents, width, height)
