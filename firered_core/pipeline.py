@@ -19,6 +19,7 @@ from .errors import InputError
 from .conditioning import PromptEmbeds, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
+from .lora.schedule import model_schedule
 from .model import FireRedModel
 from .references import (RefImages, RefLatents, encode_image, encode_references, prepare_references,
                          resize_lanczos, vae_pixels)
@@ -224,8 +225,9 @@ class EditPipeline:
                 pixel outside the mask is the input's own.
             feather: pixels over which the composite fades in inside the mask's border.
             color_match: ``off``, ``mean-std`` or ``histogram`` (``masks.color_match``).
-            sigmas: a fixed schedule (``steps + 1`` values down to 0, e.g. a distilled LoRA's
-                :meth:`~firered_core.lora.LoraSchedule.tensor`) instead of the checkpoint's; ``shift`` is then unused.
+            sigmas: a fixed schedule (``steps + 1`` values down to 0) instead of the checkpoint's; ``shift`` is then
+                unused. By default a distilled LoRA's saved schedule (``model.lora_schedule``) when ``steps`` is its
+                step count and no ``shift`` is given.
         """
         check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
                "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
@@ -254,6 +256,9 @@ class EditPipeline:
             width, height = width or dw, height or dh
         check_size(width, height)
         do_cfg = negative_prompt is not None and true_cfg > 1.0
+        schedule = model_schedule(self.model)
+        if sigmas is None and shift is None and schedule is not None and steps == schedule.steps:
+            sigmas = schedule.tensor()  # a distilled LoRA samples on the sigmas it learnt
 
         cond = self.encode_prompts(prompts, refs, prompt_mode).repeat(num_images)
         uncond = None

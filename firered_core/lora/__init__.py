@@ -24,8 +24,9 @@ from .state import LoraState, lora_state
 from .view import LoraModelView, model_with_loras, with_loras
 
 __all__ = [
-    "STYLES", "LoraCoverage", "LoraError", "LoraLinear", "LoraModelView", "LoraReport", "LoraSchedule", "LoraSpec", "LoraState",
-    "LoraWeights", "PlannedLora", "applied_loras", "apply_loras", "default_mode", "group_by_module", "linear_modules",
-    "lora_keys", "lora_state", "model_schedule", "lora_state_dict", "lora_weights_from_state_dict", "model_with_loras", "plan_lora",
-    "read_lora_file", "read_schedule", "remove_loras", "schedule_of", "save_lora", "split_key", "underscore_index", "with_loras",
+    "STYLES", "LoraCoverage", "LoraError", "LoraLinear", "LoraModelView", "LoraReport", "LoraSchedule", "LoraSpec",
+    "LoraState", "LoraWeights", "PlannedLora", "applied_loras", "apply_loras", "default_mode", "group_by_module",
+    "linear_modules", "lora_keys", "lora_state", "model_schedule", "lora_state_dict", "lora_weights_from_state_dict",
+    "model_with_loras", "plan_lora", "read_lora_file", "read_schedule", "remove_loras", "schedule_of", "save_lora",
+    "split_key", "underscore_index", "with_loras",
 ]

@@ -59,15 +59,6 @@ class DistillConfig:
     segments: Annotated[int, Field(ge=0)] = 0  # intervals trained per row and step (0 = all N)
     teacher_lora: str | None = None  # a LoRA merged into the teacher (and the student's base), e.g. a fine-tune's
 
-    def __post_init__(self):
-        from .config import ConfigError
-
-        if self.teacher_steps % self.steps:
-            raise ConfigError(f"distill.teacher_steps ({self.teacher_steps}) must be a multiple of distill.steps "
-                              f"({self.steps}): the teacher's path must pass through the student's sigmas")
-        if self.segments > self.steps:
-            raise ConfigError(f"distill.segments ({self.segments}) must be at most distill.steps ({self.steps})")
-
 
 def student_sigmas(cfg: DistillConfig, scheduler_config: dict) -> torch.Tensor:
     """The student's fixed schedule: ``steps + 1`` sigmas, the last 0 (float32)."""
@@ -101,7 +92,8 @@ def teacher_path(denoiser, noise: torch.Tensor, sigmas: torch.Tensor, substeps: 
             states.append(latents)
         return latents
 
-    sample(denoiser, noise, fine.to(noise.device), cond, uncond, true_cfg, step_hook=keep)
+    # both CFG branches in one forward of twice the batch (cfg.BatchedCFG; it falls back to two on out-of-memory)
+    sample(denoiser, noise, fine.to(noise.device), cond, uncond, true_cfg, step_hook=keep, batched_cfg=True)
     return torch.cat(states)
 
 
@@ -154,63 +146,3 @@ class DistillObjective:
         loss = distill_loss(v, states, self.sigmas, seg)
         # the x-space gap of the student's whole N-step path is not measured here (it needs N student calls)
         return loss, {}
-
-
-def negative_encoder(cfg, model, device):
-    """``(sample, inputs) -> PromptEmbeds``: the teacher's negative prompt with the row's references, encoded online
-    as the pipeline encodes it, or the extraction's ``empty`` variant when the run reads cached embeddings."""
-    from ..conditioning import encode_prompts
-    from .buckets import bucket_key
-    from .inputs import open_embeddings
-    from .rows import row_images, row_references, vl_images
-
-    store = open_embeddings(cfg)
-
-    def encode(sample, inputs) -> PromptEmbeds:
-        if store is not None:
-            cached = store.load(sample.uid)
-            if "embeds.empty" not in cached:
-                raise KeyError(f"row {sample.uid} has no cached 'empty' embedding in {store.root}: the teacher's "
-                               "negative prompt; extract the 'empty' variant or encode online")
-            return PromptEmbeds(cached["embeds.empty"][None].to(device, torch.float32), None)
-        inverse = inputs.variant.startswith("inverse")
-        images = row_images(sample, bucket_key(sample), cfg.target_area, cfg.reference_area, inverse=inverse)
-        refs = row_references(images, cfg.vl_area)
-        neg = encode_prompts(model.text_encoder, model.processor, cfg.distill.negative_prompt, vl_images(refs),
-                             mode=cfg.prompt_mode, device=device)
-        return PromptEmbeds(neg.embeds.float(), neg.mask)
-
-    return encode
-
-
-def build_objective(cfg, model, module: torch.nn.Module, device) -> DistillObjective:
-    """The distillation objective of a run (``cfg``: its TrainConfig), checked against the run's other settings."""
-    from .config import ConfigError
-    from .preference import Reference
-
-    if cfg.preference.enabled or cfg.identity.enabled or cfg.nft.enabled:
-        raise ConfigError("distill.enabled trains on the teacher's own paths: switch preference.enabled, "
-                          "identity.enabled and nft.enabled off")
-    if cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0:
-        raise ConfigError("distill.enabled: the teacher's negative prompt is encoded with the row's references as "
-                          "stored; set alignment.drop_rate and alignment.permute_rate to 0")
-    if cfg.embeddings and cfg.variants.inverse_rate > 0:
-        raise ConfigError("distill.enabled with cached embeddings: the teacher's negative is the cached 'empty' "
-                          "variant, which exists for forward edits only; set variants.inverse_rate: 0")
-    return DistillObjective(cfg.distill, Reference(module, cfg.method), negative_encoder(cfg, model, device),
-                            model.scheduler_config, cfg.seed)
-
-
-def merge_teacher_lora(transformer: torch.nn.Module, cfg: DistillConfig) -> None:
-    """Merge ``teacher_lora`` into the base weights for good (before the trained adapter is added), so the teacher
-    is base + that LoRA and the distilled LoRA is made for it. The unmerged weights are released."""
-    if not cfg.enabled or not cfg.teacher_lora:
-        return
-    from ..lora import apply_loras
-    from ..lora.state import set_lora_state
-
-    report = apply_loras(transformer, [cfg.teacher_lora], mode="merge")
-    set_lora_state(transformer, None)  # no removal later: drop the kept originals
-    import logging
-
-    logging.getLogger(__name__).info("distill teacher: %s", report.summary())

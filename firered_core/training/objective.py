@@ -27,8 +27,10 @@ class RowObjective:
         self.nft = None
         self.distill = None
         if cfg.distill.enabled:  # the teacher's CFG path -> a few-step student (distill.py)
-            from .distill import build_objective
+            from .distill_setup import build_objective, config_problem
 
+            if config_problem(cfg):
+                raise ConfigError(config_problem(cfg))
             self.distill = build_objective(cfg, model, module, device)
         if cfg.nft.enabled:
             if cfg.preference.enabled or cfg.identity.enabled:

@@ -25,7 +25,7 @@ from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
 from .data import load_dataset, parse_weights
-from .distill import merge_teacher_lora
+from .distill_setup import merge_teacher_lora
 from .distributed import make_accelerator
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings

@@ -1,0 +1,234 @@
+"""Few-step distillation (training/distill.py): the teacher path is the inference sampler's, the loss's minimum is the
+teacher's N-step map, the export carries its schedule and firered-edit, the LoRA Loader and the Sampler use it, the
+distilled LoRA beats the base at N steps on held-out pictures and prompts beyond 3 sigma of the seed-to-seed spread,
+resume is exact and 2 processes equal 1."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks import distill as B  # noqa: E402
+from firered_core.lora import LoraError, LoraSchedule, read_schedule, schedule_of  # noqa: E402
+from firered_core.sampling import SCHEDULER_CONFIG, make_sigmas, sample  # noqa: E402
+from firered_core.training.distill import (DistillConfig, distill_loss, export_schedule, student_sigmas,  # noqa: E402
+                                           teacher_path, teacher_sigmas)
+from firered_core.conditioning import PromptEmbeds  # noqa: E402
+from test_training_run import torch_threads, torchrun_train  # noqa: E402
+
+TRAIN_STEPS = 24  # the proof's training steps (the benchmark runs more)
+
+
+def toy_denoiser(x, t, cond, branch):
+    """A bent velocity field (depends on x nonlinearly, on the noise level and on the prompt) for sampler tests."""
+    return torch.tanh(1.5 * x) * (1 + t.view(-1, 1, 1)) + cond.embeds.mean() * x.roll(1, -1)
+
+
+def embeds(value: float, n: int = 1) -> PromptEmbeds:
+    return PromptEmbeds(torch.full((n, 3, 8), value), None)
+
+
+# -- units ------------------------------------------------------------------------------------------------------
+def test_teacher_path_passes_through_the_student_sigmas_on_the_inference_sampler():
+    cfg = DistillConfig(enabled=True, steps=4, teacher_steps=12, schedule_tokens=16)
+    sig = student_sigmas(cfg, SCHEDULER_CONFIG)
+    fine = teacher_sigmas(sig, 3)
+    assert len(sig) == 5 and len(fine) == 13 and float(sig[-1]) == 0.0
+    assert torch.equal(fine[::3], sig)  # every student sigma is on the teacher's grid
+    noise = torch.randn(1, 6, 8, generator=torch.Generator().manual_seed(0))
+    states = teacher_path(toy_denoiser, noise, sig, 3, embeds(0.3), embeds(-0.2), 4.0)
+    assert states.shape == (5, 6, 8) and torch.equal(states[0], noise[0])
+    for i in range(1, 5):  # each kept state is where the inference sampler (batched CFG) is at that sigma
+        ref = sample(toy_denoiser, noise, fine[: 3 * i + 1], embeds(0.3), embeds(-0.2), 4.0, batched_cfg=True)
+        assert torch.equal(states[i], ref[0]), i
+    # the teacher's CFG changes the path (the student must learn it, not only the step count)
+    no_cfg = teacher_path(toy_denoiser, noise, sig, 3, embeds(0.3), None, 1.0)
+    assert (no_cfg[-1] - states[-1]).abs().max() > 1e-2
+
+
+def test_the_loss_is_zero_exactly_at_the_teachers_n_step_map_and_positive_elsewhere():
+    sig = student_sigmas(DistillConfig(steps=4, teacher_steps=8, schedule_tokens=16), SCHEDULER_CONFIG)
+    states = teacher_path(toy_denoiser, torch.randn(1, 6, 8), sig, 2, embeds(0.3), embeds(-0.2), 4.0)
+    seg = torch.arange(4)
+    v = (states[1:] - states[:-1]) / (sig[1:] - sig[:-1]).view(-1, 1, 1)  # the teacher's mean velocities
+    assert float(distill_loss(v, states, sig, seg)) == 0.0
+    # one student Euler step with them lands on the teacher's next state (fp32: a few ulps of |x|)
+    step = states[:-1] + (sig[1:] - sig[:-1]).view(-1, 1, 1) * v
+    assert torch.allclose(step, states[1:], rtol=0, atol=8 * torch.finfo(torch.float32).eps * 4)
+    assert float(distill_loss(v + 0.1, states, sig, seg)) == pytest.approx(0.01, rel=1e-5)
+    assert float(distill_loss(v[[1, 3]], states, sig, torch.tensor([1, 3]))) == 0.0  # a subset of intervals
+
+
+def test_schedule_metadata_round_trips_and_bad_or_clashing_schedules_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    sched = export_schedule(DistillConfig(steps=4, teacher_steps=40, schedule_tokens=16), SCHEDULER_CONFIG)
+    assert sched.steps == 4 and sched.true_cfg == 1.0 and sched.teacher_steps == 40 and sched.sigmas[-1] == 0.0
+    back = LoraSchedule.from_metadata(sched.metadata())
+    assert (back.steps, back.sigmas, back.true_cfg) == (sched.steps, sched.sigmas, sched.true_cfg)
+    assert torch.equal(back.tensor(0.5), torch.tensor(sched.sigmas[-3:]))  # denoise 0.5: the last 2 steps
+    bad = json.loads(sched.metadata()["firered_schedule"])
+    bad["sigmas"] = [1.0, 0.5, 0.7, 0.2, 0.0]
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "bad.safetensors"), metadata={"firered_schedule": json.dumps(bad)})
+    with pytest.raises(LoraError, match="bad.safetensors: schedule sigmas .* must decrease strictly"):
+        read_schedule(tmp_path / "bad.safetensors")
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "a.safetensors"), metadata=sched.metadata())
+    other = LoraSchedule(4, (1.0, 0.8, 0.5, 0.2, 0.0))
+    save_file({"x": torch.zeros(1)}, str(tmp_path / "b.safetensors"), metadata=other.metadata())
+    assert schedule_of([tmp_path / "a.safetensors"]).sigmas == sched.sigmas
+    with pytest.raises(LoraError, match="different sampling schedules"):
+        schedule_of([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
+
+
+# -- a distilled LoRA: the proof and its use ---------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def distilled(tmp_path_factory):
+    """An 8-step LoRA distilled with the recipe from a tiny build (training pictures and prompts only)."""
+    tmp = tmp_path_factory.mktemp("distill")
+    model_dir = B.lively_model(tmp / "model0", 0)
+    data = B.edit_rows(tmp / "train", [*B.TRAIN_PICTURES, *B.TRAIN_FACES], B.TRAIN_PROMPTS)
+    with torch_threads(1):
+        lora = B.distil(model_dir, data, tmp / "run", 8, TRAIN_STEPS, 0)
+    return model_dir, lora
+
+
+def test_distilled_8_steps_without_cfg_beat_the_base_at_8_steps_on_held_out_edits(distilled):
+    """Held out: pictures and instructions never trained on (benchmarks/distill.py HELD_OUT_*); 3 noise seeds. The
+    student's mean gain in PSNR (and SSIM) to the teacher's 40-step CFG-4 picture over the base at 8 steps with CFG 4
+    and with CFG off exceeds 3 times the seed-to-seed standard deviation of that gain."""
+    model_dir, lora = distilled
+    items = B.held_out_items()[::4]  # a photograph and a face
+    with torch_threads(1):
+        rows = [B.measure(model_dir, lora, 8, seed, items) for seed in (0, 1, 2)]
+    g = B.gains(rows)
+    for key, (mean, std) in g.items():
+        assert mean > 3 * std and mean > 0, (key, g, rows)
+    assert rows[0]["passes"] == {"teacher": 80, "base_cfg": 16, "base_nocfg": 8, "student": 8}
+
+
+def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_path, capsys):
+    from PIL import Image
+
+    from firered_core import cli
+    from firered_core.lora import model_with_loras
+    from firered_core.model import load_model
+    from firered_core.pipeline import EditPipeline
+
+    model_dir, lora = distilled
+    diffusers_style = lora.with_name(lora.name.replace("_comfy", "_diffusers"))
+    for path in (lora, diffusers_style):
+        with safe_open(str(path), "pt") as fh:
+            assert "firered_schedule" in fh.metadata()
+        assert read_schedule(path).steps == 8
+    src = tmp_path / "src.png"
+    B.picture(B.HELD_OUT_PICTURES[0]).save(src)
+    out = tmp_path / "out.png"
+    args = ["--model", str(model_dir), "--lora", str(diffusers_style), "-i", str(src), "-p", "Paint it in watercolour",
+            "--width", "64", "--height", "64", "--vae-area", "4096", "--vl-area", "4096", "-o", str(out)]
+    assert cli.main(args) == 0
+    assert "LoRA schedule: 8 steps, true CFG 1" in capsys.readouterr().err
+    view, _ = model_with_loras(load_model(model_dir), [diffusers_style])
+    kw = dict(width=64, height=64, vae_area=4096, vl_area=4096, seed=0)
+    img = [Image.open(src).convert("RGB")]
+    own = EditPipeline(view).edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
+                                  sigmas=view.lora_schedule.tensor(), **kw).images[0]
+    default = EditPipeline(view).edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
+                                      sigmas=make_sigmas(8, 16, view.scheduler_config), **kw).images[0]
+    written = np.asarray(Image.open(out), dtype=np.int16)
+    assert np.abs(written - np.asarray(own, dtype=np.int16)).max() <= 1  # merged in place vs on a view: rounding
+    assert np.abs(written - np.asarray(default, dtype=np.int16)).max() > 2  # not the checkpoint's 8-step schedule
+
+
+def test_lora_loader_and_sampler_node_use_the_saved_schedule_with_cfg_off(distilled, monkeypatch):
+    import nodes_support as S
+
+    from firered_core.pipeline import denoise_latents
+
+    model_dir, lora = distilled
+    monkeypatch.setenv("FIRERED_MODEL_DIRS", str(model_dir.parent))
+    monkeypatch.setenv("FIRERED_LORA_DIRS", str(lora.parent))
+    C = S.classes()
+    model = C["FireRedModelLoader"]().load(model_dir.name, "fp32", "cpu", "none")[0]
+    view, report = C["FireRedLoraLoader"]().load(model, lora.name, 1.0, "auto", False)
+    assert "sampling schedule: 8 steps, true CFG 1" in report
+    img = torch.from_numpy(np.asarray(B.picture(B.HELD_OUT_FACES[0]), dtype=np.float32) / 255)[None]
+    refs = C["FireRedReferenceImages"]().prepare(view, 64, "area", 64, image1=img)[0]
+    pos = C["FireRedEncodeInstruction"]().encode(view, "Make it look rainy", "pipeline", refs)[0]
+    neg = C["FireRedEncodeInstruction"]().encode(view, " ", "pipeline", refs)[0]
+    latent = C["FireRedImageSize"]().size("width x height", 1.0, 64, 64)[0]
+    counter = B.ForwardCounter(view.transformer)
+    got = C["FireRedSampler"]().sample(view, pos, latent, 5, 40, 4.0, 0.0, 1.0, 1, "batch", negative=neg)[0]
+    counter.handle.remove()
+    assert counter.rows == 8  # 8 steps, CFG off, whatever the widgets said (40, 4)
+    from firered_core import comfy_latents as CL
+
+    ref = refs.latents
+    want, _ = denoise_latents(view, None, pos.embeds, None, ref, 64, 64, 5, 8, 1.0,
+                              sigmas=view.lora_schedule.tensor())
+    assert torch.equal(got["samples"], CL.to_raw(want, 64, 64, view.vae.config).float())
+
+
+# -- exact resume and 2 processes = 1 ----------------------------------------------------------------------------
+SMALL_RUN = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
+                 lr=5e-3, **{"lora.rank": 4, "variants.text_drop": 0.0, "variants.cn_rate": 0.0,
+                             "distill.enabled": True, "distill.steps": 4, "distill.teacher_steps": 8,
+                             "distill.schedule_tokens": 16, "distill.segments": 2})
+
+
+@pytest.fixture(scope="module")
+def rows(tmp_path_factory):
+    from firered_core.training.synthetic import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("rows"), rows=2)
+
+
+def test_distill_resume_is_exact(tiny_model_dir, rows, tmp_path):
+    from firered_core.training.config import load_config
+    from firered_core.training.trainer import SimulatedKill, train
+
+    kw = dict(SMALL_RUN, model=str(tiny_model_dir), data=str(rows), steps=3, checkpoint_every=2)
+    full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
+    with pytest.raises(SimulatedKill):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
+    assert list(resumed.losses) == [1, 2, 3] and resumed.losses == full.losses  # same noise, segments, teacher
+    from safetensors.torch import load_file
+
+    ea, eb = load_file(str(full.exports["comfy"])), load_file(str(resumed.exports["comfy"]))
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+def test_two_process_distill_equals_one_process(tiny_model_dir, rows, tmp_path):
+    """2 processes (torchrun + gloo, one row each) against 1 process accumulating both rows. Each row's teacher
+    path and student forward are the same computation on both sides (one row at a time, one thread); the 1-process
+    gradient is g0/2 + g1/2 and DDP's (g0 + g1)/2, equal in floating point (halving is exact): losses and the
+    exported LoRA must be bit-identical."""
+    from firered_core.training.config import load_config
+    from firered_core.training.trainer import train
+    from safetensors.torch import load_file
+
+    kw = dict(SMALL_RUN, model=str(tiny_model_dir), data=str(rows), steps=2, checkpoint_every=0)
+    with torch_threads(1):
+        one = train(load_config(None, output_dir=str(tmp_path / "one"), batch_size=2, **kw))
+    values = {**kw, "output_dir": str(tmp_path / "two"), "batch_size": 1}
+    values = {k: v for k, v in values.items() if "." not in k}
+    for k, v in SMALL_RUN.items():
+        if "." in k:
+            section, key = k.split(".")
+            values.setdefault(section, {})[key] = v
+    proc = torchrun_train(tmp_path, "two", values)
+    assert "process 1 of 2 (DistributedType.MULTI_CPU): DistributedDataParallel" in proc.stderr, proc.stderr[-3000:]
+    losses = json.loads((tmp_path / "two" / "losses.json").read_text())
+    assert [float(losses[str(s)]) for s in (1, 2)] == [one.losses[1], one.losses[2]]
+    a = load_file(str(one.exports["comfy"]))
+    b = load_file(str(tmp_path / "two" / "export" / "firered_lora_comfy.safetensors"))
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    with safe_open(str(tmp_path / "two" / "export" / "firered_lora_comfy.safetensors"), "pt") as fh:
+        assert json.loads(fh.metadata()["firered_schedule"])["steps"] == 4
