@@ -48,7 +48,7 @@ TRAIN_PROMPTS = ("Make the sky purple", "Turn it into a pencil sketch", "Add fal
 HELD_OUT_PROMPTS = ("Change the colours to sepia", "Paint it in watercolour", "Make it look rainy",
                     "Turn it into a neon poster")
 # The recipe (training/configs/distill_lora.yaml) at the proof's size: only sizes, steps and paths differ.
-RECIPE = dict(lr=2e-3, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, batch_size=1,
+RECIPE = dict(lr=6e-3, warmup_steps=0, weight_decay=0.0, grad_clip=1.0, batch_size=1,
               **{"lora.rank": 8, "lora.alpha": 8.0, "variants.text_drop": 0.0, "variants.cn_rate": 0.0,
                  "variants.inverse_rate": 0.0, "distill.enabled": True, "distill.teacher_steps": 40,
                  "distill.teacher_cfg": 4.0})
@@ -89,16 +89,15 @@ def picture(name: str | int, size: int = SIZE):
 
 
 def edit_rows(root: str | Path, pictures, prompts) -> Path:
-    """Edit rows (source picture + instruction) in the trainer's JSONL layout. The target image is the source:
-    the distillation never reads it (the teacher makes the targets)."""
+    """Edit rows (source picture + instruction) in the trainer's JSONL layout, without target images (the teacher
+    makes the targets)."""
     root = Path(root)
     (root / "edit" / "img").mkdir(parents=True, exist_ok=True)
     lines = []
     for i, name in enumerate(pictures):
         path = f"img/{i:03d}.png"
         picture(name).save(root / "edit" / path)
-        lines.append(json.dumps({"source_image": path, "target_image": path,
-                                 "instruction": prompts[i % len(prompts)]}))
+        lines.append(json.dumps({"source_image": path, "instruction": prompts[i % len(prompts)]}))
     (root / "edit" / "data.jsonl").write_text("\n".join(lines) + "\n")
     return root
 
@@ -200,11 +199,17 @@ def gains(rows: list[dict]) -> dict:
 # -- the CPU table ----------------------------------------------------------------------------------------------
 def cpu_table(args) -> None:
     torch.set_num_threads(args.threads)
+    if args.aggregate:
+        rows = [r for f in args.aggregate for r in json.loads(Path(f).read_text())]
+        for steps in sorted({r["steps"] for r in rows}, reverse=True):
+            print_table([r for r in rows if r["steps"] == steps], steps)
+        return
     work = Path(args.work)
     data = edit_rows(work / "train", [*TRAIN_PICTURES, *TRAIN_FACES], TRAIN_PROMPTS)
     which = "TUNING pairs" if args.tune else "held-out pairs (pictures and prompts never trained on)"
     print(f"# distillation, CPU ({args.threads} threads), tiny models x{GAIN:g}, {SIZE}x{SIZE}, lr {args.lr:g}, "
           f"{args.train_steps} training steps; measured on {len(held_out_items(args.tune))} {which}")
+    done = []
     for steps in args.student_steps:
         rows = []
         for build in args.builds:
@@ -214,23 +219,35 @@ def cpu_table(args) -> None:
                 lora = distil(model_dir, data, work / f"run-b{build}-s{seed}-n{steps}", steps, args.train_steps, seed,
                               lr=args.lr)
                 r = measure(model_dir, lora, steps, seed, held_out_items(args.tune))
+                r.update(build=build, seed=seed, steps=steps)
                 rows.append(r)
                 print(f"build {build} seed {seed} N={steps}: " + ", ".join(
                     f"{s} {r[s + '_psnr']:.2f} dB / {r[s + '_ssim']:.4f}" for s in SIDES)
                     + f"  ({time.perf_counter() - t:.0f} s)", flush=True)
-        p = rows[-1]["passes"]
-        print(f"\n| N={steps} | PSNR to teacher (dB) | SSIM to teacher | forward passes / image |")
-        print("|---|---|---|---|")
-        print(f"| teacher, 40 steps, CFG 4 | - | - | {p['teacher']} |")
-        for side, label in (("base_cfg", f"base, {steps} steps, CFG 4"), ("base_nocfg", f"base, {steps} steps, "
-                                                                                         "CFG off"),
-                            ("student", f"distilled LoRA, {steps} steps, CFG off")):
-            ps, ss = np.array([r[side + "_psnr"] for r in rows]), np.array([r[side + "_ssim"] for r in rows])
-            print(f"| {label} | {ps.mean():.2f} ± {ps.std(ddof=1):.2f} | {ss.mean():.4f} ± {ss.std(ddof=1):.4f} "
-                  f"| {p[side]} |")
-        for key, (m, s) in gains(rows).items():
-            print(f"gain {key}: {m:+.4f} (seed-to-seed std {s:.4f}, {m / s if s > 0 else math.inf:.1f} sigma)")
-        print()
+                if args.json:
+                    Path(args.json).write_text(json.dumps(done + rows))
+        done += rows
+        print_table(rows, steps)
+
+
+def print_table(rows: list[dict], steps: int) -> None:
+    p = rows[-1]["passes"]
+    builds, seeds = sorted({r.get("build") for r in rows}), sorted({r.get("seed") for r in rows})
+    print(f"\nN={steps}: builds {builds}, seeds {seeds} (mean ± seed-to-seed std over {len(rows)} runs)")
+    print("| side | PSNR to teacher (dB) | SSIM to teacher | forward passes / image |")
+    print("|---|---|---|---|")
+    print(f"| teacher, 40 steps, CFG 4 | - | - | {p['teacher']} |")
+    for side, label in (("base_cfg", f"base, {steps} steps, CFG 4"), ("base_nocfg", f"base, {steps} steps, CFG off"),
+                        ("student", f"distilled LoRA, {steps} steps, CFG off")):
+        ps, ss = np.array([r[side + "_psnr"] for r in rows]), np.array([r[side + "_ssim"] for r in rows])
+        print(f"| {label} | {ps.mean():.2f} ± {ps.std(ddof=1):.2f} | {ss.mean():.4f} ± {ss.std(ddof=1):.4f} "
+              f"| {p[side]} |")
+    for build in builds:
+        sub = [r for r in rows if r.get("build") == build]
+        for key, (m, s) in gains(sub).items():
+            print(f"build {build}: gain {key}: {m:+.4f} (seed-to-seed std {s:.4f}, "
+                  f"{m / s if s > 0 else math.inf:.1f} sigma)")
+    print()
 
 
 # -- the GPU script ---------------------------------------------------------------------------------------------
@@ -320,6 +337,8 @@ def main(argv=None) -> None:
     p.add_argument("--student-steps", type=int, nargs="+", default=[8, 4])
     p.add_argument("--train-steps", type=int, default=60)
     p.add_argument("--lr", type=float, default=RECIPE["lr"])
+    p.add_argument("--json", help="write the per-run rows here (as they come)")
+    p.add_argument("--aggregate", nargs="+", help="print the tables of these --json files and stop")
     p.add_argument("--tune", action="store_true", help="measure on the tuning pairs instead of the held-out ones")
     # GPU mode
     p.add_argument("--preset", default="full", help="GPU mode: full (the real shape) or a demo preset")

@@ -232,3 +232,18 @@ def test_two_process_distill_equals_one_process(tiny_model_dir, rows, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     with safe_open(str(tmp_path / "two" / "export" / "firered_lora_comfy.safetensors"), "pt") as fh:
         assert json.loads(fh.metadata()["firered_schedule"])["steps"] == 4
+
+
+def test_rows_without_targets_load_for_distillation_and_are_refused_elsewhere(tiny_model_dir, tmp_path):
+    from firered_core.training.config import load_config
+    from firered_core.training.data import DataError, load_dataset
+    from firered_core.training.trainer import Trainer
+
+    data = B.edit_rows(tmp_path / "rows", ["coins", 7], ["Make it look rainy"])
+    samples = load_dataset(data).samples
+    assert [s.target_given for s in samples] == [False, False]
+    assert samples[0].target == samples[0].sources[-1] and not samples[0].has_inverse
+    kw = dict(SMALL_RUN, model=str(tiny_model_dir), data=str(data), steps=1, output_dir=str(tmp_path / "run"))
+    with pytest.raises(DataError, match=r"edit/data.jsonl:1: no target_image \(2 row\(s\) without one\)"):
+        Trainer(load_config(None, **{**kw, "distill.enabled": False}))
+    assert Trainer(load_config(None, **kw)).train_step() > 0

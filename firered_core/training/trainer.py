@@ -24,7 +24,7 @@ from ..model import load_model
 from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
-from .data import load_dataset, parse_weights
+from .data import load_dataset, parse_weights, require_targets
 from .distill_setup import merge_teacher_lora
 from .distributed import make_accelerator
 from .ema import EMA
@@ -92,6 +92,8 @@ class Trainer:
         self.acc = make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dataset = load_dataset(cfg.data)
+        if not cfg.distill.enabled:
+            require_targets(self.dataset)
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
         store = open_embeddings(cfg)
