@@ -146,21 +146,25 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 SIDES = ("base_cfg", "base_nocfg", "student")
 
 
-def measure(model_dir: Path, lora: Path, steps: int, seed: int, items=None, teacher_steps: int = 40,
-            teacher_cfg: float = 4.0) -> dict:
+def measure(model_dir: Path, lora: Path, steps: int, seeds: int | list[int], items=None, teacher_steps: int = 40,
+            teacher_cfg: float = 4.0) -> dict | list[dict]:
     """PSNR / SSIM to the teacher (``teacher_steps``, CFG ``teacher_cfg``) of the base at ``steps`` with that CFG
     (``base_cfg``) and with CFG off (``base_nocfg``), and of the distilled LoRA (its saved schedule, CFG off), over
-    the held-out items at noise ``seed``; plus forward passes per image of each side."""
+    the held-out items, per noise seed (a list: the seeds sampled as one batch, one row each); plus forward passes
+    per image of each side (batch rows per forward; both CFG branches run as one batch)."""
     from firered_core.lora import model_schedule, model_with_loras
     from firered_core.model import load_model
     from firered_core.pipeline import EditPipeline
+    from firered_core.speed import RunSettings
 
+    one = isinstance(seeds, int)
+    seeds = [seeds] if one else list(seeds)
     base = load_model(model_dir)
     view, _ = model_with_loras(base, [lora])
     schedule = model_schedule(view)
     assert schedule is not None and schedule.steps == steps, schedule
-    kw = dict(width=SIZE, height=SIZE, vl_area=SIZE * SIZE, vae_area=SIZE * SIZE, seed=seed)
-    out = {f"{side}_{m}": [] for side in SIDES for m in ("psnr", "ssim")}
+    kw = dict(width=SIZE, height=SIZE, vl_area=SIZE * SIZE, vae_area=SIZE * SIZE, seed=seeds, num_images=len(seeds))
+    out = [{f"{side}_{m}": [] for side in SIDES for m in ("psnr", "ssim")} for _ in seeds]
     passes = {}
     for pic, prompt in items or held_out_items():
         img = [picture(pic)]
@@ -168,22 +172,22 @@ def measure(model_dir: Path, lora: Path, steps: int, seed: int, items=None, teac
         def run(model, key, **edit):
             counter = ForwardCounter(model.transformer)
             try:
-                res = EditPipeline(model).edit(img, prompt, **kw, **edit)
+                res = EditPipeline(model, RunSettings(batched_cfg=True)).edit(img, prompt, **kw, **edit)
             finally:
                 counter.handle.remove()
-            passes[key] = counter.rows
-            return np.asarray(res.images[0], dtype=np.float64) / 255
+            passes[key] = counter.rows // len(seeds)
+            return [np.asarray(i, dtype=np.float64) / 255 for i in res.images]
 
         teacher = run(base, "teacher", steps=teacher_steps, true_cfg=teacher_cfg)
         got = {"base_cfg": run(base, "base_cfg", steps=steps, true_cfg=teacher_cfg),
                "base_nocfg": run(base, "base_nocfg", steps=steps, true_cfg=1.0),
                "student": run(view, "student", steps=steps, true_cfg=schedule.true_cfg, sigmas=schedule.tensor())}
-        for side, x in got.items():
-            out[f"{side}_psnr"].append(psnr(x, teacher))
-            out[f"{side}_ssim"].append(ssim(x, teacher))
-    result = {k: float(np.mean(v)) for k, v in out.items()}
-    result["passes"] = passes
-    return result
+        for k in range(len(seeds)):
+            for side, x in got.items():
+                out[k][f"{side}_psnr"].append(psnr(x[k], teacher[k]))
+                out[k][f"{side}_ssim"].append(ssim(x[k], teacher[k]))
+    rows = [{**{key: float(np.mean(v)) for key, v in o.items()}, "passes": dict(passes)} for o in out]
+    return rows[0] if one else rows
 
 
 def gains(rows: list[dict]) -> dict:

@@ -104,9 +104,9 @@ def test_distilled_8_steps_without_cfg_beat_the_base_at_8_steps_on_held_out_edit
     student's mean gain in PSNR (and SSIM) to the teacher's 40-step CFG-4 picture over the base at 8 steps with CFG 4
     and with CFG off exceeds 3 times the seed-to-seed standard deviation of that gain."""
     model_dir, lora = distilled
-    items = B.held_out_items()[::4]  # a photograph and a face
+    items = [B.held_out_items()[i] for i in (0, 1, 6, 7)]  # 2 photographs, 2 faces, 4 held-out instructions
     with torch_threads(1):
-        rows = [B.measure(model_dir, lora, 8, seed, items) for seed in (0, 1, 2)]
+        rows = B.measure(model_dir, lora, 8, [0, 1, 2], items)
     g = B.gains(rows)
     for key, (mean, std) in g.items():
         assert mean > 3 * std and mean > 0, (key, g, rows)
@@ -115,6 +115,7 @@ def test_distilled_8_steps_without_cfg_beat_the_base_at_8_steps_on_held_out_edit
 
 def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_path, capsys):
     from PIL import Image
+    from safetensors.torch import load_file, save_file
 
     from firered_core import cli
     from firered_core.lora import model_with_loras
@@ -127,23 +128,32 @@ def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_pat
         with safe_open(str(path), "pt") as fh:
             assert "firered_schedule" in fh.metadata()
         assert read_schedule(path).steps == 8
+    # The proof's schedule is the checkpoint's own at 64x64; to see that the saved one is used, the LoRA is saved
+    # again with another (constant shift 3), which firered-edit must follow.
+    shifted = LoraSchedule(8, tuple(float(v) for v in make_sigmas(8, 16, SCHEDULER_CONFIG, shift=3.0)))
+    relabelled = tmp_path / "shift3.safetensors"
+    with safe_open(str(diffusers_style), "pt") as fh:
+        meta = {**fh.metadata(), **shifted.metadata()}
+    save_file(load_file(str(diffusers_style)), str(relabelled), metadata=meta)
     src = tmp_path / "src.png"
     B.picture(B.HELD_OUT_PICTURES[0]).save(src)
     out = tmp_path / "out.png"
-    args = ["--model", str(model_dir), "--lora", str(diffusers_style), "-i", str(src), "-p", "Paint it in watercolour",
+    args = ["--model", str(model_dir), "--lora", str(relabelled), "-i", str(src), "-p", "Paint it in watercolour",
             "--width", "64", "--height", "64", "--vae-area", "4096", "--vl-area", "4096", "-o", str(out)]
     assert cli.main(args) == 0
-    assert "LoRA schedule: 8 steps, true CFG 1" in capsys.readouterr().err
-    view, _ = model_with_loras(load_model(model_dir), [diffusers_style])
+    assert "LoRA schedule: 8 steps, true CFG 1, sigmas [1.000, 0.936" in capsys.readouterr().err
+    view, _ = model_with_loras(load_model(model_dir), [relabelled])
     kw = dict(width=64, height=64, vae_area=4096, vl_area=4096, seed=0)
     img = [Image.open(src).convert("RGB")]
-    own = EditPipeline(view).edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
-                                  sigmas=view.lora_schedule.tensor(), **kw).images[0]
-    default = EditPipeline(view).edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
-                                      sigmas=make_sigmas(8, 16, view.scheduler_config), **kw).images[0]
+    pipe = EditPipeline(view)
+    own = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0, sigmas=shifted.tensor(), **kw).images[0]
+    default = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
+                        sigmas=make_sigmas(8, 16, view.scheduler_config), **kw).images[0]
+    with_cfg = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=4.0, **kw).images[0]
     written = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(written - np.asarray(own, dtype=np.int16)).max() <= 1  # merged in place vs on a view: rounding
-    assert np.abs(written - np.asarray(default, dtype=np.int16)).max() > 2  # not the checkpoint's 8-step schedule
+    assert np.abs(written - np.asarray(default, dtype=np.int16)).max() > 2  # not the checkpoint's schedule
+    assert np.abs(written - np.asarray(with_cfg, dtype=np.int16)).max() > 2  # and CFG off
 
 
 def test_lora_loader_and_sampler_node_use_the_saved_schedule_with_cfg_off(distilled, monkeypatch):
