@@ -3,7 +3,7 @@
     python -m benchmarks.data_filters --clean 60 --per-defect 4 --size 128 [--no-ray]
 
 Each filter runs alone over every row and is judged on the clean rows plus its own defect classes
-(firered_core/data/evaluate.py). Throughput: the whole default pipeline over the same set, images scored per
+(firered_core/data/scorecard.py). Throughput: the whole default pipeline over the same set, images scored per
 second per stage, with the local engine (2 worker processes) and Ray Data (local, 2 workers); Ray's start-up is
 timed separately.
 """
@@ -19,7 +19,7 @@ from pathlib import Path
 
 from firered_core.data.config import EngineConfig, load_pipeline_config
 from firered_core.data.engines import start_ray
-from firered_core.data.evaluate import evaluate_filters
+from firered_core.data.scorecard import evaluate_filters
 from firered_core.data.extras import available
 from firered_core.data.pipeline import run_pipeline
 from firered_core.data.planted import make_planted

@@ -165,7 +165,7 @@ class Bench:
 
 HEADER = (f"{'option':<30}{'s/fwd':>7}{'TFLOP/s':>8}{'util':>6}{'peak GiB':>9}{'e2e s':>7}{'PSNR':>6}"
           f"{'compile s':>10}  note")
-# Today's README numbers (H100 80GB, torch 2.11): option -> (s/forward, 8-step end-to-end s).
+# The numbers in docs/benchmarks.md (H100 80GB, torch 2.11): option -> (s/forward, 8-step end-to-end s).
 TODAY = {"plain": (0.39, 3.33), "compile": (0.31, 2.63), "int8 weights": (0.49, 4.07), "fp8 weights": (0.50, 4.14)}
 
 
@@ -211,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     total = time.perf_counter()
 
     from benchmarks import gpu_kernels
-    from firered_core.cache import BlockCache, BlockCacheConfig
+    from firered_core.block_cache import BlockCache, BlockCacheConfig
     from firered_core.kernels.attention import resolve, sage_installed, set_attention_backend
     from firered_core.memory import BlockSwap, quantize_transformer, weight_bytes
     from firered_core.speed import compile_blocks
@@ -364,7 +364,7 @@ def print_summary(rows: list[dict], args) -> None:
     print(HEADER)
     for r in rows:
         print_row(r)
-    print("today (README, H100, torch 2.11): " + ", ".join(f"{k} {v[0]:.2f} s/fwd {v[1]:.2f} s e2e"
+    print("docs/benchmarks.md (H100, torch 2.11): " + ", ".join(f"{k} {v[0]:.2f} s/fwd {v[1]:.2f} s e2e"
                                                          for k, v in TODAY.items()))
     plain = next((r for r in rows if r["option"].startswith("plain")), {})
     comp = next((r for r in rows if r["option"].startswith("compile, ")), {})

@@ -1,5 +1,5 @@
 """Peak VRAM of the low-VRAM LoRA training step, estimated without a GPU: the benchmark's own step
-(:func:`benchmarks.lowvram_training.prepare_lora_step`: FireRed's transformer, bf16 base, fp32 LoRA, one edit row with
+(:func:`benchmarks._lora_step.prepare_lora_step`: FireRed's transformer, bf16 base, fp32 LoRA, one edit row with
 its reference image, forward + backward + AdamW) run on fake tensors, its live tensor bytes counted per device.
 
     python -m benchmarks.lowvram_training --estimate            # full size (60 blocks, 24 heads) at 1024²
@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from benchmarks._live_bytes import CUDA_BLOCK, STAND_IN, LiveBytes, fake_accelerator, fused_attention_everywhere
-from benchmarks.lowvram_training import VARIANTS, StepShape, prepare_lora_step
+from benchmarks._lora_step import VARIANTS, StepShape, prepare_lora_step
 
 GIB = 2**30
 CARD_GIB = 24.0

@@ -111,20 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1, help="images per prompt")
     p.add_argument("-o", "--output", default="firered_edit.png", help="output image path")
     p.add_argument("-v", "--verbose", action="store_true")
-    from .speed import add_arguments
+    from .options import add_arguments
 
     add_arguments(p)
     return p
 
 
 NUMERIC_OPTIONS = ("steps", "true_cfg", "seed", "width", "height", "num_images", "shift", "vl_area", "vae_area",
-                   "feather")
+                   "feather", "pack_megapixels")
 
 
 def lora_specs(args: argparse.Namespace) -> list:
     """The ``--lora FILE[:STRENGTH]`` specs, each strength checked against its range."""
     from .lora import LoraSpec
-    from .validation import check
+    from .limits import check
 
     specs = [LoraSpec.parse(s) for s in args.lora]
     for text, spec in zip(args.lora, specs):
@@ -151,8 +151,6 @@ def _pack(images: list, args: argparse.Namespace) -> tuple[list, str]:
     if args.mask:
         raise PackError("--mask applies to the edited (last) image, which packing would merge into a composite; "
                         "use --pack off with --mask, or give at most 3 images")
-    if not 0.05 <= args.pack_megapixels <= 16:
-        raise PackError(f"--pack-megapixels {args.pack_megapixels} must be within 0.05..16")
     result = pack_pictures([pil_to_tensor(i) for i in images], boxes=parse_boxes(";".join(args.box)),
                            composites=args.composites, area=args.pack_megapixels * 1024 * 1024,
                            auto_roi=not args.no_roi)
@@ -179,10 +177,13 @@ def _output_paths(output: str, count: int) -> list[Path]:
 def check_number_args(args: argparse.Namespace) -> None:
     """Every numeric option present in ``args`` against its range, and each ``--lora`` strength: before any model
     is loaded, the option named in the error."""
-    from .validation import SPEED_OPTIONS, check
+    from . import options
+    from .limits import check
 
-    check({name: getattr(args, name) for name in (*NUMERIC_OPTIONS, *SPEED_OPTIONS) if hasattr(args, name)},
+    check({name: getattr(args, name) for name in NUMERIC_OPTIONS if hasattr(args, name)},
           spell=lambda name: "--" + name.replace("_", "-"))
+    options.check({name: getattr(args, name) for name in options.names() if hasattr(args, name)},
+                  spell=lambda name: options.BY_NAME[name].flag)
     lora_specs(args)
 
 

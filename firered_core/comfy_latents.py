@@ -12,7 +12,7 @@ import torch
 
 from . import latents as L
 from .errors import InputError
-from .validation import require_finite
+from .limits import require_finite
 
 CHANNELS = 16
 

@@ -44,7 +44,7 @@ def check_text_length(tokens: int, img_shapes: list | tuple = ()) -> None:
     """Refuse an instruction longer than :func:`text_token_limit` up front, saying how long it is."""
     limit = text_token_limit(img_shapes)
     if tokens > limit:
-        from .validation import OptionError
+        from .limits import OptionError
 
         raise OptionError(f"the instruction is {tokens} tokens long (the VL image tokens of the references "
                           f"included) but at most {limit} fit the transformer's text positions"

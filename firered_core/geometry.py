@@ -33,9 +33,9 @@ def calculate_dimensions(area: float, ratio: float, multiple: int = 32) -> tuple
 
 
 def check_size(width: int, height: int) -> None:
-    """Raise :class:`~firered_core.validation.OptionError` (an ``InputError`` whose ``field`` is the side) unless
+    """Raise :class:`~firered_core.limits.OptionError` (an ``InputError`` whose ``field`` is the side) unless
     both sides are multiples of 16 within the limits (the message suggests the nearest allowed size)."""
-    from .validation import LIMITS, OptionError, check
+    from .limits import LIMITS, OptionError, check
 
     for name, value in (("width", width), ("height", height)):
         try:

@@ -25,7 +25,7 @@ from .references import (RefImages, RefLatents, encode_image, encode_references,
                          resize_lanczos, vae_pixels)
 from .sampling import DIVERGED, StepHook, StepInfo, make_sigmas, noised_start, sample, transformer_denoiser
 from .speed import RunSettings
-from .validation import check, require_finite
+from .limits import check, require_finite
 
 
 @dataclass

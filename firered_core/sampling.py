@@ -18,7 +18,7 @@ import torch
 from .conditioning import PromptEmbeds
 from .errors import InputError
 from .references import RefLatents
-from .validation import finite_number, require_finite
+from .limits import finite_number, require_finite
 
 # The scheduler config shipped with Qwen-Image / FireRed-Image-Edit (FlowMatchEulerDiscreteScheduler).
 SCHEDULER_CONFIG: dict = {
@@ -122,7 +122,7 @@ def transformer_denoiser(transformer, ref: RefLatents, img_shapes: list, attenti
                          block_cache=None) -> Denoiser:
     """Velocity of the noisy tokens: reference tokens appended after them, prediction sliced back.
 
-    ``block_cache`` (a :class:`firered_core.cache.BlockCache`) runs the transformer through the block-level forward
+    ``block_cache`` (a :class:`firered_core.block_cache.BlockCache`) runs the transformer through the block-level forward
     with that branch's cache state; without it the transformer's own forward runs.
     """
     def run(x: torch.Tensor, timestep: torch.Tensor, cond: PromptEmbeds, branch: str) -> torch.Tensor:

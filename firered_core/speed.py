@@ -14,26 +14,19 @@ raise :class:`SettingsError` naming the field.
 
 from __future__ import annotations
 
-from typing import Literal
+import weakref
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
-from .cache import BlockCache, BlockCacheConfig
+from .block_cache import BlockCache, BlockCacheConfig
 from .errors import FireRedError
-from .kernels.attention import ATTENTION_BACKENDS, SAGE_MISSING, sage_installed
-from .memory import QUANT_MODES
-from .quant.fp8_file import FP8_MODES
+from .kernels.attention import SAGE_MISSING, sage_installed
+from .options import fields, names
 
-COMPILE_MODES = ("none", "blocks", "blocks-max-autotune", "blocks-cudagraphs")
-# torch.compile mode per COMPILE_MODES value (regional compile of the repeated blocks in each case).
+# torch.compile mode per `options.COMPILE_MODES` value (regional compile of the repeated blocks in each case).
 COMPILE_TORCH_MODE = {"blocks": None, "blocks-max-autotune": "max-autotune-no-cudagraphs",
                       "blocks-cudagraphs": "reduce-overhead"}
-AttentionBackend = Literal[ATTENTION_BACKENDS]  # type: ignore[valid-type]
-QuantMode = Literal[QUANT_MODES]  # type: ignore[valid-type]
-CompileMode = Literal[COMPILE_MODES]  # type: ignore[valid-type]
-Fp8Mode = Literal[FP8_MODES]  # type: ignore[valid-type]
-_CACHE = BlockCacheConfig()
 
 
 class SettingsError(FireRedError):
@@ -59,24 +52,15 @@ class _Settings(BaseModel):
         """Rules between fields (raise :class:`SettingsError`)."""
 
 
-class ModelSettings(_Settings):
-    """What the model is prepared with: applied once per component by ``FireRedModel.use``.
+class _ModelSettings(_Settings):
+    """What the model is prepared with: applied once per component by ``FireRedModel.use``. Its fields are the
+    ``model`` rows of :data:`firered_core.options.OPTIONS`.
 
     ``fp8_mode`` is the one field read when the transformer loads rather than when it is prepared: ``runtime`` keeps
     the e4m3 Linear weights of an fp8 single file (ComfyUI "fp8_scaled" or plain e4m3) in fp8 and runs them on the
     fp8 matmul path (dequantising per call where the device has no fp8 matmul); ``load`` dequantises them to the
     compute dtype at load (today's path). Files without fp8 weights load the same either way.
     """
-
-    quantize: QuantMode = "none"
-    quantize_text_encoder: QuantMode = "none"
-    fp8_mode: Fp8Mode = "load"
-    compile: CompileMode = "none"
-    attention: AttentionBackend = "sdpa"
-    block_swap: int = Field(0, ge=0, le=1000)
-    vae_tiling: bool = False
-    embed_cache: bool = True
-    embed_cache_dir: str | None = None
 
     def _check(self) -> None:
         if self.block_swap and self.compile != "none":
@@ -107,16 +91,9 @@ class ModelSettings(_Settings):
         return default_cache()
 
 
-class RunSettings(_Settings):
-    """What one edit runs with. ``cache_threshold`` 0 turns the block cache off."""
-
-    batched_cfg: bool = False
-    cache_threshold: float = Field(0.0, ge=0.0)
-    cache_first: int = Field(_CACHE.first, ge=1)
-    cache_last: int = Field(_CACHE.last, ge=0)
-    cache_warmup: int = Field(_CACHE.warmup, ge=0)
-    cache_max_consecutive: int = Field(_CACHE.max_consecutive, ge=0)
-    taylorseer: bool = _CACHE.taylorseer
+class _RunSettings(_Settings):
+    """What one edit runs with (the ``run`` rows of :data:`firered_core.options.OPTIONS`). ``cache_threshold`` 0
+    turns the block cache off."""
 
     def cache_config(self) -> BlockCacheConfig | None:
         if self.cache_threshold <= 0:
@@ -130,8 +107,11 @@ class RunSettings(_Settings):
         return None if config is None else BlockCache(config)
 
 
-MODEL_FIELDS = tuple(ModelSettings.model_fields)
-RUN_FIELDS = tuple(RunSettings.model_fields)
+ModelSettings = create_model("ModelSettings", __base__=_ModelSettings, __module__=__name__,
+                             __doc__=_ModelSettings.__doc__, **fields("model"))
+RunSettings = create_model("RunSettings", __base__=_RunSettings, __module__=__name__, __doc__=_RunSettings.__doc__,
+                           **fields("run"))
+MODEL_FIELDS, RUN_FIELDS = names("model"), names("run")
 
 
 class SpeedSettings(_Settings):
@@ -200,50 +180,18 @@ def _clone_outputs(block) -> None:
     """With CUDA graphs every block replays the same graph, whose outputs live in static memory that the next
     block's replay overwrites: hand the loop copies (one activation copy per block, microseconds)."""
     compiled = block._compiled_call_impl
-    if compiled is None or getattr(compiled, "_firered_clones", False):
+    if compiled is None or compiled in _CLONING_CALLS:
         return
 
     def call(*args, **kwargs):
         return tuple(t.clone() for t in compiled(*args, **kwargs))
-    call._firered_clones = True
+    _CLONING_CALLS.add(call)
     block._compiled_call_impl = call
 
 
-def add_arguments(parser) -> None:
-    """The speed flags of the CLI (``--batched-cfg``, ``--cache-threshold`` ...), one per setting."""
-    m, r = ModelSettings(), RunSettings()
-    g = parser.add_argument_group("speed and memory")
-    g.add_argument("--batched-cfg", action="store_true", help="run both CFG branches in one forward")
-    g.add_argument("--cache-threshold", type=float, default=r.cache_threshold,
-                   help="block cache: skip middle blocks when the first blocks' residual changes less than this "
-                        "(relative L1; 0 = off, ~0.05-0.15 typical)")
-    g.add_argument("--cache-first", type=int, default=r.cache_first, help="block cache: blocks always computed first")
-    g.add_argument("--cache-last", type=int, default=r.cache_last, help="block cache: blocks always computed last")
-    g.add_argument("--cache-warmup", type=int, default=r.cache_warmup, help="block cache: steps always fully computed")
-    g.add_argument("--cache-max-consecutive", type=int, default=r.cache_max_consecutive,
-                   help="block cache: most cached steps in a row")
-    g.add_argument("--taylorseer", action="store_true", help="block cache: extrapolate the cached residual")
-    g.add_argument("--quantize", choices=QUANT_MODES, default=m.quantize,
-                   help="transformer quantisation: int8 / fp8 weight-only, or int8_mm / fp8_mm with int8 / fp8 "
-                        "matmuls (dynamic per-token activation scales) where the GPU has them")
-    g.add_argument("--quantize-text-encoder", choices=QUANT_MODES, default=m.quantize_text_encoder,
-                   help="text encoder weight-only quantisation")
-    g.add_argument("--fp8-mode", choices=FP8_MODES, default=m.fp8_mode,
-                   help="an fp8 transformer file (ComfyUI fp8_scaled or e4m3): runtime keeps its weights in fp8 and "
-                        "runs fp8 matmuls (GPUs with compute capability >= 8.9; elsewhere each layer is dequantised "
-                        "per call, same result as load, half the memory); load dequantises them to --dtype at load "
-                        "(default)")
-    g.add_argument("--compile", choices=COMPILE_MODES, default=m.compile,
-                   help="torch.compile the transformer blocks (default mode, max-autotune without CUDA graphs, or "
-                        "with CUDA graphs)")
-    g.add_argument("--attention", choices=ATTENTION_BACKENDS, default=m.attention,
-                   help="joint attention kernel: torch's choice, a preferred SDPA kernel, SageAttention, or auto")
-    g.add_argument("--block-swap", type=int, default=m.block_swap, metavar="N",
-                   help="keep N transformer blocks on the device and stream the rest (0 = off)")
-    g.add_argument("--vae-tiling", action="store_true", help="decode / encode large images in tiles")
-    g.add_argument("--no-embed-cache", dest="embed_cache", action="store_false",
-                   help="encode the prompt even if the same one was encoded before")
-    g.add_argument("--embed-cache-dir", default=m.embed_cache_dir, help="also keep prompt embeddings in this folder")
+# The wrappers _clone_outputs installed (a second compile_blocks on the same blocks must not wrap them twice); weak,
+# so a dropped model takes its wrappers with it.
+_CLONING_CALLS: weakref.WeakSet = weakref.WeakSet()
 
 
 def from_args(args) -> SpeedSettings:

@@ -1,6 +1,6 @@
 """``QwenImageTransformer2DModel.forward`` rebuilt from its submodules, with the block loop exposed.
 
-The block cache (``cache.py``) needs to run the first blocks, decide, then run or skip the middle ones; diffusers'
+The block cache (``block_cache.py``) needs to run the first blocks, decide, then run or skip the middle ones; diffusers'
 forward has no such seam. :func:`run_transformer` is the same computation in the same order (so with the plain loop
 it equals ``transformer(...)`` bit for bit) and takes a ``block_loop`` that owns the iteration over
 ``transformer_blocks``. ControlNet residuals and guidance embeddings are not part of this family's edit model.

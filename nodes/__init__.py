@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from . import _comfy, decode, encode, image, loaders, lora, pack, sample, speed
+from . import _folders, decode, encode, image, loaders, lora, pack, sample, speed
 
-_comfy.register_model_folders()
-_comfy.install_example_inputs()
+_folders.register_model_folders()
+_folders.install_example_inputs()
 
 NODE_CLASS_MAPPINGS: dict[str, type] = {
     **loaders.NODE_CLASS_MAPPINGS,

@@ -6,7 +6,7 @@ import contextlib
 from typing import Any, Iterable, Iterator, Mapping
 
 from firered_core.errors import FireRedError
-from firered_core.validation import check
+from firered_core.limits import check
 
 
 class NodeInputError(FireRedError):
@@ -17,10 +17,12 @@ def input_error(node: str, input_name: str, message: str) -> NodeInputError:
     return NodeInputError(f"{node}: input '{input_name}': {message}", field=input_name)
 
 
-def check_inputs(node: str, values: dict[str, Any], limits: dict[str, str] | None = None) -> None:
-    """Check numeric inputs against :data:`firered_core.validation.LIMITS` (``limits`` maps an input to its entry
-    when the names differ); the error names the node and the input."""
-    check(values, spell=lambda name: f"{node}: input '{name}':", limits=limits)
+def check_inputs(node: str, values: dict[str, Any], limits: dict[str, str] | None = None,
+                 table: dict | None = None) -> None:
+    """Check numeric inputs against :data:`firered_core.limits.LIMITS` (``limits`` maps an input to its entry
+    when the names differ; ``table`` replaces LIMITS, e.g. the speed options'); the error names the node and the
+    input."""
+    check(values, spell=lambda name: f"{node}: input '{name}':", limits=limits, table=table)
 
 
 @contextlib.contextmanager

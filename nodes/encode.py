@@ -12,7 +12,7 @@ from firered_core.images import tensor_to_pil
 from firered_core.model import FireRedModel
 from firered_core.pipeline import encode_instructions, encode_reference_latents
 from firered_core.references import NATIVE_MAX_REFERENCES, RefImages, RefLatents, prepare_references
-from firered_core.validation import widget
+from firered_core.limits import widget
 
 from ._errors import blame, check_inputs, input_error
 from .image import image_size

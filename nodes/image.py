@@ -8,7 +8,7 @@ from firered_core import geometry as G
 from firered_core import latents as L
 from firered_core import masks as M
 from firered_core import stitch as ST
-from firered_core.validation import widget
+from firered_core.limits import widget
 
 from . import _comfy
 from ._errors import blame, check_inputs, input_error

@@ -2,7 +2,7 @@
 
 Loaded models are shared between loaders (see :func:`cached_model`) while a node output holds them: nodes that patch
 a model (FireRed LoRA Loader) return a view of it rather than modify the shared one. Inside ComfyUI each model's
-components are handed to ComfyUI's memory manager when they run (``_comfy.ManagedPlacement``).
+components are handed to ComfyUI's memory manager when they run (``_memory.placement``).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_mod
 from firered_core.paths import check_relative_name
 from firered_core.speed import ModelSettings, SpeedSettings
 
-from . import _comfy
+from . import _comfy, _folders, _memory
 from . import speed as SP
 from ._errors import blame, input_error
 
@@ -53,7 +53,7 @@ def cached_model(path, dtype: str, device: torch.device, offload: str, settings:
             model = load_model(path, dtype=dtype, device=str(device), offload=offload, gguf_mode=gguf_mode,
                                settings=settings, **files)
             if _comfy.IN_COMFY:
-                model.placement = _comfy.ManagedPlacement()
+                model.placement = _memory.placement()
             _cache[key] = model
         return _cache[key]
 
@@ -67,7 +67,7 @@ def unload_all() -> int:
         models = list(_cache.values())
         _cache.clear()
     for model in models:
-        if isinstance(model.placement, _comfy.ManagedPlacement):
+        if isinstance(model.placement, _memory.ManagedPlacement):
             model.placement.forget()
         model.unload()
     return len(models)
@@ -102,9 +102,9 @@ def _searched(dirs) -> str:
 
 def missing_model_message(model_name: str) -> str:
     """What the user sees when the model folder is missing: the folders searched and what to put there."""
-    dirs = _comfy.model_dirs()
+    dirs = _folders.model_dirs()
     where = dirs[0] if dirs else "ComfyUI/models/firered"
-    have = _comfy.list_model_folders()
+    have = _folders.list_model_folders()
     return (f"FireRed model folder '{model_name}' not found (searched: {_searched(dirs)}). Download the "
             f"FireRed-Image-Edit Hugging Face repository (model_index.json, transformer/, vae/, text_encoder/, "
             f"tokenizer/, processor/, scheduler/) into {where}/{model_name}, then press R to refresh; "
@@ -116,8 +116,8 @@ def missing_model_message(model_name: str) -> str:
 def missing_file_message(kind: str, name: str) -> str:
     """What the user sees when a single file is missing: the folders searched and what belongs there."""
     label, example = SINGLE_FILE_KINDS[kind]
-    return (f"{label} file '{name}' not found (searched: {_searched(_comfy.single_file_dirs(kind))}). Put "
-            f"{example} in ComfyUI/models/{_comfy.SINGLE_FILE_FOLDERS[kind][0]}, then press R to refresh.")
+    return (f"{label} file '{name}' not found (searched: {_searched(_folders.single_file_dirs(kind))}). Put "
+            f"{example} in ComfyUI/models/{_folders.SINGLE_FILE_FOLDERS[kind][0]}, then press R to refresh.")
 
 
 SINGLE_FILE_KINDS = {
@@ -143,7 +143,7 @@ class FireRedModelLoader:
     @classmethod
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
-            "model_name": (_comfy.list_model_folders(), {
+            "model_name": (_folders.list_model_folders(), {
                 "tooltip": "A folder with model_index.json, transformer/, vae/, text_encoder/, tokenizer/, "
                            "processor/ and scheduler/ inside ComfyUI/models/firered (or models/diffusers)."}),
             **_settings_inputs(),
@@ -152,13 +152,13 @@ class FireRedModelLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str) -> bool | str:
         """Checked before the run, instead of ComfyUI's list check, so the message says what to install where."""
-        return True if _comfy.find_model_folder(model_name) else missing_model_message(model_name)
+        return True if _folders.find_model_folder(model_name) else missing_model_message(model_name)
 
     def load(self, model_name: str, dtype: str, device: str, offload: str,
              speed: SpeedSettings | None = None) -> tuple[FireRedModel]:
         with blame(self.NAME, "model_name"):
             check_relative_name(model_name, "model name")
-        path = _comfy.find_model_folder(model_name)
+        path = _folders.find_model_folder(model_name)
         if path is None:
             raise input_error(self.NAME, "model_name", missing_model_message(model_name))
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
@@ -183,9 +183,9 @@ class FireRedSingleFileLoader:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        files = {name: (_comfy.list_single_files(kind), {
+        files = {name: (_folders.list_single_files(kind), {
             "tooltip": f"{SINGLE_FILE_KINDS[kind][0]}: {SINGLE_FILE_KINDS[kind][1]}, from ComfyUI/models/"
-                       f"{' or models/'.join(_comfy.SINGLE_FILE_FOLDERS[kind])}."}) for name, kind in cls.FILE_INPUTS.items()}
+                       f"{' or models/'.join(_folders.SINGLE_FILE_FOLDERS[kind])}."}) for name, kind in cls.FILE_INPUTS.items()}
         return {"required": {
             **files,
             **_settings_inputs(),
@@ -201,7 +201,7 @@ class FireRedSingleFileLoader:
         """Checked before the run, instead of ComfyUI's list check, so the message says what to put where."""
         names = {"transformer_name": transformer_name, "text_encoder_name": text_encoder_name, "vae_name": vae_name}
         missing = [missing_file_message(kind, names[inp]) for inp, kind in cls.FILE_INPUTS.items()
-                   if _comfy.find_single_file(kind, names[inp]) is None]
+                   if _folders.find_single_file(kind, names[inp]) is None]
         return " ".join(missing) or True
 
     def load(self, transformer_name: str, text_encoder_name: str, vae_name: str, dtype: str, device: str,
@@ -209,14 +209,14 @@ class FireRedSingleFileLoader:
         names = {"transformer_name": transformer_name, "text_encoder_name": text_encoder_name, "vae_name": vae_name}
         files = {}
         for inp, kind in self.FILE_INPUTS.items():
-            files[kind] = _comfy.find_single_file(kind, names[inp])
+            files[kind] = _folders.find_single_file(kind, names[inp])
             if files[kind] is None:
                 raise input_error(self.NAME, inp, missing_file_message(kind, names[inp]))
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "text_encoder_name", ModelError, FormatError):
             model = cached_model(None, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None,
                                  gguf_mode=gguf_mode,
-                                 default_tokenizer=_comfy.comfy_tokenizer_dir(), **files)
+                                 default_tokenizer=_folders.comfy_tokenizer_dir(), **files)
             model.get("processor")  # a text encoder without a usable tokenizer fails here, naming the file
         return (model,)
 

@@ -10,9 +10,9 @@ from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
 from firered_core.paths import check_relative_name
-from firered_core.validation import widget
+from firered_core.limits import widget
 
-from . import _comfy
+from . import _folders
 from ._errors import blame, check_inputs, input_error
 
 log = logging.getLogger(__name__)
@@ -33,8 +33,8 @@ def unload_views() -> int:
 
 
 def missing_lora_message(lora_name: str) -> str:
-    searched = ", ".join(str(d) for d in _comfy.lora_dirs()) or "no LoRA folder configured"
-    have = _comfy.list_loras()
+    searched = ", ".join(str(d) for d in _folders.lora_dirs()) or "no LoRA folder configured"
+    have = _folders.list_loras()
     return (f"LoRA file '{lora_name}' not found (searched: {searched}). Put the LoRA file (.safetensors, made for "
             "FireRed-Image-Edit / Qwen-Image-Edit) in ComfyUI/models/loras, then press R to refresh"
             + (f"; installed: {', '.join(have[:10])}." if have else "; no LoRA file is installed yet."))
@@ -57,7 +57,7 @@ class FireRedLoraLoader:
     def INPUT_TYPES(cls) -> dict:
         return {"required": {
             "model": ("FIRERED_MODEL", {"tooltip": "From FireRed Model Loader or another FireRed LoRA Loader."}),
-            "lora_name": (_comfy.list_loras(), {
+            "lora_name": (_folders.list_loras(), {
                 "tooltip": "A LoRA file in ComfyUI/models/loras (.safetensors): diffusers / PEFT, ComfyUI, kohya / "
                            "musubi-tuner, DiffSynth key styles; LoKr and LoHa too."}),
             "strength": ("FLOAT", {"default": 1.0, **widget("lora_strength"), "step": 0.01,
@@ -77,14 +77,14 @@ class FireRedLoraLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name: str) -> bool | str:
         """Checked before the run, instead of ComfyUI's list check, so the message says where LoRA files go."""
-        return True if _comfy.find_lora(lora_name) else missing_lora_message(lora_name)
+        return True if _folders.find_lora(lora_name) else missing_lora_message(lora_name)
 
     def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
              allow_partial: bool) -> tuple[FireRedModel, str]:
         check_inputs(self.NAME, {"strength": strength}, {"strength": "lora_strength"})
         with blame(self.NAME, "lora_name"):
             check_relative_name(lora_name, "LoRA name")
-        path = _comfy.find_lora(lora_name)
+        path = _folders.find_lora(lora_name)
         if path is None:
             raise input_error(self.NAME, "lora_name", missing_lora_message(lora_name))
         spec = LoraSpec(path=path, strength=strength, name=lora_name)

@@ -8,9 +8,10 @@ import logging
 import torch
 
 from firered_core import packing as PK
+from firered_core.limits import widget
 
 from . import _comfy
-from ._errors import blame
+from ._errors import blame, check_inputs
 from .image import image_size
 
 SLOTS = 8
@@ -48,7 +49,7 @@ class FireRedPackPictures:
                                                  "'图N' in the order of the inputs."}),
                 "composites": (list(COMPOSITES), {
                     "default": "auto", "tooltip": "How many composites: auto = 2 for 4 pictures, 3 from 5 on."}),
-                "megapixels": ("FLOAT", {"default": 1.0, "min": 0.05, "max": 4.0, "step": 0.05,
+                "megapixels": ("FLOAT", {"default": 1.0, **widget("pack_megapixels"), "step": 0.05,
                                          "tooltip": "Area of each composite in units of 1024x1024 pixels."}),
                 "auto_crop": ("BOOLEAN", {"default": True,
                                           "tooltip": "Crop pictures without a box to their non-background content "
@@ -73,6 +74,7 @@ class FireRedPackPictures:
     def pack(self, image1: torch.Tensor, prompt: str, composites: str, megapixels: float, auto_crop: bool,
              boxes: str, recaption_url: str = "", recaption_model: str = "",
              recaption_key_env: str = "OPENAI_API_KEY", **images: torch.Tensor | None) -> tuple:
+        check_inputs(self.NAME, {"megapixels": megapixels}, limits={"megapixels": "pack_megapixels"})
         pictures = []
         for name, image in (("image1", image1), *((f"image{k}", images.get(f"image{k}")) for k in range(2, SLOTS + 1))):
             if image is not None:

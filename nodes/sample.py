@@ -14,9 +14,9 @@ from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
 from firered_core.sampling import StepInfo
 from firered_core.speed import SpeedSettings
-from firered_core.validation import widget
+from firered_core.limits import widget
 
-from . import _comfy
+from . import _comfy, _progress
 from . import speed as SP
 from ._errors import blame, check_inputs, input_error
 from .encode import Conditioning
@@ -124,13 +124,13 @@ class FireRedSampler:
                                    "latent's noise mask")
                 hook = M.blend_hook(CL.from_raw(samples.to(device), model.vae.config), M.token_mask(mask))
         settings = SP.for_sampler(self.NAME, model, speed)
-        bar, preview = _comfy.progress_bar(steps), _comfy.previewer()
+        bar, preview = _progress.progress_bar(steps), _progress.previewer()
 
         def on_step(info: StepInfo) -> None:
-            _comfy.throw_if_interrupted()
+            _progress.throw_if_interrupted()
             bar.update_absolute(info.step + 1, info.total, preview(P.tokens_to_latent(info.denoised, width, height)))
 
-        _comfy.throw_if_interrupted()
+        _progress.throw_if_interrupted()
         try:
             with blame(self.NAME, "model", inputs=("steps", "denoise"), aliases={"prompt": "positive"}):
                 out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,

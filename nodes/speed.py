@@ -9,17 +9,17 @@ loads, which applies it when each component first runs
 
 from __future__ import annotations
 
-from firered_core.cache import BlockCacheConfig
-from firered_core.kernels.attention import ATTENTION_BACKENDS
-from firered_core.memory import QUANT_MODES
+from firered_core import options as O
 from firered_core.model import FireRedModel
-from firered_core.quant.fp8_file import FP8_MODES
-from firered_core.speed import COMPILE_MODES, MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
-from firered_core.validation import SPEED_OPTIONS, widget
+from firered_core.speed import MODEL_FIELDS, ModelSettings, RunSettings, SpeedSettings
 
 from ._errors import blame, check_inputs, input_error
 
 SPEED_TYPE = "FIRERED_SPEED"
+# The node's own switch (not a setting): off sets the block cache's threshold to 0.
+BLOCK_CACHE = ("BOOLEAN", {"default": False,
+                           "tooltip": "Sampler: reuse the middle transformer blocks when the first blocks' output "
+                                      "changes little between steps (DBCache; lossy)."})
 
 
 def for_sampler(node: str, model: FireRedModel, speed: SpeedSettings | None) -> RunSettings:
@@ -52,88 +52,30 @@ class FireRedSpeedSettings:
 
     @classmethod
     def INPUT_TYPES(cls) -> dict:
-        defaults, run = ModelSettings(), RunSettings()
-        return {"required": {
-            "batched_cfg": ("BOOLEAN", {"default": run.batched_cfg,
-                                        "tooltip": "Sampler: run the instruction and negative passes of true CFG in "
-                                                   "one batched forward (same result, faster on a GPU; falls back "
-                                                   "to two passes when memory is short)."}),
-            "block_cache": ("BOOLEAN", {"default": False,
-                                        "tooltip": "Sampler: reuse the middle transformer blocks when the first "
-                                                   "blocks' output changes little between steps (DBCache; lossy)."}),
-            "cache_threshold": ("FLOAT", {"default": BlockCacheConfig.threshold, **widget("cache_threshold"),
-                                          "step": 0.005,
-                                          "tooltip": "Block cache: skip the middle blocks when the first blocks' "
-                                                     "residual changes less than this (relative L1). 0 = never "
-                                                     "skip; ~0.05-0.15 typical; higher = faster, less exact."}),
-            "cache_first": ("INT", {"default": run.cache_first, **widget("cache_first"),
-                                    "tooltip": "Block cache: blocks always computed first (their change is the "
-                                               "probe)."}),
-            "cache_last": ("INT", {"default": run.cache_last, **widget("cache_last"),
-                                   "tooltip": "Block cache: blocks always computed last."}),
-            "cache_warmup": ("INT", {"default": run.cache_warmup, **widget("cache_warmup"),
-                                     "tooltip": "Block cache: first steps always computed in full."}),
-            "cache_max_consecutive": ("INT", {"default": run.cache_max_consecutive,
-                                              **widget("cache_max_consecutive"),
-                                              "tooltip": "Block cache: most cached steps in a row before a full "
-                                                         "step."}),
-            "taylorseer": ("BOOLEAN", {"default": run.taylorseer,
-                                       "tooltip": "Block cache: extrapolate the cached residual to first order "
-                                                  "(TaylorSeer) instead of reusing it as is."}),
-            "quantize": (list(QUANT_MODES), {"default": defaults.quantize,
-                                             "tooltip": "Loader: quantisation of the transformer (half the "
-                                                        "weight memory of bf16; output projections stay full "
-                                                        "precision). int8 / fp8: weight-only; int8_mm / fp8_mm: "
-                                                        "int8 / fp8 matmuls on GPUs that have them (fastest: "
-                                                        "fp8_mm on RTX 40xx / H100 and newer). Lossy."}),
-            "quantize_text_encoder": (list(QUANT_MODES), {"default": defaults.quantize_text_encoder,
-                                                          "tooltip": "Loader: weight-only quantisation of the "
-                                                                     "Qwen2.5-VL text encoder (vision tower kept)."}),
-            "compile": (list(COMPILE_MODES), {"default": defaults.compile,
-                                              "tooltip": "Loader: torch.compile the repeated transformer blocks "
-                                                         "(first run slower; not with block swap)."}),
-            "block_swap": ("INT", {"default": defaults.block_swap, **widget("block_swap"),
-                                   "tooltip": "Loader: keep this many transformer blocks on the GPU and stream the "
-                                              "rest from system RAM (0 = off). For small GPUs."}),
-            "vae_tiling": ("BOOLEAN", {"default": defaults.vae_tiling,
-                                       "tooltip": "Loader: decode / encode large images in tiles (less VRAM)."}),
-            "embed_cache": ("BOOLEAN", {"default": defaults.embed_cache,
-                                        "tooltip": "Loader: never encode the same (prompt, references) twice in "
-                                                   "this ComfyUI session (lossless)."}),
-            "embed_cache_dir": ("STRING", {"default": "",
-                                           "tooltip": "Loader: also keep prompt embeddings in this folder across "
-                                                      "sessions (empty = memory only)."}),
-        }, "optional": {  # added after the first release: optional and last, so saved workflows keep their values
-            "fp8_mode": (list(FP8_MODES), {"default": defaults.fp8_mode,
-                                           "tooltip": "Single-File Loader, fp8 transformer file only (ComfyUI "
-                                                      "fp8_scaled or fp8_e4m3fn): runtime keeps its weights in fp8 "
-                                                      "(half the memory of bf16) and runs fp8 matmuls on RTX 40xx / "
-                                                      "H100 and newer (lossy: activations in fp8); other devices "
-                                                      "dequantise each layer when it runs (same pixels as load). "
-                                                      "load: convert to the compute dtype when loading. No LoRA "
-                                                      "on a runtime fp8 transformer."}),
-            "attention": (list(ATTENTION_BACKENDS), {
-                "default": defaults.attention,
-                "tooltip": "Loader: the attention kernel. sdpa = torch's choice; flash / cudnn / efficient = that "
-                           "SDPA kernel first (others after it where it cannot run); auto = cuDNN on H100 and newer, "
-                           "flash on other GPUs, torch's choice on a CPU; sage = SageAttention (needs the sageattention package; lossy, "
-                           "CUDA only, SDPA elsewhere). All but sage give the same image within rounding."}),
-        }}
+        """One widget per option of :data:`firered_core.options.OPTIONS`, in its order (saved workflows map their
+        values by position), plus the node's own *block_cache* switch before the block cache's threshold."""
+        # Options added after the first release are optional and come last, so saved workflows keep their values.
+        required: dict = {}
+        optional: dict = {}
+        for option in O.OPTIONS:
+            if option.name == "cache_threshold":
+                required["block_cache"] = BLOCK_CACHE
+            (optional if option.optional else required)[option.name] = O.widget(option)
+        return {"required": required, "optional": optional}
 
-    def settings(self, batched_cfg: bool, block_cache: bool, cache_threshold: float, cache_first: int,
-                 cache_last: int, cache_warmup: int, cache_max_consecutive: int, taylorseer: bool, quantize: str,
-                 quantize_text_encoder: str, compile: str, block_swap: int, vae_tiling: bool, embed_cache: bool,
-                 embed_cache_dir: str, fp8_mode: str | None = None,
-                 attention: str | None = None) -> tuple[SpeedSettings]:
-        defaults = ModelSettings()
-        fp8_mode, attention = fp8_mode or defaults.fp8_mode, attention or defaults.attention
-        values = dict(batched_cfg=batched_cfg, cache_threshold=cache_threshold if block_cache else 0.0,
-                      cache_first=cache_first, cache_last=cache_last, cache_warmup=cache_warmup,
-                      cache_max_consecutive=cache_max_consecutive, taylorseer=taylorseer, quantize=quantize,
-                      quantize_text_encoder=quantize_text_encoder, fp8_mode=fp8_mode, compile=compile,
-                      attention=attention, block_swap=block_swap, vae_tiling=vae_tiling, embed_cache=embed_cache,
-                      embed_cache_dir=embed_cache_dir.strip() or None)
-        check_inputs(self.NAME, {name: values[name] for name in SPEED_OPTIONS})
+    def settings(self, block_cache: bool, **values) -> tuple[SpeedSettings]:
+        missing = [o.name for o in O.OPTIONS if not o.optional and o.name not in values]
+        if missing:
+            raise input_error(self.NAME, missing[0], "missing")
+        for option in O.OPTIONS:
+            value = values.get(option.name)
+            if value is None:  # an optional input a saved workflow does not have
+                values[option.name] = option.default
+            elif option.nullable and isinstance(value, str):
+                values[option.name] = value.strip() or None
+        if not block_cache:
+            values["cache_threshold"] = 0.0
+        check_inputs(self.NAME, {name: values[name] for name in O.LIMITS}, table=O.LIMITS)
         with blame(self.NAME, "cache_threshold", inputs=values):
             return (SpeedSettings.from_flat(values),)
 

@@ -23,7 +23,7 @@ from test_nodes import lora_dir, model, model_dirs, single_file_dir  # noqa: E40
 from firered_core import cli  # noqa: E402
 from firered_core.errors import FireRedError  # noqa: E402
 from firered_core.lora import LoraError, LoraSpec, apply_loras, linear_modules, lora_state_dict, save_lora  # noqa: E402
-from firered_core.validation import OptionError  # noqa: E402
+from firered_core.limits import OptionError  # noqa: E402
 
 
 SPEED = dict(batched_cfg=False, block_cache=True, cache_threshold=0.08, cache_first=1, cache_last=1, cache_warmup=2,
@@ -245,9 +245,9 @@ def test_symlink_loop_in_the_model_folder_does_not_hang(tmp_path, monkeypatch):
     os.symlink(root / "good", root / "alias")  # a second name for a real folder: listed once
     monkeypatch.setenv("FIRERED_MODEL_DIRS", str(root))
     monkeypatch.setenv("FIRERED_LORA_DIRS", str(root))
-    comfy = S.submodule("_comfy")
+    folders = S.submodule("_folders")
     found: list = []
-    worker = threading.Thread(target=lambda: found.append((comfy.list_model_folders(), comfy.list_loras())),
+    worker = threading.Thread(target=lambda: found.append((folders.list_model_folders(), folders.list_loras())),
                               daemon=True)
     worker.start()
     worker.join(timeout=20)

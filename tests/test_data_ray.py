@@ -2,8 +2,8 @@
 (an embedding descriptor; on CPU Ray runs it as tasks, the model cached per worker) and a fitted stage
 (photometric quantiles), over a small planted set several shards long. Skipped when ray is not installed
 (``ray[data]`` is in the ``dev`` and ``data`` extras). One ray.init, 2 CPUs, no dashboard: most of the time is
-Ray's and its workers' start-up (importing torch), see README. The GPU actor pool's scorer is tested without Ray
-in test_data_tools.py."""
+Ray's and its workers' start-up (importing torch), see docs/benchmarks.md. The GPU actor pool's scorer is tested
+without Ray in test_data_tools.py."""
 
 from __future__ import annotations
 

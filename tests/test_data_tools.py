@@ -19,7 +19,7 @@ from firered_core.data.planted import make_planted
 pytest.importorskip("imagehash")
 pytest.importorskip("cv2")
 
-# Floors for the planted set below (measured on it: see README's table for the larger benchmark set). pair_check is
+# Floors for the planted set below (measured on it: see docs/benchmarks.md for the larger benchmark set). pair_check is
 # the coarse hash level (its misses are fine_check's job); photometric fits its cut-offs on 36 clean images, so
 # one planted row near a tail may survive.
 PRECISION_FLOOR = 0.9
@@ -39,7 +39,7 @@ def planted(tmp_path_factory):
 
 
 def test_each_filter_meets_its_precision_and_recall_floor(planted, tmp_path):
-    from firered_core.data.evaluate import evaluate_filters
+    from firered_core.data.scorecard import evaluate_filters
 
     root, truth = planted
     results = evaluate_filters(root / "data", truth, work=tmp_path)

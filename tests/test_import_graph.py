@@ -1,4 +1,5 @@
-"""firered_core's modules import each other without a circle (a circle makes import order matter and hides coupling)."""
+"""firered_core's modules, and the benchmarks', import each other without a circle (a circle makes import order matter
+and hides coupling)."""
 
 from __future__ import annotations
 
@@ -8,16 +9,17 @@ from pathlib import Path
 import firered_core
 
 ROOT = Path(firered_core.__file__).parent
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def module_name(path: Path) -> str:
-    parts = ["firered_core", *path.relative_to(ROOT).with_suffix("").parts]
+def module_name(path: Path, root: Path = ROOT) -> str:
+    parts = [root.name, *path.relative_to(root).with_suffix("").parts]
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def imports_of(path: Path, modules: set[str]) -> set[str]:
-    """The firered_core modules ``path`` imports (at any depth of the file, lazy imports included)."""
-    name = module_name(path)
+def imports_of(path: Path, modules: set[str], root: Path = ROOT) -> set[str]:
+    """The modules of ``modules`` that ``path`` imports (at any depth of the file, lazy imports included)."""
+    name = module_name(path, root)
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -35,9 +37,10 @@ def imports_of(path: Path, modules: set[str]) -> set[str]:
     return found - {name}
 
 
-def graph() -> dict[str, set[str]]:
-    files = {module_name(p): p for p in ROOT.rglob("*.py")}
-    return {name: imports_of(path, set(files)) for name, path in files.items()}
+def graph(root: Path = ROOT) -> dict[str, set[str]]:
+    """Module -> the modules of the same package (``root``, a package folder) it imports."""
+    files = {module_name(p, root): p for p in root.rglob("*.py")}
+    return {name: imports_of(path, set(files), root) for name, path in files.items()}
 
 
 def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
@@ -72,5 +75,14 @@ def test_finder_sees_a_planted_circle():
 def test_firered_core_has_no_import_circle():
     edges = graph()
     assert "firered_core.formats.readers" in edges and edges["firered_core.formats.readers"]
+    cycle = find_cycle(edges)
+    assert cycle is None, " -> ".join(cycle)
+
+
+def test_benchmarks_have_no_import_circle():
+    """lowvram_training and lowvram_estimate once imported each other; the step they share lives in _lora_step."""
+    edges = graph(BENCHMARKS)
+    assert "benchmarks._lora_step" in edges["benchmarks.lowvram_estimate"]
+    assert "benchmarks._lora_step" in edges["benchmarks.lowvram_training"]
     cycle = find_cycle(edges)
     assert cycle is None, " -> ".join(cycle)

@@ -11,7 +11,7 @@ import torch
 
 from benchmarks._live_bytes import STAND_IN, LiveBytes
 from benchmarks.lowvram_estimate import estimate_step, main
-from benchmarks.lowvram_training import VARIANTS, StepShape
+from benchmarks._lora_step import VARIANTS, StepShape
 from firered_core.memory import BlockSwap
 
 TINY = StepShape(layers=2, heads=2, size=64, text_dim=32, text_tokens=8, rank=4)

@@ -1,5 +1,5 @@
 """FireRed components inside ComfyUI's memory manager (issue 9, point 2), through the contract of
-``nodes/_comfy.py``'s :class:`ManagedPlacement` with the plain stand-in of ComfyUI's manager: every large component
+``firered_core.memory.managed``'s :class:`ManagedPlacement` with the plain stand-in of ComfyUI's manager: every large component
 is registered when it runs, loading ours frees other models when memory is short, unloading all (ComfyUI's Unload
 Models / POST /free) sends ours off the device, and a model nobody holds any more is freed (Free model and node cache).
 
@@ -31,6 +31,7 @@ from conftest import random_image  # noqa: E402
 
 from firered_core.memory import (OnDevice, fit_resident, is_block_swapped, move_tensors, text_encoder_layers,
                                   weight_bytes)
+from firered_core.memory import managed as M
 from firered_core.model import load_model
 from firered_core.pipeline import EditPipeline, encode_instructions
 from firered_core.references import prepare_references
@@ -49,10 +50,9 @@ def plain_pixels(tiny_model_dir) -> np.ndarray:
 
 
 def managed(tiny_model_dir, budget=None, offload="none"):
-    comfy = S.submodule("_comfy")
-    manager = comfy.PlainMemoryManager(budget)
+    manager = M.PlainMemoryManager(budget)
     model = load_model(tiny_model_dir, offload=offload, settings=ModelSettings(embed_cache=False))
-    model.placement = comfy.ManagedPlacement(manager)
+    model.placement = M.ManagedPlacement(manager)
     return model, manager
 
 
@@ -69,11 +69,10 @@ def test_components_are_registered_and_unloaded_on_free(tiny_model_dir, plain_pi
 
 
 def test_loading_ours_frees_other_models_first(tiny_model_dir):
-    comfy = S.submodule("_comfy")
     model, manager = managed(tiny_model_dir)
     transformer = model.get("transformer")
-    other = comfy.holder_for("other", torch.nn.Linear(64, 64), torch.device("cpu"))  # one of ComfyUI's own models
-    manager.budget = int(weight_bytes(transformer) * comfy.FREE_MARGIN) + weight_bytes(other) // 2
+    other = M.holder_for("other", torch.nn.Linear(64, 64), torch.device("cpu"))  # one of ComfyUI's own models
+    manager.budget = int(weight_bytes(transformer) * M.FREE_MARGIN) + weight_bytes(other) // 2
     manager.load(other)
     with model.use("transformer"):
         assert [type(h).__name__ for h in manager.loaded] == ["FireRedTransformer"]
@@ -121,14 +120,14 @@ def deep_model(tiny_model_dir, deep_parts, budget=None):
 
 
 def need(name: str, module: torch.nn.Module) -> int:
-    return int(weight_bytes(module) * S.submodule("_comfy").FREE_MARGIN)
+    return int(weight_bytes(module) * M.FREE_MARGIN)
 
 
 def fit_budget(module: torch.nn.Module, blocks, resident: int) -> int:
     """The budget that leaves room for the rest of ``module``, ``resident`` blocks and two streamed in flight."""
     sizes = [weight_bytes(b) for b in blocks]
     rest = weight_bytes(module) - sum(sizes)
-    return int((rest + sum(sizes[:resident + 2])) * S.submodule("_comfy").FREE_MARGIN) + 1
+    return int((rest + sum(sizes[:resident + 2])) * M.FREE_MARGIN) + 1
 
 
 def test_fit_resident_counts_the_rest_and_two_blocks_in_flight():
@@ -315,8 +314,8 @@ folder_paths.set_input_directory(tempfile.mkdtemp())
 import comfy.model_management as mm
 spec = importlib.util.spec_from_file_location("firered_pack", pack + "/__init__.py", submodule_search_locations=[pack])
 mod = importlib.util.module_from_spec(spec); sys.modules["firered_pack"] = mod; spec.loader.exec_module(mod)
-C = sys.modules["firered_pack.nodes._comfy"]
-assert C.IN_COMFY
+C = sys.modules["firered_pack.nodes._memory"]
+assert sys.modules["firered_pack.nodes._comfy"].IN_COMFY
 from PIL import Image
 from firered_core.memory import weight_bytes
 from firered_core.model import load_model
@@ -326,7 +325,7 @@ lines = []
 class Lines(logging.Handler):
     def emit(self, record):
         lines.append(record.getMessage())
-logging.getLogger(C.__name__).addHandler(Lines())
+logging.getLogger("firered_core.memory.managed").addHandler(Lines())
 planted = {"bytes": None}  # the CPU has no VRAM count: the free memory ComfyUI reports is planted here
 C.ComfyMemoryManager.free_bytes = lambda self, device: planted["bytes"]
 image = Image.fromarray((np.random.RandomState(5).rand(48, 64, 3) * 255).astype(np.uint8))
@@ -339,7 +338,7 @@ def ours(model):
 def listed():
     return sorted(type(m.model.model).__name__ for m in mm.current_loaded_models if m.model is not None)
 model = load_model(tiny, settings=ModelSettings(embed_cache=False))
-model.placement = C.ManagedPlacement()
+model.placement = C.placement()
 plain = edit(model)
 print("resident", listed(), ours(model))
 planted["bytes"] = min(weight_bytes(model.get(n)) for n in ("transformer", "text_encoder", "vae")) - 1

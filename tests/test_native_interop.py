@@ -93,7 +93,7 @@ native = comfy.sd.VAE(sd={k: v.contiguous() for k, v in convert_diffusers_vae_st
 spec = importlib.util.spec_from_file_location("firered_pack", pack + "/__init__.py", submodule_search_locations=[pack])
 mod = importlib.util.module_from_spec(spec); sys.modules["firered_pack"] = mod; spec.loader.exec_module(mod)
 assert sys.modules["firered_pack.nodes._comfy"].IN_COMFY
-print("tokenizer", sys.modules["firered_pack.nodes._comfy"].comfy_tokenizer_dir())
+print("tokenizer", sys.modules["firered_pack.nodes._folders"].comfy_tokenizer_dir())
 model = FireRedModel()
 model.set("vae", vae)
 enc, dec = mod.NODE_CLASS_MAPPINGS["FireRedVAEEncode"](), mod.NODE_CLASS_MAPPINGS["FireRedDecode"]()

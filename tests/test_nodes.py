@@ -125,21 +125,22 @@ def _edit(model, img, prompt="make it blue", **sampler):
 
 
 def test_sampler_progress_preview_and_interrupt(model, monkeypatch):
-    comfy = S.submodule("_comfy")
+    progress = S.submodule("_progress")
     bars = []
-    monkeypatch.setattr(comfy, "progress_bar", lambda total: bars.append(comfy._PlainProgressBar(total)) or bars[-1])
+    monkeypatch.setattr(progress, "progress_bar",
+                        lambda total: bars.append(progress.PlainProgressBar(total)) or bars[-1])
     out = _edit(model, image(48, 32), steps=3)
     S.check_value("LATENT", out)
     assert [u[:2] for u in bars[-1].updates] == [(1, 3), (2, 3), (3, 3)]
     assert all(u[2][0] == "JPEG" and u[2][1].size == (4, 4) for u in bars[-1].updates)
 
-    class Interrupting(comfy._PlainProgressBar):
+    class Interrupting(progress.PlainProgressBar):
         def update_absolute(self, value, total=None, preview=None):
             super().update_absolute(value, total, preview)
-            comfy.interrupt()
+            progress.interrupt()
 
-    monkeypatch.setattr(comfy, "progress_bar", lambda total: bars.append(Interrupting(total)) or bars[-1])
-    with pytest.raises(comfy.Interrupted):
+    monkeypatch.setattr(progress, "progress_bar", lambda total: bars.append(Interrupting(total)) or bars[-1])
+    with pytest.raises(progress.Interrupted):
         _edit(model, image(48, 32), steps=3)
     assert len(bars[-1].updates) == 1
 

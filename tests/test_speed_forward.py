@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers import QwenImageTransformer2DModel
 
-from firered_core.cache import BlockCache, BlockCacheConfig
+from firered_core.block_cache import BlockCache, BlockCacheConfig
 from firered_core.speed import RunSettings
 from firered_core.demo_models import transformer_config
 from firered_core.transformer_forward import run_transformer
@@ -84,3 +84,26 @@ def test_cache_state_is_per_branch():
     assert cache.report()["branches"]["uncond"]["cached_steps"] == 0
     cache.loop("cond")(blocks, h, e, call)
     assert cache.report()["branches"]["cond"]["cached_steps"] == 1
+
+
+def test_cudagraph_output_copies_wrap_once_and_leave_no_attribute():
+    """With CUDA graphs each block's compiled call is wrapped to copy its outputs; a second compile of the same
+    blocks must not wrap the wrapper (one copy per output, not two), and the call carries no private attribute."""
+    from firered_core.speed import _clone_outputs
+
+    calls = []
+
+    def compiled(x):
+        calls.append(x)
+        return (x * 2,)
+
+    block = torch.nn.Linear(1, 1)
+    block._compiled_call_impl = compiled
+    _clone_outputs(block)
+    wrapper = block._compiled_call_impl
+    _clone_outputs(block)
+    assert block._compiled_call_impl is wrapper and wrapper is not compiled
+    assert not [a for a in vars(wrapper) if a.startswith("_firered")]
+    x = torch.ones(2)
+    (out,) = wrapper(x)
+    assert calls == [x] and torch.equal(out, x * 2)

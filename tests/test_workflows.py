@@ -106,7 +106,7 @@ def _inside(inner, outer) -> bool:
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
 def test_workflow_follows_the_template_conventions(path):
-    """README, ComfyUI section, "Workflow conventions": title, thumbnail, groups, saved view, pictures, speed."""
+    """CONTRIBUTING.md, "Workflow conventions": title, thumbnail, groups, saved view, pictures, speed."""
     wf = json.loads(path.read_text())
     assert path.stem.startswith("FireRed - ") and "_" not in path.stem
     thumb = path.with_suffix(".jpg")
@@ -141,15 +141,15 @@ def test_workflow_follows_the_template_conventions(path):
 
 
 def test_example_pictures_are_copied_once_and_never_overwrite(tmp_path):
-    comfy = S.submodule("_comfy")
+    folders = S.submodule("_folders")
     shipped = sorted(p.name for p in (S.ROOT / "example_inputs").glob("*.png"))
     assert len(shipped) >= 3
     (tmp_path / shipped[0]).write_bytes(b"the user's own picture")
-    copied = comfy.install_example_inputs(target=tmp_path)
+    copied = folders.install_example_inputs(target=tmp_path)
     assert copied == shipped[1:]
     assert (tmp_path / shipped[0]).read_bytes() == b"the user's own picture"
     assert (tmp_path / shipped[1]).read_bytes() == (S.ROOT / "example_inputs" / shipped[1]).read_bytes()
-    assert comfy.install_example_inputs(target=tmp_path) == [] and not list(tmp_path.glob(".*.tmp"))
+    assert folders.install_example_inputs(target=tmp_path) == [] and not list(tmp_path.glob(".*.tmp"))
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)

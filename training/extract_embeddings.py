@@ -24,7 +24,7 @@ from firered_core.errors import FireRedError, one_line  # noqa: E402
 from firered_core.geometry import VAE_AREA, VL_AREA  # noqa: E402
 from firered_core.training.alignment import VARIANTS  # noqa: E402
 from firered_core.training.extract import ExtractConfig, extract  # noqa: E402
-from firered_core.validation import check  # noqa: E402
+from firered_core.limits import check  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -76,7 +76,7 @@ def _metric_args(p: argparse.ArgumentParser) -> None:
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
     from ..cli import add_edit_arguments, add_model_arguments
-    from ..speed import add_arguments
+    from ..options import add_arguments
 
     add_model_arguments(p.add_argument_group("model"))
     add_edit_arguments(p.add_argument_group("edit"))

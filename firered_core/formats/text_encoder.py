@@ -45,6 +45,10 @@ QWEN25_VL_7B: dict = dict(
 )
 
 
+# The built-in demo models (firered_core.demo_models): the names a log line or an error shows for them.
+DEMO = "FireRed demo model"
+
+
 def _known_configs() -> list[tuple[str, Callable[[], object]]]:
     from transformers import Qwen2_5_VLConfig
 
@@ -56,7 +60,7 @@ def _known_configs() -> list[tuple[str, Callable[[], object]]]:
         return make
 
     return [("Qwen2.5-VL-7B", lambda: Qwen2_5_VLConfig(**QWEN25_VL_7B)),
-            ("firered_core.testing tiny", preset("tiny")), ("firered_core.testing medium", preset("medium"))]
+            (f"{DEMO} tiny", preset("tiny")), (f"{DEMO} medium", preset("medium"))]
 
 
 def text_encoder_renamer(keys) -> Callable[[str], str | None]:
@@ -190,7 +194,7 @@ def load_text_encoder_processor(path: str | Path, tokenizer: str | Path | None =
         rename = text_encoder_renamer(ckpt.keys())
         header = {n: ckpt.shape(k) for k in ckpt if not is_aux_key(k) and (n := rename(k)) is not None}
         name, config = detect_text_encoder_config(header, sidecar_config(path, (CLASS_NAME,)), str(path))
-    if name.startswith("firered_core.testing"):
+    if name.startswith(DEMO):
         from ..demo_models import build_processor
 
         return build_processor()

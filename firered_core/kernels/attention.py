@@ -4,7 +4,7 @@
 (``torch.nn.attention.sdpa_kernel`` with priority, the others after it, so a padding mask that the first cannot take
 still runs). ``sage`` is SageAttention (INT8 Q·K, the optional ``sage`` extra; lossy: benchmarks/gpu.py measures its
 error) for mask-free calls on CUDA, SDPA otherwise. ``auto`` is cuDNN on Hopper and newer, flash elsewhere on CUDA,
-SDPA on a CPU (the fastest measured on an H200 with torch 2.11; README's table).
+SDPA on a CPU (the fastest measured on an H200 with torch 2.11; docs/benchmarks.md).
 """
 
 from __future__ import annotations

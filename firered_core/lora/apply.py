@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from ..formats.gguf.linear import GGUFLinear
-from ..validation import check
+from ..limits import check
 from .adapter import LoraLinear, linear_modules, set_submodule, weight_shape
 from .deltas import Delta, module_delta
 from .errors import LoraError

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from PIL import Image
 
 from ..errors import FireRedError
+from ..plugins import import_object
 
 
 class RewardError(FireRedError):
@@ -62,23 +62,12 @@ class Reward(Protocol):
     def __call__(self, batch: RewardBatch) -> Sequence[float]: ...
 
 
-def import_object(spec: str, what: str):
-    """The object named ``package.module:attribute``; :class:`RewardError` naming ``what`` when it cannot be had."""
-    if ":" not in spec:
-        raise RewardError(f"{what} {spec!r} is not 'package.module:name'")
-    module, attr = spec.split(":", 1)
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError) as exc:
-        raise RewardError(f"{what} {spec!r}: cannot import ({exc})") from None
-
-
 class CallableReward:
     """Any Python function ``f(images, prompts) -> scores``: images a float tensor [N, 3, H, W] in 0..1, prompts a
     list of N strings, scores N numbers (higher is better)."""
 
     def __init__(self, fn: Callable | str):
-        self.fn = import_object(fn, "reward.callable") if isinstance(fn, str) else fn
+        self.fn = import_object(fn, "reward.callable", RewardError) if isinstance(fn, str) else fn
         if not callable(self.fn):
             raise RewardError(f"reward.callable {fn!r} is not callable")
         self.name = f"callable:{fn}" if isinstance(fn, str) else f"callable:{getattr(fn, '__qualname__', fn)}"

@@ -8,7 +8,7 @@ from typing import Literal
 
 from pydantic import with_config
 
-from ..validation import CONFIG
+from ..limits import CONFIG
 from .base import CachedReward, CallableReward, RewardError
 from .judge import JudgeConfig, JudgeReward
 from .typography import TypographyConfig, TypographyReward

@@ -16,7 +16,7 @@ from typing import Annotated
 
 from pydantic import Field, with_config
 
-from ..validation import CONFIG, Count
+from ..limits import CONFIG, Count
 from .base import RewardBatch, RewardError
 
 

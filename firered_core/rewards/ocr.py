@@ -14,7 +14,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 from PIL import Image
 
-from .base import RewardError, import_object
+from ..plugins import import_object
+from .base import RewardError
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,7 @@ def load_ocr(spec: str | Callable) -> Callable[[Image.Image], list[OcrBox]]:
     elif spec in BUILTIN:
         return BUILTIN[spec]()
     else:
-        engine = import_object(spec, "reward.typography.ocr")()
+        engine = import_object(spec, "reward.typography.ocr", RewardError)()
         if not callable(engine):
             raise RewardError(f"reward.typography.ocr {spec!r}: the factory returned {type(engine).__name__}, not "
                               "a callable engine")

@@ -30,7 +30,7 @@ from typing import Annotated, Callable
 
 from pydantic import Field, with_config
 
-from ..validation import CONFIG, NonNegative, Probability
+from ..limits import CONFIG, NonNegative, Probability
 from .base import RewardBatch
 from .ocr import OcrBox, load_ocr
 

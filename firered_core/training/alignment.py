@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from pydantic import with_config
 
-from ..validation import CONFIG, Probability
+from ..limits import CONFIG, Probability
 
 CN_NUMERALS = "一二三四五六七八九"
 _MENTION = re.compile(r"(?P<en>\b(?:[Pp]icture|[Ii]mage|[Ii]mg)\s*)(?P<en_n>\d+)"

@@ -20,7 +20,7 @@ from pydantic import Field, TypeAdapter, ValidationError, with_config
 
 from ..errors import FireRedError
 from ..geometry import VAE_AREA, VL_AREA
-from ..validation import CONFIG, Count, NonNegative, Positive, PositiveInt, Probability, annotated
+from ..limits import CONFIG, Count, NonNegative, Positive, PositiveInt, Probability, annotated
 from .alignment import AlignmentConfig, VariantConfig
 from .distill import DistillConfig
 from .identity import IdentityConfig

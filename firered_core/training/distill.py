@@ -42,7 +42,7 @@ from pydantic import Field, with_config
 from ..conditioning import PromptEmbeds
 from ..lora.schedule import LoraSchedule
 from ..sampling import make_sigmas, sample, transformer_denoiser
-from ..validation import CONFIG
+from ..limits import CONFIG
 from .seeding import row_generator, row_rng
 
 

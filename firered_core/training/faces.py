@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Protocol, Sequence, runtime_checkable
 
@@ -20,6 +19,7 @@ import torch
 from PIL import Image
 
 from ..errors import FireRedError
+from ..plugins import import_object
 
 ONNX_HINT = "pip install onnx onnx2torch onnxruntime (or the 'onnx' extra)"
 ONNX_TOLERANCE = 1e-3  # converted module vs onnxruntime: max |difference| / max |onnxruntime output|
@@ -39,12 +39,7 @@ class FaceDetector(Protocol):
 
 def from_factory(spec: str, key: str) -> object:
     """``package.module:factory()``; an :class:`IdentityError` naming ``key`` when it cannot be imported."""
-    name, attr = spec.split(":", 1)
-    try:
-        factory = getattr(importlib.import_module(name), attr)
-    except (ImportError, AttributeError) as exc:
-        raise IdentityError(f"{key} {spec!r}: cannot import ({exc})") from None
-    return factory()
+    return import_object(spec, key, IdentityError)()
 
 
 # -- embedders -------------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from pydantic import Field, with_config
 
 from .. import latents as L
-from ..validation import CONFIG, NonNegative, PositiveInt
+from ..limits import CONFIG, NonNegative, PositiveInt
 from .faces import IdentityError, detected_faces, load_detector, load_embedder
 
 __all__ = ["IdentityConfig", "IdentityError", "IdentityObjective", "identity_loss", "load_embedder"]

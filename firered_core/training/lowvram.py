@@ -23,7 +23,7 @@ from pydantic import with_config
 
 from ..memory import BlockSwap
 from ..quant.weight import QuantLinear
-from ..validation import CONFIG, Count
+from ..limits import CONFIG, Count
 
 
 @with_config(CONFIG)

@@ -52,7 +52,7 @@ from pydantic import Field, with_config
 from ..conditioning import PromptEmbeds
 from ..rewards import RewardBatch, RewardConfig, build_reward
 from ..sampling import make_sigmas, noised_start, sample, transformer_denoiser
-from ..validation import CONFIG, Positive
+from ..limits import CONFIG, Positive
 from .alignment import variant_text
 from .ema import EMA
 from .identity import train_size

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, with_config
 
-from ..validation import CONFIG, NonNegative, Positive
+from ..limits import CONFIG, NonNegative, Positive
 
 log = logging.getLogger(__name__)
 

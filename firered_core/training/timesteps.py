@@ -23,7 +23,7 @@ import torch
 from pydantic import with_config
 
 from ..sampling import compute_mu
-from ..validation import CONFIG, Positive, PositiveInt, Probability
+from ..limits import CONFIG, Positive, PositiveInt, Probability
 from .seeding import row_generator
 
 KINDS = ("uniform", "logit_normal", "curriculum")

@@ -2,7 +2,7 @@
 
 Distribution is accelerate's (:mod:`.distributed`): DDP when launched with several processes, FSDP (wrapping
 ``QwenImageTransformerBlock``) when ``fsdp: true``. Row inputs come from :mod:`.inputs` (online or cached), validation
-grids from :mod:`.validation`, weight averaging from :mod:`.ema`. Every random choice of a step (bucket, rows, variant, alignment, sigma, noise) is a function of
+grids from :mod:`.previews`, weight averaging from :mod:`.ema`. Every random choice of a step (bucket, rows, variant, alignment, sigma, noise) is a function of
 ``(seed, step, row position in the global batch)``, so a resumed run repeats the losses of an uninterrupted one and a
 2-process run sees what a 1-process run with twice the batch sees. Each process runs its rows one at a time and
 accumulates gradients (rows may differ in text length and, after alignment, in reference count).
@@ -34,7 +34,7 @@ from .objective import RowObjective, mean_stats
 from .seeding import row_generator
 from .shards import load_full_state
 from .timesteps import sample_sigmas
-from .validation import image_grid, save_grid, validation_rows
+from .previews import image_grid, save_grid, validation_rows
 
 log = logging.getLogger(__name__)
 EVAL_STEP = 10**9  # seeds evaluation draws apart from any training step

@@ -11,6 +11,9 @@
 - :class:`OnDevice` runs a component where it rests (the CPU) for callers holding tensors on the device.
 - :class:`TiledOnOOM` retries a VAE's decode / encode tiled when the device runs out of memory.
 - VAE tiling is diffusers' own (``enable_tiling``); it only changes images larger than one tile.
+
+What to do when a component does not fit the device (swap, stream, tile or run where it rests) is FireRed's fallback
+policy, in :mod:`.managed`, behind any host memory manager (ComfyUI's, or the plain stand-in there).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import weakref
 
 import torch
 
-from .quant.weight import QuantLinear  # noqa: F401  (re-exported: memory is where quantisation is applied)
+from ..quant.weight import QuantLinear  # noqa: F401  (re-exported: memory is where quantisation is applied)
 
 QUANT_MODES = ("none", "int8", "fp8", "int8_mm", "fp8_mm")
 KEEP_TRANSFORMER = ("proj_out", "img_in", "txt_in", "norm_out.*", "time_text_embed.*")
@@ -44,7 +47,7 @@ def quantize_linears(module: torch.nn.Module, mode: str, keep: tuple[str, ...] =
         return 0
     layer_class = QuantLinear
     if mode.endswith("_mm"):
-        from .quant import FastQuantLinear
+        from ..quant import FastQuantLinear
 
         layer_class, mode = FastQuantLinear, mode[: -len("_mm")]
     count = 0

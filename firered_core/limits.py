@@ -63,30 +63,26 @@ LIMITS: dict[str, Limit] = {
     "vl_size": Limit(int, 32, 2048, "side of the VL copy's square area"),
     "vae_size": Limit(int, 64, 4096, "side of the VAE copy's square area"),
     "megapixels": Limit(float, 0.01, 16.0, "output area in units of 1024x1024 pixels"),
+    "pack_megapixels": Limit(float, 0.05, 16.0, "area of each packed composite in units of 1024x1024 pixels"),
     "lora_strength": Limit(float, -10.0, 10.0, "LoRA strength"),
     "stitch_size": Limit(int, 16, 4096, "stitched picture size"),
     "stitch_gap": Limit(int, 0, 256, "gap between stitched pictures"),
-    "cache_threshold": Limit(float, 0.0, 10.0, "block cache threshold (0 = off)"),
-    "cache_first": Limit(int, 1, 200, "blocks the block cache always computes first"),
-    "cache_last": Limit(int, 0, 200, "blocks the block cache always computes last"),
-    "cache_warmup": Limit(int, 0, 1000, "steps the block cache always computes fully"),
-    "cache_max_consecutive": Limit(int, 0, 1000, "most cached steps in a row"),
-    "block_swap": Limit(int, 0, 200, "transformer blocks kept on the device (0 = off)"),
     "feather": Limit(int, 0, 512, "pixels over which a masked edit fades in inside the mask"),
 }
 
 
-def annotated(name: str, strict: bool = True) -> Any:
-    """``Annotated[type, Field(...)]`` for ``LIMITS[name]`` (used by pydantic models and dataclasses).
+def annotated(name: str | Limit, strict: bool = True) -> Any:
+    """``Annotated[type, Field(...)]`` for ``LIMITS[name]`` (or a :class:`Limit`; used by pydantic models and
+    dataclasses).
 
     ``strict=False`` lets pydantic read numbers from strings (config files and ``key=value`` overrides).
     """
-    lim = LIMITS[name]
+    lim = LIMITS[name] if isinstance(name, str) else name
     extra = {"allow_inf_nan": False} if lim.kind is float else {"strict": strict}
     return Annotated[lim.kind, Field(ge=lim.lo, le=lim.hi, multiple_of=lim.multiple, **extra)]
 
 
-# Typed fields of config dataclasses (validated by pydantic at the edge, see training/config.py).
+# Typed fields of config dataclasses (validated by pydantic at the edge, see firered_core/training/config.py).
 CONFIG = ConfigDict(extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -95,9 +91,7 @@ Positive = Annotated[float, Field(gt=0.0)]
 NonNegative = Annotated[float, Field(ge=0.0)]
 
 
-SPEED_OPTIONS = ("cache_threshold", "cache_first", "cache_last", "cache_warmup", "cache_max_consecutive", "block_swap")
-
-_ADAPTERS: dict[str, TypeAdapter] = {}
+_ADAPTERS: dict[Limit, TypeAdapter] = {}
 
 
 def side_memory_note(width: int, height: int) -> str:
@@ -107,34 +101,36 @@ def side_memory_note(width: int, height: int) -> str:
            f"{tokens * HIDDEN_BYTES / 2**30:.1f} GiB"
 
 
-def _message(name: str, value: Any) -> str:
-    lim = LIMITS[name]
+def _message(name: str, value: Any, lim: Limit) -> str:
     text = f"{value!r} is not allowed: {lim.meaning} must be {lim.describe()}"
     if name in ("width", "height") and isinstance(value, int) and value > lim.hi:
         text += f" ({side_memory_note(value, value)})"
     return text
 
 
-def check_value(name: str, value: Any) -> Any:
-    """``value`` validated against ``LIMITS[name]``; raise :class:`OptionError` (without the option's name)."""
-    if name not in _ADAPTERS:
-        _ADAPTERS[name] = TypeAdapter(annotated(name))
+def check_value(name: str, value: Any, table: dict[str, Limit] | None = None) -> Any:
+    """``value`` validated against ``table[name]`` (default :data:`LIMITS`); raise :class:`OptionError` (without
+    the option's name)."""
+    lim = (LIMITS if table is None else table)[name]
+    if lim not in _ADAPTERS:
+        _ADAPTERS[lim] = TypeAdapter(annotated(lim))
     if isinstance(value, bool):  # True is an int to Python, never a number to a user
-        raise OptionError(_message(name, value))
-    if LIMITS[name].kind is float and isinstance(value, int):
+        raise OptionError(_message(name, value, lim))
+    if lim.kind is float and isinstance(value, int):
         value = float(value)
     try:
-        return _ADAPTERS[name].validate_python(value)
+        return _ADAPTERS[lim].validate_python(value)
     except ValidationError:
-        raise OptionError(_message(name, value)) from None
+        raise OptionError(_message(name, value, lim)) from None
 
 
 def check(values: dict[str, Any], spell: Callable[[str], str] = lambda name: name,
-          limits: dict[str, str] | None = None) -> dict[str, Any]:
+          limits: dict[str, str] | None = None, table: dict[str, Limit] | None = None) -> dict[str, Any]:
     """Validate every non-None value; the error names the option as ``spell(name)`` says (``--steps``).
 
     ``limits`` maps an option name to the :data:`LIMITS` entry it uses when the two differ (``strength`` ->
-    ``lora_strength``).
+    ``lora_strength``); ``table`` replaces :data:`LIMITS` (the speed options keep theirs in
+    :data:`firered_core.options.LIMITS`).
     """
     out = {}
     for name, value in values.items():
@@ -142,7 +138,7 @@ def check(values: dict[str, Any], spell: Callable[[str], str] = lambda name: nam
             out[name] = value
             continue
         try:
-            out[name] = check_value((limits or {}).get(name, name), value)
+            out[name] = check_value((limits or {}).get(name, name), value, table)
         except OptionError as exc:
             raise OptionError(f"{spell(name)} {exc}", field=name) from None
     return out
