@@ -1,7 +1,7 @@
-"""Few-step distillation (training/distill.py): the teacher path is the inference sampler's, the loss's minimum is the
-teacher's N-step map, the export carries its schedule and firered-edit, the LoRA Loader and the Sampler use it, the
-distilled LoRA beats the base at N steps on held-out pictures and prompts beyond 3 sigma of the seed-to-seed spread,
-resume is exact and 2 processes equal 1."""
+"""Few-step distillation (firered_core/training/distill.py): the teacher path is the inference sampler's, the loss's
+minimum is the teacher's N-step map, the export carries its schedule and firered-edit, the LoRA Loader and the Sampler
+use it, the distilled LoRA beats the base at N steps on held-out pictures and prompts beyond 3 sigma of the
+seed-to-seed spread, resume is exact and 2 processes equal 1."""
 
 from __future__ import annotations
 
