@@ -129,8 +129,8 @@ def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_pat
             assert "firered_schedule" in fh.metadata()
         assert read_schedule(path).steps == 8
     # The proof's schedule is the checkpoint's own at 64x64; to see that the saved one is used, the LoRA is saved
-    # again with another (constant shift 3), which firered-edit must follow.
-    shifted = LoraSchedule(8, tuple(float(v) for v in make_sigmas(8, 16, SCHEDULER_CONFIG, shift=3.0)))
+    # again with a very different one, which firered-edit must follow.
+    shifted = LoraSchedule(8, (1.0, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0))
     relabelled = tmp_path / "shift3.safetensors"
     with safe_open(str(diffusers_style), "pt") as fh:
         meta = {**fh.metadata(), **shifted.metadata()}
@@ -141,7 +141,7 @@ def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_pat
     args = ["--model", str(model_dir), "--lora", str(relabelled), "-i", str(src), "-p", "Paint it in watercolour",
             "--width", "64", "--height", "64", "--vae-area", "4096", "--vl-area", "4096", "-o", str(out)]
     assert cli.main(args) == 0
-    assert "LoRA schedule: 8 steps, true CFG 1, sigmas [1.000, 0.936" in capsys.readouterr().err
+    assert "LoRA schedule: 8 steps, true CFG 1, sigmas [1.000, 0.600, 0.400" in capsys.readouterr().err
     view, _ = model_with_loras(load_model(model_dir), [relabelled])
     kw = dict(width=64, height=64, vae_area=4096, vl_area=4096, seed=0)
     img = [Image.open(src).convert("RGB")]
@@ -257,3 +257,26 @@ def test_rows_without_targets_load_for_distillation_and_are_refused_elsewhere(ti
     with pytest.raises(DataError, match=r"edit/data.jsonl:1: no target_image \(2 row\(s\) without one\)"):
         Trainer(load_config(None, **{**kw, "distill.enabled": False}))
     assert Trainer(load_config(None, **kw)).train_step() > 0
+
+
+def test_teacher_lora_is_merged_into_the_base_for_good(tiny_model_dir, tmp_path):
+    """``distill.teacher_lora``: the frozen base (the teacher, under the trained adapter) becomes base + that LoRA,
+    with the same weights as applying it, and nothing kept for removal (no second copy of the touched weights)."""
+    import nodes_support as S
+
+    from firered_core.lora import apply_loras, lora_state
+    from firered_core.model import load_model
+    from firered_core.training.distill_setup import merge_teacher_lora
+
+    lora = S.write_lora(tiny_model_dir, tmp_path / "finetune.safetensors", seed=4)
+    merged, applied = load_model(tiny_model_dir).transformer, load_model(tiny_model_dir).transformer
+    before = {k: v.clone() for k, v in merged.state_dict().items()}
+    merge_teacher_lora(merged, DistillConfig(enabled=True, teacher_lora=str(lora)))
+    apply_loras(applied, [lora], mode="merge")
+    after, want = merged.state_dict(), applied.state_dict()
+    assert lora_state(merged) is None
+    assert all(torch.equal(after[k], want[k]) for k in want)
+    assert sum(not torch.equal(after[k], before[k]) for k in before) >= 14  # the LoRA's targets changed
+    untouched = load_model(tiny_model_dir).transformer
+    merge_teacher_lora(untouched, DistillConfig(enabled=False, teacher_lora=str(lora)))  # off: nothing merged
+    assert all(torch.equal(untouched.state_dict()[k], before[k]) for k in before)
