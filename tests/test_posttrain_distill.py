@@ -87,6 +87,24 @@ def test_schedule_metadata_round_trips_and_bad_or_clashing_schedules_are_refused
         schedule_of([tmp_path / "a.safetensors", tmp_path / "b.safetensors"])
 
 
+@pytest.mark.parametrize("change, words", [
+    ({"method": "full"}, "set method: lora"),
+    ({"distill.teacher_steps": 30}, r"distill.teacher_steps \(30\) must be a multiple of distill.steps \(8\)"),
+    ({"distill.segments": 9}, r"distill.segments \(9\) must be at most distill.steps \(8\)"),
+    ({"alignment.permute_rate": 0.5}, "set alignment.drop_rate and alignment.permute_rate to 0"),
+    ({"nft.enabled": True}, "switch preference.enabled, identity.enabled and nft.enabled off"),
+])
+def test_settings_distillation_cannot_honour_are_refused_in_one_line(change, words):
+    import re
+
+    from firered_core.training.config import load_config
+    from firered_core.training.distill_setup import config_problem
+
+    assert config_problem(load_config(None, **{"distill.enabled": True})) is None
+    problem = config_problem(load_config(None, **{"distill.enabled": True, **change}))
+    assert problem and re.search(words, problem) and "\n" not in problem, problem
+
+
 # -- a distilled LoRA: the proof and its use ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):

@@ -12,7 +12,7 @@ halving the steps in rounds (the "trajectory" form of Luhman & Luhman 2021, arXi
    schedule for N steps at ``schedule_tokens`` output tokens, or a constant ``shift``). It is saved in the exported
    LoRA (:mod:`firered_core.lora.schedule`), so inference uses exactly the sigmas the LoRA learnt.
 2. Per training row, the teacher (the frozen base with the LoRA switched off, as DPO's reference: no second copy of
-   the weights; a frozen copy only for a full fine-tune) integrates the ODE from fresh noise at ``s_0`` to 0 with
+   the weights) integrates the ODE from fresh noise at ``s_0`` to 0 with
    ``teacher_steps`` Euler steps and true CFG (``K = teacher_steps / N`` sub-steps per student interval, spaced
    evenly in sigma), keeping its states ``x_{s_i}`` on the student's sigmas. Its conditioning is the row's: the
    instruction and references of the edit row (the target image is never used: the teacher makes the targets).

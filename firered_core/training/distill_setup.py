@@ -46,6 +46,9 @@ def config_problem(cfg) -> str | None:
     if cfg.preference.enabled or cfg.identity.enabled or cfg.nft.enabled:
         return ("distill.enabled trains on the teacher's own paths: switch preference.enabled, identity.enabled and "
                 "nft.enabled off")
+    if cfg.method != "lora":
+        return ("distill.enabled makes a LoRA that carries its sampling schedule (a full fine-tune's export has no "
+                "place for it): set method: lora")
     if cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0:
         return ("distill.enabled: the teacher's negative prompt is encoded with the row's references as stored; set "
                 "alignment.drop_rate and alignment.permute_rate to 0")
