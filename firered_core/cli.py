@@ -242,11 +242,14 @@ def _use_lora_schedule(model, args: argparse.Namespace, steps: int) -> int:
 def run(args: argparse.Namespace) -> list[Path]:
     from tqdm import tqdm
 
+    from .conditioning import check_prompt_text
     from .images import check_output_path, load_image
     from .pipeline import EditPipeline
     from .speed import from_args
 
     check_number_args(args)
+    check_prompt_text(args.prompt, "--prompt", "prompt")  # before anything is loaded
+    check_prompt_text(args.negative_prompt, "--negative-prompt", "negative_prompt")
     check_output_path(args.output)
     from_args(args)  # bad speed settings fail before anything is loaded
     images = [load_image(p) for p in args.image]
@@ -255,11 +258,12 @@ def run(args: argparse.Namespace) -> list[Path]:
         images, prompt = _pack(images, args)
     mask = None
     if args.mask:
-        from .masks import load_mask
+        from .masks import load_mask, warn_if_empty
 
         if not images:
             raise InputError("--mask needs an image (-i) to edit", field="mask")
         mask = load_mask(args.mask)
+        warn_if_empty(mask, f"--mask {args.mask}")  # before the model loads
     demo = is_demo(args)
     model, steps, speed = load_from_args(args)
     width, height = args.width, args.height

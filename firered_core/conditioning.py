@@ -9,6 +9,7 @@ With no image both use the text-to-image system prompt and drop its 34-token pre
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +31,27 @@ T2I_DROP = 34
 IMAGE_SLOT = "<|vision_start|><|image_pad|><|vision_end|>"
 PROMPT_MODES = ("pipeline", "chat")
 ROPE_POSITIONS = 4096  # diffusers' QwenEmbedRope table; text positions start after the largest image's half-side
+
+
+# Qwen's control tokens (<|im_start|>, <|image_pad|>, <|vision_start|>, ... <|endoftext|>): the tokenizer reads
+# them as structure wherever they appear, so typed into a prompt they open image slots without images (the
+# processor's "image-pad count" ValueError) or end the user's turn early.
+CONTROL_TOKEN = re.compile(r"<\|[A-Za-z0-9_]{1,40}\|>")
+
+
+def check_prompt_text(text: str, what: str = "prompt", field: str = "prompt") -> str:
+    """Return ``text`` if it is plain text; refuse (one line naming the token) a Qwen control token in it.
+
+    A prompt is user text. Escaping the token would still hand the model text it never saw in training, and the
+    user almost certainly pasted a template by mistake, so it is refused: every prompt goes through here (CLI,
+    nodes, recaptions, training rows, embedding extraction)."""
+    if not isinstance(text, str):
+        raise InputError(f"{what} is a {type(text).__name__}, not text", field=field)
+    found = CONTROL_TOKEN.search(text)
+    if found:
+        raise InputError(f"{what} holds {found.group()!r}, a control token of the Qwen2.5-VL tokenizer: a prompt is "
+                         f"plain text (remove the token; pictures are passed as images, not as tokens)", field=field)
+    return text
 
 
 def text_token_limit(img_shapes: list | tuple = ()) -> int:
@@ -89,6 +111,7 @@ def build_text(prompt: str, num_images: int, mode: str = "pipeline") -> tuple[st
     """The full text the VL model reads for ``prompt`` with ``num_images`` images, and how many tokens to drop."""
     if mode not in PROMPT_MODES:
         raise InputError(f"prompt mode {mode!r} is not one of {PROMPT_MODES}", field="prompt_mode")
+    check_prompt_text(prompt)
     if num_images == 0:
         system, drop, images = T2I_SYSTEM, T2I_DROP, ""
     elif mode == "pipeline":

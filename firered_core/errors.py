@@ -20,6 +20,11 @@ class InputError(FireRedError):
     """A value given to the library (a size, a mode, a count) is out of range or not one of the accepted ones."""
 
 
+class ConfigError(FireRedError):
+    """A training config key is unknown, its value does not fit the key's type or range, or two switches that
+    cannot work together are both on (here, not in training/, so every module of a run can raise it)."""
+
+
 def one_line(exc: BaseException) -> str:
     """The error's message on one line (what front ends print after ``prog: error:``)."""
     return " ".join(line.strip() for line in str(exc).splitlines() if line.strip())

@@ -103,6 +103,19 @@ def resize_image(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     return chw.permute(0, 2, 3, 1).clamp(0, 1)
 
 
+EMPTY_MASK_WARNING = ("{where}: the mask is all zero, so nothing may change and the output will equal the input; "
+                      "paint the region to edit (in ComfyUI: right-click the picture > Open in MaskEditor)")
+
+
+def warn_if_empty(mask: torch.Tensor, where: str) -> bool:
+    """Log a warning (and return True) when ``mask`` marks nothing to edit: a whole run would give back its input
+    without a word (LoadImage's mask of a picture nobody painted is all zero)."""
+    empty = not bool((as_mask(mask) > 0).any())
+    if empty:
+        log.warning(EMPTY_MASK_WARNING.format(where=where))
+    return empty
+
+
 def fit_batch(mask: torch.Tensor, batch: int, what: str = "mask") -> torch.Tensor:
     """One mask for the whole batch, or one per image; anything else is an error."""
     if mask.shape[0] == batch:

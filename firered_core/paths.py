@@ -1,16 +1,21 @@
 """Names of files chosen from model folders, and walking those folders safely.
 
-A model or LoRA *name* (what a ComfyUI list offers) is relative to one of the configured folders: an absolute path
-or a ``..`` part could read any file on the machine, so it is refused even though ComfyUI checks list inputs first.
-Folder walks follow symbolic links (model folders are often linked in) but remember the real folders they visited
-and stop at a depth limit, so a link loop cannot make them run forever.
+A model or LoRA *name* (what a ComfyUI list offers, or what a submitted workflow claims) is relative to one of the
+configured folders: an absolute path, a ``..`` part or a NUL byte could read any file on the machine, so
+:func:`find_in_folders`, the one look-up every loader input goes through (in ``VALIDATE_INPUTS`` and again when the
+node runs), refuses them. The check is on the *name*, the part a workflow's author controls. Links that the folder's
+owner placed inside a model folder are followed, as ComfyUI's own ``folder_paths.get_full_path`` does (v0.3.64):
+linking model files in from another disk is the usual set-up, and whoever can place a link there can already read
+the file it points to.
+Folder walks follow symbolic links but remember the real folders they visited and stop at a depth limit, so a link
+loop cannot make them run forever.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from .errors import FireRedError
 
@@ -31,6 +36,20 @@ def check_relative_name(name: str, what: str = "name") -> str:
     if ".." in posix.parts or ".." in windows.parts:
         raise UnsafeNameError(f"{what} {name!r} leaves the model folders ('..' is not allowed)")
     return name
+
+
+def find_in_folders(name: str, bases: Iterable[str | Path], what: str = "name", folder: bool = False) -> Path | None:
+    """The file (``folder``: the directory) called ``name`` in the first of ``bases`` that has it, or None.
+
+    ``name`` must be relative without ``..`` or NUL (:func:`check_relative_name`), so the path found is always
+    ``base / name`` lexically inside ``base``; links placed in the folder are followed (module docstring)."""
+    check_relative_name(name, what)
+    for base in bases:
+        path = Path(base) / name
+        if not (path.is_dir() if folder else path.is_file()):
+            continue
+        return path
+    return None
 
 
 def walk_folders(base: str | Path, max_depth: int = MAX_DEPTH) -> Iterator[tuple[Path, list[str]]]:

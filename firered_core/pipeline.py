@@ -16,7 +16,7 @@ from PIL import Image
 from . import latents as L
 from . import masks as M
 from .errors import InputError
-from .conditioning import PromptEmbeds, check_text_length, encode_prompt_pieces
+from .conditioning import PromptEmbeds, check_prompt_text, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
 from .lora.schedule import model_schedule
@@ -231,13 +231,17 @@ class EditPipeline:
         """
         check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
                "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        prompts = [check_prompt_text(p) for p in ([prompt] if isinstance(prompt, str) else list(prompt))]
+        if negative_prompt is not None:
+            for neg in [negative_prompt] if isinstance(negative_prompt, str) else negative_prompt:
+                check_prompt_text(neg, "negative prompt", "negative_prompt")
         images = list(images or [])
         source = src_mask = None
         if mask is not None:
             if not images:
                 raise M.MaskError("a mask needs an image to edit (the mask applies to the last image)")
             source = pil_to_tensor(images[-1])[None]
+            M.warn_if_empty(mask, "masked edit")
             src_mask = M.fit_batch(M.resize_mask(mask, source.shape[2], source.shape[1]),
                                    len(prompts) * num_images)
         record = None

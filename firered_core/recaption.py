@@ -15,6 +15,7 @@ from typing import Sequence
 
 import torch
 
+from .conditioning import check_prompt_text
 from .errors import FireRedError
 from .llm import ChatClient, ChatEndpoint, image_part, text_part
 from .packing import PackResult, mentions
@@ -70,6 +71,7 @@ def check_reply(text: str, rewritten: str, count: int) -> str:
         raise ValueError("more than one line")
     if len(reply) > MAX_GROWTH * max(len(rewritten), 20):
         raise ValueError(f"reply of {len(reply)} characters for an instruction of {len(rewritten)}")
+    check_prompt_text(reply, "the reply")  # it becomes a prompt (an InputError is a ValueError: retried)
     bad = [n for n in mentions(reply) if not 1 <= n <= count]
     if bad:
         raise ValueError(f"the reply names Picture {bad[0]}, but there are {count} pictures")

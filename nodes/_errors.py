@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
 
 from firered_core.errors import FireRedError
 from firered_core.limits import check
@@ -23,6 +24,30 @@ def check_inputs(node: str, values: dict[str, Any], limits: dict[str, str] | Non
     when the names differ; ``table`` replaces LIMITS, e.g. the speed options'); the error names the node and the
     input."""
     check(values, spell=lambda name: f"{node}: input '{name}':", limits=limits, table=table)
+
+
+def look_up(node: str, input_name: str, find: Callable[[str], Path | None], name: str,
+            missing: Callable[[str], str]) -> Path:
+    """``find(name)`` for a loader input (which refuses names leaving the model folders: firered_core.paths), blamed
+    on the input; ``missing(name)`` says what to install where when nothing is found."""
+    with blame(node, input_name):
+        path = find(name)
+    if path is None:
+        raise input_error(node, input_name, missing(name))
+    return path
+
+
+def validate_names(node: str, inputs: Mapping[str, tuple[Callable[[str], Path | None], str, Callable[[str], str]]],
+                   ) -> bool | str:
+    """``VALIDATE_INPUTS`` for loader inputs (input -> (find, name, missing)): True, or every problem in one line.
+    It replaces ComfyUI's own list check, so it must refuse what :func:`look_up` refuses when the node runs."""
+    problems = []
+    for input_name, (find, name, missing) in inputs.items():
+        try:
+            look_up(node, input_name, find, name, missing)
+        except FireRedError as exc:
+            problems.append(str(exc))
+    return " ".join(problems) or True
 
 
 @contextlib.contextmanager

@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-from firered_core.paths import walk_folders
+from firered_core.paths import find_in_folders, walk_folders
 
 from . import _comfy
 
@@ -51,13 +51,6 @@ def _files(dirs: list[Path], extensions: tuple[str, ...]) -> list[str]:
     return sorted(names)
 
 
-def _find(dirs: list[Path], name: str, is_wanted=os.path.isfile) -> Path | None:
-    """``name`` in the first of ``dirs`` that has it (an absolute path is taken as is)."""
-    if os.path.isabs(name):
-        return Path(name) if is_wanted(name) else None
-    return next((base / name for base in dirs if is_wanted(base / name)), None)
-
-
 def model_dirs() -> list[Path]:
     """Folders searched for model folders: ComfyUI's ``firered`` and ``diffusers`` (or ``$FIRERED_MODEL_DIRS``)."""
     return _folders(MODEL_FOLDERS, MODEL_DIRS_ENV)
@@ -71,8 +64,8 @@ def list_model_folders() -> list[str]:
 
 
 def find_model_folder(name: str) -> Path | None:
-    """The folder called ``name`` in the first model folder that has it (an absolute path is taken as is)."""
-    return _find(model_dirs(), name, os.path.isdir)
+    """The folder called ``name`` in the first model folder that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, model_dirs(), "model name", folder=True)
 
 
 def lora_dirs() -> list[Path]:
@@ -86,8 +79,8 @@ def list_loras() -> list[str]:
 
 
 def find_lora(name: str) -> Path | None:
-    """The LoRA file called ``name`` in the first LoRA folder that has it (an absolute path is taken as is)."""
-    return _find(lora_dirs(), name)
+    """The LoRA file called ``name`` in the first LoRA folder that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, lora_dirs(), "LoRA name")
 
 
 def single_file_dirs(kind: str) -> list[Path]:
@@ -102,8 +95,8 @@ def list_single_files(kind: str) -> list[str]:
 
 
 def find_single_file(kind: str, name: str) -> Path | None:
-    """The file called ``name`` in the first folder for ``kind`` that has it (an absolute path is taken as is)."""
-    return _find(single_file_dirs(kind), name)
+    """The file called ``name`` in the first folder for ``kind`` that has it (a name leaving them: UnsafeNameError)."""
+    return find_in_folders(name, single_file_dirs(kind), f"{kind} file name")
 
 
 def comfy_tokenizer_dir() -> Path | None:

@@ -225,6 +225,7 @@ class FireRedMaskedComposite:
         edited = M.resize_image(image[..., :3].cpu().float(), width, height)
         with blame(self.NAME, "mask"):
             mask = M.fit_batch(M.resize_mask(mask.cpu(), width, height), image.shape[0])
+        M.warn_if_empty(mask, f"{self.NAME}: input 'mask'")
         out = M.finish(edited, source[..., :3].cpu().float(), mask, feather, color_match)
         return (out.to(_comfy.intermediate_device()),)
 

@@ -16,12 +16,11 @@ import torch
 
 from firered_core.formats import GGUF_MODES, FormatError
 from firered_core.model import OFFLOAD_MODES, FireRedModel, ModelError, load_model
-from firered_core.paths import check_relative_name
 from firered_core.speed import ModelSettings, SpeedSettings
 
 from . import _comfy, _folders, _memory
 from . import speed as SP
-from ._errors import blame, input_error
+from ._errors import blame, look_up, validate_names
 
 log = logging.getLogger(__name__)
 
@@ -152,15 +151,11 @@ class FireRedModelLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, model_name: str) -> bool | str:
         """Checked before the run, instead of ComfyUI's list check, so the message says what to install where."""
-        return True if _folders.find_model_folder(model_name) else missing_model_message(model_name)
+        return validate_names(cls.NAME, {"model_name": (_folders.find_model_folder, model_name, missing_model_message)})
 
     def load(self, model_name: str, dtype: str, device: str, offload: str,
              speed: SpeedSettings | None = None) -> tuple[FireRedModel]:
-        with blame(self.NAME, "model_name"):
-            check_relative_name(model_name, "model name")
-        path = _folders.find_model_folder(model_name)
-        if path is None:
-            raise input_error(self.NAME, "model_name", missing_model_message(model_name))
+        path = look_up(self.NAME, "model_name", _folders.find_model_folder, model_name, missing_model_message)
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "model_name", ModelError):
             return (cached_model(path, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None),)
@@ -200,18 +195,18 @@ class FireRedSingleFileLoader:
     def VALIDATE_INPUTS(cls, transformer_name: str, text_encoder_name: str, vae_name: str) -> bool | str:
         """Checked before the run, instead of ComfyUI's list check, so the message says what to put where."""
         names = {"transformer_name": transformer_name, "text_encoder_name": text_encoder_name, "vae_name": vae_name}
-        missing = [missing_file_message(kind, names[inp]) for inp, kind in cls.FILE_INPUTS.items()
-                   if _folders.find_single_file(kind, names[inp]) is None]
-        return " ".join(missing) or True
+        return validate_names(cls.NAME, {inp: cls._finder(kind, names[inp]) for inp, kind in cls.FILE_INPUTS.items()})
+
+    @staticmethod
+    def _finder(kind: str, name: str):
+        return (lambda n: _folders.find_single_file(kind, n)), name, (lambda n: missing_file_message(kind, n))
 
     def load(self, transformer_name: str, text_encoder_name: str, vae_name: str, dtype: str, device: str,
              offload: str, gguf_mode: str = "runtime", speed: SpeedSettings | None = None) -> tuple[FireRedModel]:
         names = {"transformer_name": transformer_name, "text_encoder_name": text_encoder_name, "vae_name": vae_name}
         files = {}
         for inp, kind in self.FILE_INPUTS.items():
-            files[kind] = _folders.find_single_file(kind, names[inp])
-            if files[kind] is None:
-                raise input_error(self.NAME, inp, missing_file_message(kind, names[inp]))
+            files[kind] = look_up(self.NAME, inp, *self._finder(kind, names[inp]))
         dev = _comfy.torch_device() if device == "auto" else torch.device(device)
         with blame(self.NAME, "text_encoder_name", ModelError, FormatError):
             model = cached_model(None, resolve_dtype(dtype, dev), dev, offload, speed.model if speed else None,

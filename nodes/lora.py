@@ -9,11 +9,10 @@ import weakref
 from firered_core.formats import FormatError
 from firered_core.lora import LoraError, LoraSpec, applied_loras, model_with_loras
 from firered_core.model import FireRedModel
-from firered_core.paths import check_relative_name
 from firered_core.limits import widget
 
 from . import _folders
-from ._errors import blame, check_inputs, input_error
+from ._errors import blame, check_inputs, look_up, validate_names
 
 log = logging.getLogger(__name__)
 
@@ -77,16 +76,12 @@ class FireRedLoraLoader:
     @classmethod
     def VALIDATE_INPUTS(cls, lora_name: str) -> bool | str:
         """Checked before the run, instead of ComfyUI's list check, so the message says where LoRA files go."""
-        return True if _folders.find_lora(lora_name) else missing_lora_message(lora_name)
+        return validate_names(cls.NAME, {"lora_name": (_folders.find_lora, lora_name, missing_lora_message)})
 
     def load(self, model: FireRedModel, lora_name: str, strength: float, mode: str,
              allow_partial: bool) -> tuple[FireRedModel, str]:
         check_inputs(self.NAME, {"strength": strength}, {"strength": "lora_strength"})
-        with blame(self.NAME, "lora_name"):
-            check_relative_name(lora_name, "LoRA name")
-        path = _folders.find_lora(lora_name)
-        if path is None:
-            raise input_error(self.NAME, "lora_name", missing_lora_message(lora_name))
+        path = look_up(self.NAME, "lora_name", _folders.find_lora, lora_name, missing_lora_message)
         spec = LoraSpec(path=path, strength=strength, name=lora_name)
         with blame(self.NAME, "lora_name", LoraError, FormatError):
             view, report = model_with_loras(model, [spec], None if mode == "auto" else mode, allow_partial)

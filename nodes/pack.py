@@ -7,6 +7,7 @@ import logging
 
 import torch
 
+from firered_core import masks as M
 from firered_core import packing as PK
 from firered_core.limits import widget
 
@@ -60,6 +61,9 @@ class FireRedPackPictures:
             },
             "optional": {
                 **{f"image{k}": ("IMAGE", {"tooltip": slot.format(k)}) for k in range(2, SLOTS + 1)},
+                **{f"mask{k}": ("MASK", {"tooltip": f"Optional region of interest of image{k} (painted = keep; the "
+                                                    "crop is its bounding box). A box line for that picture wins; an "
+                                                    "empty mask is ignored."}) for k in range(1, SLOTS + 1)},
                 "recaption_url": ("STRING", {"default": "",
                                              "tooltip": "Optional: an OpenAI-compatible endpoint (e.g. "
                                                         "https://api.openai.com/v1) that rephrases the rewritten "
@@ -75,15 +79,24 @@ class FireRedPackPictures:
              boxes: str, recaption_url: str = "", recaption_model: str = "",
              recaption_key_env: str = "OPENAI_API_KEY", **images: torch.Tensor | None) -> tuple:
         check_inputs(self.NAME, {"megapixels": megapixels}, limits={"megapixels": "pack_megapixels"})
-        pictures = []
-        for name, image in (("image1", image1), *((f"image{k}", images.get(f"image{k}")) for k in range(2, SLOTS + 1))):
-            if image is not None:
-                image_size(self.NAME, name, image)
-                pictures += list(image[..., :3].cpu().float())
+        pictures, masks = [], {}
+        for k in range(1, SLOTS + 1):
+            image = image1 if k == 1 else images.get(f"image{k}")
+            if image is None:
+                continue
+            image_size(self.NAME, f"image{k}", image)
+            mask = images.get(f"mask{k}")
+            if mask is not None:
+                with blame(self.NAME, f"mask{k}"):
+                    mask = M.fit_batch(M.as_mask(mask.cpu()), image.shape[0], f"mask{k}")
+                for i, m in enumerate(mask):
+                    if bool((m > 0.5).any()):  # LoadImage's mask of an unpainted picture is all zero: no region
+                        masks[len(pictures) + i + 1] = m[None]
+            pictures += list(image[..., :3].cpu().float())
         with blame(self.NAME, "boxes"):
             parsed = PK.parse_boxes(boxes)
         with blame(self.NAME, "image1", inputs=("boxes", "composites")):
-            result = PK.pack_pictures(pictures, boxes=parsed,
+            result = PK.pack_pictures(pictures, boxes=parsed, masks=masks,
                                       composites=None if composites == "auto" else int(composites),
                                       area=megapixels * 1024 * 1024, auto_roi=auto_crop)
         with blame(self.NAME, "prompt"):

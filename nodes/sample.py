@@ -122,6 +122,7 @@ class FireRedSampler:
             with blame(self.NAME, "latent"):
                 mask = M.fit_batch(M.resize_mask(latent["noise_mask"].cpu(), width, height), batch,
                                    "latent's noise mask")
+                M.warn_if_empty(mask, f"{self.NAME}: input 'latent' (its noise mask)")
                 hook = M.blend_hook(CL.from_raw(samples.to(device), model.vae.config), M.token_mask(mask))
         settings = SP.for_sampler(self.NAME, model, speed)
         bar, preview = _progress.progress_bar(steps), _progress.previewer()

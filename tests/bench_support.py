@@ -74,6 +74,8 @@ class Judge:
         self.replies, self.first, self.seen = dict(replies), dict(first or {}), set()
 
     def __call__(self, body: dict) -> Reply:
+        if "editing instruction is" not in body["messages"][0]["content"][-1]["text"]:
+            return Reply.text("OK")  # ``run``'s preflight
         text = instruction_of(body)
         if text in self.first and text not in self.seen:
             self.seen.add(text)

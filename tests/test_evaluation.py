@@ -328,9 +328,18 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
     assert result["settings"] == ["edit.seed: 43 -> 7"]
     assert "add/add-1" in out.read_text(encoding="utf-8") and "edit.seed: 43 -&gt; 7" in out.read_text(encoding="utf-8")
 
+
+def test_report_screenshot_draws_its_tables(bench, tmp_path, tiny_model_dir):
+    """Its own test, so a machine without Chromium skips only the screenshot, not the end-to-end asserts."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         pytest.skip("chromium not installed: the report's screenshot is not taken")
+    run_a = tmp_path / "base"
+    with FakeOpenAI(Judge(REPLIES)) as fake:
+        assert bench_main(["run", "--out", str(run_a), "--judge-url", fake.url, "--jsonl", str(bench), "--lang",
+                           "en", "--model", str(tiny_model_dir), "--steps", "1", "--true-cfg", "1", "--limit", "1",
+                           "--match-input-size", "--vl-area", "1024", "--vae-area", "1024", "--no-progress",
+                           "--judge-model", "judge-1", *FAST_JUDGE]) == 0
     shot = tmp_path / "report.png"
     subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", f"--screenshot={shot}",
                     "--window-size=1400,1000", (run_a / "report.html").as_uri()], capture_output=True, timeout=120)
@@ -351,6 +360,10 @@ def test_mini_bench_end_to_end_report_and_compare(bench, tmp_path, tiny_model_di
       "--judge-url", "http://127.0.0.1:9/v1", "--judge-model", "m"], "judge prompts .*missing.json not found"),
     (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--bench", "nope"], "neither a built-in"),
     (["report", "--compare", "{tmp}/a", "{tmp}/b"], "scores.json not found"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--face-embedder", "{tmp}/arcface.onnx"],
+     "--face-embedder / --face-detector: identity.embedder '.*arcface.onnx' is neither a file"),
+    (["metrics", "--out", "{tmp}/none", "--jsonl", "{bench}", "--ocr", "no_such_ocr_xyz:engine"],
+     "--ocr: reward.typography.ocr 'no_such_ocr_xyz:engine': cannot import"),
 ])
 def test_cli_errors_are_one_line(argv, message, bench, tmp_path, capsys):
     argv = [a.format(tmp=tmp_path, bench=bench) for a in argv]
@@ -358,3 +371,75 @@ def test_cli_errors_are_one_line(argv, message, bench, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("firered-bench: error: ")
     assert re.search(message, err[0])
+
+
+# ---- a judge that fails fast; FireRed's aggregation --------------------------------------------------------------
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_key_costs_one_call_one_line_exit_2_and_no_image(status, bench, tmp_path, tiny_model_dir,
+                                                                 monkeypatch, capsys):
+    secret = "sk-REFUSED-5f3a9c"
+    monkeypatch.setenv("FIRERED_TEST_JUDGE_KEY", secret)
+    judge = ["--judge-model", "judge-1", "--api-key-env", "FIRERED_TEST_JUDGE_KEY", "--concurrency", "8",
+             *FAST_JUDGE]
+    with FakeOpenAI(lambda body: Reply.status(status, text=f"invalid api key {secret}")) as fake:
+        run = tmp_path / "run"
+        assert bench_main(["run", "--out", str(run), "--jsonl", str(bench), "--lang", "en", "--model",
+                           str(tiny_model_dir), "--steps", "2", "--no-progress", "--judge-url", fake.url,
+                           *judge]) == 2
+        assert fake.calls == 1  # the preflight, before any model is loaded or image generated
+        assert not list(run.rglob("*.png")) and not (run / "manifest.json").exists()
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("firered-bench: error: ") and fake.url in err[0]
+        assert f"HTTP {status}" in err[0] and "refused the API key" in err[0] and secret not in err[0]
+
+        elsewhere = tmp_path / "elsewhere"  # `judge` on images made elsewhere: 8 threads, still one call
+        _write_outputs(bench, elsewhere)
+        assert bench_main(["judge", "--out", str(elsewhere), "--jsonl", str(bench), "--lang", "en",
+                           "--judge-url", fake.url, *judge]) == 2
+        assert fake.calls == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fake.url in err[0] and secret not in err[0] and "Traceback" not in err[0]
+        assert not (elsewhere / "judge.json").exists()
+
+
+def test_a_report_with_no_scores_says_so(bench, tmp_path, capsys):
+    out = tmp_path / "run"
+    _write_outputs(bench, out)
+    with FakeOpenAI(lambda body: Reply.text("I cannot rate images.")) as fake:
+        assert bench_main(["judge", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--judge-url",
+                           fake.url, "--judge-model", "j", *FAST_JUDGE]) == 1  # nothing scored: not a success
+    for aggregation in ("mean", "fireredteam"):
+        capsys.readouterr()
+        assert bench_main(["report", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--aggregation",
+                           aggregation]) == 0
+        assert "no scores: 0 of 7 samples judged (7 failed)" in capsys.readouterr().err
+        assert "no scores" in (out / "report.html").read_text(encoding="utf-8")
+    # FireRed's evaluator prints 0 when nothing scored; that number is kept for comparison, the report says no scores
+    assert load_scores(out)["overall"]["mean"] == 0.0
+
+
+def test_fireredteam_aggregation_equals_firereds_steps_by_hand(bench, tmp_path, capsys):
+    out = tmp_path / "run"
+    _write_outputs(bench, out)
+    with FakeOpenAI(Judge(REPLIES)) as fake:
+        assert bench_main(["judge", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--judge-url",
+                           fake.url, "--judge-model", "j", "--aggregation", "fireredteam", *FAST_JUDGE]) == 0
+        body = fake.bodies[0]
+    assert (body["temperature"], body["top_p"], body["max_tokens"]) == (0.1, 0.95, 8192)
+    assert bench_main(["report", "--out", str(out), "--jsonl", str(bench), "--lang", "en"]) == 0
+    firered = load_scores(out)
+    # samples: add 4.0, 3.33 (10/3), add-3 unscorable; remove 2.0, 3.0; text 1.33 (4/3), 4.67 (14/3)
+    # task means rounded: add round(3.665, 2) = 3.67, remove 2.5, text 3.0; overall (3.67 + 2.5 + 3.0) / 3, unrounded
+    assert {t: v["mean"] for t, v in firered["tasks"].items()} == {"add": 3.67, "remove": 2.5, "text": 3.0}
+    assert firered["overall"]["mean"] == pytest.approx(9.17 / 3, abs=1e-12)
+    assert "aggregation <b>fireredteam</b>" in (out / "report.html").read_text(encoding="utf-8")
+    assert bench_main(["report", "--out", str(out), "--jsonl", str(bench), "--lang", "en", "--aggregation",
+                       "mean"]) == 0
+    plain = load_scores(out)  # the default keeps every digit: add 11/3, overall (11/3 + 2.5 + 3) / 3
+    assert plain["tasks"]["add"]["mean"] == pytest.approx(11 / 3, abs=1e-12)
+    assert plain["overall"]["mean"] == pytest.approx((11 / 3 + 5.5) / 3, abs=1e-12)
+    assert abs(plain["overall"]["mean"] - firered["overall"]["mean"]) > 1e-3
+    assert "aggregation <b>mean</b>" in (out / "report.html").read_text(encoding="utf-8")
+    assert "aggregation mean" in capsys.readouterr().err
+    assert "aggregation: 'fireredteam' -> 'mean'" in compare(firered, plain)["settings"]  # a comparison says so

@@ -13,8 +13,8 @@ from PIL import Image
 
 from fake_openai import FakeOpenAI, Reply
 from firered_core.errors import FireRedError
-from firered_core.llm import (BudgetExceeded, ChatClient, ChatEndpoint, ChatError, image_part, request_key,
-                              text_part)
+from firered_core.llm import (AuthError, BudgetExceeded, ChatClient, ChatEndpoint, ChatError, image_part,
+                              request_key, text_part)
 
 FAST = dict(backoff_s=0.001, max_backoff_s=0.002, timeout_s=5.0)
 
@@ -225,3 +225,25 @@ def test_budget_holds_under_concurrency():
         results = ChatClient(endpoint(fake, call_budget=3, concurrency=4)).map([user(str(i)) for i in range(8)])
     assert fake.calls == 3
     assert sum(isinstance(r, BudgetExceeded) for r in results) == 5
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_refused_key_is_one_call_even_with_many_threads(status):
+    """The first request goes alone until the endpoint has answered: a refused key costs one call whatever the
+    concurrency, is never retried, and nothing is sent afterwards; an accepted key lifts the one-at-a-time gate."""
+    with FakeOpenAI(lambda body: Reply.slow(0.05, "ok") if body["model"] == "good" else Reply.status(status)) as fake:
+        client = ChatClient(endpoint(fake, concurrency=8, max_retries=5))
+        with pytest.raises(AuthError, match=rf"{fake.url}/chat/completions \(judge-1\) refused the API key: HTTP "
+                                            rf"{status}"):
+            client.map([user(str(i)) for i in range(12)])
+        assert fake.calls == 1
+        with pytest.raises(AuthError):
+            client.complete(user("again"))
+        with pytest.raises(AuthError):
+            client.preflight()
+        assert fake.calls == 1
+        good = ChatClient(ChatEndpoint(base_url=fake.url, model="good", concurrency=4, **FAST))
+        assert good.preflight().text == "ok" and fake.calls == 2
+        assert [r.text for r in good.map([user(str(i)) for i in range(8)])] == ["ok"] * 8
+        assert fake.max_in_flight > 1  # answered once: the requests run side by side again
+

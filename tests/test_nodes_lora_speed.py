@@ -12,6 +12,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import nodes_support as S  # noqa: E402
 from test_nodes import image, lora_dir, model, model_dirs, single_file_dir  # noqa: E402,F401
+from tolerances import sampled_atol  # noqa: E402
 
 SETTINGS = dict(batched_cfg=False, block_cache=False, cache_threshold=0.08, cache_first=1, cache_last=1,
                 cache_warmup=2, cache_max_consecutive=3, taylorseer=False, quantize="none",
@@ -109,7 +110,8 @@ def test_lora_loader_lists_the_lora_folder(model_dirs):
 def test_block_cache_threshold_zero_and_batched_cfg_give_the_plain_output(model):
     plain = edit(model)
     assert torch.equal(edit(model, speed(block_cache=True, cache_threshold=0.0)), plain)
-    torch.testing.assert_close(edit(model, speed(batched_cfg=True)), plain, rtol=1e-5, atol=1e-5)
+    # one batched pass sums in another order than two (tests/tolerances.py: 2 steps, latents of size <= 4)
+    torch.testing.assert_close(edit(model, speed(batched_cfg=True)), plain, rtol=0, atol=sampled_atol(2, scale=4.0))
     from firered_core import comfy_latents as CL
     from firered_core.pipeline import denoise_latents
 

@@ -13,6 +13,8 @@ from firered_core import cli, geometry
 from firered_core.model import ModelError, check_model_folder, load_model
 from firered_core.pipeline import EditPipeline
 
+from tolerances import sampled_atol  # noqa: E402
+
 SMALL = dict(steps=2, true_cfg=2.0, seed=3, width=64, height=48, vae_area=128 * 128, output="latent")
 
 
@@ -32,7 +34,8 @@ def test_sharded_transformer_and_component_folders_load_identically(tmp_path, ti
                                                                     make_image):
     """A transformer saved in shards with an index, given as its own folder, gives the same result.
 
-    The weights are bit-identical; outputs agree within 1e-5 (memory layout can change CPU kernels' summation order).
+    The weights are bit-identical; outputs agree within the bound of tests/tolerances.py for 2 steps (memory layout can
+    change CPU kernels' summation order).
     """
     shards = tmp_path / "sharded-transformer"
     tiny_model.transformer.save_pretrained(shards, max_shard_size="200KB")
@@ -42,7 +45,7 @@ def test_sharded_transformer_and_component_folders_load_identically(tmp_path, ti
     a = EditPipeline(tiny_model).edit(img, "blue", " ", **SMALL).latents
     b = EditPipeline(model).edit(img, "blue", " ", **SMALL).latents
     assert all(torch.equal(v, model.transformer.state_dict()[k]) for k, v in tiny_model.transformer.state_dict().items())
-    assert (a - b).abs().max().item() <= 1e-5
+    assert (a - b).abs().max().item() <= sampled_atol(2, scale=4.0)
 
 
 def test_model_offload_is_lossless(tiny_model_dir, tiny_model, make_image):

@@ -10,6 +10,8 @@ from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import Trainer
 
+from tolerances import trained_rtol  # noqa: E402
+
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
              checkpoint_every=0, resume=None, steps=2, lr=1e-2)
 
@@ -24,7 +26,7 @@ def test_low_vram_switches_keep_the_loss(tiny_model_dir, tmp_path):
         trainer = Trainer(cfg)
         runs[name] = ([trainer.train_step() for _ in range(2)], weight_bytes(trainer.module.transformer_blocks))
     plain, swap, fp8 = runs["plain"], runs["swap"], runs["fp8"]
-    assert swap[0] == pytest.approx(plain[0], rel=1e-6, abs=0)
+    assert swap[0] == pytest.approx(plain[0], rel=trained_rtol(2), abs=0)
     assert fp8[0] == pytest.approx(plain[0], rel=0.03)  # e4m3 weights (2^-4 relative), bf16 matmuls
     assert fp8[0] != plain[0]  # the switch did change the arithmetic
     assert fp8[1] < 0.5 * plain[1]  # frozen block weights: 1 byte (+ a scale per row) instead of 4

@@ -8,7 +8,9 @@ import torch
 from firered_core.training.buckets import bucket_key
 from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
-from firered_core.training.trainer import EVAL_STEP, SimulatedKill, Trainer, train
+from firered_core.training.trainer import EVAL_STEP, Trainer, train
+
+from test_training_run import killed_after  # noqa: E402
 
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
              resume=None, checkpoint_every=0)
@@ -73,8 +75,8 @@ def test_nft_resume_is_exact(tiny_model_dir, rows, tmp_path):
               **{"nft.group_size": 4, "nft.old_decay": 0.5, "nft.beta": 0.5,
                  "nft.reward.callable": "test_posttrain_nft_train:brightness"})
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with pytest.raises(SimulatedKill):
-        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    with killed_after(2):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert (tmp_path / "cut" / "checkpoints" / "step-00000002" / "nft_old.safetensors").is_file()
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **{**kw, "resume": "auto"}))
     assert list(resumed.losses) == [1, 2, 3]

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
-from firered_core.training.trainer import SimulatedKill, train
+from firered_core.training.trainer import train
+
+from test_training_run import killed_after  # noqa: E402
 
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0)
 
@@ -19,8 +19,8 @@ def test_dpo_resume_is_exact(tiny_model_dir, tmp_path):
               **{"lora.rank": 4, "preference.enabled": True, "preference.beta": 500.0, "preference.omega": 1.5,
                  "preference.sft_weight": 0.1, "variants.text_drop": 0.0})
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with pytest.raises(SimulatedKill):
-        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    with killed_after(2):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # exact: same draws, same reference (the LoRA-disabled base)
@@ -40,7 +40,7 @@ def test_identity_resume_is_exact(tiny_model_dir, tmp_path):
               **{"lora.rank": 4, "variants.text_drop": 0.0, "timesteps.shift": None, "identity.enabled": True,
                  "identity.eta": 10.0, "identity.embedder": str(tmp_path / "face.pt"), "identity.input_size": 16})
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with pytest.raises(SimulatedKill):
-        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    with killed_after(2):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert resumed.losses == full.losses

@@ -13,7 +13,7 @@ from firered_core.training.identity import (IdentityConfig, IdentityError, face_
                                             identity_weight, latent_box, load_embedder, x0_estimate)
 from firered_core.training.losses import row_errors
 from firered_core.training.lowvram import Fp8BaseLinear, store_frozen_fp8
-from firered_core.training.preference import PreferenceConfig, dpo_logits, dpo_loss
+from firered_core.training.preference import dpo_logits, dpo_loss
 
 
 class TinyFaceEmbedder(torch.nn.Module):
@@ -99,10 +99,14 @@ def test_omega_changes_only_the_preferred_term_and_sft_adds_the_preferred_error(
 
 
 def test_preference_config_ranges():
-    with pytest.raises(ValueError, match="omega"):
-        PreferenceConfig(omega=0.5)
-    with pytest.raises(ValueError, match="beta"):
-        PreferenceConfig(beta=0)
+    """Ranges are stated once, in the typed fields, and checked when the config is loaded."""
+    from firered_core.errors import ConfigError
+    from firered_core.training.config import load_config
+
+    with pytest.raises(ConfigError, match="'preference.omega': value 0.5 is not a number >= 1"):
+        load_config(None, **{"preference.omega": 0.5})
+    with pytest.raises(ConfigError, match="'preference.beta'"):
+        load_config(None, **{"preference.beta": 0})
 
 
 def test_latent_box_scales_and_widens_to_whole_latent_pixels():

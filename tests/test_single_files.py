@@ -122,7 +122,8 @@ def test_missing_model_folder_and_lora_say_what_to_install(tmp_path, monkeypatch
     assert "'FireRed-Image-Edit-1.0' not found" in msg and str(tmp_path / "firered") in msg
     assert "model_index.json" in msg and "no model folder is installed yet" in msg
     assert classes["FireRedLoraLoader"].VALIDATE_INPUTS("lightning.safetensors").startswith(
-        "LoRA file 'lightning.safetensors' not found (searched: " + str(tmp_path / "loras"))
+        "FireRed LoRA Loader: input 'lora_name': LoRA file 'lightning.safetensors' not found (searched: "
+        + str(tmp_path / "loras"))
 
 
 @needs_comfy

@@ -154,7 +154,7 @@ def test_kill_9_then_a_truncated_latest_checkpoint_falls_back_to_the_previous_on
     with pytest.raises(CheckpointError, match=f"cannot resume from {latest}: {weights} has"):
         checked_checkpoint(latest)
 
-    values.update(steps=step, stop_after=None)
+    values.update(steps=step)
     result = train(load_config(None, **values))
     assert list(result.losses)[-1] == step and min(result.losses) == 1
     assert result.losses[step] == pytest.approx(recorded[str(step)], rel=1e-4)  # step N repeated from N - 1

@@ -7,9 +7,11 @@ import filecmp
 import json
 import math
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,9 +20,12 @@ import yaml
 from safetensors.torch import load_file
 
 from firered_core.training.config import load_config
-from firered_core.training.extract import ExtractConfig, SimulatedCrash, extract
+from firered_core.training import extract as extract_module
+from firered_core.training.extract import ExtractConfig, extract
 from firered_core.training.synthetic import make_dataset
-from firered_core.training.trainer import SimulatedKill, Trainer, train
+from firered_core.training.trainer import Trainer, train
+
+from tolerances import step_rtol, trained_rtol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0)
@@ -73,24 +78,68 @@ def test_lora_run_lowers_loss_validates_and_exports_a_loadable_lora(model_dir, d
     assert torch.equal(pipe.edit(src, "Rotate the colours of Picture 1", **edit).latents, base)
 
 
-def test_interrupted_run_resumes_with_identical_losses(model_dir, data_dir, tmp_path):
+class Killed(BaseException):
+    """The test's stand-in for SIGKILL in process (a BaseException: nothing in the trainer catches it)."""
+
+
+@contextlib.contextmanager
+def killed_after(step: int):
+    """The run in the block dies right after step ``step`` (its checkpoint and validation done), as a killed job
+    would: the kill comes from the test, not from a config key."""
+    real = Trainer.train_step
+
+    def step_or_die(self):
+        if self.step >= step:
+            raise Killed(f"killed after step {self.step}")
+        return real(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Trainer, "train_step", step_or_die)
+        with pytest.raises(Killed):
+            yield
+
+
+def kill_training_process(tmp_path: Path, values: dict, step: int) -> None:
+    """``training/train.py`` in a real process, SIGKILLed as soon as its step-``step`` checkpoint is in place."""
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(values))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "training" / "train.py"), str(tmp_path / "killed.yaml")],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    target = Path(values["output_dir"]) / "checkpoints" / f"step-{step:08d}"
+    deadline = time.monotonic() + 300
+    while not target.is_dir():
+        assert proc.poll() is None, f"train.py ended before checkpoint {step}: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, "no checkpoint within 300 s"
+        time.sleep(0.005)
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL  # it was still running: killed, not finished
+    assert not (Path(values["output_dir"]) / "losses.json").exists()
+
+
+def test_killed_run_resumes_with_identical_losses_and_export_bytes(model_dir, data_dir, tmp_path):
+    """A real train.py process is killed after its step-2 checkpoint; the resumed run gives the uninterrupted run's
+    losses and exports the same bytes (tensors, and metadata written in sorted order)."""
     kw = dict(steps=3, lr=1e-3, checkpoint_every=2, ema_decay=0.9, batch_size=2,  # step 3 starts the 2nd epoch
               **{"lora.rank": 4, "timesteps.kind": "logit_normal"})
-    full = train(config(model_dir, data_dir, tmp_path / "full", **kw))
-    with pytest.raises(SimulatedKill):
-        train(config(model_dir, data_dir, tmp_path / "cut", stop_after=3, **kw))
+    with torch_threads(1):  # as the killed process runs (OMP_NUM_THREADS=1): the same kernels, the same sums
+        full = train(config(model_dir, data_dir, tmp_path / "full", **kw))
+    values = {**SMALL, "model": str(model_dir), "data": str(data_dir), "output_dir": str(tmp_path / "cut"),
+              "steps": 3, "lr": 1e-3, "checkpoint_every": 2, "ema_decay": 0.9, "batch_size": 2,
+              "lora": {"rank": 4}, "timesteps": {"kind": "logit_normal"}}
+    kill_training_process(tmp_path, values, 2)
     ckpts = tmp_path / "cut" / "checkpoints"
     (ckpts / ".tmp-step-00000003-999").mkdir()  # a save killed midway: ignored, the previous one is used
     (ckpts / ".tmp-step-00000003-999" / "trainable.safetensors").write_bytes(b"partial")
-    resumed = train(config(model_dir, data_dir, tmp_path / "cut", **kw))
+    with torch_threads(1):
+        resumed = train(config(model_dir, data_dir, tmp_path / "cut", **kw))
     assert list(resumed.losses) == [1, 2, 3]
     assert resumed.losses == full.losses  # bit-identical: same data, noise, sigmas and optimizer state
-    a = load_file(str(full.exports["comfy"]))
-    b = load_file(str(resumed.exports["comfy"]))
-    assert all(torch.equal(a[k], b[k]) for k in a)
-    ema_a = load_file(str(tmp_path / "full" / "export" / "firered_lora_ema_comfy.safetensors"))
-    ema_b = load_file(str(tmp_path / "cut" / "export" / "firered_lora_ema_comfy.safetensors"))
-    assert all(torch.equal(ema_a[k], ema_b[k]) for k in ema_a)
+    exports = sorted(p.name for p in (tmp_path / "full" / "export").glob("*.safetensors"))
+    assert len(exports) == 4  # trained and EMA LoRA, comfy and diffusers styles
+    for name in exports:
+        assert filecmp.cmp(tmp_path / "full" / "export" / name, tmp_path / "cut" / "export" / name, shallow=False), \
+            name
 
 
 def _free_port() -> int:
@@ -134,10 +183,11 @@ def torchrun_train(tmp_path: Path, name: str, values: dict, nproc: int = 2) -> s
 def test_two_process_run_matches_one_process_gradients(model_dir, data_dir, tmp_path):
     """2 processes (torchrun + gloo, one row each) against 1 process accumulating both rows.
 
-    Rank 0's first-step gradients after DDP's all-reduce equal the 1-process ones within 1e-6 relative (fp32; both
-    sides use one thread, so the only difference is the order of the two-row sum), and the second step's loss
-    matches. The trained set includes the last block, whose text-stream tensors get no gradient: DDP must not wait
-    for them (it used to skip the all-reduce of their bucket, then fail on the next step).
+    Rank 0's first-step gradients after DDP's all-reduce equal the 1-process ones, and the second step's loss
+    matches, within the bounds of tests/tolerances.py (fp32; both sides use one thread, so the only difference is
+    the order of the two-row sum). The trained set includes the last block, whose text-stream tensors get no
+    gradient: DDP must not wait for them (it used to skip the all-reduce of their bucket, then fail on the next
+    step).
     """
     kw = dict(steps=2, lr=1e-3, checkpoint_every=0, method="full", trainable=["transformer_blocks.1.*", "proj_out.*"])
     with torch_threads(1):
@@ -150,9 +200,10 @@ def test_two_process_run_matches_one_process_gradients(model_dir, data_dir, tmp_
     g1, g2 = load_file(str(tmp_path / "g1.safetensors")), load_file(str(tmp_path / "g2.safetensors"))
     assert set(g1) == set(g2) and len(g1) > 10
     errors = sorted(((relative_error(g2[k], g1[k]), k) for k in g1), reverse=True)
-    assert errors[0][0] <= 1e-6, errors[:5]
+    assert errors[0][0] <= step_rtol(), errors[:5]
     losses = json.loads((tmp_path / "two" / "losses.json").read_text())
-    assert [float(losses[str(s)]) for s in (1, 2)] == pytest.approx([r1.losses[1], r1.losses[2]], rel=1e-6)
+    for s in (1, 2):
+        assert float(losses[str(s)]) == pytest.approx(r1.losses[s], rel=trained_rtol(s)), s
     assert (tmp_path / "two" / "export" / "model" / "transformer" / "config.json").exists()
 
 
@@ -194,17 +245,16 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
     """FSDP (accelerate's FullyShardedDataParallel around each QwenImageTransformerBlock) on 2 CPU processes (gloo),
     with EMA (kept on each rank's shards, gathered whole for checkpoints and exports).
 
-    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows within 1e-5 relative
-    (measured: steps 1-2 bit for bit, step 3 8e-8); the checkpoints hold the files 1 process writes (whole tensors,
-    optimizer keyed by name), their EMA tensors and the exported EMA LoRA within 5e-5 of its (measured 8.7e-6 at step
-    2, 6.3e-6 at step 3: the trained tensors themselves differ by 8.1e-6 and 5.8e-6, Adam amplifying the order of the
-    two-row sum). Resuming the step-2 checkpoint (full-state-dict weights, optimizer and EMA, loaded back into the
+    LoRA: 3 steps (one row per process) give the losses of 1 process accumulating both rows; the checkpoints hold the
+    files 1 process writes (whole tensors, optimizer keyed by name), their EMA tensors and the exported EMA LoRA
+    equal its, all within the bound of tests/tolerances.py for that many steps (the reduce-scatter sums the two rows
+    in another order). Resuming the step-2 checkpoint (full-state-dict weights, optimizer and EMA, loaded back into the
     shards) in a fresh run repeats step 3's loss, trained tensors and EMA exactly. The uninterrupted run validated
     with the EMA weights after step 2: proj_out, a LoRA target, sits in FSDP's root unit, whose gathered copy
     outlives validation's no-grad forwards, so step 3 sees whether the trained weights came back into the shards and
     were gathered again. The FSDP checkpoint resumes in 1 process too. The exported LoRAs load with full coverage.
-    Full fine-tune, the other way: the 1-process step-1 checkpoint resumes under FSDP; step 2's loss matches, its EMA
-    within 5e-5 (measured 2e-8), and the gathered models exported in the HF layout (trained and EMA) load with the
+    Full fine-tune, the other way: the 1-process step-1 checkpoint resumes under FSDP; step 2's loss and its EMA
+    match within the bound, and the gathered models exported in the HF layout (trained and EMA) load with the
     last checkpoint's tensors.
     Planted by hand, each fails here: no fresh gather around validation (step 3 off by 2.6e-4 relative); the EMA not
     restored on an FSDP resume (step 3's EMA differs); the EMA saved as rank 0's shards, not gathered (wrong shapes:
@@ -243,7 +293,8 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
             proc.stderr[-3000:]
     two = losses(tmp_path / "fsdp_lora")
     assert list(two) == [1, 2, 3]
-    assert [two[s] for s in two] == pytest.approx([ref_lora[s] for s in two], rel=1e-5)
+    for s in two:
+        assert two[s] == pytest.approx(ref_lora[s], rel=trained_rtol(s)), s
     step2 = tmp_path / "fsdp_lora" / "checkpoints" / "step-00000002"
     assert json.loads((step2 / "state.json").read_text())["step"] == 2
     moments = load_file(str(step2 / "optimizer.safetensors"))  # torch 2.14 aliased them on CPU with cpu_offload
@@ -253,12 +304,12 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
         ours, ref = (tensors(run, f"checkpoints/step-00000002/{file}.safetensors") for run in ("fsdp_lora", "one_lora"))
         assert set(ours) == set(ref) and all(ours[k].shape == ref[k].shape for k in ref), file
     ema = tensors("fsdp_lora", "checkpoints/step-00000002/ema.safetensors")
-    assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), 5e-5)
+    assert_close(ema, tensors("one_lora", "checkpoints/step-00000002/ema.safetensors"), trained_rtol(2))
     weights = tensors("fsdp_lora", "checkpoints/step-00000002/trainable.safetensors")
     assert any("proj_out" in k for k in ema) and any(not torch.equal(ema[k], weights[k]) for k in ema)
     for style in ("comfy", "diffusers"):
         name = f"export/firered_lora_ema_{style}.safetensors"
-        assert_close(tensors("fsdp_lora", name), tensors("one_lora", name), 5e-5)
+        assert_close(tensors("fsdp_lora", name), tensors("one_lora", name), trained_rtol(3))
     assert (tmp_path / "fsdp_lora" / "validation" / "step-00000002.png").exists()
 
     proc = torchrun_train(tmp_path, "fsdp_resumed", {**base, "output_dir": str(tmp_path / "fsdp_resumed"),
@@ -274,9 +325,10 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
                  tensors("fsdp_lora", "export/firered_lora_ema_comfy.safetensors"))
     with torch_threads(1):  # and the FSDP checkpoint resumes in 1 process, as the 1-process one does
         back = train(config(model_dir, data_dir, tmp_path / "back", batch_size=2, resume=str(step2), **lora))
-    assert back.losses == pytest.approx(ref_lora, rel=1e-5)
+    for s in ref_lora:
+        assert back.losses[s] == pytest.approx(ref_lora[s], rel=trained_rtol(s)), s
     assert_close(tensors("back", "checkpoints/step-00000003/ema.safetensors"),
-                 tensors("one_lora", "checkpoints/step-00000003/ema.safetensors"), 5e-5)
+                 tensors("one_lora", "checkpoints/step-00000003/ema.safetensors"), trained_rtol(3))
 
     trained = tensors("fsdp_lora", "checkpoints/step-00000003/trainable.safetensors")
     modules = {k.split(".lora_")[0] for k in trained}
@@ -292,9 +344,11 @@ def test_fsdp_two_process_runs_match_one_process_resume_and_export(model_dir, da
                                                   "resume": str(step1), **full})
     assert f"resumed from {step1} at step 1" in proc.stderr, proc.stderr[-3000:]
     two = losses(tmp_path / "fsdp_full")
-    assert [two[s] for s in (1, 2)] == pytest.approx([ref_full[1], ref_full[2]], rel=1e-5)
+    for s in (1, 2):
+        assert two[s] == pytest.approx(ref_full[s], rel=trained_rtol(s)), s
     last = "checkpoints/step-00000002/"
-    assert_close(tensors("fsdp_full", last + "ema.safetensors"), tensors("one_full", last + "ema.safetensors"), 5e-5)
+    assert_close(tensors("fsdp_full", last + "ema.safetensors"), tensors("one_full", last + "ema.safetensors"),
+                 trained_rtol(2))
     original = load_model(model_dir).transformer.state_dict()
     for folder, file in (("model", "trainable"), ("model_ema", "ema")):
         trained = tensors("fsdp_full", last + f"{file}.safetensors")
@@ -311,8 +365,17 @@ def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir,
     whole = extract(ExtractConfig(output_dir=str(tmp_path / "whole"), **kw))
     assert whole["encoded"] == 4
     cfg = ExtractConfig(output_dir=str(tmp_path / "cut"), **kw)
-    with pytest.raises(SimulatedCrash):
-        extract(cfg, stop_after=2)
+    real, written = extract_module.write_safetensors, []
+
+    def write_then_die(path, *args):  # the process dies right after its second row file: the kill is the test's
+        real(path, *args)
+        written.append(path)
+        if len(written) == 2:
+            raise Killed("killed after 2 rows")
+
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
+        mp.setattr(extract_module, "write_safetensors", write_then_die)
+        extract(cfg)
     done = sorted((tmp_path / "cut" / "rows").rglob("*.safetensors"))
     assert len(done) == 2 and not (tmp_path / "cut" / "manifest.json").exists()
     (done[0].parent / f".{done[0].name}.123.tmp").write_bytes(b"half a file")
@@ -331,7 +394,7 @@ def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir,
     online = Trainer(config(model_dir, data_dir, tmp_path / "on", **common)).evaluate(rows=4, draws=1)
     cached = Trainer(config(model_dir, data_dir, tmp_path / "off", embeddings=str(tmp_path / "cut"),
                             **common)).evaluate(rows=4, draws=1)
-    assert cached == pytest.approx(online, rel=1e-6)
+    assert cached == pytest.approx(online, rel=step_rtol())  # the same forward, batched differently
     with pytest.raises(ValueError, match="prompt mode"):
         Trainer(config(model_dir, data_dir, tmp_path / "x", embeddings=str(tmp_path / "cut"), prompt_mode="chat"))
 
@@ -358,10 +421,10 @@ def test_gradient_checkpointing_gives_the_same_gradients(model_dir, data_dir, tm
     assert len(calls) == 2  # one per block of the tiny model
     plain = first_row_gradients(Trainer(config(model_dir, data_dir, tmp_path / "b", **kw)))
     assert len(calls) == 2
-    assert with_ckpt[0] == pytest.approx(plain[0], rel=1e-6)
+    assert with_ckpt[0] == pytest.approx(plain[0], rel=step_rtol())
     assert set(with_ckpt[1]) == set(plain[1]) and len(plain[1]) > 20
     errors = sorted(((relative_error(with_ckpt[1][k], plain[1][k]), k) for k in plain[1]), reverse=True)
-    assert errors[0][0] <= 1e-6, errors[:5]
+    assert errors[0][0] <= step_rtol(), errors[:5]  # recomputed activations: the forward's order may differ
 
 
 def test_bf16_mixed_precision_step_has_finite_loss(model_dir, data_dir, tmp_path):

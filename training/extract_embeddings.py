@@ -42,7 +42,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target-area", type=float, default=VAE_AREA, help="training pixel area of the target")
     p.add_argument("--reference-area", type=float, default=VAE_AREA, help="training pixel area of references")
     p.add_argument("--dtype", default="bf16", choices=("fp32", "bf16", "fp16"), help="encoder dtype")
-    p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     import torch
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = ExtractConfig(model=a.model, data=a.data, output_dir=a.out, variants=a.variants,
                             prompt_mode=a.prompt_mode, vl_area=a.vl_area, cache_latents=a.cache_latents,
                             target_area=a.target_area, reference_area=a.reference_area, dtype=a.dtype)
-        summary = extract(cfg, state.process_index, state.num_processes, str(state.device), a.stop_after,
+        summary = extract(cfg, state.process_index, state.num_processes, str(state.device),
                           wait=state.wait_for_everyone)
     except (FireRedError, OSError) as exc:
         print(f"extract_embeddings.py: error: {one_line(exc)}", file=sys.stderr)

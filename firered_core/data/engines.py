@@ -30,10 +30,6 @@ log = logging.getLogger(__name__)
 _STAGES: dict[str, object] = {}
 
 
-class SimulatedKill(RuntimeError):
-    """Tests: the run stops after N shards, as a killed job would."""
-
-
 def build_from_spec(spec: str):
     """Worker side: the stage for a JSON spec, built once per process (a model loads once per worker)."""
     if spec not in _STAGES:
@@ -146,7 +142,7 @@ def _ray(spec: str, todo: dict[int, tuple[str, int, int]], cfg: EngineConfig, us
 
 
 def run_shards(spec: str, shards: Shards, folder: Path, cfg: EngineConfig, uses_model: bool = False,
-               stop_after: int | None = None, desc: str = "", pool: LocalPool | None = None) -> list[str]:
+               desc: str = "", pool: LocalPool | None = None) -> list[str]:
     """Score every shard of ``shards`` not yet in ``folder`` (``NNNNNN.json``, one per shard, written as it
     completes); return each shard's key for :func:`load_scores`. The local engine uses ``pool`` (one per run) or,
     without one, a pool of its own for this call."""
@@ -163,15 +159,10 @@ def run_shards(spec: str, shards: Shards, folder: Path, cfg: EngineConfig, uses_
         else:
             own = None if pool is not None else LocalPool(cfg.workers)
             runner = (pool or own).map(spec, todo)
-        written = 0
         with tqdm(total=len(shards), initial=len(shards) - len(todo), desc=desc, unit="shard", leave=False) as bar:
             for idx, result in runner:
                 write_text(folder / f"{idx:06d}.json", f'{{"key": "{keys[idx]}", "scores": {result}}}')
                 bar.update(1)
-                written += 1
-                if stop_after is not None and written >= stop_after:
-                    runner.close()
-                    raise SimulatedKill(f"stopped after {written} shard(s)")
         if own is not None:
             own.close()
     return keys

@@ -70,10 +70,10 @@ def _prepare_output(cfg: PipelineConfig) -> Path:
     return out
 
 
-def run_pipeline(cfg: PipelineConfig, stop_after_shards: int | None = None) -> RunResult:
-    """Run (or resume) every stage; return where the outputs are. ``stop_after_shards`` is for tests only."""
+def run_pipeline(cfg: PipelineConfig) -> RunResult:
+    """Run (or resume) every stage; return where the outputs are."""
     with LocalPool(cfg.engine.workers) as pool:
-        return _run(cfg, pool, stop_after_shards)
+        return _run(cfg, pool)
 
 
 def _read_input(cfg: PipelineConfig, work: Path) -> dict:
@@ -94,7 +94,7 @@ def _read_input(cfg: PipelineConfig, work: Path) -> dict:
     return {"stage": "read", "in": got["keep"] + got["drop"], "keep": got["keep"], "drop": got["drop"]}
 
 
-def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) -> RunResult:
+def _run(cfg: PipelineConfig, pool: LocalPool) -> RunResult:
     out = _prepare_output(cfg)
     work = out / ".work"
     ctx = Context(output=str(out), analysis_size=cfg.analysis_size)
@@ -108,7 +108,7 @@ def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) ->
         done = sdir / "result.json"
         if not done.exists():
             spec = json.dumps({"config": scfg.model_dump(), "context": ctx.__dict__}, sort_keys=True)
-            _run_stage(stage, spec, rows_path, sdir, cfg, pool, stop_after_shards)
+            _run_stage(stage, spec, rows_path, sdir, cfg, pool)
         saved = json.loads(done.read_text(encoding="utf-8"))
         report = f"{idx:02d}-{stage.name}.html"
         values = dict(np.load(sdir / "values.npz")) if (sdir / "values.npz").exists() else {}
@@ -135,8 +135,7 @@ def _run(cfg: PipelineConfig, pool: LocalPool, stop_after_shards: int | None) ->
     return RunResult(out, per_task, summary)
 
 
-def _run_stage(stage, spec: str, rows_path: Path, sdir: Path, cfg: PipelineConfig, pool: LocalPool,
-               stop_after_shards: int | None) -> None:
+def _run_stage(stage, spec: str, rows_path: Path, sdir: Path, cfg: PipelineConfig, pool: LocalPool) -> None:
     """Score (engine), fit (one pass over compact descriptors), then decide shard by shard, writing the stage's
     rows, decisions (with each row's pictures for the report) and side outputs as it goes."""
     started = time.perf_counter()
@@ -149,8 +148,7 @@ def _run_stage(stage, spec: str, rows_path: Path, sdir: Path, cfg: PipelineConfi
         items = Shards.of(sdir / "items.jsonl", size)
     keys: list[str] = []
     if stage.scores_items and len(items):
-        keys = run_shards(spec, items, sdir / "shards", cfg.engine, stage.uses_model, stop_after=stop_after_shards,
-                          desc=stage.name, pool=pool)
+        keys = run_shards(spec, items, sdir / "shards", cfg.engine, stage.uses_model, desc=stage.name, pool=pool)
 
     def scores(i: int, count: int) -> list[dict]:
         return load_scores(sdir / "shards", i, keys[i], count) if keys else [{} for _ in range(count)]

@@ -1,8 +1,9 @@
 """``firered-bench``: generate a bench's edits, judge them, measure them offline, report, compare.
 
     firered-bench generate --jsonl redbench.jsonl --out runs/base --model M [edit / speed / LoRA flags]
-    firered-bench metrics  --out runs/base
+    firered-bench metrics  --out runs/base [--face-embedder arcface.onnx] [--ocr auto]
     firered-bench judge    --out runs/base --judge-url https://api.openai.com/v1 --judge-model gpt-4.1
+                           [--aggregation fireredteam]
     firered-bench report   --out runs/base
     firered-bench report   --compare runs/base runs/int8 -o compare.html
     firered-bench run      ... (generate, metrics, judge when --judge-url is given, report)
@@ -17,11 +18,15 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from ..errors import FireRedError
 from . import benches as B
+from .aggregate import AGGREGATIONS
+from .faces_metric import PEOPLE_TASKS
+from .text_metric import TEXT_TASKS
 
 log = logging.getLogger("firered_core.evaluation")
 JUDGE = "judge.json"
@@ -64,6 +69,10 @@ def _judge_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--failures", choices=("exclude", "min"), default="exclude",
                    help="failed samples: left out of the means (counted and listed) or scored as the scale's "
                         "minimum (default exclude)")
+    g.add_argument("--aggregation", choices=AGGREGATIONS, default="mean",
+                   help="mean: unrounded means (default); fireredteam: FireRed's evaluator step by step (samples and "
+                        "task means rounded to 2 decimals, overall = mean of the rounded task means, 0 when nothing "
+                        "scored; the judge asked with temperature 0.1, top_p 0.95, 8192 output tokens)")
 
 
 def _metric_args(p: argparse.ArgumentParser) -> None:
@@ -72,6 +81,19 @@ def _metric_args(p: argparse.ArgumentParser) -> None:
                                    "edited); without one the edited region is estimated")
     g.add_argument("--threshold", type=float, default=0.1,
                    help="estimated mask: mean RGB difference (0-1) above which a pixel counts as edited")
+    g.add_argument("--face-embedder", help="face identity: the face embedder, a TorchScript or ONNX file or "
+                                           "package.module:factory (the identity loss's; nothing is downloaded); "
+                                           "unset = no face metric")
+    g.add_argument("--face-detector", default="haar", help="haar (OpenCV's cascade), package.module:factory, or "
+                                                           "none (the whole picture is the face) (default haar)")
+    g.add_argument("--face-size", type=int, default=112, help="face crop side the embedder takes (default 112)")
+    g.add_argument("--face-tasks", default=",".join(PEOPLE_TASKS),
+                   help="tasks measured for identity: names containing one of these, or 'all' (default %(default)s)")
+    g.add_argument("--ocr", default="auto", help="text accuracy's OCR: auto (RapidOCR when installed), rapidocr, "
+                                                 "paddleocr, package.module:factory, or none (default auto)")
+    g.add_argument("--text-tasks", default=",".join(TEXT_TASKS),
+                   help="tasks read by OCR: names containing one of these, or 'all' (default %(default)s)")
+    g.add_argument("--metrics-cache", help="metric results cache (default <out>/metrics_cache)")
 
 
 def _generate_args(p: argparse.ArgumentParser) -> None:
@@ -101,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="scores.json + report.html; or --compare RUN_A RUN_B")
     _selection_args(r, out_required=False)
     r.add_argument("--failures", choices=("exclude", "min"), default=None, help="override the judge's policy")
+    r.add_argument("--aggregation", choices=AGGREGATIONS, default=None,
+                   help="override the judge's aggregation (mean or fireredteam; see judge --help)")
     r.add_argument("--compare", nargs=2, metavar=("RUN_A", "RUN_B"), help="compare two runs' scores")
     r.add_argument("-o", "--output", default="compare.html", help="--compare: the HTML file to write")
     r.add_argument("--top", type=int, default=20, help="--compare: how many most-changed samples to show")
@@ -184,65 +208,95 @@ def cmd_generate(args) -> int:
     return 1 if summary["failed"] else 0
 
 
-def cmd_metrics(args) -> int:
-    from tqdm import tqdm
+def _tasks(value: str) -> tuple[str, ...] | None:
+    return None if value.strip() == "all" else tuple(t.strip() for t in value.split(",") if t.strip())
 
-    from ..images import load_image
-    from .generate import write_json_atomic
-    from .metrics import mask_path, metrics_dict, sample_metrics
+
+def measures(args):
+    """What ``metrics`` measures, from the flags; ``notes`` say why a metric is off."""
+    from .faces_metric import FaceIdentity
+    from .measure import Measures
+    from .text_metric import RAPIDOCR_HINT, TextAccuracy, default_ocr
 
     if not 0.0 < args.threshold < 1.0:
         raise FireRedError(f"--threshold {args.threshold} must be in (0, 1): a mean RGB difference")
+    if not 16 <= args.face_size <= 1024:
+        raise FireRedError(f"--face-size {args.face_size} must be in [16, 1024] pixels")
+    try:  # the plug-in loaders name their config keys; on the command line the flags are at fault
+        face = FaceIdentity(args.face_embedder, args.face_detector, args.face_size) if args.face_embedder else None
+    except FireRedError as exc:
+        raise FireRedError(f"--face-embedder / --face-detector: {exc}") from None
+    ocr = default_ocr() if args.ocr == "auto" else None if args.ocr == "none" else args.ocr
+    notes = () if face else ("face identity off: no --face-embedder (a TorchScript or ONNX face embedder)",)
+    if ocr is None and args.ocr == "auto":
+        notes += (f"text accuracy off: no OCR installed ({RAPIDOCR_HINT})",)
+    try:
+        text = TextAccuracy(ocr) if ocr else None
+    except FireRedError as exc:
+        raise FireRedError(f"--ocr: {exc}") from None
+    return Measures(threshold=args.threshold, masks=args.masks, face=face, face_tasks=_tasks(args.face_tasks),
+                    text=text, text_tasks=_tasks(args.text_tasks), notes=notes)
+
+
+def cmd_metrics(args, m=None) -> int:
+    from .generate import write_json_atomic
+    from .measure import MetricCache, measure_rows
+
     spec, rows, _ = selection(args)
-    records = []
-    for row in tqdm(rows, desc="metrics", unit="img", disable=None):
-        record = {"id": row.id, "task": row.task, "key": row.key, "error": None}
-        out = B.output_path(args.out, row)
-        if not out.is_file():
-            record["error"] = f"no output image {out}"
-        else:
-            mask = mask_path(args.masks, row.key)
-            try:
-                m = sample_metrics(load_image(row.source), load_image(out), load_image(mask) if mask else None,
-                                   args.threshold)
-            except FireRedError as exc:  # an unreadable picture: counted as a failure, the rest goes on
-                record["error"] = str(exc)
-            else:
-                record.update(metrics_dict(m))
-        records.append(record)
-    write_json_atomic(Path(args.out) / METRICS, {"threshold": args.threshold, "masks": args.masks,
-                                                 "records": records})
-    print(f"metrics: {sum(r['error'] is None for r in records)} of {len(records)} samples measured", file=sys.stderr)
+    m = m or measures(args)
+    cache = MetricCache(args.metrics_cache or Path(args.out) / "metrics_cache")
+    records = measure_rows(rows, args.out, m, cache)
+    write_json_atomic(Path(args.out) / METRICS, {
+        "threshold": args.threshold, "masks": args.masks, "face": m.face.name if m.face else None,
+        "face_tasks": m.face_tasks, "text": m.text.name if m.text else None, "text_tasks": m.text_tasks,
+        "records": records})
+    faces = sum(r.get("face_identity") is not None for r in records)
+    texts = sum(r.get("text_accuracy") is not None for r in records)
+    print(f"metrics: {sum(r['error'] is None for r in records)} of {len(records)} samples measured "
+          f"({faces} for face identity, {texts} for text accuracy; {cache.computed} computed, {cache.hits} cached)"
+          + "".join(f"; {note}" for note in m.notes), file=sys.stderr)
     return 0
 
 
-def cmd_judge(args) -> int:
-    from tqdm import tqdm
-
+def judge_client(args):
+    """The judge's client from the flags (nothing sent yet)."""
     from ..llm import ChatClient, ChatEndpoint
-    from .generate import write_json_atomic
-    from .judge import judge_rows
 
     if not args.judge_url or not args.judge_model:
         raise FireRedError("--judge-url and --judge-model are needed to judge")
+    return ChatClient(ChatEndpoint(base_url=args.judge_url, model=args.judge_model, api_key_env=args.api_key_env,
+                                   timeout_s=args.timeout, max_retries=args.retries, backoff_s=args.backoff,
+                                   max_backoff_s=args.max_backoff, concurrency=args.concurrency,
+                                   call_budget=args.budget,
+                                   cache_dir=args.cache_dir or str(Path(args.out) / "judge_cache")))
+
+
+def cmd_judge(args, client=None) -> int:
+    from tqdm import tqdm
+
+    from .generate import write_json_atomic
+    from .judge import judge_rows, request_params
+
+    client = client or judge_client(args)
     spec, rows, record = selection(args)
     prompts = B.load_prompts(spec, record["root"], args.prompts)
-    endpoint = ChatEndpoint(base_url=args.judge_url, model=args.judge_model, api_key_env=args.api_key_env,
-                            timeout_s=args.timeout, max_retries=args.retries, backoff_s=args.backoff,
-                            max_backoff_s=args.max_backoff, concurrency=args.concurrency, call_budget=args.budget,
-                            cache_dir=args.cache_dir or str(Path(args.out) / "judge_cache"))
-    client = ChatClient(endpoint)
     bar = tqdm(total=len(rows), desc="judge", unit="img", disable=None)
-    records = judge_rows(spec, rows, args.out, prompts, client, on_done=lambda i, r: bar.update(1))
-    bar.close()
+    request = request_params(spec, args.aggregation)
+    try:  # a refused key (AuthError) stops here, after one call, with one line and exit 2
+        records = judge_rows(spec, rows, args.out, prompts, client, on_done=lambda i, r: bar.update(1),
+                             request=request)
+    finally:
+        bar.close()
     failures = sum(r["score"] is None for r in records)
+    endpoint = client.endpoint
     judge = {"model": endpoint.model, "base_url": endpoint.base_url, "calls": client.calls,
-             "cache_hits": client.cache_hits, "failure_policy": args.failures,
+             "cache_hits": client.cache_hits, "failure_policy": args.failures, "aggregation": args.aggregation,
+             "request": request,
              "prompts_sha256": hashlib.sha256(json.dumps(prompts, sort_keys=True).encode()).hexdigest()}
     write_json_atomic(Path(args.out) / JUDGE, {"judge": judge, "records": records})
     print(f"judge: {len(records) - failures} of {len(records)} samples scored, {failures} failed, "
           f"{client.calls} calls, {client.cache_hits} cached", file=sys.stderr)
-    return 0
+    return 1 if records and failures == len(records) else 0
 
 
 def _read(path: Path) -> dict | None:
@@ -267,6 +321,8 @@ def cmd_report(args) -> int:
     judge = dict(judged["judge"]) if judged else None
     if judge and args.failures:
         judge["failure_policy"] = args.failures
+    if judge and args.aggregation:
+        judge["aggregation"] = args.aggregation
     scores = build_scores(run=out.resolve().name, out=out, spec=spec, rows=rows,
                           manifest=read_manifest(out), judge=judge,
                           judge_records=judged["records"] if judged else None,
@@ -274,9 +330,12 @@ def cmd_report(args) -> int:
     write_scores(out, scores)
     path = write_report(out, scores)
     overall = scores["overall"]
-    if overall:
+    if overall and overall["tasks"]:
         print(f"overall {overall['mean']:.3f} over {overall['tasks']} tasks ({overall['judged']} of "
-              f"{overall['rows']} judged, {overall['failures']} failed)", file=sys.stderr)
+              f"{overall['rows']} judged, {overall['failures']} failed; aggregation "
+              f"{overall.get('aggregation', 'mean')})", file=sys.stderr)
+    elif overall:
+        print(f"no scores: 0 of {overall['rows']} samples judged ({overall['failures']} failed)", file=sys.stderr)
     print(f"wrote {out / 'scores.json'} and {path}", file=sys.stderr)
     return 0
 
@@ -285,6 +344,20 @@ def cmd_run(args) -> int:
     from .generate import ranks_from_env
 
     rank, world, _ = ranks_from_env()
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not os.environ.get(name)]
+    if missing:  # checked before hours of generation, not at the barrier after them
+        raise FireRedError(f"WORLD_SIZE={world} but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                           f"not set: start the run with torchrun --nproc_per_node {world} (or accelerate launch), "
+                           "or unset RANK / WORLD_SIZE for one process")
+    # before anything is generated, in every process (none is left waiting for one that stopped): a wrong face
+    # embedder or OCR fails here, and a refused key or a wrong URL costs one call, not a run
+    client = None
+    if args.judge_url:
+        client = judge_client(args)
+        spec, _, record = selection(args)
+        B.load_prompts(spec, record["root"], args.prompts)
+        client.preflight()
+    m = measures(args)
     code = cmd_generate(args)
     if world > 1:
         import datetime
@@ -292,15 +365,19 @@ def cmd_run(args) -> int:
         import torch.distributed as dist
 
         if not dist.is_initialized():
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+            try:
+                dist.init_process_group("gloo", timeout=datetime.timedelta(hours=48))
+            except (ValueError, RuntimeError) as exc:  # e.g. an unreachable MASTER_ADDR
+                raise FireRedError(f"cannot join the other {world - 1} process(es) of this run (RANK={rank}, "
+                                   f"WORLD_SIZE={world}): {exc}") from None
         dist.barrier()
         dist.destroy_process_group()
         if rank != 0:
             return code
-    cmd_metrics(args)
+    cmd_metrics(args, m)
     if args.judge_url:
-        cmd_judge(args)
-    args.compare, args.failures = None, None  # the judge's own policy (judge.json)
+        cmd_judge(args, client)
+    args.compare, args.failures, args.aggregation = None, None, None  # the judge's own (judge.json)
     cmd_report(args)
     return code
 

@@ -17,6 +17,16 @@ from ..llm import ChatClient, ChatError, image_part, text_part
 from .benches import PLACEHOLDER, BenchRow, BenchSpec, output_path, prompt_for
 from .scoring import criteria_for, parse_reply, sample_score
 
+# what FireRed's evaluator (rededit_bench redbench_eval.py) asks its judge for
+FIREREDTEAM_REQUEST = {"temperature": 0.1, "max_tokens": 8192, "extra": {"top_p": 0.95}}
+
+
+def request_params(spec: BenchSpec, aggregation: str = "mean") -> dict:
+    """The judge request's sampling fields: the bench's temperature, or FireRed's own with ``fireredteam``."""
+    if aggregation == "fireredteam":
+        return {**FIREREDTEAM_REQUEST, "extra": dict(FIREREDTEAM_REQUEST["extra"])}
+    return {"temperature": spec.temperature}
+
 
 def judge_messages(spec: BenchSpec, row: BenchRow, output: Path, prompt: str) -> list[dict]:
     return judge_request(spec, [load_image(row.source)], load_image(output), prompt, row.instruction)
@@ -39,9 +49,11 @@ def judge_request(spec: BenchSpec, sources: list, output, prompt: str, instructi
 
 
 def judge_rows(spec: BenchSpec, rows: list[BenchRow], out: str | Path, prompts: dict, client: ChatClient,
-               on_done: Callable[[int, object], None] | None = None) -> list[dict]:
+               on_done: Callable[[int, object], None] | None = None, request: dict | None = None) -> list[dict]:
     """One record per row, in row order: ids, ``scores`` per criterion, ``score``, ``reasoning``, ``reply``,
-    ``cached``, ``attempts``; or ``error`` (no output image, unparseable after retries, HTTP failure, budget)."""
+    ``cached``, ``attempts``; or ``error`` (no output image, unparseable after retries, HTTP failure, budget).
+    ``request``: the sampling fields (:func:`request_params`). A refused key raises :class:`~..llm.AuthError`."""
+    request = request if request is not None else request_params(spec)
     records, todo, jobs = [], [], []
     for row in rows:
         output = output_path(out, row)
@@ -55,9 +67,6 @@ def judge_rows(spec: BenchSpec, rows: list[BenchRow], out: str | Path, prompts: 
         todo.append((record, criteria))
         jobs.append(lambda row=row, output=output, prompt=prompt: judge_messages(spec, row, output, prompt))
 
-    def validator(criteria):
-        return lambda text: parse_reply(text, criteria)
-
     # one map per distinct criteria set (each with its validator), run side by side: the client's own semaphore
     # keeps the requests in flight at ``endpoint.concurrency`` overall
     groups: dict[tuple, list[int]] = {}
@@ -65,8 +74,8 @@ def judge_rows(spec: BenchSpec, rows: list[BenchRow], out: str | Path, prompts: 
         groups.setdefault(criteria, []).append(i)
 
     def run_group(criteria, idx):
-        results = client.map([jobs[i] for i in idx], temperature=spec.temperature,
-                             validate=lambda text: parse_reply(text, criteria), on_done=on_done)
+        results = client.map([jobs[i] for i in idx], validate=lambda text: parse_reply(text, criteria),
+                             on_done=on_done, **request)
         for i, result in zip(idx, results):
             record = todo[i][0]
             if isinstance(result, ChatError):

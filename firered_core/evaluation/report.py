@@ -64,14 +64,17 @@ def build_scores(*, run: str, out: str | Path, spec, rows, manifest: dict | None
                         "source": str(row.source), "output": str(output_path(out, row)),
                         "score": j.get("score"), "scores": j.get("scores"), "reasoning": j.get("reasoning"),
                         "error": j.get("error"), "metrics": m})
-    judged = aggregate_judge(spec, judge_records, (judge or {}).get("failure_policy", "exclude")) \
-        if judge_records is not None else None
+    judged = aggregate_judge(spec, judge_records, (judge or {}).get("failure_policy", "exclude"),
+                             (judge or {}).get("aggregation", "mean")) if judge_records is not None else None
+    from .agreement import judge_vs_metrics
+
+    metrics = aggregate_metrics(spec, metric_records) if metric_records is not None else None
+    agreement = judge_vs_metrics(samples, list(metrics["tasks"])) if metrics and judged else None
     return {"format": FORMAT, "run": run, "bench": {"name": spec.name, "sample_rule": spec.sample_rule,
                                                     "scale": list(spec.scale)},
             "settings": manifest, "judge": judge,
             "overall": judged["overall"] if judged else None, "tasks": judged["tasks"] if judged else None,
-            "metrics": aggregate_metrics(spec, metric_records) if metric_records is not None else None,
-            "samples": samples}
+            "metrics": metrics, "agreement": agreement, "samples": samples}
 
 
 def write_scores(out: str | Path, scores: dict) -> Path:
@@ -159,6 +162,12 @@ def _task_table(scores: dict) -> str:
     if metrics:
         head += ["<th>shift px (mean / max)</th><th>&gt;1 px</th><th>size ≠</th><th>PSNR unedited</th>"
                  "<th>SSIM unedited</th>"]
+    faces = any(m.get("face_n") for m in metrics.values())
+    texts = any(m.get("text_n") for m in metrics.values())
+    if faces:
+        head.append("<th>face identity</th>")
+    if texts:
+        head.append("<th>text accuracy</th><th>text placement / size</th>")
     body = []
 
     def cells(task: str, t: dict | None, m: dict | None) -> str:
@@ -176,6 +185,12 @@ def _task_table(scores: dict) -> str:
                     f"<td>{m['shifted_over_1px']}</td><td>{m['size_mismatches']}</td>"
                     f"<td>{_fmt(m['psnr_unedited'], 2)}</td><td>{_fmt(m['ssim_unedited'], 3)}</td>"
                     if m else "<td colspan=5>–</td>"]
+        m = m or {}
+        if faces:
+            out.append(f"<td>{_fmt(m.get('face_identity'), 3)}{_n(m.get('face_n'))}</td>")
+        if texts:
+            out.append(f"<td>{_fmt(m.get('text_accuracy'), 3)}{_n(m.get('text_n'))}</td>"
+                       f"<td>{_fmt(m.get('text_placement'), 2)} / {_fmt(m.get('text_size'), 2)}</td>")
         return "<tr>" + "".join(out) + "</tr>"
 
     for name in names:
@@ -188,6 +203,38 @@ def _task_table(scores: dict) -> str:
         body.append(cells("overall", o if overall else None, (scores.get("metrics") or {}).get("overall"))
                     .replace("<td class=l>overall</td>", "<td class=l><b>overall</b></td>"))
     return f"<table><tr>{''.join(head)}</tr>{''.join(body)}</table>"
+
+
+def _n(n) -> str:
+    return f" <span class=muted>n={n}</span>" if n else ""
+
+
+AGREEMENT_NAMES = {"face_identity": "face identity", "text_accuracy": "text accuracy",
+                   "ssim_unedited": "SSIM unedited"}
+
+
+def _agreement_html(scores: dict) -> str:
+    """Spearman's rho between the judge's sample scores and each objective metric, per task and over all."""
+    agreement = scores.get("agreement")
+    if not agreement or not agreement["all"]:
+        return ""
+    metrics = [m for m in AGREEMENT_NAMES if m in agreement["all"]]
+    head = "".join(f"<th>{AGREEMENT_NAMES[m]}</th>" for m in metrics)
+
+    def row(name: str, block: dict) -> str:
+        cells = []
+        for m in metrics:
+            r = block.get(m)
+            rho = None if r is None else r["rho"]
+            cls = "" if rho is None else "bad" if rho < 0.2 else "good" if rho >= 0.5 else ""
+            cells.append(f"<td class='{cls}'>{_fmt(rho, 2)}{_n(r and r['n'])}</td>")
+        return f"<tr><td class=l>{name}</td>{''.join(cells)}</tr>"
+
+    body = "".join(row(html.escape(t), b) for t, b in agreement["tasks"].items())
+    body += row("<b>all samples</b>", agreement["all"])
+    return ("<h2>Judge vs metrics</h2><p class=muted>Spearman rank correlation between the judge's sample scores "
+            "and each metric (n = samples with both); low or negative: the judge and the metric disagree on which "
+            f"edits are better.</p><table><tr><th class=l>task</th>{head}</tr>{body}</table>")
 
 
 def _failures_html(scores: dict) -> str:
@@ -209,6 +256,11 @@ def _sample_rows(samples: list[dict], base: Path) -> str:
         m = s.get("metrics") or {}
         met = (f"<br><span class=muted>shift {m['shift_px']:.2f} px · PSNR {_fmt(m.get('psnr_unedited'), 1)}"
                f"</span>" if m.get("shift_px") is not None else "")
+        if m.get("face_identity") is not None:
+            met += f"<br><span class=muted>face identity {m['face_identity']:.3f} ({m.get('face_box')})</span>"
+        if m.get("text_accuracy") is not None:
+            met += (f"<br><span class=muted>text {m['text_accuracy']:.2f} · placement {m['text_placement']:.2f} · "
+                    f"size {m['text_size']:.2f}; read: {html.escape(m.get('text_read') or '')}</span>")
         score = (f"<b>{s['score']:.3f}</b><br>{crit}" if s.get("score") is not None
                  else "<span class=bad>failed</span>" if s.get("error") else "–")
         why = html.escape(s.get("reasoning") or s.get("error") or "")
@@ -230,14 +282,21 @@ def write_report(run_dir: str | Path, scores: dict) -> Path:
     samples = [dict(s) for s in scores["samples"]]
     make_thumbs(run_dir, samples)
     overall = scores.get("overall")
-    if overall:
+    if overall and overall["tasks"]:
+        how = ("aggregation <b>fireredteam</b>: samples and task means rounded to 2 decimals, as FireRed's evaluator"
+               if overall.get("aggregation") == "fireredteam" else "aggregation <b>mean</b>: unrounded")
         headline = (f"<p><span class=big>{_fmt(overall['mean'])}</span> overall "
                     f"(mean of {overall['tasks']} task means; {overall['judged']} of {overall['rows']} samples judged,"
-                    f" <span class='{'bad' if overall['failures'] else ''}'>{overall['failures']} failed</span>)</p>")
+                    f" <span class='{'bad' if overall['failures'] else ''}'>{overall['failures']} failed</span>; "
+                    f"{how})</p>")
+    elif overall:
+        headline = (f"<p><span class='big bad'>no scores</span> (0 of {overall['rows']} samples judged, "
+                    f"{overall['failures']} failed)</p>")
     else:
         headline = "<p class=muted>no judge scores (offline metrics only)</p>"
     body = (f"<h1>{html.escape(scores['run'])} · {html.escape(scores['bench']['name'])}</h1>{headline}"
-            f"{_settings_html(scores)}<h2>Per task</h2>{_task_table(scores)}{_failures_html(scores)}"
+            f"{_settings_html(scores)}<h2>Per task</h2>{_task_table(scores)}{_agreement_html(scores)}"
+            f"{_failures_html(scores)}"
             f"<h2>Samples</h2>{_sample_rows(samples, run_dir)}")
     path = run_dir / REPORT
     tmp = path.with_name(f".{REPORT}.tmp")
@@ -267,6 +326,9 @@ def compare(a: dict, b: dict, top: int = 20) -> dict:
     judges = [(s.get("judge") or {}).get("model") for s in (a, b)]
     if judges[0] != judges[1]:
         settings.append(f"judge: {judges[0]!r} -> {judges[1]!r}")
+    ways = [(s.get("overall") or {}).get("aggregation", "mean") for s in (a, b)]
+    if ways[0] != ways[1]:  # rounded and unrounded means differ in the third decimal
+        settings.append(f"aggregation: {ways[0]!r} -> {ways[1]!r}")
     return {"tasks": rows, "overall": {"a": oa, "b": ob, "delta": None if oa is None or ob is None else ob - oa},
             "changed": changed[:top], "settings": settings}
 

@@ -5,6 +5,9 @@ Used by the evaluation judge, masked-edit recaptioning, the data tools and RL re
 
 - retries with exponential back-off and jitter on HTTP 408 / 409 / 425 / 429 / 5xx, timeouts, connection errors and
   malformed replies; a ``Retry-After`` header (seconds, fractions accepted) is honoured;
+- refused credentials (HTTP 401 / 403) are never retried: the first one raises :class:`AuthError` and every later
+  request on the client is refused without being sent; until the endpoint has answered once, requests go one at a
+  time, so a refused key costs one call however many threads are waiting (:meth:`ChatClient.preflight` asks first);
 - ``validate(text)`` raising ``ValueError`` marks a reply unparseable: it is retried, then reported as a failure;
 - a disk cache (:mod:`.cache`) so a rerun of the same request costs no call;
 - a call budget: every HTTP request counts, cache hits do not; the request past the budget raises
@@ -41,6 +44,10 @@ MAX_RETRY_AFTER_S = 600.0
 
 class ChatError(FireRedError):
     """A request that failed for good (after its retries), or was refused before being sent."""
+
+
+class AuthError(ChatError):
+    """The endpoint refused the credentials (HTTP 401 / 403): nothing more is sent on this client."""
 
 
 class BudgetExceeded(ChatError):
@@ -128,16 +135,27 @@ class ChatClient:
         self._rng = random.Random(seed)
         self.calls = 0
         self.cache_hits = 0
+        self._probe = threading.Lock()  # one request at a time until the endpoint has answered once
+        self._answered = False
+        self.refused: AuthError | None = None
 
     def __repr__(self) -> str:
         e = self.endpoint
         return f"ChatClient(model={e.model!r}, base_url={e.base_url!r}, calls={self.calls})"
 
+    def preflight(self) -> ChatResult:
+        """One small uncached request, before hours of work depend on the endpoint: :class:`AuthError` when it refuses
+        the key, :class:`ChatError` when it cannot answer at all (after the retries); any reply at all passes."""
+        return self.complete([{"role": "user", "content": [{"type": "text", "text": "Reply with the word OK."}]}],
+                             use_cache=False)
+
     def complete(self, messages: list[dict], *, temperature: float = 0.0, max_tokens: int | None = None,
-                 validate: Callable[[str], Any] | None = None, extra: dict | None = None) -> ChatResult:
-        """One chat completion. ``extra`` = more request fields (e.g. ``response_format``), part of the cache key."""
+                 validate: Callable[[str], Any] | None = None, extra: dict | None = None,
+                 use_cache: bool = True) -> ChatResult:
+        """One chat completion. ``extra`` = more request fields (e.g. ``response_format``, ``top_p``), part of the
+        cache key."""
         params = {"temperature": temperature, "max_tokens": max_tokens, **(extra or {})}
-        key = request_key(self.endpoint.model, messages, params) if self.cache is not None else None
+        key = request_key(self.endpoint.model, messages, params) if self.cache is not None and use_cache else None
         if key is not None:
             text = self.cache.get(key)
             if text is not None:
@@ -183,7 +201,8 @@ class ChatClient:
         image-heavy requests are never all in memory at once (an error it raises as a ``FireRedError`` becomes that
         item's ChatError). A request that fails gives its :class:`ChatError` (or :class:`BudgetExceeded`) in its
         place instead of raising, so one bad sample does not lose the others. ``on_done(index, result)`` is called as
-        each finishes.
+        each finishes. Refused credentials are the exception: :class:`AuthError` is raised once the requests already
+        started have finished (later ones are not sent).
         """
         results: list = [None] * len(message_lists)
 
@@ -201,6 +220,8 @@ class ChatClient:
         with ThreadPoolExecutor(max_workers=self.endpoint.concurrency) as pool:
             for future in [pool.submit(one, i) for i in range(len(message_lists))]:
                 future.result()
+        if self.refused is not None:
+            raise self.refused
         return results
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
@@ -224,6 +245,16 @@ class ChatClient:
 
     def _post(self, data: bytes) -> str:
         """One HTTP request -> the reply text; :class:`_Retry` for what is worth retrying, ChatError otherwise."""
+        if self.refused is not None:
+            raise self.refused
+        if self._answered:
+            return self._send(data)
+        with self._probe:
+            if self.refused is not None:
+                raise self.refused
+            return self._send(data)
+
+    def _send(self, data: bytes) -> str:
         self._take_call()
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         key = os.environ.get(self.endpoint.api_key_env)
@@ -234,13 +265,19 @@ class ChatClient:
             try:
                 with urllib.request.urlopen(request, timeout=self.endpoint.timeout_s) as response:
                     raw = response.read()
+                self._answered = True
             except urllib.error.HTTPError as exc:
                 detail = self._redact(exc.read(500).decode("utf-8", "replace").strip())
                 reason = f"HTTP {exc.code}: {detail[:300]}"
+                if exc.code in (401, 403):
+                    self.refused = AuthError(f"{self.endpoint.url} ({self.endpoint.model}) refused the API key: "
+                                             f"{reason} (is ${self.endpoint.api_key_env} set, and valid for this "
+                                             "endpoint?); nothing more is sent")
+                    raise self.refused from None
+                self._answered = True
                 if exc.code in RETRY_STATUS:
                     raise _Retry(reason, _retry_after(exc.headers.get("Retry-After"))) from None
-                hint = f" (is ${self.endpoint.api_key_env} set?)" if exc.code in (401, 403) else ""
-                raise ChatError(f"{self.endpoint.url} ({self.endpoint.model}): {reason}{hint}") from None
+                raise ChatError(f"{self.endpoint.url} ({self.endpoint.model}): {reason}") from None
             except (TimeoutError, socket.timeout):
                 raise _Retry(f"timed out after {self.endpoint.timeout_s}s") from None
             except (urllib.error.URLError, ConnectionError, OSError) as exc:

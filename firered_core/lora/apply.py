@@ -25,7 +25,7 @@ from .adapter import LoraLinear, linear_modules, set_submodule, weight_shape
 from .deltas import Delta, module_delta
 from .errors import LoraError
 from .files import read_lora_file
-from .keys import group_by_module, module_alpha, module_rank, targets_module
+from .keys import group_by_module, module_alpha, module_rank, split_key, targets_module
 from .report import LoraCoverage, LoraReport
 from .state import LoraState, lora_state, set_lora_state
 
@@ -126,7 +126,8 @@ def plan_lora(state: Mapping[str, torch.Tensor], linears: Mapping[str, nn.Linear
         _check_size(name, module, (down, up, scale), strength)
         if adapter_config and not targets_module(module, adapter_config.get("target_modules")):
             coverage.notes.append(f"{module} is not in the adapter config's target_modules")
-        if "alpha" not in parts and module_alpha(module, adapter_config) is None and down is not None:
+        if ("alpha" not in parts and module_alpha(module, adapter_config) is None and down is not None
+                and not _alpha_folded(grouped.keys_of[module])):
             assumed.append(module)
         deltas[module] = (down, up, scale)
         coverage.matched += grouped.keys_of[module]
@@ -136,6 +137,12 @@ def plan_lora(state: Mapping[str, torch.Tensor], linears: Mapping[str, nn.Linear
                               "assumed scale 1.0 (alpha = rank)")
     coverage.styles = sorted(grouped.styles)
     return PlannedLora(coverage, deltas, problems)
+
+
+def _alpha_folded(keys) -> bool:
+    """diffusers-style keys (``transformer.<module>.lora_A.weight``): diffusers saves no alpha because its scale is
+    folded into the weights (alpha = rank by that format's definition), so nothing is unknown."""
+    return all((split_key(k) or ("", "", ""))[2] == "diffusers" for k in keys)
 
 
 def _plan_spec(spec: LoraSpec, linears: Mapping[str, nn.Module], allow_partial: bool) -> PlannedLora:

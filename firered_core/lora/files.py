@@ -132,6 +132,16 @@ def lora_state_dict(weights: Mapping[str, LoraWeights], style: str) -> dict[str,
     return out
 
 
+def _write_stable(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """safetensors with its header's keys sorted: the same weights and metadata always give the same bytes (the
+    library writes metadata in hash order, which changes from process to process)."""
+    from safetensors.torch import save
+
+    from ..embed_cache import canonical_safetensors
+
+    path.write_bytes(canonical_safetensors(save(tensors, metadata=dict(metadata))))
+
+
 def save_lora(weights: Mapping[str, LoraWeights], path: str | Path, style: str = "comfy",
               metadata: Mapping[str, str] | None = None) -> Path:
     """Write a LoRA in a key style; returns the weights file written.
@@ -139,8 +149,6 @@ def save_lora(weights: Mapping[str, LoraWeights], path: str | Path, style: str =
     ``peft`` writes a folder (``path``) with ``adapter_model.safetensors`` and ``adapter_config.json`` (r, lora_alpha,
     target_modules, rank_pattern / alpha_pattern when modules differ). The other styles write one ``.safetensors`` file.
     """
-    from safetensors.torch import save_file
-
     if not weights:
         raise ValueError("no LoRA weights to save")
     path = Path(path)
@@ -148,7 +156,7 @@ def save_lora(weights: Mapping[str, LoraWeights], path: str | Path, style: str =
     meta = {"format": "pt", "firered_lora_style": style, **(metadata or {})}
     if style != "peft":
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=meta)
+        _write_stable(tensors, path, meta)
         return path
     path.mkdir(parents=True, exist_ok=True)
     ranks = {m: w.rank for m, w in weights.items()}
@@ -162,5 +170,5 @@ def save_lora(weights: Mapping[str, LoraWeights], path: str | Path, style: str =
         "alpha_pattern": {m: v for m, v in alphas.items() if v != alpha},
     }
     (path / "adapter_config.json").write_text(json.dumps(config, indent=2))
-    save_file(tensors, str(path / "adapter_model.safetensors"), metadata=meta)
+    _write_stable(tensors, path / "adapter_model.safetensors", meta)
     return path / "adapter_model.safetensors"

@@ -143,10 +143,20 @@ def size_score(line_height: float, height: int, limit: float) -> float:
 
 
 def reading_order(boxes: list[OcrBox]) -> OcrBox | None:
-    """All detections joined top-to-bottom, left-to-right, with their union box (text split over several lines)."""
+    """All detections joined top-to-bottom, left-to-right, with their union box (text split over several lines).
+    Boxes whose vertical centres lie within half a line height of each other are one line, read left to right (an
+    OCR engine may split one line into boxes whose centres differ by a few pixels)."""
     if not boxes:
         return None
-    ordered = sorted(boxes, key=lambda b: (round((b.box[1] + b.box[3]) / 2), b.box[0]))
+    lines: list[list[OcrBox]] = []  # a box joins the line whose first box's centre is within half its height
+    for b in sorted(boxes, key=lambda b: (b.box[1] + b.box[3]) / 2):
+        first = lines[-1][0].box if lines else None
+        centre, first_centre = (b.box[1] + b.box[3]) / 2, None if first is None else (first[1] + first[3]) / 2
+        if first is not None and abs(centre - first_centre) <= (first[3] - first[1]) / 2:
+            lines[-1].append(b)
+        else:
+            lines.append([b])
+    ordered = [b for line in lines for b in sorted(line, key=lambda b: b.box[0])]
     union = (min(b.box[0] for b in boxes), min(b.box[1] for b in boxes), max(b.box[2] for b in boxes),
              max(b.box[3] for b in boxes))
     return OcrBox(" ".join(b.text for b in ordered), union, min(b.confidence for b in boxes))

@@ -94,6 +94,17 @@ def choose_variant(has_inverse: bool, rng: np.random.Generator, config: VariantC
     return "cn" if cn else "en"
 
 
+def needed_variants(config: VariantConfig, any_inverse: bool) -> set[str]:
+    """Every variant :func:`choose_variant` can draw with these rates (rows with an inverse: ``any_inverse``)."""
+    need = {"empty"} if config.text_drop > 0 else set()
+    if config.text_drop < 1:
+        langs = ({""} if config.cn_rate < 1 else set()) | ({"cn"} if config.cn_rate > 0 else set())
+        need |= {"en" if not lang else lang for lang in langs}
+        if any_inverse and config.inverse_rate > 0:
+            need |= {"inverse" + ("_" + lang if lang else "") for lang in langs}
+    return need
+
+
 def variant_text(sample, variant: str) -> str:
     return {"en": sample.instruction, "cn": sample.instruction_cn, "empty": "",
             "inverse": sample.inverse_instruction, "inverse_cn": sample.inverse_instruction_cn}[variant] or ""

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..embed_cache import write_safetensors
 from ..errors import FireRedError
 
 LATEST = "latest"
@@ -134,8 +135,8 @@ def save_checkpoint(root: Path, step: int, trainable: dict[str, torch.Tensor], o
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
     (tmp / "optimizer.json").write_text(json.dumps(opt_meta))
     if ema is not None:
-        save_file({k: v.contiguous() for k, v in ema["tensors"].items()}, str(tmp / "ema.safetensors"),
-                  metadata={"updates": str(ema["updates"]), "decay": str(ema["decay"])})
+        write_safetensors(tmp / "ema.safetensors", ema["tensors"],  # sorted header: byte-stable
+                          {"updates": str(ema["updates"]), "decay": str(ema["decay"])})
     for stem, tensors in (extra or {}).items():
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / f"{stem}.safetensors"))
     save_file(rng_state(), str(tmp / "rng.safetensors"))

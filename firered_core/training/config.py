@@ -18,7 +18,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError, with_config
 
-from ..errors import FireRedError
+from ..errors import ConfigError
 from ..geometry import VAE_AREA, VL_AREA
 from ..limits import CONFIG, Count, NonNegative, Positive, PositiveInt, Probability, annotated
 from .alignment import AlignmentConfig, VariantConfig
@@ -104,12 +104,7 @@ class TrainConfig:
     log_every: PositiveInt = 1
     tracker: str | None = "tensorboard"
     export_name: Annotated[str, Field(min_length=1)] = "firered_lora"
-    stop_after: PositiveInt | None = None  # tests: die right after this step, as a killed job would
     dump_grads: str | None = None  # debug: save step 1 gradients here (rank 0, all-reduced, unclipped; not FSDP)
-
-
-class ConfigError(FireRedError):
-    """A training config key is unknown or its value does not fit the key's type or range."""
 
 
 def _set(tree: dict, dotted: str, value) -> None:

@@ -21,7 +21,7 @@ from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
 
 BEGIN, END = "<!-- config-keys:begin (generated: python -m firered_core.training.config_keys --write) -->", \
     "<!-- config-keys:end -->"
-HIDDEN = {"stop_after"}  # test-only keys: they exist, but a user has no use for them
+HIDDEN: set[str] = set()  # keys left out of the table (none: test hooks are not config keys)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
+from ..conditioning import check_prompt_text
 from ..errors import FireRedError
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,9 @@ def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sampl
             raise ValueError(f"{key} is not a string")
     if not (texts["instruction"] or texts["instruction_cn"]):
         raise ValueError("neither instruction nor instruction_cn is given")
+    for key, value in texts.items():
+        if value:
+            check_prompt_text(value, key, key)  # an InputError is a ValueError: the row is reported and skipped
     rejected = row.get("rejected_image")
     if rejected is not None and (not isinstance(rejected, str) or not rejected):
         raise ValueError("rejected_image must be a path")

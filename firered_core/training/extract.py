@@ -29,6 +29,7 @@ import torch
 from safetensors import safe_open
 
 from ..conditioning import PROMPT_MODES, encode_prompts
+from ..errors import ConfigError
 from ..embed_cache import EmbedCache, embed_path, load_embeds, write_safetensors
 from ..geometry import VAE_AREA, VL_AREA
 from ..model import load_model
@@ -61,14 +62,10 @@ class ExtractConfig:
 
     def __post_init__(self):
         if self.prompt_mode not in PROMPT_MODES:
-            raise ValueError(f"prompt_mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
+            raise ConfigError(f"prompt_mode {self.prompt_mode!r} is not one of {PROMPT_MODES}")
         bad = set(self.variants) - set(VARIANTS)
         if bad:
-            raise ValueError(f"unknown variant(s) {sorted(bad)}; choose from {VARIANTS}")
-
-
-class SimulatedCrash(RuntimeError):
-    """Raised by ``stop_after`` (tests): the process dies as if killed between two rows."""
+            raise ConfigError(f"unknown variant(s) {sorted(bad)}; choose from {VARIANTS}")
 
 
 def row_file(output_dir: Path, uid: str) -> Path:
@@ -109,8 +106,7 @@ def encode_row(model, sample, cfg: ExtractConfig, cache: EmbedCache) -> tuple[di
     return tensors, keys
 
 
-def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str = "cpu",
-            stop_after: int | None = None, wait=None) -> dict:
+def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str = "cpu", wait=None) -> dict:
     """Encode this process's share of rows; the main process writes the manifest once all shares are done.
 
     ``wait`` is a barrier (e.g. ``accelerator.wait_for_everyone``) for multi-process runs. Returns a summary.
@@ -124,8 +120,6 @@ def extract(cfg: ExtractConfig, rank: int = 0, world_size: int = 1, device: str 
     cache = embed_cache(out)
     done = 0
     for sample in todo:
-        if stop_after is not None and done >= stop_after:
-            raise SimulatedCrash(f"stopped after {done} rows")
         tensors, keys = encode_row(model, sample, cfg, cache)
         write_safetensors(row_file(out, sample.uid), tensors,
                           {"uid": sample.uid, "prompt_mode": cfg.prompt_mode, **keys})
@@ -143,7 +137,7 @@ def write_manifest(cfg: ExtractConfig, dataset) -> dict:
     out = Path(cfg.output_dir)
     missing = [s.uid for s in dataset.samples if not row_file(out, s.uid).exists()]
     if missing:
-        raise RuntimeError(f"{len(missing)} row file(s) missing (first: {missing[0]}); rerun the extraction")
+        raise DataError(f"{len(missing)} row file(s) missing (first: {missing[0]}); rerun the extraction")
     manifest = {
         "format": FORMAT, "embeds": EMBEDS, "model": str(cfg.model), "prompt_mode": cfg.prompt_mode,
         "variants": list(cfg.variants), "vl_area": cfg.vl_area, "cache_latents": cfg.cache_latents,
@@ -177,7 +171,7 @@ class EmbeddingStore:
     def load(self, uid: str) -> dict[str, torch.Tensor]:
         rel = self.manifest["rows"].get(uid)
         if rel is None:
-            raise KeyError(f"row {uid} is not in the embeddings at {self.root} (extracted from other data?)")
+            raise DataError(f"row {uid} is not in the embeddings at {self.root} (extracted from other data?)")
         with safe_open(str(self.root / rel), "pt") as f:
             tensors = {name: f.get_tensor(name) for name in f.keys()}
             keys = {name: key for name, key in (f.metadata() or {}).items() if name.startswith("embeds.")}

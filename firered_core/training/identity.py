@@ -43,20 +43,6 @@ class IdentityConfig:
     detector_neighbors: Annotated[int, Field(ge=0, le=50)] = 5  # haar: overlapping hits a face needs
     detector_min_size: Annotated[int, Field(ge=8, le=4096)] = 24  # haar: smallest face side, stored-image pixels
 
-    def __post_init__(self):  # ranges: pydantic at load; here for direct construction and the embedder
-        if self.eta < 0:
-            raise ValueError(f"identity.eta must be >= 0, got {self.eta}")
-        if not 0 < self.cutoff <= 1:
-            raise ValueError(f"identity.cutoff must be in (0, 1], got {self.cutoff}")
-        if self.input_size < 8 or self.max_faces < 1:
-            raise ValueError(f"identity.input_size must be >= 8 and identity.max_faces >= 1, got "
-                             f"{self.input_size} and {self.max_faces}")
-        if not (1 < self.detector_scale <= 2 and 0 <= self.detector_neighbors <= 50
-                and 8 <= self.detector_min_size <= 4096):
-            raise ValueError("identity.detector_scale must be in (1, 2], detector_neighbors in 0..50 and "
-                             f"detector_min_size in 8..4096, got {self.detector_scale}, {self.detector_neighbors} "
-                             f"and {self.detector_min_size}")
-
 
 def identity_weight(sigma: torch.Tensor, eta: float, cutoff: float = 0.9) -> torch.Tensor:
     """``eta * sigma^2`` where ``sigma < cutoff``, else 0."""

@@ -17,9 +17,10 @@ import torch
 from .. import latents as L
 from ..conditioning import PromptEmbeds, encode_prompts
 from ..references import RefLatents
-from .alignment import align, choose_variant, variant_text
+from .alignment import align, choose_variant, needed_variants, variant_text
 from .buckets import BucketKey
 from .config import ConfigError, TrainConfig
+from .data import DataError
 from .extract import EmbeddingStore
 from .rows import RowImages, row_images, row_latents, row_references, vl_images
 from .seeding import row_rng
@@ -89,7 +90,7 @@ class CachedInputs(RowInputBuilder):
     def encode(self, sample, variant, text, images, inverse):
         cached = self.store.load(sample.uid)
         if f"embeds.{variant}" not in cached:
-            raise KeyError(f"row {sample.uid} has no cached '{variant}' embedding in {self.store.root}: "
+            raise DataError(f"row {sample.uid} has no cached '{variant}' embedding in {self.store.root}: "
                            f"extract that variant or set its rate to 0")
         cond = PromptEmbeds(cached[f"embeds.{variant}"][None].to(self.device, torch.float32), None)
         prefix = "latents.inverse_" if inverse else "latents."
@@ -102,14 +103,31 @@ class CachedInputs(RowInputBuilder):
         return cond, cached[prefix + "target"].to(self.device), ref
 
 
-def open_embeddings(cfg: TrainConfig) -> EmbeddingStore | None:
-    """The run's extraction (None for online encoding); refused with random alignment, which needs online text."""
+def open_embeddings(cfg: TrainConfig, samples: list | None = None) -> EmbeddingStore | None:
+    """The run's extraction (None for online encoding); refused with random alignment, which needs online text.
+
+    Before step 1, the manifest is compared with what the run will ask for: every row of ``samples`` and every
+    instruction variant the variant rates can draw (a run that would stop at its first missing key is refused in
+    one line saying what to extract)."""
     if not cfg.embeddings:
         return None
-    store = EmbeddingStore(cfg.embeddings, cfg.prompt_mode)
     if cfg.alignment.drop_rate > 0 or cfg.alignment.permute_rate > 0:
         raise ConfigError("random instruction alignment rewrites the instruction, so it needs online encoding: "
                          "unset `embeddings` or set alignment rates to 0")
+    store = EmbeddingStore(cfg.embeddings, cfg.prompt_mode)
+    if samples is not None:
+        have = set(store.manifest.get("variants", []))
+        need = needed_variants(cfg.variants, any(s.has_inverse for s in samples))
+        if need - have:
+            rates = "variants.text_drop, variants.cn_rate and variants.inverse_rate"
+            raise DataError(f"embeddings in {store.root} hold the variants {sorted(have)} but this run's {rates} "
+                            f"also draw {sorted(need - have)}: extract them (training/extract_embeddings.py "
+                            f"--variants {' '.join(sorted(need | have))}) or set those rates so they are never drawn")
+        rows = store.manifest.get("rows", {})
+        missing = [s.uid for s in samples if s.uid not in rows]
+        if missing:
+            raise DataError(f"{len(missing)} training row(s) are not in the embeddings at {store.root} (first: "
+                            f"{missing[0]}): extract the embeddings of this data (training/extract_embeddings.py)")
     return store
 
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from pydantic import with_config
 
+from ..errors import ConfigError
 from ..memory import BlockSwap
 from ..quant.weight import QuantLinear
 from ..limits import CONFIG, Count
@@ -35,12 +36,6 @@ class LowVramConfig:
     checkpointing: bool = False
     offload_activations: bool = False
     compute_dtype: Literal["bf16", "fp32"] = "bf16"  # matmul dtype of the fp8 base layers
-
-    def __post_init__(self):
-        if self.resident_blocks < 0:
-            raise ValueError(f"low_vram.resident_blocks must be >= 0, got {self.resident_blocks}")
-        if self.compute_dtype not in ("bf16", "fp32"):
-            raise ValueError(f"low_vram.compute_dtype {self.compute_dtype!r} is not 'bf16' or 'fp32'")
 
     @property
     def any(self) -> bool:
@@ -76,7 +71,7 @@ class LowVram:
 
     def __init__(self, cfg: LowVramConfig, method: str):
         if cfg.fp8_base and method != "lora":
-            raise ValueError("low_vram.fp8_base stores the frozen base in fp8, which only a LoRA run leaves frozen: "
+            raise ConfigError("low_vram.fp8_base stores the frozen base in fp8, which only a LoRA run leaves frozen: "
                              "set method: lora or low_vram.fp8_base: false")
         self.cfg = cfg
         self.swap: BlockSwap | None = None

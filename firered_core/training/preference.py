@@ -42,14 +42,6 @@ class PreferenceConfig:
     omega: Annotated[float, Field(ge=1.0)] = 1.0  # weight of the preferred term
     sft_weight: NonNegative = 0.0  # flow-matching loss on the preferred sample, added to the DPO loss
 
-    def __post_init__(self):  # pydantic checks these at load; here for direct construction
-        if not self.beta > 0:
-            raise ValueError(f"preference.beta must be > 0, got {self.beta}")
-        if not self.omega >= 1:
-            raise ValueError(f"preference.omega must be >= 1, got {self.omega}")
-        if not self.sft_weight >= 0:
-            raise ValueError(f"preference.sft_weight must be >= 0, got {self.sft_weight}")
-
 
 @dataclass
 class DPOStats:

@@ -40,10 +40,6 @@ class TimestepConfig:
     curriculum_steps: PositiveInt = 1000
     shift: Literal["dynamic", "none"] | Positive | None = "dynamic"  # resolution-dependent mu, a number, or None
 
-    def __post_init__(self):
-        if self.kind not in KINDS:  # pydantic checks this at load; here for direct construction
-            raise ValueError(f"timestep kind {self.kind!r} is not one of {KINDS}")
-
 
 def stratified_u(step: int, positions: list[int] | range, global_batch: int, seed: int) -> torch.Tensor:
     """One u in [0, 1) per global row position, each in its rotating stratum."""

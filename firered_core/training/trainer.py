@@ -77,7 +77,7 @@ def mark_trainable(transformer, cfg: TrainConfig) -> list[str]:
         for name, p in transformer.named_parameters():
             p.requires_grad_(not name.startswith(skip) and any(fnmatch.fnmatch(name, pat) for pat in cfg.trainable))
     else:
-        raise ValueError(f"method {cfg.method!r} is not 'lora' or 'full'")
+        raise ConfigError(f"method {cfg.method!r} is not 'lora' or 'full'")
     names = [n for n, p in transformer.named_parameters() if p.requires_grad]
     if not names:
         patterns = cfg.trainable if cfg.method == "full" else cfg.lora.targets
@@ -96,7 +96,7 @@ class Trainer:
             require_targets(self.dataset)
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed)
-        store = open_embeddings(cfg)
+        store = open_embeddings(cfg, self.dataset.samples)
         if cfg.fsdp and cfg.dump_grads:
             raise ConfigError("dump_grads saves whole gradients, but FSDP holds shards: train with DDP to dump them")
         self.model = load_model(cfg.model, dtype="fp32", device=str(self.acc.device))
@@ -108,7 +108,8 @@ class Trainer:
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
         if cfg.low_vram.block_swap and (cfg.fsdp or self.world > 1):
-            raise ValueError("low_vram.block_swap streams one process's frozen blocks: train on one device")
+            raise ConfigError("low_vram.block_swap streams one process's frozen blocks: train on one device (set "
+                              "fsdp: false and start one process) or set low_vram.block_swap: false")
         self.low_vram = LowVram(cfg.low_vram, cfg.method)
         self.low_vram.before_prepare(transformer)
         self.objective = RowObjective(cfg, self.model, transformer, self.acc.device)
@@ -349,9 +350,6 @@ class Trainer:
                 result.checkpoint = self.save()
             if cfg.validation.every and self.step % cfg.validation.every == 0:
                 self.validate()
-            if cfg.stop_after is not None and self.step >= cfg.stop_after:
-                bar.close()
-                raise SimulatedKill(f"stopped after step {self.step}")
         bar.close()
         elapsed = time.perf_counter() - start
         done = self.step - start_step
@@ -399,10 +397,6 @@ def check_kept_parameters(model: torch.nn.Module, params: dict[str, torch.Tensor
     if lost:
         raise RuntimeError(f"the prepared model no longer holds {len(lost)} trained tensors (e.g. {lost[0]}): "
                            "FSDP must keep the original parameters (use_orig_params=True)")
-
-
-class SimulatedKill(RuntimeError):
-    """Raised by ``stop_after`` (tests): the run ends abruptly after a step, as a killed job would."""
 
 
 def train(cfg: TrainConfig) -> TrainResult:
