@@ -23,7 +23,8 @@ from firered_core.training.distill import (DistillConfig, distill_loss, export_s
 from firered_core.conditioning import PromptEmbeds  # noqa: E402
 from test_training_run import torch_threads, torchrun_train  # noqa: E402
 
-TRAIN_STEPS = 24  # the proof's training steps (the benchmark runs more)
+TRAIN_STEPS = 24  # the proof's training steps (the benchmark runs 40)
+N = 4  # the test's student steps (benchmarks/distill.py proves 8 and 4)
 
 
 def toy_denoiser(x, t, cond, branch):
@@ -108,27 +109,29 @@ def test_settings_distillation_cannot_honour_are_refused_in_one_line(change, wor
 # -- a distilled LoRA: the proof and its use ---------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    """An 8-step LoRA distilled with the recipe from a tiny build (training pictures and prompts only)."""
+    """A 4-step LoRA distilled with the recipe from a tiny build (training pictures and prompts only)."""
     tmp = tmp_path_factory.mktemp("distill")
     model_dir = B.lively_model(tmp / "model0", 0)
     data = B.edit_rows(tmp / "train", [*B.TRAIN_PICTURES, *B.TRAIN_FACES], B.TRAIN_PROMPTS)
     with torch_threads(1):
-        lora = B.distil(model_dir, data, tmp / "run", 8, TRAIN_STEPS, 0)
+        lora = B.distil(model_dir, data, tmp / "run", N, TRAIN_STEPS, 0)
     return model_dir, lora
 
 
-def test_distilled_8_steps_without_cfg_beat_the_base_at_8_steps_on_held_out_edits(distilled):
-    """Held out: pictures and instructions never trained on (benchmarks/distill.py HELD_OUT_*); 3 noise seeds. The
-    student's mean gain in PSNR (and SSIM) to the teacher's 40-step CFG-4 picture over the base at 8 steps with CFG 4
-    and with CFG off exceeds 3 times the seed-to-seed standard deviation of that gain."""
+def test_distilled_4_steps_without_cfg_beat_the_base_at_4_steps_on_held_out_edits(distilled):
+    """Held out: a photograph and a face and instructions never trained on (benchmarks/distill.py HELD_OUT_*); 5
+    noise seeds (on these random tiny models the noise, not the picture, sets the output: the per-seed gains with 4
+    or 8 held-out pairs agree to 1e-3 dB, so seeds are what varies). The student's mean gain in PSNR (and SSIM) to
+    the teacher's 40-step CFG-4 picture over the base at 4 steps with CFG 4 and with CFG off exceeds 3 times the
+    seed-to-seed standard deviation of that gain (measured 6.2 sigma in PSNR, 7.8 in SSIM)."""
     model_dir, lora = distilled
-    items = [B.held_out_items()[i] for i in (0, 1, 6, 7)]  # 2 photographs, 2 faces, 4 held-out instructions
+    items = [B.held_out_items()[i] for i in (0, 6)]  # a photograph and a face, two held-out instructions
     with torch_threads(1):
-        rows = B.measure(model_dir, lora, 8, [0, 1, 2], items)
+        rows = B.measure(model_dir, lora, N, [0, 1, 2, 3, 4], items)
     g = B.gains(rows)
     for key, (mean, std) in g.items():
         assert mean > 3 * std and mean > 0, (key, g, rows)
-    assert rows[0]["passes"] == {"teacher": 80, "base_cfg": 16, "base_nocfg": 8, "student": 8}
+    assert rows[0]["passes"] == {"teacher": 80, "base_cfg": 8, "base_nocfg": 4, "student": 4}
 
 
 def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_path, capsys):
@@ -145,10 +148,10 @@ def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_pat
     for path in (lora, diffusers_style):
         with safe_open(str(path), "pt") as fh:
             assert "firered_schedule" in fh.metadata()
-        assert read_schedule(path).steps == 8
+        assert read_schedule(path).steps == N
     # The proof's schedule is the checkpoint's own at 64x64; to see that the saved one is used, the LoRA is saved
     # again with a very different one, which firered-edit must follow.
-    shifted = LoraSchedule(8, (1.0, 0.6, 0.4, 0.3, 0.2, 0.1, 0.05, 0.02, 0.0))
+    shifted = LoraSchedule(N, (1.0, 0.5, 0.2, 0.05, 0.0))
     relabelled = tmp_path / "shift3.safetensors"
     with safe_open(str(diffusers_style), "pt") as fh:
         meta = {**fh.metadata(), **shifted.metadata()}
@@ -159,15 +162,15 @@ def test_export_carries_the_schedule_and_firered_edit_uses_it(distilled, tmp_pat
     args = ["--model", str(model_dir), "--lora", str(relabelled), "-i", str(src), "-p", "Paint it in watercolour",
             "--width", "64", "--height", "64", "--vae-area", "4096", "--vl-area", "4096", "-o", str(out)]
     assert cli.main(args) == 0
-    assert "LoRA schedule: 8 steps, true CFG 1, sigmas [1.000, 0.600, 0.400" in capsys.readouterr().err
+    assert "LoRA schedule: 4 steps, true CFG 1, sigmas [1.000, 0.500, 0.200" in capsys.readouterr().err
     view, _ = model_with_loras(load_model(model_dir), [relabelled])
     kw = dict(width=64, height=64, vae_area=4096, vl_area=4096, seed=0)
     img = [Image.open(src).convert("RGB")]
     pipe = EditPipeline(view)
-    own = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0, sigmas=shifted.tensor(), **kw).images[0]
-    default = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=1.0,
-                        sigmas=make_sigmas(8, 16, view.scheduler_config), **kw).images[0]
-    with_cfg = pipe.edit(img, "Paint it in watercolour", steps=8, true_cfg=4.0, **kw).images[0]
+    own = pipe.edit(img, "Paint it in watercolour", steps=N, true_cfg=1.0, sigmas=shifted.tensor(), **kw).images[0]
+    default = pipe.edit(img, "Paint it in watercolour", steps=N, true_cfg=1.0,
+                        sigmas=make_sigmas(N, 16, view.scheduler_config), **kw).images[0]
+    with_cfg = pipe.edit(img, "Paint it in watercolour", steps=N, true_cfg=4.0, **kw).images[0]
     written = np.asarray(Image.open(out), dtype=np.int16)
     assert np.abs(written - np.asarray(own, dtype=np.int16)).max() <= 1  # merged in place vs on a view: rounding
     assert np.abs(written - np.asarray(default, dtype=np.int16)).max() > 2  # not the checkpoint's schedule
@@ -185,7 +188,7 @@ def test_lora_loader_and_sampler_node_use_the_saved_schedule_with_cfg_off(distil
     C = S.classes()
     model = C["FireRedModelLoader"]().load(model_dir.name, "fp32", "cpu", "none")[0]
     view, report = C["FireRedLoraLoader"]().load(model, lora.name, 1.0, "auto", False)
-    assert "sampling schedule: 8 steps, true CFG 1" in report
+    assert "sampling schedule: 4 steps, true CFG 1" in report
     img = torch.from_numpy(np.asarray(B.picture(B.HELD_OUT_FACES[0]), dtype=np.float32) / 255)[None]
     refs = C["FireRedReferenceImages"]().prepare(view, 64, "area", 64, image1=img)[0]
     pos = C["FireRedEncodeInstruction"]().encode(view, "Make it look rainy", "pipeline", refs)[0]
@@ -194,11 +197,11 @@ def test_lora_loader_and_sampler_node_use_the_saved_schedule_with_cfg_off(distil
     counter = B.ForwardCounter(view.transformer)
     got = C["FireRedSampler"]().sample(view, pos, latent, 5, 40, 4.0, 0.0, 1.0, 1, "batch", negative=neg)[0]
     counter.handle.remove()
-    assert counter.rows == 8  # 8 steps, CFG off, whatever the widgets said (40, 4)
+    assert counter.rows == N  # its 4 steps, CFG off, whatever the widgets said (40, 4)
     from firered_core import comfy_latents as CL
 
     ref = refs.latents
-    want, _ = denoise_latents(view, None, pos.embeds, None, ref, 64, 64, 5, 8, 1.0,
+    want, _ = denoise_latents(view, None, pos.embeds, None, ref, 64, 64, 5, N, 1.0,
                               sigmas=view.lora_schedule.tensor())
     assert torch.equal(got["samples"], CL.to_raw(want, 64, 64, view.vae.config).float())
 
