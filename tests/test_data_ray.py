@@ -35,10 +35,11 @@ def test_ray_engine_gives_the_local_engines_decisions(tmp_path, local_ray):
     weights = tmp_path / "mnv3.safetensors"
     save_file(torchvision.models.mobilenet_v3_small().state_dict(), str(weights))
     make_planted(tmp_path / "raw", clean=5, per_defect=1, size=64, seed=3,
-                 defects=["exact_dup", "dup_jpeg", "blurred", "underexposed"])
+                 defects=["exact_dup", "dup_jpeg", "blurred", "underexposed", "colour_cast", "mosaic"])
     stages = [{"kind": "dedup", "embedding": {"arch": "mobilenet_v3_small", "weights": str(weights), "size": 32,
                                               "threshold": 0.9999}},
-              {"kind": "photometric"}]
+              {"kind": "photometric"}, {"kind": "quality", "global_tasks": ["style"]},
+              {"kind": "artefacts", "text": None, "codes": False}]
     kw = dict(input=str(tmp_path / "raw" / "data"), analysis_size=64, stages=stages)
     local = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "local"), engine={"workers": 0}, **kw))
     on_ray = run_pipeline(load_pipeline_config(None, output=str(tmp_path / "ray"),
@@ -46,4 +47,4 @@ def test_ray_engine_gives_the_local_engines_decisions(tmp_path, local_ray):
     assert on_ray.decisions.read_bytes() == local.decisions.read_bytes()
     assert on_ray.rows_per_task == local.rows_per_task
     drops = [line for line in local.decisions.read_text().splitlines() if '"drop"' in line]
-    assert len(drops) >= 3, drops
+    assert len(drops) >= 5, drops

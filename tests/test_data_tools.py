@@ -23,11 +23,12 @@ pytest.importorskip("cv2")
 # the coarse hash level (its misses are fine_check's job); photometric fits its cut-offs on 36 clean images, so
 # one planted row near a tail may survive.
 PRECISION_FLOOR = 0.9
-RECALL_FLOOR = {"pair_check (L2)": 0.5, "photometric": 0.8}
+RECALL_FLOOR = {"pair_check (L2)": 0.5, "photometric (dataset tails)": 0.8}
 RECALL_DEFAULT = 0.9
 PIPELINE_RECALL_FLOOR = 0.9  # share of all planted defect rows the whole pipeline drops
 
-ALL_STAGES = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "artefacts"},
+ALL_STAGES = [{"kind": "dedup"}, {"kind": "photometric"}, {"kind": "quality", "global_tasks": ["style"]},
+              {"kind": "artefacts"},
               {"kind": "pair_check", "global_tasks": ["style"]}, {"kind": "fine_check", "global_tasks": ["style"]}]
 
 
@@ -75,12 +76,12 @@ def test_pipeline_keeps_clean_rows_drops_defects_reports_and_trains(planted, tmp
     print(f"defect rows dropped: {len(caught)}/{len(defects)}")
     assert len(caught) >= PIPELINE_RECALL_FLOOR * len(defects), sorted(defects - caught)
     # each stage records every row it saw, with its scores
-    for stage in ("dedup", "photometric", "artefacts"):
+    for stage in ("dedup", "photometric", "quality", "artefacts"):
         got = [d for d in decisions if d["stage"] == stage]
         assert len({d["row"] for d in got}) == len(got) and all("scores" in d for d in got)
     # reports: histograms with cut-offs, thumbnails of dropped rows
     html = (result.output / "report" / "01-photometric.html").read_text()
-    assert html.count("<svg") == 6 and 'class="cutoff"' in html and "data:image/jpeg;base64" in html
+    assert html.count("<svg") == 7 and 'class="cutoff"' in html and "data:image/jpeg;base64" in html
     assert (result.output / "report" / "index.html").exists()
     # synthetic rows: 3 mask records -> remove + add pairs; inverted rows; negatives kept apart
     assert result.rows_per_task["add"] > 0 and (result.output / "negatives").is_dir()
@@ -140,6 +141,21 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
         run_pipeline(load_pipeline_config(None, output=str(tmp_path / "b"), **{**kw, "analysis_size": 64}))
     with pytest.raises(DataToolError, match="overlaps input"):
         run_pipeline(load_pipeline_config(None, output=str(tmp_path / "raw" / "data" / "out"), **kw))
+
+
+def test_failed_start_leaves_the_output_folder_usable(tmp_path):
+    """A mistyped (missing, or empty) input is refused before the output folder is written to, so the corrected
+    command into the same folder runs (it used to be refused as "a run of a different input")."""
+    _small_set(tmp_path)
+    (tmp_path / "empty").mkdir()
+    kw = dict(output=str(tmp_path / "out"), analysis_size=64, stages=[{"kind": "photometric"}],
+              engine={"workers": 0})
+    for wrong, msg in ((tmp_path / "raw" / "dta", "does not exist"), (tmp_path / "empty", "no JSONL rows")):
+        with pytest.raises(DataToolError, match=msg):
+            run_pipeline(load_pipeline_config(None, input=str(wrong), **kw))
+        assert not (tmp_path / "out").exists()
+    result = run_pipeline(load_pipeline_config(None, input=str(tmp_path / "raw" / "data"), **kw))
+    assert sum(result.rows_per_task.values()) > 0 and result.decisions.exists()
 
 
 def test_mask_pairs_paste_and_inpaint(tmp_path):

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
 
 import numpy as np
@@ -51,12 +50,12 @@ def graph_env(tiny_model_dir, single_files, tmp_path, monkeypatch, make_image):
         for node in workflow["nodes"]:
             if node["type"] == "FireRedModelLoader":
                 link = tmp_path / node["widgets_values"][0]
-                if not link.exists():  # hard links: a symbolic link out of the model folder is refused
-                    shutil.copytree(tiny_model_dir, link, copy_function=os.link)
+                if not link.exists():  # linked in from elsewhere, as users do
+                    link.symlink_to(tiny_model_dir, target_is_directory=True)
             if node["type"] == "FireRedSingleFileLoader":
                 for name, kind in zip(node["widgets_values"][:3], ("transformer", "text_encoder", "vae")):
                     if not (files / name).exists():
-                        os.link(single_files[kind], files / name)
+                        (files / name).symlink_to(single_files[kind])
             if node["type"] == "FireRedLoraLoader" and not (loras / node["widgets_values"][0]).exists():
                 S.write_lora(tiny_model_dir, loras / node["widgets_values"][0], seed=node["id"])
             if node["type"] == "LoadImage":

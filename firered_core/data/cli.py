@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         for s in result.summary:
             print(f"{s['stage']:>16}: in {s['in']:>6}  keep {s.get('keep', 0):>6}  drop {s.get('drop', 0):>6}"
                   f"  add {s.get('add', 0):>5}")
+            for problem in s.get("problems", []):
+                print(f"firered-data: error: stage {s['stage']}: {problem}", file=sys.stderr)
         print(f"rows per task: {json.dumps(result.rows_per_task)}")
         print(f"data: {result.data}  decisions: {result.decisions}  report: {result.output / 'report/index.html'}")
         return 0

@@ -66,13 +66,19 @@ class DedupConfig(_Stage):
 
 
 class PairCheckConfig(_Stage):
-    """Level 2 (coarse: hashes and 32 px thumbnails): trivial edits (target ~= a source) and unrelated pairs
-    (target shares nothing with any source; not applied to global_tasks)."""
+    """Level 2 (coarse: hashes and thumbnails): trivial edits (target ~= a source) and unrelated pairs (target
+    shares nothing with any source; not applied to global_tasks). A pair is dropped only when pHash, the thumbnail
+    SSIM and (when configured) the embedding all agree."""
 
     kind: Literal["pair_check"] = "pair_check"
     trivial_bits: int = Field(2, ge=0, le=64, description="pHash and dHash both within this ...")
-    trivial_thumb: float = Field(16.0, ge=0, le=255, description="... and no thumbnail pixel differs more: trivial")
-    unrelated_bits: int = Field(30, ge=0, le=64, description="pHash of the target this far from every source")
+    trivial_thumb: float = Field(16.0, ge=0, le=255, description="... and no thumbnail pixel differs more ...")
+    trivial_ssim: float = Field(0.97, ge=-1, le=1, description="... and 64 px thumbnails' SSIM at least this: trivial")
+    unrelated_bits: int = Field(30, ge=0, le=64, description="pHash of the target this far from every source ...")
+    unrelated_ssim: float = Field(0.5, ge=-1, le=1, description="... and 64 px thumbnail SSIM below this to every "
+                                                                "source (and, with an embedding, cosine below its "
+                                                                "threshold): unrelated")
+    embedding: EmbeddingConfig | None = Field(None, description="a third opinion: both checks must agree with it")
     global_tasks: list[str] = Field(default_factory=list, description="tasks that may change the whole image")
 
 
@@ -97,7 +103,8 @@ class Tail(_Model):
 
 def _tails() -> dict[str, Tail]:
     return {"brightness": Tail(low=0.05, high=0.05), "saturation": Tail(low=0.05), "entropy": Tail(low=0.05),
-            "texture": Tail(low=0.05), "sharpness": Tail(low=0.05), "blockiness": Tail(high=0.05)}
+            "texture": Tail(low=0.05), "sharpness": Tail(low=0.05), "blockiness": Tail(high=0.05),
+            "cast": Tail(high=0.05)}
 
 
 class PhotometricConfig(_Stage):
@@ -118,12 +125,33 @@ class PhotometricConfig(_Stage):
         return self
 
 
+class QualityConfig(_Stage):
+    """Pair-aware quality: the target against its own source outside the edited region (firered_core/data/
+    pairquality.py); a score beyond its limit drops the row (None = that check off). The defaults are the values
+    tuned on the tuning photographs (benchmarks/tune_filters.py); training/configs/curate.yaml ships the same."""
+
+    kind: Literal["quality"] = "quality"
+    exposure_up: float | None = Field(0.308, ge=0, le=8, description="stops brighter than the source")
+    exposure_down: float | None = Field(0.365, ge=0, le=8, description="stops darker than the source")
+    clip: float | None = Field(0.0469, ge=0, le=1, description="extra share of pixels blown out / crushed")
+    cast: float | None = Field(2.16, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
+    wb: float | None = Field(0.0781, ge=0, le=5, description="per-channel log gain off the mean gain")
+    blur: float | None = Field(0.0794, ge=0, le=10, description="log detail lost in textured cells")
+    noise: float | None = Field(0.518, ge=0, le=10, description="log high-pass energy added in flat cells")
+    blocky: float | None = Field(0.337, ge=0, le=100, description="JPEG block-grid ratio added")
+    global_tasks: list[str] = Field(default_factory=list, description="tasks that change the whole picture "
+                                                                      "(judged by the dataset tails only)")
+
+
 class ArtefactConfig(_Stage):
-    """Heuristics: overlay text / watermark, mosaic, collage borders, QR codes and barcodes (OpenCV)."""
+    """Heuristics: overlay text / watermark, mosaic, collage borders, QR codes and barcodes (OpenCV). text, mosaic
+    defaults: tuned on the tuning photographs (benchmarks/tune_filters.py). collage keeps its earlier limit: in a
+    pair it counts only border the source lacks (no photograph collage class was planted)."""
 
     kind: Literal["artefacts"] = "artefacts"
-    text: float | None = Field(8.0, ge=0, description="most stroke crossings along one text-line blob; None = off")
-    mosaic: float | None = Field(8.0, ge=0, description="block-grid edge ratio; None = off")
+    text: float | None = Field(7.5, ge=0, description="most stroke crossings along one text-line blob (in a pair: "
+                               "of the target - source difference); None = off")
+    mosaic: float | None = Field(13.6, ge=0, description="block-grid edge ratio, best window; None = off")
     collage: float | None = Field(0.62, ge=0, le=1, description="share of a straight internal line that is a "
                                                                  "strong edge; None = off")
     codes: bool = True
@@ -183,7 +211,8 @@ class SplitTasksConfig(_Stage):
     cache_dir: str | None = Field(None, description="None: <output>/.work/llm-cache")
 
 
-StageConfig = Annotated[Union[DedupConfig, PairCheckConfig, FineCheckConfig, PhotometricConfig, ArtefactConfig,
+StageConfig = Annotated[Union[DedupConfig, PairCheckConfig, FineCheckConfig, PhotometricConfig, QualityConfig,
+                              ArtefactConfig,
                               MaskPairsConfig, InvertConfig, NegativesConfig, SplitTasksConfig, SampleConfig],
                         Field(discriminator="kind")]
 

@@ -12,7 +12,10 @@ from PIL import Image
 from .extras import require
 from .imageops import edge_profile, gray, periodic_ratio, resize_to, to_tensor
 
-PHOTOMETRIC = ("brightness", "saturation", "entropy", "texture", "sharpness", "blockiness")
+PHOTOMETRIC = ("brightness", "saturation", "entropy", "texture", "sharpness", "blockiness", "cast")
+# the values each descriptor can take: a fitted cut-off outside them can never drop a row (reported as a problem)
+RANGES = {"brightness": (0.0, 255.0), "saturation": (0.0, 1.0), "entropy": (0.0, 8.0), "texture": (0.0, None),
+          "sharpness": (0.0, None), "blockiness": (0.0, None), "cast": (0.0, None)}
 # fitted on a log scale: their spread grows with their level (sharpness is already log1p)
 LOG_FIT = ("saturation", "texture")
 
@@ -20,8 +23,11 @@ LOG_FIT = ("saturation", "texture")
 def photometric(arr: np.ndarray, full: np.ndarray | None = None) -> dict[str, float]:
     """brightness (mean luma 0..255), saturation (mean HSV S 0..1), entropy (mean RGB channel entropy, bits),
     texture (mean Sobel magnitude, 0..255 scale), sharpness (log1p of the Laplacian variance on 0..255 luma),
-    blockiness (JPEG 8x8 grid edge ratio, measured at full resolution on ``full``; ~1 when there is no grid).
+    blockiness (JPEG 8x8 grid edge ratio, measured at full resolution on ``full``; ~1 when there is no grid),
+    cast (grey world: the CIELAB a*/b* distance of the mean colour from neutral; for rows without a source).
     """
+    from .pairquality import grey_world_cast
+
     import kornia
 
     t = to_tensor(arr)
@@ -38,7 +44,7 @@ def photometric(arr: np.ndarray, full: np.ndarray | None = None) -> dict[str, fl
     block = 0.5 * (periodic_ratio(edge_profile(g, 1), 8, 7) + periodic_ratio(edge_profile(g, 0), 8, 7))
     return {"brightness": float(luma.mean() * 255.0), "saturation": float(sat.mean()),
             "entropy": float(np.mean(ent)), "texture": float(sobel.mean()),
-            "sharpness": float(lap.var().log1p()), "blockiness": block}
+            "sharpness": float(lap.var().log1p()), "blockiness": block, "cast": grey_world_cast(arr)}
 
 
 def perceptual_hashes(arr: np.ndarray) -> dict[str, str]:

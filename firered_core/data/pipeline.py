@@ -29,7 +29,7 @@ from .engines import LocalPool, load_scores, run_shards
 from .extras import DataToolError
 from .files import atomic_open, write_json, write_jsonl, write_text
 from .report import write_index, write_stage_report
-from .rows import JsonlWriter, Shards, iter_input, write_rows
+from .rows import JsonlWriter, Shards, check_input, iter_input, write_rows
 from .spill import Spill
 from .stages import Context, build_stage
 from .stages.base import ADD, DROP
@@ -95,12 +95,13 @@ def _read_input(cfg: PipelineConfig, work: Path) -> dict:
 
 
 def _run(cfg: PipelineConfig, pool: LocalPool) -> RunResult:
-    out = _prepare_output(cfg)
-    work = out / ".work"
-    ctx = Context(output=str(out), analysis_size=cfg.analysis_size)
+    ctx = Context(output=str(Path(cfg.output).resolve()), analysis_size=cfg.analysis_size)
     stages = [build_stage(s.model_dump(), ctx.__dict__) for s in cfg.stages]
     for stage in stages:  # missing optional packages are reported before any work
         stage.check()
+    check_input(cfg.input)  # a bad input is refused before the output folder is written to
+    out = _prepare_output(cfg)
+    work = out / ".work"
     summary = [_read_input(cfg, work)]
     rows_path, parts, reports = work / "read" / "rows.jsonl", [work / "read" / "decisions.jsonl"], []
     for idx, (stage, scfg) in enumerate(zip(stages, cfg.stages)):
@@ -112,11 +113,15 @@ def _run(cfg: PipelineConfig, pool: LocalPool) -> RunResult:
         saved = json.loads(done.read_text(encoding="utf-8"))
         report = f"{idx:02d}-{stage.name}.html"
         values = dict(np.load(sdir / "values.npz")) if (sdir / "values.npz").exists() else {}
+        problems = saved.get("problems", [])
+        for p in problems:
+            log.error("stage %s: %s", stage.name, p)
         write_stage_report(out / "report" / report, stage.name, stage.kind, sdir / "decisions.jsonl",
-                           sdir / "pics.jsonl", saved["cutoffs"], values, cfg.report)
+                           sdir / "pics.jsonl", saved["cutoffs"], values, cfg.report, problems)
         counts = saved["counts"]
         summary.append({"stage": stage.name, "kind": stage.kind, "in": saved["in"], **counts, "report": report,
-                        "images": saved["images"], "seconds": saved["seconds"]})
+                        "images": saved["images"], "seconds": saved["seconds"],
+                        **({"problems": problems} if problems else {})})
         reports.append((stage.name, report, counts))
         parts.append(sdir / "decisions.jsonl")
         rows_path = sdir / "rows.jsonl"
@@ -205,7 +210,8 @@ def _run_stage(stage, spec: str, rows_path: Path, sdir: Path, cfg: PipelineConfi
         with atomic_open(sdir / "values.npz", "wb") as fh:
             np.savez(fh, **{k: np.asarray(v) for k, v in values.items()})
     write_json(sdir / "result.json", {"counts": counts, "cutoffs": cutoffs, "in": n_in, "images": images,
-                                      "seconds": round(time.perf_counter() - started, 3)})
+                                      "seconds": round(time.perf_counter() - started, 3),
+                                      "problems": stage.problems()})
 
 
 def _pictures(row: dict | None) -> dict:

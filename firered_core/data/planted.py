@@ -24,7 +24,7 @@ SHAPES_CN = {"circle": "圆", "square": "方块", "triangle": "三角形"}
 DEFECTS = {
     "dedup": ["exact_dup", "dup_resize", "dup_jpeg", "dup_crop", "dup_jitter"],
     "pair": ["trivial", "unrelated"],
-    "photometric": ["overexposed", "underexposed", "desaturated", "blurred", "heavy_jpeg"],
+    "photometric": ["overexposed", "underexposed", "desaturated", "blurred", "heavy_jpeg", "colour_cast", "noise"],
     "artefacts": ["text", "logo", "mosaic", "collage", "qr", "barcode"],
 }
 
@@ -148,6 +148,12 @@ def plant(kind: str, img: Image.Image, rng: np.random.Generator, other: Image.Im
         return Image.fromarray((g + 0.08 * (arr - g)).astype(np.uint8))
     if kind == "blurred":
         return img.filter(ImageFilter.GaussianBlur(2.5))
+    if kind == "colour_cast":  # a white-balance error: strong gains per channel in linear light
+        from .photos import defect
+
+        return Image.fromarray(defect(np.asarray(img), "colour_cast", 0.25, rng))
+    if kind == "noise":
+        return Image.fromarray(np.clip(arr + rng.normal(0, 12, (h, w, 1)), 0, 255).astype(np.uint8))
     if kind == "heavy_jpeg":
         return jpeg(img, 5)
     if kind in ("text", "logo"):
@@ -247,9 +253,10 @@ def make_planted(root: str | Path, clean: int = 40, per_defect: int = 3, size: i
                 tgt = jpeg(src, 95) if n % 2 else src.copy()
             elif kind == "unrelated":
                 tgt = finish(base_scene(rng, size, size), texture(rng, size, size))
-            elif kind in ("mosaic", "collage"):
-                other = finish(base_scene(rng, size, size), texture(rng, size, size))
-                src, tgt = plant(kind, src, rng, other), plant(kind, tgt, rng, other)
+            elif kind == "mosaic":
+                src, tgt = plant(kind, src, rng), plant(kind, tgt, rng)
+            elif kind == "collage":  # the target pasted together with half of another picture
+                tgt = plant(kind, tgt, rng, finish(base_scene(rng, size, size), texture(rng, size, size)))
             else:
                 tgt = plant(kind, tgt, rng)
             save(task, name, src, tgt, text, kind)

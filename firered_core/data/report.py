@@ -59,19 +59,31 @@ def histogram_svg(values, cutoffs: dict | None, title: str, bins: int = 30) -> s
     return "".join(parts)
 
 
-def _thumb(path: str, size: int) -> str:
+def _thumb(path: str, size: int, boxes: list | None = None) -> str:
+    """A JPEG thumbnail as an <img>; ``boxes`` ([x0, y0, x1, y1] as fractions) drawn in red where a local artefact
+    was found."""
     try:
         img = Image.fromarray(load_rgb(path))
     except Exception:  # noqa: BLE001 - a report never fails on one unreadable picture
         return ""
     img.thumbnail((size, size))
+    if boxes:
+        from PIL import ImageDraw
+
+        draw = ImageDraw.Draw(img)
+        for x0, y0, x1, y1 in boxes:
+            draw.rectangle((x0 * img.width, y0 * img.height, x1 * img.width - 1, y1 * img.height - 1),
+                           outline=(255, 0, 0), width=2)
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=80)
     return f'<img src="data:image/jpeg;base64,{base64.b64encode(buf.getvalue()).decode()}" alt="">'
 
 
 def _cell(d: dict, row: dict, size: int) -> str:
-    pics = "".join(_thumb(p, size) for p in [*row["sources"][:1], row["target"]] if p)
+    boxes = d["scores"].get("boxes") or []
+    names = ["source 1"][:len(row["sources"][:1])] + ["target"]
+    pics = "".join(_thumb(p, size, [b[1:5] for b in boxes if b[0] == n]) for n, p in
+                   zip(names, [*row["sources"][:1], row["target"]]) if p)
     scores = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in d["scores"].items()
                        if isinstance(v, (int, float)))
     return (f'<div class="cell"><div style="display:flex;gap:2px">{pics}</div><b>{html.escape(d["row"])}</b><br>'
@@ -100,7 +112,7 @@ def _decisions(path: Path, pics: Path) -> Iterator[tuple[dict, dict]]:
 
 
 def write_stage_report(path: Path, name: str, kind: str, decisions: Path, pics: Path, cutoffs: dict,
-                       values: dict[str, np.ndarray], cfg) -> None:
+                       values: dict[str, np.ndarray], cfg, problems: list[str] | None = None) -> None:
     """The stage's report from its decisions file, read twice (counts, dropped rows and per-row values; then the
     borderline rows, which need every value's spread): the decisions are never all in memory."""
     values = dict(values)
@@ -123,6 +135,7 @@ def write_stage_report(path: Path, name: str, kind: str, decisions: Path, pics: 
     hists = "".join(histogram_svg(v, cutoffs.get(k), k) for k, v in sorted(values.items()))
     body = [f"<h1>Stage {html.escape(name)} ({html.escape(kind)})</h1>",
             "<p>" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ' · <a href="index.html">all stages</a></p>',
+            *(f'<p class="problem" style="color:#c00"><b>error:</b> {html.escape(p)}</p>' for p in problems or []),
             "<h2>Scores and cut-offs</h2>", f'<div class="grid">{hists or "<p>no numeric scores</p>"}</div>',
             f"<h2>Dropped ({counts['drop']}, first {len(dropped)} shown)</h2>",
             '<div class="grid">' + "".join(_cell(d, row, cfg.thumb_size) for d, row in dropped) + "</div>",

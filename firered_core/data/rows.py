@@ -58,6 +58,21 @@ def iter_input(roots: str | Path | list) -> Iterator[tuple[dict | None, dict | N
         raise DataToolError(f"no JSONL rows found under {[str(r) for r in roots]}")
 
 
+def check_input(roots: str | Path | list) -> None:
+    """Fail (DataToolError) unless every root exists and some JSONL file under them has a row: called before the
+    output folder is touched, so a mistyped input leaves nothing behind that refuses the corrected command."""
+    roots = [roots] if isinstance(roots, (str, Path)) else list(roots)
+    for root in roots:
+        if not Path(root).exists():
+            raise DataToolError(f"input {root} does not exist (expected a folder of task folders with *.jsonl)")
+    for root in map(Path, roots):
+        for _, path in task_files(root):
+            with open(path, encoding="utf-8") as fh:
+                if any(line.strip() for line in fh):
+                    return
+    raise DataToolError(f"no JSONL rows found under {[str(r) for r in roots]}")
+
+
 def read_rows(roots: str | Path | list) -> tuple[list[dict], list[dict]]:
     """All rows under ``roots`` and the bad ones, in memory (small sets: evaluation, tests)."""
     rows, bad = [], []

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import (ArtefactConfig, DedupConfig, FineCheckConfig, PairCheckConfig, PhotometricConfig)
+from .config import ArtefactConfig, DedupConfig, FineCheckConfig, PairCheckConfig, PhotometricConfig, QualityConfig
 from .imageops import single_thread
 from .planted import DEFECTS
 from .rows import read_rows
@@ -17,7 +17,10 @@ FILTERS = {
     "dedup (exact + near)": (DedupConfig(), DEFECTS["dedup"], None),
     "pair_check (L2)": (PairCheckConfig(global_tasks=["style"]), DEFECTS["pair"], None),
     "fine_check (L3)": (FineCheckConfig(global_tasks=["style"]), DEFECTS["pair"], None),
-    "photometric": (PhotometricConfig(), DEFECTS["photometric"], None),
+    "photometric (dataset tails)": (PhotometricConfig(), ["overexposed", "underexposed", "desaturated", "blurred",
+                                                          "heavy_jpeg"], None),
+    "quality (pair-aware)": (QualityConfig(global_tasks=["style"]), ["overexposed", "underexposed", "blurred",
+                                                                      "heavy_jpeg", "colour_cast", "noise"], None),
     "artefacts: text / watermark": (ArtefactConfig(), ["text", "logo"], "text"),
     "artefacts: mosaic": (ArtefactConfig(), ["mosaic"], "mosaic"),
     "artefacts: collage": (ArtefactConfig(), ["collage"], "collage"),

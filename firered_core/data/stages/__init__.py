@@ -8,13 +8,14 @@ from .base import Context, Stage, StageResult
 from .dedup import DedupStage
 from .pairs import FineCheckStage, PairCheckStage
 from .photometric import PhotometricStage
+from .quality import QualityStage
 from .sample import SampleStage
 from .split import SplitTasksStage
 from .synthetic import InvertStage, MaskPairsStage, NegativesStage
 
 STAGES: dict[str, type[Stage]] = {cls.kind: cls for cls in (
-    DedupStage, PairCheckStage, FineCheckStage, PhotometricStage, ArtefactStage, MaskPairsStage, InvertStage,
-    NegativesStage, SplitTasksStage, SampleStage)}
+    DedupStage, PairCheckStage, FineCheckStage, PhotometricStage, QualityStage, ArtefactStage, MaskPairsStage,
+    InvertStage, NegativesStage, SplitTasksStage, SampleStage)}
 
 
 def build_stage(config: dict, context: dict) -> Stage:

@@ -76,6 +76,10 @@ class Stage:
     def fit(self, shards: ShardPass, spill: Spill) -> None:
         """Dataset-level statistics from one pass over every shard (stages that need them)."""
 
+    def problems(self) -> list[str]:
+        """What is wrong with the stage's fitted settings on this data set (shown in red in the report)."""
+        return []
+
     def report_values(self) -> dict[str, np.ndarray]:
         """Every measured value of the scores the fit saw (report histograms); others come from the decisions."""
         return {}

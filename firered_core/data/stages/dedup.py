@@ -12,6 +12,8 @@ from ..extras import require
 from ..imageops import downscale, load_rgb, pixel_hash
 from ..knn import clusters, cosine_pairs, hamming_pairs
 from ..rows import row_images
+from ..ranking import DEFECTS, defect_values, keep_reason, worse
+from ..ranking import order as best_first
 from ..spill import Spill
 from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision
 
@@ -36,9 +38,11 @@ class DedupStage(FittedStage):
 
     def score(self, row: dict) -> dict:
         out: dict = {"sha": [], "phash": [], "emb": []}
+        smalls = []
         for path in row_images(row):
             arr = load_rgb(path)
             small = downscale(arr, self.ctx.analysis_size)
+            smalls.append(small)
             if self.cfg.exact:
                 out["sha"].append(pixel_hash(arr))
             if self.cfg.use_hashes:
@@ -48,6 +52,7 @@ class DedupStage(FittedStage):
         target = load_rgb(row["target"])
         out["pixels"] = int(target.shape[0] * target.shape[1])
         out["sharpness"] = sharpness_only(downscale(target, self.ctx.analysis_size))
+        out["defects"] = defect_values(smalls)
         return out
 
     def _fit(self, shards: ShardPass, spill: Spill) -> None:
@@ -60,6 +65,8 @@ class DedupStage(FittedStage):
             spill.append("sha", [_hash64(s["sha"]) for s in scores], np.uint64)
             spill.append("pixels", [s["pixels"] for s in scores], np.int64)
             spill.append("sharp", [round(s["sharpness"], 6) for s in scores], np.float64)
+            for k in DEFECTS:
+                spill.append(f"d_{k}", [s["defects"][k] for s in scores], np.float64)
             counts = [len(s["phash"] or s["emb"]) for s in scores]
             spill.append("count", counts, np.int32)
             for count in sorted(set(counts)):
@@ -74,9 +81,7 @@ class DedupStage(FittedStage):
         self.counts = spill.get("count", np.int32)
         self.groups = {c: self._load_group(spill, c) for c in map(int, np.unique(np.asarray(self.counts)))}
         sha, pixels, sharp = (np.asarray(spill.get(k)) for k in ("sha", "pixels", "sharp"))
-        order = np.lexsort((np.arange(n), -sharp, -pixels))  # the best first: resolution, sharpness, input order
-        rank = np.empty(n, dtype=np.int64)
-        rank[order] = np.arange(n)
+        order = np.lexsort((np.arange(n), -sharp, -pixels))  # exact duplicates: identical, so in input order
         keeper = np.arange(n, dtype=np.int64)
         self.what = np.zeros(n, dtype=np.int8)  # 0 kept, 1 exact duplicate, 2 near duplicate
         if self.cfg.exact and n:
@@ -85,8 +90,12 @@ class DedupStage(FittedStage):
             self.what[keeper != np.arange(n)] = 1
         alive = self.what == 0
         labels = clusters(n, self._near_pairs(alive))
-        best = np.full(n, -1, dtype=np.int64)  # per component label: its member of the smallest rank
-        by = np.lexsort((rank, labels))
+        self.defects = {k: np.asarray(spill.get(f"d_{k}", np.float64)) for k in DEFECTS}
+        self.flags = worse(self.defects, labels, alive)
+        penalty = sum(f.astype(np.int64) for f in self.flags.values())
+        self.pixels, self.sharp = pixels, sharp
+        best = np.full(n, -1, dtype=np.int64)  # per component label: its best member (ranking.py)
+        by = best_first(labels, penalty, pixels, sharp)
         firsts = by[np.r_[True, labels[by][1:] != labels[by][:-1]]] if n else by
         best[labels[firsts]] = firsts
         near = alive & (best[labels] != np.arange(n))
@@ -104,7 +113,10 @@ class DedupStage(FittedStage):
                 best = int(self.keeper[i])
                 what, extra = (("exact duplicate", {"distance": 0}) if self.what[i] == 1 else
                                ("near duplicate", {"distance": self._distance(i, best)}))
-                decisions.append(decision(row, DROP, f"{what} of {self.uids[best]}", **extra, **common))
+                why = "identical pictures, earlier in the input" if self.what[i] == 1 else keep_reason(
+                    i, best, self.flags, self.defects, self.pixels, self.sharp)
+                decisions.append(decision(row, DROP, f"{what} of {self.uids[best]} (kept: {why})", kept=self.uids[best],
+                                          **extra, **common))
             else:
                 kept.append({**row, "cluster": self.uids[int(self.source_cluster[i])]})
                 decisions.append(decision(row, KEEP, "", cluster_size=int(self.sizes[i]), **common))

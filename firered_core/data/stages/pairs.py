@@ -9,7 +9,7 @@ import numpy as np
 
 from ..descriptors import hamming, local_change, perceptual_hashes, psnr_ssim, thumb_diff
 from ..extras import require
-from ..imageops import downscale, load_rgb
+from ..imageops import downscale, load_rgb, resize_to
 from .base import DROP, KEEP, Stage, StageResult, decision
 
 
@@ -45,30 +45,51 @@ class _PairStage(Stage):
 class PairCheckStage(_PairStage):
     kind = "pair_check"
 
+    @property
+    def uses_model(self) -> bool:  # type: ignore[override]
+        return self.cfg.embedding is not None
+
     def compare(self, target, sources) -> dict:
         t = perceptual_hashes(target)
-        trivial, thumb, related = 128, 255.0, 64
+        trivial, thumb, related, ssim, cos = 128, 255.0, 64, -1.0, -1.0
+        small_t = resize_to(target, (64, 64))
         for arr in sources:
             s = perceptual_hashes(arr)
             p, d = hamming(t["phash"], s["phash"]), hamming(t["dhash"], s["dhash"])
             trivial, related = min(trivial, max(p, d)), min(related, p)
             thumb = min(thumb, thumb_diff(target, arr))
-        return {"trivial_bits": trivial, "thumb_diff": thumb, "related_bits": related}
+            ssim = max(ssim, psnr_ssim(small_t, resize_to(arr, (64, 64)))[1])
+            if self.cfg.embedding is not None:
+                cos = max(cos, float(np.dot(self._model()(target), self._model()(arr))))
+        out = {"trivial_bits": trivial, "thumb_diff": thumb, "related_bits": related, "thumb_ssim": ssim}
+        return {**out, "cosine": cos} if self.cfg.embedding is not None else out
+
+    def _model(self):
+        if not hasattr(self, "_emb"):
+            from ..embeddings import EmbeddingModel
+
+            self._emb = EmbeddingModel(self.cfg.embedding)
+        return self._emb
 
     def verdict(self, row, s) -> tuple[str, str]:
         cfg = self.cfg
-        if s["trivial_bits"] <= cfg.trivial_bits and s["thumb_diff"] <= cfg.trivial_thumb:
-            return DROP, (f"trivial edit: target within {s['trivial_bits']} hash bits and "
-                          f"{s['thumb_diff']:.0f} thumbnail levels of a source")
-        if row["task"] not in cfg.global_tasks and s["related_bits"] >= cfg.unrelated_bits:
-            return DROP, f"unrelated pair: target {s['related_bits']} pHash bits from every source"
+        emb = cfg.embedding
+        if (s["trivial_bits"] <= cfg.trivial_bits and s["thumb_diff"] <= cfg.trivial_thumb
+                and s["thumb_ssim"] >= cfg.trivial_ssim and (emb is None or s["cosine"] >= emb.threshold)):
+            return DROP, (f"trivial edit: target within {s['trivial_bits']} hash bits, {s['thumb_diff']:.0f} "
+                          f"thumbnail levels and SSIM {s['thumb_ssim']:.3f} of a source")
+        if (row["task"] not in cfg.global_tasks and s["related_bits"] >= cfg.unrelated_bits
+                and s["thumb_ssim"] < cfg.unrelated_ssim and (emb is None or s["cosine"] < emb.threshold)):
+            return DROP, (f"unrelated pair: target {s['related_bits']} pHash bits and SSIM {s['thumb_ssim']:.3f} "
+                          f"from every source" + ("" if emb is None else f", cosine {s['cosine']:.3f}"))
         return KEEP, ""
 
     def cutoffs(self) -> dict:
         cfg = self.cfg
         return {"trivial_bits": {"low": cfg.trivial_bits + 0.5, "high": None},
                 "thumb_diff": {"low": cfg.trivial_thumb, "high": None},
-                "related_bits": {"low": None, "high": cfg.unrelated_bits - 0.5}}
+                "related_bits": {"low": None, "high": cfg.unrelated_bits - 0.5},
+                "thumb_ssim": {"low": cfg.unrelated_ssim, "high": cfg.trivial_ssim}}
 
 
 class FineCheckStage(_PairStage):

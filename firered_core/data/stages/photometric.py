@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..descriptors import LOG_FIT, photometric
+from ..descriptors import LOG_FIT, RANGES, photometric
 from ..imageops import downscale, load_rgb
 from ..rows import row_images
 from ..spill import Spill
@@ -30,6 +30,10 @@ class PhotometricStage(FittedStage):
                 spill.append(k, [img[k] for s in scores for img in s["images"]], np.float64)
         self.values = {k: spill.get(k, np.float64) for k in self.cfg.descriptors}
         self.cuts = {k: self._cut(k, np.asarray(self.values[k]), t) for k, t in self.cfg.descriptors.items()}
+        self._problems = out_of_range(self.cuts, self.cfg.fence)
+
+    def problems(self) -> list[str]:
+        return list(getattr(self, "_problems", []))
 
     def report_values(self) -> dict[str, np.ndarray]:
         return self.values
@@ -59,6 +63,22 @@ class PhotometricStage(FittedStage):
             return tail_cutoffs(values, tail.low, tail.high, self.cfg.fence)
         cut = tail_cutoffs(np.log(values + 1e-3), tail.low, tail.high, self.cfg.fence)
         return {k: (None if v is None else float(np.exp(v) - 1e-3)) for k, v in cut.items()}
+
+
+def out_of_range(cuts: dict[str, dict], fence: float) -> list[str]:
+    """A fitted cut-off outside the values its descriptor can take never drops anything: say so (not a no-op)."""
+    out = []
+    for name, cut in cuts.items():
+        lo, hi = RANGES.get(name, (None, None))
+        for side, c in cut.items():
+            if c is None:
+                continue
+            if (lo is not None and c < lo and side == "low") or (hi is not None and c > hi and side == "high"):
+                span = f"{lo:g}..{hi:g}" if hi is not None else f">= {lo:g}"
+                out.append(f"{name} {side} cut-off {c:.4g} is outside {span}: this tail can never drop a row here "
+                           f"(the data set's spread times fence {fence:g} reaches past the range; lower "
+                           f"stages.<name>.fence or rely on the pair-aware quality stage)")
+    return out
 
 
 def _excess(v: float, cut: dict) -> float:
