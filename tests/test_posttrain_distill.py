@@ -222,12 +222,14 @@ def rows(tmp_path_factory):
 
 def test_distill_resume_is_exact(tiny_model_dir, rows, tmp_path):
     from firered_core.training.config import load_config
-    from firered_core.training.trainer import SimulatedKill, train
+    from firered_core.training.trainer import train
+
+    from test_training_run import killed_after
 
     kw = dict(SMALL_RUN, model=str(tiny_model_dir), data=str(rows), steps=3, checkpoint_every=2)
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))
-    with pytest.raises(SimulatedKill):
-        train(load_config(None, output_dir=str(tmp_path / "cut"), stop_after=2, **kw))
+    with killed_after(2):
+        train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     resumed = train(load_config(None, output_dir=str(tmp_path / "cut"), **kw))
     assert list(resumed.losses) == [1, 2, 3] and resumed.losses == full.losses  # same noise, segments, teacher
     from safetensors.torch import load_file
