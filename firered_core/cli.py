@@ -51,8 +51,9 @@ def add_edit_arguments(p: argparse.ArgumentParser) -> None:
     """How each edit is sampled (shared by ``firered-edit`` and ``firered-bench``)."""
     p.add_argument("-n", "--negative-prompt", default=" ", help="negative prompt for true CFG (default ' ')")
     p.add_argument("--steps", type=int, default=None, help="sampling steps, 1..1000 (default 40; 8 for the demo "
-                                                            "model)")
-    p.add_argument("--true-cfg", type=float, default=4.0, help="true CFG scale; <= 1 disables it (default 4)")
+                                                            "model; a distilled LoRA's own count)")
+    p.add_argument("--true-cfg", type=float, default=None, help="true CFG scale; <= 1 disables it (default 4; "
+                                                                 "off with a distilled LoRA)")
     p.add_argument("--seed", type=int, default=0, help="random seed (CPU generator: same image on every device)")
     p.add_argument("--width", type=int, help="output width, a multiple of 16 (default: ~1 MP at the last "
                                              "image's aspect ratio)")
@@ -231,7 +232,27 @@ def load_from_args(args: argparse.Namespace, device: str | None = None):
         model.get("transformer")  # a bad single file fails here, before anything is encoded
     if args.lora:
         _apply_loras(model.transformer, args)
+    steps = _use_lora_schedule(model, args, steps)
     return model, steps if args.steps is None else args.steps, speed
+
+
+def _use_lora_schedule(model, args: argparse.Namespace, steps: int) -> int:
+    """A distilled LoRA's saved schedule (:mod:`firered_core.lora.schedule`) becomes the defaults: its step count
+    and CFG off (``--steps`` / ``--true-cfg`` still win; the pipeline uses its sigmas whenever the step count is
+    its own). Sets ``args.true_cfg`` when it was left out; returns the default step count."""
+    from .lora import schedule_of
+
+    schedule = schedule_of(lora_specs(args)) if args.lora else None
+    model.lora_schedule = schedule
+    if args.true_cfg is None:
+        args.true_cfg = 4.0 if schedule is None else schedule.true_cfg
+    if schedule is None:
+        return steps
+    print(f"LoRA schedule: {schedule.describe()}", file=sys.stderr)
+    if args.steps not in (None, schedule.steps):
+        print(f"firered-edit: warning: --steps {args.steps} is not the {schedule.steps} steps the LoRA was distilled "
+              "for: sampling with the checkpoint's schedule instead of its own", file=sys.stderr)
+    return schedule.steps
 
 
 def run(args: argparse.Namespace) -> list[Path]:

@@ -20,6 +20,7 @@ from .errors import InputError
 from .conditioning import PromptEmbeds, check_prompt_text, check_text_length, encode_prompt_pieces
 from .geometry import VAE_AREA, VL_AREA, PadRecord, check_size, crop_back, default_output_size, pad_to_multiple
 from .images import pil_to_tensor, tensor_to_pil
+from .lora.schedule import model_schedule
 from .model import FireRedModel
 from .references import (RefImages, RefLatents, encode_image, encode_references, prepare_references,
                          resize_lanczos, vae_pixels)
@@ -140,21 +141,23 @@ def denoise_latents(model: FireRedModel, settings: RunSettings | None, cond: Pro
                     ref: RefLatents, width: int, height: int, seed: int | Sequence[int] | torch.Generator,
                     steps: int, true_cfg: float, shift: float | None = None, denoise: float = 1.0,
                     init: torch.Tensor | None = None, callback: Callable[[StepInfo], None] | None = None,
-                    latent_hook: Callable[[torch.Tensor], StepHook] | None = None
-                    ) -> tuple[torch.Tensor, dict | None]:
+                    latent_hook: Callable[[torch.Tensor], StepHook] | None = None,
+                    sigmas: torch.Tensor | None = None) -> tuple[torch.Tensor, dict | None]:
     """The sampling stage: noise (from a CPU generator) -> packed model-space latents [B, L, 64].
 
     One sample per row of ``cond``. With ``denoise`` < 1, ``init`` (packed, model space) is noised to the first
     sigma of the shortened schedule and sampling starts there. ``latent_hook``, given the drawn noise, returns the
     per-step hook of :func:`sampling.sample` (e.g. :func:`masks.blend_hook`). Returns the latents and the
-    block-cache report.
+    block-cache report. ``sigmas`` (a distilled LoRA's fixed schedule, already cut to ``denoise``) replace the
+    checkpoint's schedule for ``steps`` / ``shift`` / ``denoise``.
     """
     batch, dtype = cond.embeds.shape[0], cond.embeds.dtype
     check({"steps": steps, "true_cfg": true_cfg, "denoise": denoise, "shift": shift})
     noise = make_noise(batch, width, height, seed, dtype, model.device)
     img_shapes = [[L.token_grid(height, width), *ref.shapes]]
     check_text_length(cond.embeds.shape[1], img_shapes[0])
-    sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
+    if sigmas is None:
+        sigmas = make_sigmas(steps, noise.shape[1], model.scheduler_config, shift=shift, denoise=denoise)
     start = noise
     if init is not None and denoise < 1.0:
         require_finite(init, "the input latent")
@@ -225,6 +228,7 @@ class EditPipeline:
         preserve: str = "off",
         preserve_color: str = "fit",
         reference_latent: torch.Tensor | None = None,
+        sigmas: torch.Tensor | None = None,
     ) -> EditResult:
         """Edit ``images`` (0 = text-to-image, 1-3 native) following ``prompt``.
 
@@ -252,6 +256,9 @@ class EditPipeline:
                 ``off``, ``mean-std`` or ``histogram``; ``feather`` applies as for a mask.
             reference_latent: packed model-space tokens [1, L, 64] of the last image at its VAE size, used
                 instead of encoding it (edit chains, ``chains.edit_chain``).
+            sigmas: a fixed schedule (``steps + 1`` values down to 0) instead of the checkpoint's; ``shift`` is then
+                unused. By default a distilled LoRA's saved schedule (``model.lora_schedule``) when ``steps`` is its
+                step count and no ``shift`` is given.
         """
         check({"steps": steps, "true_cfg": true_cfg, "width": width, "height": height, "num_images": num_images,
                "vl_area": vl_area, "vae_area": vae_area, "shift": shift})
@@ -290,6 +297,9 @@ class EditPipeline:
             width, height = width or dw, height or dh
         check_size(width, height)
         do_cfg = negative_prompt is not None and true_cfg > 1.0
+        schedule = model_schedule(self.model)
+        if sigmas is None and shift is None and schedule is not None and steps == schedule.steps:
+            sigmas = schedule.tensor()  # a distilled LoRA samples on the sigmas it learnt
 
         cond = self.encode_prompts(prompts, refs, prompt_mode).repeat(num_images)
         uncond = None
@@ -306,7 +316,8 @@ class EditPipeline:
             hook = M.blend_hook(self.source_latents(refs, ref, images[-1], width, height, dtype),
                                 M.token_mask(gen_mask))
         latents, stats = denoise_latents(self.model, self.settings, cond, uncond, ref, width, height, seed, steps,
-                                         true_cfg, shift=shift, callback=callback, latent_hook=hook)
+                                         true_cfg, shift=shift, callback=callback, latent_hook=hook,
+                                         sigmas=sigmas)
         gen_size = (width, height)
         last_ref = (ref.tokens[:, -int(np.prod(ref.shapes[-1])):], refs.vae_sizes[-1]) if refs else (None, None)
         if output == "latent":

@@ -89,6 +89,9 @@ class FireRedLoraLoader:
             _views.append(weakref.ref(view))
         stack = ", ".join(f"{name} ({s:g}, {m})" for name, s, m in applied_loras(view.transformer))
         text = f"mode: {report.mode}\n{report.summary()}\nLoRAs on this model: {stack}"
+        if view.lora_schedule is not None:
+            text += (f"\nsampling schedule: {view.lora_schedule.describe()} (FireRed Sampler uses it instead of its "
+                     "steps / true_cfg)")
         log.info("%s: %s", self.NAME, text)
         return view, text
 

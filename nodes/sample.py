@@ -8,6 +8,7 @@ from firered_core import comfy_latents as CL
 from firered_core import geometry as G
 from firered_core import masks as M
 from firered_core import preview as P
+from firered_core.lora import model_schedule
 from firered_core.model import FireRedModel
 from firered_core.pipeline import denoise_latents
 from firered_core.references import RefLatents
@@ -52,10 +53,13 @@ class FireRedSampler:
                                  "tooltip": "Noise seed (drawn on the CPU, so a seed gives the same image on every "
                                             "device)."}),
                 "steps": ("INT", {"default": 40, **widget("steps"),
-                                  "tooltip": "Denoising steps (40 official; 8 with the Lightning LoRA)."}),
+                                  "tooltip": "Denoising steps (40 official; 8 with the Lightning LoRA). A distilled "
+                                             "LoRA from FireRed's trainer brings its own steps and sigmas (used "
+                                             "instead)."}),
                 "true_cfg": ("FLOAT", {"default": 4.0, **widget("true_cfg"), "step": 0.1, "round": 0.01,
                                        "tooltip": "True CFG scale with per-token norm rescale (4 official; 1 = "
-                                                  "off, halves the time, e.g. with the Lightning LoRA)."}),
+                                                  "off, halves the time, e.g. with the Lightning LoRA; off with a "
+                                                  "distilled LoRA from FireRed's trainer)."}),
                 "shift": ("FLOAT", {"default": 0.0, **widget("shift"), "step": 0.05,
                                     "tooltip": "0 = the checkpoint's dynamic shift (depends on the output size); "
                                                "a value > 0 forces a constant shift (ComfyUI's native path uses 3)."}),
@@ -91,6 +95,12 @@ class FireRedSampler:
             raise input_error(self.NAME, "batch_size", f"the latent holds {samples.shape[0]} images; "
                               "set batch_size to 1 or to the same number")
         batch = max(batch_size, samples.shape[0])
+        schedule, sigmas = model_schedule(model), None
+        if schedule is not None:  # a distilled LoRA samples on its own schedule, whatever the widgets say
+            if (steps, true_cfg) != (schedule.steps, schedule.true_cfg):
+                log.info("%s: the model's LoRA carries its schedule (%s): steps %d and true_cfg %g are not used",
+                         self.NAME, schedule.describe(), steps, true_cfg)
+            steps, true_cfg, sigmas = schedule.steps, schedule.true_cfg, schedule.tensor(denoise)
         if true_cfg > 1.0 and negative is None:
             raise input_error(self.NAME, "negative", "true_cfg > 1 needs a negative conditioning (encode ' ' "
                               "with the same references), or set true_cfg to 1")
@@ -126,7 +136,7 @@ class FireRedSampler:
             with blame(self.NAME, "model", inputs=("steps", "denoise"), aliases={"prompt": "positive"}):
                 out, stats = denoise_latents(model, settings, cond, uncond, ref, width, height, seeds, steps,
                                              true_cfg, shift=shift if shift > 0 else None, denoise=denoise,
-                                             init=init, callback=on_step, latent_hook=hook)
+                                             init=init, callback=on_step, latent_hook=hook, sigmas=sigmas)
             if stats is not None:
                 report = stats["block_cache"]
                 log.info("%s: block cache computed %d of %d blocks (%.0f%%)", self.NAME, report["computed"],

@@ -14,6 +14,7 @@ from ..model import FireRedModel
 from .apply import LoraSpec, apply_loras, default_mode
 from .errors import LoraError
 from .report import LoraReport
+from .schedule import model_schedule, schedule_of
 from .state import lora_state, set_lora_state
 
 
@@ -87,6 +88,8 @@ class LoraModelView(FireRedModel):
         self.mode = mode
         self.allow_partial = allow_partial
         self.report: LoraReport | None = None
+        # a distilled LoRA's sampling schedule (its own, or one a LoRA below this view brought)
+        self.lora_schedule = schedule_of(self.specs, model_schedule(base))
         self._own: dict = {}
         self._loaded = ChainMap(self._own, base._loaded)
 

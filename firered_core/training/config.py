@@ -22,6 +22,7 @@ from ..errors import ConfigError
 from ..geometry import VAE_AREA, VL_AREA
 from ..limits import CONFIG, Count, NonNegative, Positive, PositiveInt, Probability, annotated
 from .alignment import AlignmentConfig, VariantConfig
+from .distill import DistillConfig
 from .identity import IdentityConfig
 from .losses import WEIGHTINGS
 from .lowvram import LowVramConfig
@@ -93,6 +94,7 @@ class TrainConfig:
     identity: IdentityConfig = field(default_factory=IdentityConfig)  # face identity loss on x0_hat
     low_vram: LowVramConfig = field(default_factory=LowVramConfig)  # fp8 base, block swap, activation offload
     nft: NFTConfig = field(default_factory=NFTConfig)  # online RL (DiffusionNFT) from the model's own edits
+    distill: DistillConfig = field(default_factory=DistillConfig)  # few-step CFG-free LoRA from the CFG teacher
     mixed_precision: Literal["no", "bf16"] = "no"
     fsdp: bool = False  # wrap QwenImageTransformerBlock with FSDP (else DDP when several processes)
     checkpoint_every: Count = 500

@@ -3,7 +3,8 @@
 A row is ``{"source_image": str | [str, ...] | null, "target_image" | "edit_image": str, "instruction": str,
 "instruction_cn": str, "inverse_instruction"?: str, "inverse_instruction_cn"?: str, "rejected_image"?: str,
 "faces"?: [[x0, y0, x1, y1], ...]}``: ``rejected_image`` is the dispreferred output of a preference pair (the
-target is the preferred one) and ``faces`` the face boxes in the target's pixels (identity loss). Image paths are
+target is the preferred one) and ``faces`` the face boxes in the target's pixels (identity loss). A row with sources may leave out its target
+for distillation (the teacher makes it; :func:`require_targets` refuses such rows elsewhere). Image paths are
 relative to the JSONL file's folder unless absolute. Each folder under the data root is a task (the folder name); JSONL files
 directly in the root belong to the task named after the root itself.
 
@@ -46,6 +47,7 @@ class Sample:
     line: int
     rejected: Path | None = None
     faces: tuple[tuple[float, float, float, float], ...] = ()
+    target_given: bool = True  # False: a row without target_image (distillation), ``target`` is the last source
 
     @property
     def uid(self) -> str:
@@ -53,7 +55,8 @@ class Sample:
 
     @property
     def has_inverse(self) -> bool:
-        return len(self.sources) == 1 and bool(self.inverse_instruction or self.inverse_instruction_cn)
+        return (len(self.sources) == 1 and self.target_given
+                and bool(self.inverse_instruction or self.inverse_instruction_cn))
 
 
 @dataclass(frozen=True)
@@ -116,9 +119,12 @@ def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sampl
     if not isinstance(row, dict):
         raise ValueError(f"row is a {type(row).__name__}, not an object")
     target = row.get("target_image") or row.get("edit_image")
+    src = row.get("source_image")
+    given = target is not None
+    if target is None and isinstance(src, (str, list)) and src:  # distillation's rows: the teacher makes targets
+        target = src if isinstance(src, str) else src[-1]
     if not isinstance(target, str) or not target:
         raise ValueError("missing target_image (or edit_image)")
-    src = row.get("source_image")
     if src is None:
         sources: list = []
     elif isinstance(src, str):
@@ -158,7 +164,17 @@ def parse_row(row: object, base: Path, task: str, file: str, line: int) -> Sampl
         inverse_instruction_cn=texts["inverse_instruction_cn"] or texts["inverse_instruction"] or None,
         source_sizes=tuple(sizes[:n]), target_size=sizes[n], file=file, line=line,
         rejected=paths[n + 1] if rejected else None, faces=parse_faces(row.get("faces"), sizes[n]),
+        target_given=given,
     )
+
+
+def require_targets(dataset: Dataset) -> None:
+    """Every row has its target image (all objectives but distillation learn from it): else one line naming the
+    first row without one."""
+    missing = [s for s in dataset.samples if not s.target_given]
+    if missing:
+        raise DataError(f"{missing[0].file}:{missing[0].line}: no target_image ({len(missing)} row(s) without one); "
+                        "only distillation (distill.enabled) trains on rows without targets")
 
 
 def parse_faces(faces: object, size: tuple[int, int]) -> tuple[tuple[float, float, float, float], ...]:

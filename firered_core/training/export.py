@@ -23,12 +23,14 @@ def lora_weights(state: dict[str, torch.Tensor], alpha: float) -> dict[str, Lora
     return {m: LoraWeights(w.down.contiguous(), w.up.contiguous(), float(alpha)) for m, w in weights.items()}
 
 
-def export_lora(state: dict[str, torch.Tensor], folder: Path, name: str, alpha: float) -> dict[str, Path]:
-    """Write ``<name>_comfy.safetensors`` and ``<name>_diffusers.safetensors``; return their paths."""
+def export_lora(state: dict[str, torch.Tensor], folder: Path, name: str, alpha: float,
+                metadata: dict[str, str] | None = None) -> dict[str, Path]:
+    """Write ``<name>_comfy.safetensors`` and ``<name>_diffusers.safetensors``; return their paths. ``metadata``
+    goes into both (a distilled LoRA's sampling schedule, :mod:`firered_core.lora.schedule`)."""
     weights = lora_weights(state, alpha)
     rank = next(iter(weights.values())).rank
     meta = {"trainer": "firered_core.training", "rank": str(rank), "alpha": str(float(alpha)),
-            "modules": str(len(weights))}
+            "modules": str(len(weights)), **(metadata or {})}
     out = {}
     for style in ("comfy", "diffusers"):
         final = Path(folder) / f"{name}_{style}.safetensors"

@@ -27,6 +27,13 @@ class RowObjective:
         self.identity = None
         self.nft = None
         warn_outside_proven(cfg)
+        self.distill = None
+        if cfg.distill.enabled:  # the teacher's CFG path -> a few-step student (distill.py)
+            from .distill_setup import build_objective, config_problem
+
+            if config_problem(cfg):
+                raise ConfigError(config_problem(cfg))
+            self.distill = build_objective(cfg, model, module, device)
         if cfg.nft.enabled:
             if cfg.preference.enabled or cfg.identity.enabled:
                 raise ConfigError("nft.enabled trains on the model's own rollouts: switch preference.enabled and "
@@ -44,6 +51,8 @@ class RowObjective:
 
     def row_loss(self, transformer, sample, inputs, noise: torch.Tensor, sigma: torch.Tensor, step: int = 0,
                  pos: int = 0) -> tuple[torch.Tensor, dict[str, float]]:
+        if self.distill is not None:  # draws its own noise from (seed, step, pos)
+            return self.distill.row_loss(transformer, sample, inputs, step, pos)
         if self.nft is not None:  # draws its own rollouts, noise and sigmas from (seed, step, pos)
             return self.nft.row_loss(transformer, sample, inputs, step, pos)
         if self.preference is not None:
@@ -66,6 +75,9 @@ class RowObjective:
             self.nft.after_prepare(transformer)
         if self.preference is not None:
             self.preference.reference.after_prepare(acc)
+        if self.distill is not None:
+            self.distill.transformer = transformer
+            self.distill.reference.after_prepare(acc)
 
     def input_step(self, step: int) -> int:
         """The step whose draws make a row's inputs: NFT trains a whole round on its first step's inputs."""
@@ -83,6 +95,14 @@ class RowObjective:
     def load_extra_state(self, extra: dict[str, dict[str, torch.Tensor]], where: str) -> None:
         if self.nft is not None:
             self.nft.load_state(extra.get(STATE_NAME), where)
+
+    def export_metadata(self) -> dict[str, str]:
+        """Metadata the exported LoRA carries (a distilled LoRA's sampling schedule)."""
+        if self.distill is None:
+            return {}
+        from .distill import export_schedule
+
+        return export_schedule(self.cfg.distill, self.model.scheduler_config).metadata()
 
     @property
     def stat_keys(self) -> tuple[str, ...]:

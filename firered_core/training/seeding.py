@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 STREAMS = {"timestep": 1, "noise": 2, "variant": 3, "alignment": 4, "rollout": 5}
+STREAMS.update(distill=11, distill_segments=12)  # firered_core/training/distill.py: teacher noise, trained intervals
 
 
 def row_seed(seed: int, step: int, position: int, stream: str) -> int:

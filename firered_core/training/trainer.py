@@ -24,7 +24,8 @@ from ..model import load_model
 from . import checkpoint as ckpt
 from .buckets import BucketSampler, bucket_key
 from .config import ConfigError, TrainConfig, to_dict
-from .data import load_dataset, parse_weights
+from .data import load_dataset, parse_weights, require_targets
+from .distill_setup import merge_teacher_lora
 from .distributed import make_accelerator
 from .ema import EMA
 from .inputs import RowInputs, input_builder, open_embeddings
@@ -91,6 +92,8 @@ class Trainer:
         self.acc = make_accelerator(cfg)
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.dataset = load_dataset(cfg.data)
+        if not cfg.distill.enabled:
+            require_targets(self.dataset)
         self.sampler = BucketSampler(self.dataset.samples, cfg.batch_size, self.world,
                                      parse_weights(cfg.task_weights), parse_weights(cfg.count_weights, int), cfg.seed,
                                      repeat=cfg.nft.inner_steps if cfg.nft.enabled else 1)
@@ -101,6 +104,7 @@ class Trainer:
         self.scheduler_config = self.model.scheduler_config
         self.inputs = input_builder(cfg, self.model, self.acc.device, store)
         transformer = self.model.transformer
+        merge_teacher_lora(transformer, cfg.distill)
         self.trainable = mark_trainable(transformer, cfg)
         if cfg.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -369,12 +373,13 @@ class Trainer:
         state = self.trainable_state(whole)
         ema = self.ema.whole(self.named_trainable(), self.transformer) if self.ema is not None else None
         out = {}
+        meta = self.objective.export_metadata()
         if self.acc.is_main_process:
             if self.cfg.method == "lora":
-                out.update(export_lora(state, self.out / "export", self.cfg.export_name, self.cfg.lora.alpha))
+                out.update(export_lora(state, self.out / "export", self.cfg.export_name, self.cfg.lora.alpha, meta))
                 if ema is not None:
                     out.update({f"ema_{k}": v for k, v in export_lora(
-                        ema, self.out / "export", self.cfg.export_name + "_ema", self.cfg.lora.alpha).items()})
+                        ema, self.out / "export", self.cfg.export_name + "_ema", self.cfg.lora.alpha, meta).items()})
             else:
                 out["full"] = export_full(self.module, state, self.cfg.model, self.out / "export" / "model", whole)
                 if ema is not None:
