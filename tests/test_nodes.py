@@ -4,6 +4,7 @@ the sampler's progress / preview / interruption hooks."""
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -60,7 +61,12 @@ def test_pack_imports_as_comfyui_loads_it():
     pack = S.load_pack()
     assert set(pack.NODE_CLASS_MAPPINGS) == set(pack.NODE_DISPLAY_NAME_MAPPINGS)
     assert len(pack.NODE_CLASS_MAPPINGS) >= 9 and pack.WEB_DIRECTORY is None
-    assert "comfy" not in sys.modules and "folder_paths" not in sys.modules
+    # in a fresh interpreter: other tests of the same worker may have imported anything by now
+    probe = ("import sys, nodes_support as S; S.load_pack(); "
+             "print(sorted(m for m in ('comfy', 'folder_paths') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,
+                         cwd=os.path.dirname(__file__))
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr[-2000:] + out.stdout
 
 
 @pytest.mark.parametrize("name", sorted(S.load_pack().NODE_CLASS_MAPPINGS))
