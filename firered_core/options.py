@@ -11,13 +11,12 @@ node, and by pydantic in the settings) and its row in ``docs/speed-and-memory.md
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 from pydantic import Field
 
+from . import doc_tables
 from .block_cache import BlockCacheConfig
 from .kernels.attention import ATTENTION_BACKENDS
 from .limits import Limit, check as check_limits
@@ -210,18 +209,12 @@ def markdown_table() -> str:
 
 
 def replace_between_markers(text: str, table: str) -> str:
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start] + "\n" + table + "\n" + text[end:]
+    """``text`` with what lies between :data:`BEGIN` and :data:`END` replaced by ``table``."""
+    return doc_tables.replace_between_markers(text, table, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--write" in argv:
-        page = Path(__file__).resolve().parents[1] / "docs" / "speed-and-memory.md"
-        page.write_text(replace_between_markers(page.read_text(), markdown_table()))
-        print(f"wrote {page}")
-    else:
-        print(markdown_table())
+    doc_tables.main("speed-and-memory.md", markdown_table(), BEGIN, END, argv)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,13 @@ import dataclasses
 import inspect
 import json
 import re
-import sys
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen, MultipleOf
+
+from .. import doc_tables
 
 BEGIN, END = "<!-- config-keys:begin (generated: python -m firered_core.training.config_keys --write) -->", \
     "<!-- config-keys:end -->"
@@ -137,18 +137,11 @@ def markdown_table() -> str:
 
 def replace_between_markers(text: str, table: str) -> str:
     """``text`` with what lies between :data:`BEGIN` and :data:`END` replaced by ``table``."""
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    return text[:start] + "\n" + table + "\n" + text[end:]
+    return doc_tables.replace_between_markers(text, table, BEGIN, END)
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    if "--write" in argv:
-        page = Path(__file__).resolve().parents[2] / "docs" / "training.md"
-        page.write_text(replace_between_markers(page.read_text(), markdown_table()))
-        print(f"wrote {page}")
-    else:
-        print(markdown_table())
+    doc_tables.main("training.md", markdown_table(), BEGIN, END, argv)
 
 
 if __name__ == "__main__":
