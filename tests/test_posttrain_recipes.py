@@ -60,13 +60,17 @@ def test_sampler_repeats_a_round_and_resumes_inside_it():
     assert plain.next().indices == batches[0].indices and plain.next().indices != batches[0].indices
 
 
-def test_normalised_identity_term_has_value_lambda_and_the_relative_gradient(tiny_model):
+def test_normalised_identity_term_has_value_lambda_and_the_relative_gradient(tiny_model_dir):
+    from firered_core.model import load_model
+
+    # a model of its own: the session's shared one may hold weights made under inference_mode by earlier tests
+    vae = load_model(tiny_model_dir).vae.float().requires_grad_(False)
     torch.manual_seed(0)
     embedder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 8))
     x0 = torch.randn(1, 16, 64)  # 64x64 image: 4x4 packed tokens of 64 channels
     xt, sigma = torch.randn(1, 16, 64), torch.tensor([0.5])
     v = torch.randn(1, 16, 64, requires_grad=True)
-    args = (xt, sigma, v, x0, [[0, 0, 32, 32]], (64, 64), (64, 64), tiny_model.vae, embedder)
+    args = (xt, sigma, v, x0, [[0, 0, 32, 32]], (64, 64), (64, 64), vae, embedder)
     plain, stats = identity_loss(*args, IdentityConfig(eta=2.0, input_size=16))
     norm, _ = identity_loss(*args, IdentityConfig(eta=2.0, input_size=16, normalise=True))
     d = stats["identity_distance"]
