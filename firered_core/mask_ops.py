@@ -51,19 +51,24 @@ def open_(mask: torch.Tensor, radius: int) -> torch.Tensor:
     return dilate(erode(mask, radius), radius)
 
 
-def reconstruct(seed: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
-    """Every pixel of ``within`` 8-connected to a pixel of ``seed & within`` (morphological reconstruction)."""
-    if ndimage is not None and not FORCE_TORCH:
-        out = ndimage.binary_propagation((seed & within).numpy(), structure=EIGHT, mask=within.numpy())
-        return torch.from_numpy(out)
-    cur = (seed & within).float()[None, None]
-    lim = within.float()[None, None]
+def _spread_max(values: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Spread the largest value over each 8-connected region of ``within`` (1 inside, 0 outside) until nothing
+    changes: the torch path of reconstruction and labelling."""
+    cur, lim = values[None, None], within[None, None]
     while True:
         prev = cur
         for _ in range(CHECK_EVERY):
             cur = F.max_pool2d(cur, 3, stride=1, padding=1) * lim
         if torch.equal(cur, prev):
-            return cur[0, 0] > 0
+            return cur[0, 0]
+
+
+def reconstruct(seed: torch.Tensor, within: torch.Tensor) -> torch.Tensor:
+    """Every pixel of ``within`` 8-connected to a pixel of ``seed & within`` (morphological reconstruction)."""
+    if ndimage is not None and not FORCE_TORCH:
+        out = ndimage.binary_propagation((seed & within).numpy(), structure=EIGHT, mask=within.numpy())
+        return torch.from_numpy(out)
+    return _spread_max((seed & within).float(), within.float()) > 0
 
 
 def fill_holes(mask: torch.Tensor) -> torch.Tensor:
@@ -82,15 +87,8 @@ def components(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if ndimage is not None and not FORCE_TORCH:
         labels = torch.from_numpy(ndimage.label(mask.numpy(), structure=EIGHT)[0]).long()
         return labels, torch.bincount(labels.view(-1))
-    labels = torch.arange(1, h * w + 1, dtype=torch.float64).view(1, 1, h, w) * mask.double()
-    lim = mask.double()[None, None]
-    while True:
-        prev = labels
-        for _ in range(CHECK_EVERY):
-            labels = F.max_pool2d(labels, 3, stride=1, padding=1) * lim
-        if torch.equal(labels, prev):
-            break
-    labels = labels[0, 0].long()
+    start = torch.arange(1, h * w + 1, dtype=torch.float64).view(h, w) * mask.double()
+    labels = _spread_max(start, mask.double()).long()
     return labels, torch.bincount(labels.view(-1), minlength=h * w + 1)
 
 
