@@ -15,6 +15,7 @@ from PIL import Image
 from firered_core.data import DataToolError, MissingExtra, load_pipeline_config, run_pipeline
 from firered_core.data import engines
 from firered_core.data.planted import make_planted
+from kills import killed_after_calls  # noqa: E402
 
 pytest.importorskip("imagehash")
 pytest.importorskip("cv2")
@@ -101,10 +102,6 @@ def test_pipeline_keeps_clean_rows_drops_defects_reports_and_trains(planted, tmp
     assert sorted(losses) == [1, 2] and all(np.isfinite(list(losses.values())))
 
 
-class Killed(BaseException):
-    """The test's stand-in for SIGKILL (a BaseException: nothing in the pipeline catches it)."""
-
-
 def _small_set(tmp_path):
     return make_planted(tmp_path / "raw", clean=6, per_defect=1, size=96, seed=3,
                         defects=["exact_dup", "dup_jpeg", "blurred", "underexposed", "text", "collage"])
@@ -117,16 +114,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     # the killed and resumed runs use a pool of 2 worker processes and 2-row shards: same result as in-process
     kw["engine"] = {"workers": 2, "shard_size": 2}
     cfg = load_pipeline_config(None, output=str(tmp_path / "b"), **kw)
-    real, written = engines.write_text, []
-
-    def write_then_die(path, text):  # the process dies right after its second shard file: the kill is the test's
-        real(path, text)
-        written.append(path)
-        if len(written) == 2:
-            raise Killed("killed after 2 shards")
-
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
-        mp.setattr(engines, "write_text", write_then_die)
+    with killed_after_calls(engines, "write_text", 2):  # the process dies right after its second shard file
         run_pipeline(cfg)
     shards = sorted((tmp_path / "b" / ".work" / "00-dedup" / "shards").glob("*.json"))
     assert len(shards) == 2

@@ -224,7 +224,7 @@ def test_distill_resume_is_exact(tiny_model_dir, rows, tmp_path):
     from firered_core.training.config import load_config
     from firered_core.training.trainer import train
 
-    from test_training_run import killed_after
+    from kills import killed_after
 
     kw = dict(SMALL_RUN, model=str(tiny_model_dir), data=str(rows), steps=3, checkpoint_every=2)
     full = train(load_config(None, output_dir=str(tmp_path / "full"), **kw))

@@ -15,9 +15,9 @@ every cell (DPO's margin in 5 of 6), but no floor 3 standard deviations below th
 from __future__ import annotations
 
 import pytest
-import torch
 
 from benchmarks.posttrain_effect import STEPS, run_nft
+from test_training_run import torch_threads  # noqa: E402
 
 NFT_GAIN_MEAN, NFT_GAIN_STD = 2.1997e-4, 6.206e-5  # 6 cells of benchmarks/posttrain_effect.py --recipe nft
 NFT_FLOOR = NFT_GAIN_MEAN - 3 * NFT_GAIN_STD
@@ -25,10 +25,9 @@ NFT_FLOOR = NFT_GAIN_MEAN - 3 * NFT_GAIN_STD
 
 @pytest.fixture(autouse=True)
 def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    """One torch thread: on a loaded 2-core machine two threads make these small matmuls ~10x slower."""
+    with torch_threads(1):
+        yield
 
 
 def test_nft_recipe_raises_the_heldout_reward_beyond_seed_noise(tiny_model_dir, tmp_path):

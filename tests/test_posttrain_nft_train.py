@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from firered_core.training.buckets import bucket_key
 from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import EVAL_STEP, Trainer, train
 
-from test_training_run import killed_after  # noqa: E402
+from kills import killed_after  # noqa: E402
+from test_training_run import torch_threads  # noqa: E402
 
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0,
              resume=None, checkpoint_every=0)
@@ -29,10 +29,8 @@ def darkness(images, prompts):
 @pytest.fixture(autouse=True)
 def one_thread():
     """One torch thread: on a loaded 2-core machine two threads make these small matmuls ~10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from firered_core.training.config import load_config
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import train
 
-from test_training_run import killed_after  # noqa: E402
+from kills import killed_after  # noqa: E402
 
 SMALL = dict(target_area=64 * 64, reference_area=64 * 64, vl_area=64 * 64, tracker=None, warmup_steps=0)
 

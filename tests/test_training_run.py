@@ -25,6 +25,7 @@ from firered_core.training.extract import ExtractConfig, extract
 from firered_core.training.synthetic import make_dataset
 from firered_core.training.trainer import Trainer, train
 
+from kills import killed_after_calls  # noqa: E402
 from tolerances import step_rtol, trained_rtol  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,27 +77,6 @@ def test_lora_run_lowers_loss_validates_and_exports_a_loadable_lora(model_dir, d
         assert (edited - base).abs().max() > 1e-3
         remove_loras(model.transformer)
     assert torch.equal(pipe.edit(src, "Rotate the colours of Picture 1", **edit).latents, base)
-
-
-class Killed(BaseException):
-    """The test's stand-in for SIGKILL in process (a BaseException: nothing in the trainer catches it)."""
-
-
-@contextlib.contextmanager
-def killed_after(step: int):
-    """The run in the block dies right after step ``step`` (its checkpoint and validation done), as a killed job
-    would: the kill comes from the test, not from a config key."""
-    real = Trainer.train_step
-
-    def step_or_die(self):
-        if self.step >= step:
-            raise Killed(f"killed after step {self.step}")
-        return real(self)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(Trainer, "train_step", step_or_die)
-        with pytest.raises(Killed):
-            yield
 
 
 def kill_training_process(tmp_path: Path, values: dict, step: int) -> None:
@@ -365,16 +345,7 @@ def test_extraction_resumes_after_a_crash_and_matches_online_training(model_dir,
     whole = extract(ExtractConfig(output_dir=str(tmp_path / "whole"), **kw))
     assert whole["encoded"] == 4
     cfg = ExtractConfig(output_dir=str(tmp_path / "cut"), **kw)
-    real, written = extract_module.write_safetensors, []
-
-    def write_then_die(path, *args):  # the process dies right after its second row file: the kill is the test's
-        real(path, *args)
-        written.append(path)
-        if len(written) == 2:
-            raise Killed("killed after 2 rows")
-
-    with pytest.MonkeyPatch.context() as mp, pytest.raises(Killed):
-        mp.setattr(extract_module, "write_safetensors", write_then_die)
+    with killed_after_calls(extract_module, "write_safetensors", 2):  # the process dies after its second row file
         extract(cfg)
     done = sorted((tmp_path / "cut" / "rows").rglob("*.safetensors"))
     assert len(done) == 2 and not (tmp_path / "cut" / "manifest.json").exists()
