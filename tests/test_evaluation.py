@@ -14,10 +14,12 @@ from PIL import Image
 from bench_support import CRITERIA, REPLIES, ROWS, Judge, instruction_of, make_bench, prompt_text
 from conftest import random_image
 from fake_openai import FakeOpenAI, Reply
+from kills import killed_after_calls
 from firered_core.evaluation import benches as B
+from firered_core.evaluation import generate as generate_module
 from firered_core.evaluation.aggregate import aggregate_judge
 from firered_core.evaluation.cli import main as bench_main
-from firered_core.evaluation.generate import (EditSettings, RunMismatch, SimulatedCrash, generate, ranks_from_env,
+from firered_core.evaluation.generate import (EditSettings, RunMismatch, generate, ranks_from_env,
                                               write_manifest)
 from firered_core.evaluation.judge import judge_rows
 from firered_core.evaluation.metrics import phase_shift, sample_metrics
@@ -247,8 +249,8 @@ def test_killed_generation_resumes_to_identical_images_and_shards_union(bench, t
     assert generate(rows, whole, pipe, _settings(), progress=False)["generated"] == 3
 
     killed = tmp_path / "killed"
-    with pytest.raises(SimulatedCrash):
-        generate(rows, killed, pipe, _settings(), stop_after=1, progress=False)
+    with killed_after_calls(generate_module, "save_image_atomic", 1):  # the job dies right after its first image
+        generate(rows, killed, pipe, _settings(), progress=False)
     assert len(_images(killed)) == 1
     partial = killed / "text" / ".text-1.png.dead.tmp"  # what a kill during a write leaves
     partial.parent.mkdir()

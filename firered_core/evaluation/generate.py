@@ -35,10 +35,6 @@ MANIFEST = "manifest.json"
 FORMAT = "firered-bench-run/1"
 
 
-class SimulatedCrash(RuntimeError):
-    """Raised by ``generate(stop_after=N)`` (tests: a run killed after N images)."""
-
-
 class RunMismatch(FireRedError):
     """The output folder holds a run made with other settings."""
 
@@ -185,7 +181,7 @@ def _remove_partials(path: Path) -> None:
 
 
 def generate(rows: list[BenchRow], out: str | Path, pipeline, settings: EditSettings, rank: int = 0,
-             world: int = 1, stop_after: int | None = None, progress: bool = True) -> dict:
+             world: int = 1, progress: bool = True) -> dict:
     """Edit this process's share of ``rows`` that has no output yet. Returns counts and the rows that failed on
     bad input (logged, listed, the rest continues; the judge later counts them as failures)."""
     from tqdm import tqdm
@@ -198,8 +194,6 @@ def generate(rows: list[BenchRow], out: str | Path, pipeline, settings: EditSett
     bar = tqdm(todo, desc=f"generate {rank + 1}/{world}" if world > 1 else "generate", unit="img",
                position=rank, disable=not progress)
     for row in bar:
-        if stop_after is not None and done >= stop_after:
-            raise SimulatedCrash(f"stopped after {done} images")
         path = output_path(out, row)
         _remove_partials(path)
         try:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..registration import phase_correlate
+
 EDIT_THRESHOLD = 0.1  # mean absolute RGB difference (0..1) above which a pixel counts as edited
 MAX_SIDE = 1024  # metrics are computed at most at this size (shift reported in source pixels)
 
@@ -30,24 +32,8 @@ def phase_shift(source: Image.Image, output: Image.Image) -> tuple[float, float]
     """(dx, dy) such that ``output`` ≈ ``source`` moved right by dx and down by dy (pixels of ``source``)."""
     if output.size != source.size:
         output = output.resize(source.size, Image.BICUBIC)
-    a, b = _gray(source), _gray(output)
-    h, w = a.shape
-    window = np.outer(np.hanning(h), np.hanning(w)) if min(h, w) > 2 else np.ones((h, w))
-    fa, fb = np.fft.fft2((a - a.mean()) * window), np.fft.fft2((b - b.mean()) * window)
-    cross = fb * np.conj(fa)
-    cross /= np.maximum(np.abs(cross), 1e-12)
-    corr = np.fft.ifft2(cross).real
-    py, px = np.unravel_index(int(np.argmax(corr)), corr.shape)
-
-    def refine(c_minus: float, c0: float, c_plus: float) -> float:
-        den = c_minus - 2 * c0 + c_plus
-        return 0.0 if abs(den) < 1e-12 else 0.5 * (c_minus - c_plus) / den
-
-    dy = py + refine(corr[(py - 1) % h, px], corr[py, px], corr[(py + 1) % h, px])
-    dx = px + refine(corr[py, (px - 1) % w], corr[py, px], corr[py, (px + 1) % w])
-    dy = dy - h if dy > h / 2 else dy
-    dx = dx - w if dx > w / 2 else dx
-    return float(dx), float(dy)
+    dx, dy, _ = phase_correlate(torch.from_numpy(_gray(source)), torch.from_numpy(_gray(output)))
+    return dx, dy
 
 
 def _tensor(img: Image.Image) -> torch.Tensor:
