@@ -129,6 +129,23 @@ def clean_edit(src: np.ndarray, kind: str, rng: np.random.Generator) -> np.ndarr
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b) ** 2).mean())
+    return 100.0 if mse == 0 else round(10 * np.log10(255.0 ** 2 / mse), 2)
+
+
+def visible_edit(src: np.ndarray, rng: np.random.Generator, tries: int = 8) -> tuple[str, np.ndarray]:
+    """A clean edit one can see: below :data:`VISIBLE_PSNR` against the region (a patch of flat sky pasted onto
+    flat sky changes nothing; such a pair *is* trivial, not a clean edit). Redrawn up to ``tries`` times; the last
+    draw is kept whatever it is."""
+    for _ in range(tries):
+        edit = CLEAN_EDITS[int(rng.integers(len(CLEAN_EDITS)))]
+        out = clean_edit(src, edit, rng)
+        if _psnr(out, src) < VISIBLE_PSNR:
+            break
+    return edit, out
+
+
 def rerender(arr: np.ndarray, rng: np.random.Generator, tone: bool = True) -> np.ndarray:
     """What a good pair carries besides its edit: half the pictures saved as JPEG (quality 88-95) and, for targets
     (``tone``), the small global drift an edit model leaves: +-0.05 stops and +-1.5% per-channel gain, invisible."""
@@ -234,13 +251,12 @@ def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int 
                 want = k % 2 == 1  # alternate flat and textured regions
                 pool = [i for i, t in enumerate(textured) if t == want] or list(range(len(crops)))
                 src = rerender(crops[int(rng.choice(pool))], rng, tone=False)
-                edit = CLEAN_EDITS[int(rng.integers(len(CLEAN_EDITS)))]
-                tgt = rerender(clean_edit(src, edit, rng), rng)
+                edit, edited = visible_edit(src, rng)
+                tgt = rerender(edited, rng)
                 psnr = 100.0
                 if cls != "clean":
                     clean_tgt, tgt = tgt, defect(tgt, cls, strength, rng)
-                    mse = float(((tgt.astype(np.float64) - clean_tgt) ** 2).mean())
-                    psnr = 100.0 if mse == 0 else round(10 * np.log10(255.0 ** 2 / mse), 2)
+                    psnr = _psnr(tgt, clean_tgt)
                 stem = f"{name}-{seed}-{k:03d}"
                 Image.fromarray(src).save(folder / "img" / f"{stem}_src.png")
                 Image.fromarray(tgt).save(folder / "img" / f"{stem}_tgt.png")
