@@ -134,11 +134,11 @@ class QualityConfig(_Stage):
 
     kind: Literal["quality"] = "quality"
     exposure_up: float | None = Field(0.406, ge=0, le=8, description="stops brighter than the source")
-    exposure_down: float | None = Field(0.471, ge=0, le=8, description="stops darker than the source")
-    clip: float | None = Field(0.0545, ge=0, le=1, description="extra share of pixels blown out / crushed")
-    cast: float | None = Field(2.67, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
-    wb: float | None = Field(0.0872, ge=0, le=5, description="per-channel log gain off the mean gain")
-    blur: float | None = Field(0.107, ge=0, le=10, description="log detail lost in textured cells")
+    exposure_down: float | None = Field(0.342, ge=0, le=8, description="stops darker than the source")
+    clip: float | None = Field(0.0218, ge=0, le=1, description="extra share of pixels blown out / crushed")
+    cast: float | None = Field(2.66, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
+    wb: float | None = Field(0.0834, ge=0, le=5, description="per-channel log gain off the mean gain")
+    blur: float | None = Field(0.0499, ge=0, le=10, description="log detail lost in textured cells")
     noise: float | None = Field(5.74, ge=0, le=255, description="added noise outside the edit: Gaussian sigma "
                                 "(levels) of the target's fine detail its source does not explain")
     blocky: float | None = Field(0.374, ge=0, le=100, description="JPEG block-grid ratio added")
