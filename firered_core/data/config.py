@@ -84,8 +84,8 @@ class PairCheckConfig(_Stage):
 
 class FineCheckConfig(_Stage):
     """Level 3 (fine, on the survivors, at analysis size): trivial when no patch changed (luma 8x8, mean colour
-    16x16) by more than ``trivial_local`` or PSNR and SSIM are both above their limits; unrelated when SSIM is below ``unrelated_ssim``
-    and the pHash distance at least ``unrelated_bits`` (not for global_tasks)."""
+    16x16) by more than ``trivial_local`` or PSNR and SSIM are both above their limits; unrelated when SSIM is
+    below ``unrelated_ssim`` and the pHash distance at least ``unrelated_bits`` (not for global_tasks)."""
 
     kind: Literal["fine_check"] = "fine_check"
     trivial_local: float = Field(7.0, ge=0, le=255, description="largest local change (descriptors.local_change, "

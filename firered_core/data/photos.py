@@ -226,8 +226,8 @@ def defect(tgt: np.ndarray, kind: str, strength: float, rng: np.random.Generator
 
 
 def make_photo_set(root: str | Path, split: str, size: int = 96, clean_per: int = 4,
-                   levels: tuple[int, ...] = (0, 1, 2), images: tuple[str, ...] | None = None, seeds: tuple[int, ...] | None = None,
-                   classes: tuple[str, ...] | None = None) -> dict[str, dict]:
+                   levels: tuple[int, ...] = (0, 1, 2), images: tuple[str, ...] | None = None,
+                   seeds: tuple[int, ...] | None = None, classes: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Write the rows of one split under ``root/data/<task>/data.jsonl`` (task ``edit``; the pipeline's input is
     ``root/data``) and ``root/truth.json``: uid -> {"class", "level", "strength", "photo", "seed", "textured",
     "edit", "psnr", "visible"}; "class" is "clean" for clean rows, "psnr" the defect's PSNR against the same target
