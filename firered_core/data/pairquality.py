@@ -75,7 +75,8 @@ def edit_region(src: np.ndarray, tgt: np.ndarray, cells: int = 16, floor: float 
     """Boolean [cells, cells]: the cells of an equal-size pair that the edit changed (see the module docstring).
     A cell is edited when some channel's mean is off the fitted line by more than ``floor`` levels and more than
     4 robust deviations of the residuals. When a fifth of the cells is unchanged (a clean edit leaves the rest
-    identical, even when the edit covers most of the picture) those cells are the reference; otherwise the first
+    identical, even when the edit covers most of the picture; "unchanged" allows the re-rendering drift: below 2
+    levels or twice the 20th-percentile cell change) those cells are the reference; otherwise the first
     pass fits an offset or a gain (medians: an edit cannot pull them). Later passes fit a line on the cells not
     yet marked; the mark is then grown by one cell (soft edges)."""
     s, t = cell_means(src.astype(np.float64), cells), cell_means(tgt.astype(np.float64), cells)
