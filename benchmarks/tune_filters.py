@@ -4,8 +4,8 @@ read here: benchmarks/data_filters.py --photos measures the shipped limits on it
 
     python -m benchmarks.tune_filters [--size 96] [--clean-per 8]
 
-The rule (firered_core/data/holdout.py tune_limits): each limit sits half way between the most extreme clean tuning
-row and the nearest visible defect row beyond it, so every clean tuning row is kept.
+The rule (firered_core/data/holdout.py tune_limits): each limit sits two thirds of the way from the clean tuning
+rows' 99th percentile to the 10th percentile of the visible defect rows beyond it.
 """
 
 from __future__ import annotations

@@ -25,14 +25,15 @@ from firered_core.data.photos import (SPLITS, STRENGTHS, clean_edit, defect, mak
 
 SHIPPED = Path(__file__).resolve().parents[1] / "training" / "configs" / "curate.yaml"
 JUDGED = ("quality", "artefacts", "pair_check", "fine_check")
-# Measured on this test's held-out subset (seed 100; coffee, chelsea, stereo_motorcycle, gravel; 32 clean rows,
-# 8 visible rows per class): clean kept 30/32 = 0.938, pooled visible recall 76/80 = 0.95, worst class noise 6/8.
-# The issue's targets (clean >= 0.95, every class >= 0.9) are NOT all met on held-out material (the benchmark's
-# full held-out table in docs/benchmarks.md: clean 0.891, noise 0.78, logo 0.84). Floors: the measured value less
-# 3 binomial standard deviations at this sample size (a regression guard, not the target).
-CLEAN_FLOOR = 0.80  # 0.938 - 3 * sqrt(0.938 * 0.062 / 32) = 0.81
-POOLED_FLOOR = 0.87  # 0.95 - 3 * sqrt(0.95 * 0.05 / 80) = 0.877
-CLASS_FLOOR = 0.5  # per class, 8 rows: half of them at least (measured 0.75 at worst)
+# Seed 300 of the fresh held-out split (its five photographs, every class at three strengths: the same rows as that
+# seed's part of the benchmark's held-out table in docs/benchmarks.md). The issue's floors: clean rows kept >= 0.95
+# and visible-strength recall >= 0.9, here pooled over the classes (~95 visible rows). Per class (~9 visible rows
+# each here) a regression guard: 0.9 - 3 binomial standard deviations at n = 9 (0.6), and for logo, short of 0.9
+# on the whole held-out split (34 of 40 visible rows), 0.85 - 3 sd (0.5).
+CLEAN_FLOOR = 0.95
+POOLED_FLOOR = 0.9
+CLASS_GUARD = 0.6
+REGRESSION_GUARD = {"logo": 0.5}
 
 
 def shipped(kinds=JUDGED) -> list[dict]:
@@ -40,9 +41,11 @@ def shipped(kinds=JUDGED) -> list[dict]:
     return [s.model_dump() for s in cfg.stages if s.kind in kinds]
 
 
-def test_tuning_and_heldout_material_never_meet_and_the_shipped_limits_are_the_defaults():
-    (tune_photos, tune_seeds), (held_photos, held_seeds) = SPLITS["tune"], SPLITS["heldout"]
-    assert not set(tune_photos) & set(held_photos) and not set(tune_seeds) & set(held_seeds)
+def test_tuning_dev_and_heldout_material_never_meet_and_the_shipped_limits_are_the_defaults():
+    splits = list(SPLITS.values())
+    for i, (photos, seeds) in enumerate(splits):
+        for other_photos, other_seeds in splits[i + 1:]:
+            assert not set(photos) & set(other_photos) and not set(seeds) & set(other_seeds)
     from firered_core.data.config import ArtefactConfig, QualityConfig
 
     by_kind = {s["kind"]: s for s in shipped()}
@@ -55,26 +58,24 @@ def test_tuning_and_heldout_material_never_meet_and_the_shipped_limits_are_the_d
 
 
 def test_heldout_photographs_meet_the_floors(tmp_path):
-    """One held-out seed, four held-out photographs (a colour picture, a face-free animal, a stereo view and a
-    grey texture), the visible strengths of every class, 8 clean rows each (the benchmark runs all 8, 2 seeds)."""
+    """One held-out seed, the five held-out photographs (a stereo view, a micrograph, handwriting, a printed page,
+    faces), every class at three strengths, 8 clean rows each (the benchmark runs 4 seeds)."""
     from firered_core.data.holdout import decide_set, format_table, score_set, table
 
-    truth = make_photo_set(tmp_path, "heldout", size=96, clean_per=8, levels=(1, 2), seeds=(100,),
-                           images=("coffee", "chelsea", "stereo_motorcycle", "gravel"))
+    truth = make_photo_set(tmp_path, "heldout", size=96, clean_per=8, seeds=(300,))
     stages = shipped()
     rows, scores = score_set(tmp_path / "data", stages, 256, work=tmp_path / "work")
     what, reason = decide_set(rows, scores, stages, 256)
     result = table(truth, what, levels=3)
     print("\n" + "\n".join(format_table(result, STRENGTHS)))
     lost = [(u, reason[u]) for u, t in truth.items() if t["class"] == "clean" and u in what]
-    print("clean rows lost:", lost)
     assert result["clean_kept"] >= CLEAN_FLOOR, lost
     visible = [u for u, t in truth.items() if t["visible"]]
-    assert sum(1 for u in visible if u in what) / len(visible) >= POOLED_FLOOR
+    assert sum(1 for u in visible if u in what) >= POOLED_FLOOR * len(visible)
     for cls, r in result["classes"].items():
         assert r["visible"] >= 6, (cls, r)
         missed = [(u, truth[u]) for u, t in truth.items() if t["class"] == cls and t["visible"] and u not in what]
-        assert r["visible_recall"] >= CLASS_FLOOR, (cls, missed)
+        assert r["visible_recall"] >= REGRESSION_GUARD.get(cls, CLASS_GUARD), (cls, missed)
 
 
 def test_pair_quality_finds_the_edit_and_measures_the_rest():
@@ -188,3 +189,81 @@ def test_local_mosaic_is_located_and_drawn(tmp_path):
     img = np.asarray(Image.open(io.BytesIO(base64.b64decode(thumbs[1].split('"')[0]))))  # the target's thumbnail
     red = (img[..., 0] > 180) & (img[..., 1] < 80) & (img[..., 2] < 80)
     assert red.sum() > 40, red.sum()
+
+
+def _textured(name: str) -> np.ndarray:
+    crops, textured = regions(photograph(name), 96)
+    detail = [float(np.abs(np.diff(c.astype(np.float32).mean(axis=2), axis=1)).mean()) for c in crops]
+    return crops[int(np.argmax(detail))]
+
+
+def test_added_noise_is_read_through_texture():
+    """The noise score is the target's fine detail its source does not explain: on the most textured region of a
+    tuning photograph (brick: the texture that hid noise from the flat-cell measure) a clean edit reads ~0 and
+    Gaussian noise of sigma 7 / 14 reads 7 / 14 (+-1: the estimate's spread over 64-cell medians); blur reads less
+    than the faintest planted noise (sigma 3): blur is not read as noise."""
+    from firered_core.data.pairquality import pair_quality
+
+    src = _textured("brick")
+    rng = np.random.default_rng(11)
+    tgt = clean_edit(src, "object", rng)
+    assert pair_quality(src, tgt)["noise"] < 1.0
+    for sigma in (7.0, 14.0):
+        got = pair_quality(src, defect(tgt, "noise", sigma, rng))["noise"]
+        assert abs(got - sigma) < 1.0, (sigma, got)
+    assert pair_quality(src, defect(tgt, "blurred", 1.2, rng))["noise"] < 3.0  # below the faintest planted noise
+
+
+def test_paired_text_ignores_covered_texture_and_sees_a_faint_watermark():
+    """Overlay text in a pair: an object covering a textured tuning region (its texture shows, inverted, in the
+    difference) is not text; a watermark at 0.6 opacity (the visible strength) is."""
+    from firered_core.data.artefacts import text_find
+    from firered_core.data.config import ArtefactConfig
+
+    limit = ArtefactConfig().text
+    src = _textured("brick")
+    rng = np.random.default_rng(4)
+    for seed in range(4):
+        tgt = clean_edit(src, "object", np.random.default_rng(seed))
+        assert text_find(tgt, src)[0] < limit, seed
+    assert text_find(defect(src, "logo", 0.6, rng), src)[0] >= limit
+
+
+def test_collage_counts_only_borders_the_source_lacks(tmp_path):
+    """A source with its own straight strong line (a horizon) and a clean relight of it: not a collage (the source
+    is no longer judged alone, and a brightened edge is not a new one); the same target with a pasted picture's
+    border is."""
+    from firered_core.data.artefacts import collage_score
+    from firered_core.data.config import ArtefactConfig
+
+    limit = ArtefactConfig().collage
+    src = regions(photograph("camera"), 96)[0][4].copy()
+    src[48:, :] = np.clip(src[48:, :].astype(int) + 60, 0, 255).astype(np.uint8)  # a straight horizon
+    assert collage_score(src) >= limit  # alone, the horizon looks like a border
+    tgt = clean_edit(src, "relight", np.random.default_rng(2))
+    assert collage_score(tgt, ref=src) < limit
+    pasted = tgt.copy()
+    pasted[:, 40:] = regions(photograph("astronaut"), 96)[0][2][:, 40:]
+    assert collage_score(pasted, ref=src) >= limit
+    out = run_pipeline(load_pipeline_config(None, input=str(_photo_rows(tmp_path, {"relit": tgt}, src)),
+                                            output=str(tmp_path / "out"), analysis_size=96,
+                                            stages=[{"kind": "artefacts"}], engine={"workers": 0}))
+    assert json.loads(out.decisions.read_text().splitlines()[0])["verdict"] == "keep"
+
+
+def test_trivial_edit_is_compression_not_a_weak_visible_edit():
+    """fine_check's local change: a JPEG q95 re-save of a saturated synthetic scene (chroma smeared across its
+    edges) stays under trivial_local; a visible relight of a tuning photograph's region goes over it."""
+    from firered_core.data.config import FineCheckConfig
+    from firered_core.data.descriptors import local_change
+    from firered_core.data.planted import base_scene, finish, texture
+    from firered_core.data.render import jpeg
+
+    limit = FineCheckConfig().trivial_local
+    rng = np.random.default_rng(1)
+    scene = np.asarray(finish(base_scene(rng, 128, 128), texture(rng, 128, 128)))
+    assert local_change(scene, np.asarray(jpeg(Image.fromarray(scene), 95))) < limit
+    src = regions(photograph("moon"), 96)[0][4]
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        assert local_change(src, clean_edit(src, "relight", rng)) > limit, seed

@@ -76,6 +76,9 @@ def test_pipeline_keeps_clean_rows_drops_defects_reports_and_trains(planted, tmp
     caught = defects & set(dropped)
     print(f"defect rows dropped: {len(caught)}/{len(defects)}")
     assert len(caught) >= PIPELINE_RECALL_FLOOR * len(defects), sorted(defects - caught)
+    for cls in sorted(set(truth.values()) - {"clean"}):  # the floor per class, here as on photographs
+        mine = {u for u, c in truth.items() if c == cls}
+        assert len(mine & caught) >= PIPELINE_RECALL_FLOOR * len(mine), (cls, sorted(mine - caught))
     # each stage records every row it saw, with its scores
     for stage in ("dedup", "photometric", "quality", "artefacts"):
         got = [d for d in decisions if d["stage"] == stage]

@@ -16,24 +16,25 @@ def text_score(arr: np.ndarray) -> float:
     return text_find(arr)[0]
 
 
-def _strokes(cv2, g: np.ndarray, op) -> np.ndarray:
+def _strokes(cv2, g: np.ndarray, op, level: float = 40) -> np.ndarray:
     kernel = cv2.getStructuringElement(cv2.MORPH_RECT, (9, 9))
-    return (cv2.morphologyEx(g, op, kernel) > 40).astype(np.uint8)
+    return (cv2.morphologyEx(g, op, kernel) > level).astype(np.uint8)
 
 
 def text_find(arr: np.ndarray, ref: np.ndarray | None = None) -> tuple[float, Box | None]:
     """Overlay text: thin high-contrast strokes (top-hat / black-hat) joined into line blobs; the score is the most
     stroke crossings along one blob's scan lines (shape edges cross 1-4 times; a word of text 8 or more), and the
-    box is that blob's. With ``ref`` (the row's source, resized to ``arr``) the strokes are looked for in the
-    difference target - source (on mid grey): a photograph's own fine texture cancels, an overlay stays."""
+    box is that blob's. With ``ref`` (the row's source, resized to ``arr``) a stroke must show both in the
+    difference target - source (on mid grey; a photograph's own fine texture cancels, an overlay stays) and, with
+    the same polarity, in the target itself (texture an edit covered shows in the difference only, inverted). Both
+    masks are then lower (24 and 12 levels): outside the edit the difference is only re-encoding noise, so a
+    half-transparent watermark over a bright wall is still seen."""
     cv2 = require("cv2", "the overlay-text / watermark detector (artefacts.text)")
-    if ref is None:
-        g = np.clip(gray(arr), 0, 255).astype(np.uint8)
-    else:
-        g = np.clip(128.0 + gray(arr) - gray(ref), 0, 255).astype(np.uint8)
+    own = np.clip(gray(arr), 0, 255).astype(np.uint8)
+    g = own if ref is None else np.clip(128.0 + gray(arr) - gray(ref), 0, 255).astype(np.uint8)
     best, where = 0, None
     for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # light text, dark text: one polarity at a time
-        mask = _strokes(cv2, g, op)
+        mask = _strokes(cv2, g, op) if ref is None else _strokes(cv2, g, op, 24) & _strokes(cv2, own, op, 12)
         lines = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 1)))
         n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
         for i in range(1, n):
@@ -89,15 +90,17 @@ def mosaic_find(arr: np.ndarray, min_side: int = 24) -> tuple[float, Box | None]
 def collage_score(arr: np.ndarray, strong: float = 24.0, ref: np.ndarray | None = None) -> float:
     """Straight internal borders: the largest share of one full row / column (inside the middle 80%) where some colour
     channel jumps by more than ``strong``, among at most 4 such lines per axis (a block grid has many: a mosaic).
-    With ``ref`` (the row's source, resized to ``arr``) a line counts only by how much more of it jumps than in the
-    source: a photograph's own horizon or frame is in both pictures, a pasted picture's border only in the target."""
+    With ``ref`` (the row's source, resized to ``arr``) a pixel's jump counts only where the source has no edge of
+    even half that strength at the same place: a photograph's own horizon, frame or texture is in both pictures (an
+    edit that brightens it makes its jumps larger, not new), a pasted picture's border only in the target."""
     a = arr.astype(np.float32)
     r = None if ref is None else ref.astype(np.float32)
     best = 0.0
     for axis in (0, 1):
-        share = (np.abs(np.diff(a, axis=axis)).max(axis=2) > strong).mean(axis=1 - axis)
+        jump = np.abs(np.diff(a, axis=axis)).max(axis=2) > strong
         if r is not None:
-            share = np.clip(share - (np.abs(np.diff(r, axis=axis)).max(axis=2) > strong).mean(axis=1 - axis), 0, 1)
+            jump &= np.abs(np.diff(r, axis=axis)).max(axis=2) <= strong / 2
+        share = jump.mean(axis=1 - axis)
         n = len(share)
         inner = share[int(0.1 * n): int(0.9 * n) + 1]
         if len(inner) and (inner > 0.5).sum() <= 4:

@@ -83,12 +83,14 @@ class PairCheckConfig(_Stage):
 
 
 class FineCheckConfig(_Stage):
-    """Level 3 (fine, on the survivors, at analysis size): trivial when no 8x8 patch changed by more than
-    ``trivial_local`` or PSNR and SSIM are both above their limits; unrelated when SSIM is below ``unrelated_ssim``
-    and the pHash distance at least ``unrelated_bits`` (not for global_tasks)."""
+    """Level 3 (fine, on the survivors, at analysis size): trivial when no patch changed (luma 8x8, mean colour
+    16x16) by more than ``trivial_local`` or PSNR and SSIM are both above their limits; unrelated when SSIM is
+    below ``unrelated_ssim`` and the pHash distance at least ``unrelated_bits`` (not for global_tasks)."""
 
     kind: Literal["fine_check"] = "fine_check"
-    trivial_local: float = Field(24.0, ge=0, le=255, description="largest 8x8 mean abs change (0..255)")
+    trivial_local: float = Field(7.0, ge=0, le=255, description="largest local change (descriptors.local_change, "
+                                 "0..255); on the tuning photographs a re-render (JPEG q >= 88, +-0.05 stop) moves "
+                                 "<= 3.8, their visible clean edits >= 11")
     trivial_psnr: float = Field(40.0, ge=0, le=100)
     trivial_ssim: float = Field(0.98, ge=-1, le=1)
     unrelated_ssim: float = Field(0.5, ge=-1, le=1)
@@ -131,14 +133,15 @@ class QualityConfig(_Stage):
     tuned on the tuning photographs (benchmarks/tune_filters.py); training/configs/curate.yaml ships the same."""
 
     kind: Literal["quality"] = "quality"
-    exposure_up: float | None = Field(0.308, ge=0, le=8, description="stops brighter than the source")
-    exposure_down: float | None = Field(0.365, ge=0, le=8, description="stops darker than the source")
-    clip: float | None = Field(0.0469, ge=0, le=1, description="extra share of pixels blown out / crushed")
-    cast: float | None = Field(2.16, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
-    wb: float | None = Field(0.0781, ge=0, le=5, description="per-channel log gain off the mean gain")
-    blur: float | None = Field(0.0794, ge=0, le=10, description="log detail lost in textured cells")
-    noise: float | None = Field(0.518, ge=0, le=10, description="log high-pass energy added in flat cells")
-    blocky: float | None = Field(0.337, ge=0, le=100, description="JPEG block-grid ratio added")
+    exposure_up: float | None = Field(0.406, ge=0, le=8, description="stops brighter than the source")
+    exposure_down: float | None = Field(0.342, ge=0, le=8, description="stops darker than the source")
+    clip: float | None = Field(0.0218, ge=0, le=1, description="extra share of pixels blown out / crushed")
+    cast: float | None = Field(2.66, ge=0, le=200, description="CIELAB a*/b* shift of the unedited part")
+    wb: float | None = Field(0.0834, ge=0, le=5, description="per-channel log gain off the mean gain")
+    blur: float | None = Field(0.0499, ge=0, le=10, description="log detail lost in textured cells")
+    noise: float | None = Field(5.74, ge=0, le=255, description="added noise outside the edit: Gaussian sigma "
+                                "(levels) of the target's fine detail its source does not explain")
+    blocky: float | None = Field(0.374, ge=0, le=100, description="JPEG block-grid ratio added")
     global_tasks: list[str] = Field(default_factory=list, description="tasks that change the whole picture "
                                                                       "(judged by the dataset tails only)")
 
@@ -149,9 +152,9 @@ class ArtefactConfig(_Stage):
     pair it counts only border the source lacks (no photograph collage class was planted)."""
 
     kind: Literal["artefacts"] = "artefacts"
-    text: float | None = Field(7.5, ge=0, description="most stroke crossings along one text-line blob (in a pair: "
+    text: float | None = Field(8.67, ge=0, description="most stroke crossings along one text-line blob (in a pair: "
                                "of the target - source difference); None = off")
-    mosaic: float | None = Field(13.6, ge=0, description="block-grid edge ratio, best window; None = off")
+    mosaic: float | None = Field(14.4, ge=0, description="block-grid edge ratio, best window; None = off")
     collage: float | None = Field(0.62, ge=0, le=1, description="share of a straight internal line that is a "
                                                                  "strong edge; None = off")
     codes: bool = True

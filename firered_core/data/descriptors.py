@@ -89,14 +89,21 @@ def thumb_diff(a: np.ndarray, b: np.ndarray, side: int = 32) -> float:
 
 
 def local_change(a: np.ndarray, b: np.ndarray, window: int = 8) -> float:
-    """Largest mean absolute difference (0..255) over window x window patches, ``b`` resized to ``a``: compression
-    noise spreads thinly everywhere, an edit concentrates somewhere."""
+    """Largest local change (0..255), ``b`` resized to ``a``: the larger of the mean absolute luma difference over
+    window x window patches and the absolute mean chroma difference (RGB less luma, signed, per channel) over
+    2 window x 2 window patches. Compression spreads thinly everywhere, and JPEG's chroma subsampling smears
+    colour across edges without moving a patch's mean colour; an edit (recoloured even at equal luma, relit,
+    moved) concentrates somewhere."""
     import torch
 
     b = resize_to(b, (a.shape[1], a.shape[0]))
-    diff = (to_tensor(a) - to_tensor(b)).abs().mean(dim=1, keepdim=True) * 255.0
+    d = (to_tensor(a) - to_tensor(b)) * 255.0
+    luma = (d * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(dim=1, keepdim=True)
     k = min(window, *a.shape[:2])
-    return float(torch.nn.functional.avg_pool2d(diff, k, stride=max(1, k // 2)).max())
+    k2 = min(2 * window, *a.shape[:2])
+    lum = torch.nn.functional.avg_pool2d(luma.abs(), k, stride=max(1, k // 2)).max()
+    chroma = torch.nn.functional.avg_pool2d(d - luma, k2, stride=max(1, k2 // 2)).abs().max()
+    return float(torch.maximum(lum, chroma))
 
 
 def sharpness_only(arr: np.ndarray) -> float:

@@ -43,7 +43,7 @@ class ArtefactStage(Stage):
                 got["text"] = (*text_find(small, ref), small.shape)
             if self.cfg.mosaic is not None:
                 got["mosaic"] = (*mosaic_find(arr), arr.shape)
-            if self.cfg.collage is not None and (name == "target" or ref is None):
+            if self.cfg.collage is not None and name == "target":  # in a pair: against the source
                 got["collage"] = (collage_score(small, ref=ref), None, None)
             if self.cfg.codes:
                 got["codes"] = (*code_find(small), small.shape)

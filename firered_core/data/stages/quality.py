@@ -20,7 +20,7 @@ CHECKS = {
     "cast": (("cast", 1, "Lab a*/b* colour shift"),),
     "wb": (("wb", 1, "white-balance gain error"),),
     "detail": (("blur", -1, "log detail lost (blur / smoothing)"),),
-    "noise": (("noise", 1, "log noise added in flat parts"),),
+    "noise": (("noise", 1, "levels of noise added (sigma)"),),
     "blocky": (("blocky", 1, "JPEG block-grid ratio added"),),
 }
 
