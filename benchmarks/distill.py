@@ -146,6 +146,12 @@ def ssim(a: np.ndarray, b: np.ndarray) -> float:
 SIDES = ("base_cfg", "base_nocfg", "student")
 
 
+def noise_seed(seed: int, item: int) -> int:
+    """The noise of held-out item ``item`` under seed ``seed``: its own draw per item (on these random models the
+    noise, not the picture, sets the output, so items sharing one draw would be one sample, not ``len(items)``)."""
+    return seed + 1000 * item
+
+
 def measure(model_dir: Path, lora: Path, steps: int, seeds: int | list[int], items=None, teacher_steps: int = 40,
             teacher_cfg: float = 4.0) -> dict | list[dict]:
     """PSNR / SSIM to the teacher (``teacher_steps``, CFG ``teacher_cfg``) of the base at ``steps`` with that CFG
@@ -163,11 +169,12 @@ def measure(model_dir: Path, lora: Path, steps: int, seeds: int | list[int], ite
     view, _ = model_with_loras(base, [lora])
     schedule = model_schedule(view)
     assert schedule is not None and schedule.steps == steps, schedule
-    kw = dict(width=SIZE, height=SIZE, vl_area=SIZE * SIZE, vae_area=SIZE * SIZE, seed=seeds, num_images=len(seeds))
+    kw = dict(width=SIZE, height=SIZE, vl_area=SIZE * SIZE, vae_area=SIZE * SIZE, num_images=len(seeds))
     out = [{f"{side}_{m}": [] for side in SIDES for m in ("psnr", "ssim")} for _ in seeds]
     passes = {}
-    for pic, prompt in items or held_out_items():
+    for j, (pic, prompt) in enumerate(items or held_out_items()):
         img = [picture(pic)]
+        kw["seed"] = [noise_seed(s, j) for s in seeds]
 
         def run(model, key, **edit):
             counter = ForwardCounter(model.transformer)
