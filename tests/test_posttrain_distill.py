@@ -24,7 +24,7 @@ from firered_core.conditioning import PromptEmbeds  # noqa: E402
 from test_training_run import torch_threads, torchrun_train  # noqa: E402
 from tolerances import trained_rtol  # noqa: E402
 
-TRAIN_STEPS = 24  # the proof's training steps (the benchmark runs 40)
+TRAIN_STEPS = {4: 24, 8: 48}  # the proof's training steps per student step count (the benchmark runs 60)
 N = 4  # the test's student steps (benchmarks/distill.py proves 8 and 4)
 
 
@@ -114,7 +114,7 @@ def distil_once(tmp_path_factory, steps: int):
     model_dir = B.lively_model(tmp_path_factory.getbasetemp() / "lively0", 0)
     data = B.edit_rows(tmp / "train", [*B.TRAIN_PICTURES, *B.TRAIN_FACES], B.TRAIN_PROMPTS)
     with torch_threads(1):
-        lora = B.distil(model_dir, data, tmp / "run", steps, TRAIN_STEPS, 0)
+        lora = B.distil(model_dir, data, tmp / "run", steps, TRAIN_STEPS[steps], 0)
     return model_dir, lora
 
 
@@ -131,17 +131,18 @@ def distilled8(tmp_path_factory):
 
 @pytest.mark.parametrize("steps", [4, 8])
 def test_distilled_few_steps_without_cfg_beat_the_base_at_as_many_steps_on_held_out_edits(steps, request):
-    """Held out: a photograph and a face and instructions never trained on (benchmarks/distill.py HELD_OUT_*), each
+    """Held out: two photographs, two faces and four instructions never trained on (benchmarks/distill.py HELD_OUT_*), each
     with its own noise draw, under 5 noise seeds (on these random tiny models the noise, not the picture, sets the
     output, so seeds are what varies). The student's mean gain in PSNR (and SSIM) to the teacher's 40-step CFG-4
     picture over the base at N steps with CFG 4 and with CFG off exceeds 3 times the seed-to-seed standard
-    deviation of that gain (measured: MARGINS)."""
+    deviation of that gain (measured, PSNR vs base CFG 4: 4 steps +2.49 dB, std 0.36, 6.9 sigma; 8 steps +2.21 dB,
+    std 0.46, 4.8 sigma; SSIM 8.2 and 6.1 sigma). The 8-step student trains 48 steps (at 24 its gain was +0.97 dB,
+    1.5 sigma: the cosine schedule of the recipe leaves it half-trained)."""
     model_dir, lora = request.getfixturevalue("distilled" if steps == N else "distilled8")
-    items = [B.held_out_items()[i] for i in (0, 6)]  # a photograph and a face, two held-out instructions
+    items = [B.held_out_items()[i] for i in (0, 1, 6, 7)]  # two photographs, two faces, four held-out instructions
     with torch_threads(1):
         rows = B.measure(model_dir, lora, steps, [0, 1, 2, 3, 4], items)
     g = B.gains(rows)
-    print("GAINS", steps, {k: (round(m, 4), round(sd, 4), round(m / sd, 1)) for k, (m, sd) in g.items()})
     for key, (mean, std) in g.items():
         assert mean > 3 * std and mean > 0, (key, g, rows)
     assert rows[0]["passes"] == {"teacher": 80, "base_cfg": 2 * steps, "base_nocfg": steps, "student": steps}
