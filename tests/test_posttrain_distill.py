@@ -367,3 +367,17 @@ def test_teacher_lora_is_merged_into_the_base_for_good(tiny_model_dir, tmp_path)
     untouched = load_model(tiny_model_dir).transformer
     merge_teacher_lora(untouched, DistillConfig(enabled=False, teacher_lora=str(lora)))  # off: nothing merged
     assert all(torch.equal(untouched.state_dict()[k], before[k]) for k in before)
+
+
+def test_the_shipped_recipe_is_the_one_the_benchmark_proves():
+    """training/configs/distill_lora.yaml and benchmarks/distill.py RECIPE agree on every key the recipe sets."""
+    from pathlib import Path
+
+    from firered_core.training.config import load_config
+
+    shipped = load_config(Path(__file__).resolve().parents[1] / "training" / "configs" / "distill_lora.yaml")
+    for key, value in B.RECIPE.items():
+        got = shipped
+        for part in key.split("."):
+            got = getattr(got, part)
+        assert got == value, (key, got, value)
