@@ -9,7 +9,7 @@ per item (:func:`draw_seeds`, :func:`noise_seed`); the table gives each side's P
 and the gain of the student over each base setting, as the mean over seeds with the seed-to-seed standard deviation,
 per build and pooled. Why several draws: on these random models the noise draw, not the picture, sets the output, and
 it moves one edit's gain by ~0.25 dB (std), while LoRAs trained with different seeds, measured at the same noise,
-agree to ~0.07 dB; with all items on one draw (as this script did before) the spread of the noise, not of the
+agree to ~0.1 dB; with all items on one draw (as this script did before) the spread of the noise, not of the
 distillation, decided the sigma ratio.
 
 The demo tiny model predicts velocities ~0.02 in size (its zero-initialised output layers get 0.02 noise), so its
@@ -20,7 +20,7 @@ GPU mode (``--device cuda --preset full``): one distillation step of the full-si
 the real shape, LoRA, bf16, gradient checkpointing) with its teacher path, timed, and the peak memory. It needs a
 GPU with ~80 GB; it has not been run here (no GPU was available when it was written).
 
-    python benchmarks/distill.py                      # the CPU table (12 runs of ~1.5 CPU-minutes each)
+    python benchmarks/distill.py                      # the CPU table (12 runs of ~2 CPU-minutes each)
     python benchmarks/distill.py --device cuda --preset full --steps 8 --segments 2
     python benchmarks/distill.py --step-only --preset tiny --size 64   # the GPU mode's code path, on the CPU
 """
