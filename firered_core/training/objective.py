@@ -111,6 +111,8 @@ class RowObjective:
             return ("nft_reward", "nft_reward_std")
         if self.preference is not None:
             return ("dpo_accuracy", "dpo_margin")
+        if self.distill is not None:
+            return ("distill_velocity_ms",)
         return ("identity_distance",) if self.identity is not None else ()
 
 
