@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -381,3 +382,13 @@ def test_the_shipped_recipe_is_the_one_the_benchmark_proves():
         for part in key.split("."):
             got = getattr(got, part)
         assert got == value, (key, got, value)
+
+
+def test_gpu_step_timer_runs_its_code_path_on_the_cpu(capsys):
+    """The GPU script (``--device cuda --preset full``) is unrun here (no GPU lent); its step (teacher path under the
+    disabled LoRA, segment velocities, loss, optimiser step) runs on the tiny preset so a broken shape shows in CI."""
+    B.main(["--step-only", "--preset", "tiny", "--size", "64", "--repeats", "1", "--teacher-steps", "8",
+            "--steps", "4", "--rank", "4"])
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    assert re.fullmatch(r"\| tiny \| 64x64 \| N=4, teacher 8 x CFG \| 2 segments \| [0-9.]+ s/step \(teacher [0-9.]+ s\)"
+                        r" \| peak nan GiB \|", row), row
