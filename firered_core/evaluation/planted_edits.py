@@ -33,6 +33,12 @@ TUNING = PHOTOS[0::2]
 HELD_OUT = PHOTOS[1::2]
 GEOMETRY = ("shift", "zoom", "both")
 KINDS = ("object", "paste", "recolour")
+# Held-out draws declared (2026-12-07, 19:40 UTC) before the estimator's second tuning round and evaluated only at
+# its end: seeds 0, 1 and 7 of HELD_OUT had been looked at, so the report uses these fresh seeds instead, on the
+# HELD_OUT photographs (never used for tuning). The benchmark draws 3 cases per photograph at 192 px per seed; the
+# CI test draws TEST_SEED at 128 px. Tuning runs only on TUNING (any seed).
+FRESH_SEEDS = (11, 12)
+TEST_SEED = 13
 
 
 @lru_cache(maxsize=None)
