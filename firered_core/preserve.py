@@ -39,6 +39,8 @@ PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
 FIT_SAMPLES = 60_000  # pixels used for the colour fit
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
+FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
+LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
 NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
 
@@ -52,6 +54,10 @@ class PreserveSettings:
     close_radius: int = 3
     open_radius: int = 2
     grow: int = 0  # final dilation (px)
+    k_grow: float = 0.0  # then over pixels where z blurred by grow_blur px is above this (0: off)
+    grow_blur: float = 2.0
+    edge_ratio: float = 0.5  # the rim keeps pixels whose change is at least this share of the change just inside
+    edge_band: int = 2  # ... the rim's width and how far inside "just inside" reaches (px)
     min_area: float = 0.002  # smallest region kept, as a fraction of the picture (at least 16 px)
     max_fraction: float = 0.6  # confidence falls from 1 at this changed fraction to 0 at 0.85
     noise_cap: float = 0.08  # ... from 1 at this median residual outside the region (RGB distance) to 0 at twice it
@@ -140,15 +146,18 @@ def texture(source: torch.Tensor, sigma: float) -> torch.Tensor:
     return _blur(edges(source) / 2, max(sigma, 1.0))
 
 
-def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: int = 8) -> tuple[float, float]:
-    """``(a, b)`` of the noise level ``a + b * texture``: a line through the median difference per texture bin."""
+def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: int = 8,
+              quantile: float = NOISE_QUANTILE) -> tuple[float, float]:
+    """``(a, b)`` of the noise level ``a + b * texture``: a line through the median difference per texture bin
+    (or through its ``quantile``, scaled to the median by :data:`LOW_TO_MEDIAN`)."""
+    scale = 1.0 if quantile == NOISE_QUANTILE else LOW_TO_MEDIAN
     d, t = diff[where], tex[where]
     if d.numel() < 64:
         d, t = diff.reshape(-1), tex.reshape(-1)
     order = torch.argsort(t)
     chunks = [c for c in torch.tensor_split(order, bins) if len(c)]
     tm = torch.stack([t[c].median() for c in chunks]).double()
-    dm = torch.stack([d[c].quantile(NOISE_QUANTILE) for c in chunks]).double()
+    dm = torch.stack([d[c].quantile(quantile) for c in chunks]).double() * scale
     a_mat = torch.stack([torch.ones_like(tm), tm], 1)
     a, b = torch.linalg.lstsq(a_mat, dm[:, None]).solution[:, 0].tolist()
     if b < 0:
@@ -170,8 +179,21 @@ def _to_work(image: torch.Tensor, side: int) -> tuple[torch.Tensor, float]:
     return M.resize_image(image[None], size[1], size[0])[0], h / size[0]
 
 
-def _region(z: torch.Tensor, valid: torch.Tensor, s: PreserveSettings) -> torch.Tensor:
+def _half_edge(region: torch.Tensor, diff: torch.Tensor, s: PreserveSettings) -> torch.Tensor:
+    """Trim the region's rim to where the change reaches half its size just inside: an edit blended over a pixel or
+    two (and blurred by the difference filter) crosses every noise-relative threshold well outside its true edge."""
+    if s.edge_ratio <= 0 or not bool(region.any()):
+        return region
+    core = O.erode(region, s.edge_band)
+    ref = F.max_pool2d((diff * core)[None, None], 2 * s.edge_band + 1, stride=1, padding=s.edge_band)[0, 0]
+    return region & ~(~core & (diff < s.edge_ratio * ref))
+
+
+def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: PreserveSettings) -> torch.Tensor:
     region = O.reconstruct(z > s.k_high, (z > s.k_low) & valid)
+    if s.k_grow > 0:
+        region = O.reconstruct(region, (_blur(z, s.grow_blur) > s.k_grow) & valid)
+    region = _half_edge(O.fill_holes(O.close(region, s.close_radius)), diff, s)
     region = O.fill_holes(O.close(region, s.close_radius))
     region = O.open_(region, s.open_radius)
     region = O.remove_small(region, max(16, int(s.min_area * region.numel())))
@@ -195,16 +217,17 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     aligned, valid = warp(ed, reg, *src.shape[:2])
     valid = O.erode(valid, 2) if not bool(valid.all()) else valid
     tex = texture(src, s.blur)
-    region = torch.zeros_like(valid)
+    region = suspect = torch.zeros_like(valid)
     coef = None
     for it in range(iterations):
-        keep = valid & ~O.dilate(region, 4)
+        keep = valid & ~O.dilate(region, 4) & ~suspect
         coef = fit_colour_map(aligned, src, keep, seed=it)
         corrected = apply_colour_map(aligned, coef)
         diff = _blur((corrected - src).norm(dim=-1), s.blur)
-        a, b = fit_noise(diff, tex, keep)
+        a, b = fit_noise(diff, tex, keep, quantile=FIRST_QUANTILE if it == 0 else NOISE_QUANTILE)
         z = diff / (a + b * tex)
-        region = _region(z, valid, s)
+        region = _region(z, diff, valid, s)
+        suspect = z > s.k_low
     keep = valid & ~region
     if not bool(keep.any()):
         keep = valid
