@@ -11,8 +11,11 @@ No model and no instruction: a function of (input, output) pictures only.
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
    edges than on flat areas. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
-   ``k_low`` times above it (hysteresis); then closing, hole filling, opening and a minimum area. Steps 2-3 run
-   three times (each fit excludes the last region found).
+   ``k_low`` times above it (hysteresis); then closing, hole filling, a rim trimmed to where the change is at least
+   half the change just inside (an edit blended over a pixel or two otherwise spills past every noise-relative
+   threshold), opening and a minimum area. Steps 2-3 run three times; the first noise fit reads the lower quartile
+   per texture bin (a 40 % edit can hold the median of a bin), the later ones skip the last region and every pixel
+   above ``k_low``.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
    registration peak is clear; it falls to 0 for a global change (a restyle, a new picture, a zoom beyond the
    search, a colour change too large to be drift). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
@@ -54,8 +57,6 @@ class PreserveSettings:
     close_radius: int = 3
     open_radius: int = 2
     grow: int = 0  # final dilation (px)
-    k_grow: float = 0.0  # then over pixels where z blurred by grow_blur px is above this (0: off)
-    grow_blur: float = 2.0
     edge_ratio: float = 0.5  # the rim keeps pixels whose change is at least this share of the change just inside
     edge_band: int = 2  # ... the rim's width and how far inside "just inside" reaches (px)
     min_area: float = 0.002  # smallest region kept, as a fraction of the picture (at least 16 px)
@@ -191,8 +192,6 @@ def _half_edge(region: torch.Tensor, diff: torch.Tensor, s: PreserveSettings) ->
 
 def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: PreserveSettings) -> torch.Tensor:
     region = O.reconstruct(z > s.k_high, (z > s.k_low) & valid)
-    if s.k_grow > 0:
-        region = O.reconstruct(region, (_blur(z, s.grow_blur) > s.k_grow) & valid)
     region = _half_edge(O.fill_holes(O.close(region, s.close_radius)), diff, s)
     region = O.fill_holes(O.close(region, s.close_radius))
     region = O.open_(region, s.open_radius)
