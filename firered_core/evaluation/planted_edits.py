@@ -187,6 +187,7 @@ def plant(name: str, source: torch.Tensor, other: torch.Tensor, seed: int, fract
     kind = KINDS[int(rng.integers(3))] if kind is None else kind
     region = blob(h, w, fraction, rng)
     edited = local_change(source, region, kind, other, rng)
+    change = float((edited - source).norm(dim=-1)[region].median()) if bool(region.any()) else 0.0
     edited, drift = colour_drift(edited, rng)
     dx = dy = 0.0
     scale = 1.0
@@ -198,7 +199,8 @@ def plant(name: str, source: torch.Tensor, other: torch.Tensor, seed: int, fract
     psnr, loss = float(rng.uniform(30, 36)), float(rng.uniform(0.2, 0.5))
     edited = quantize(vae_round_trip(edited, psnr, loss))
     params = {"fraction": round(float(region.float().mean()), 3), "kind": kind, "geometry": geometry,
-              "dx": round(dx, 2), "dy": round(dy, 2), "zoom": round(scale, 4), "psnr": round(psnr, 1), **drift}
+              "dx": round(dx, 2), "dy": round(dy, 2), "zoom": round(scale, 4), "psnr": round(psnr, 1),
+              "change": round(change, 3), **drift}
     return PlantedCase(name, source, edited, region, params)
 
 
