@@ -11,9 +11,11 @@ No model and no instruction: a function of (input, output) pictures only.
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
    edges than on flat areas. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
-   ``k_low`` times above it (hysteresis); then closing, hole filling, a rim trimmed to where the change is at least
-   half the change just inside (an edit blended over a pixel or two otherwise spills past every noise-relative
-   threshold), opening and a minimum area. Steps 2-3 run three times; the first noise fit reads the lower quartile
+   ``k_low`` times above it (hysteresis) and, in the last pass, over pixels whose local mean colour change (the
+   region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
+   outer 4 lines of pixels of each side get their own noise level (a VAE's padding); then closing, hole filling, a
+   rim trimmed to where the change is at least half the change just inside (an edit blended over a pixel or two
+   otherwise spills past every noise-relative threshold), opening and a minimum area. Steps 2-3 run three times; the first noise fit reads the lower quartile
    per texture bin (a 40 % edit can hold the median of a bin), the later ones skip the last region and every pixel
    above ``k_low``.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
@@ -44,7 +46,6 @@ FIT_SAMPLES = 60_000  # pixels used for the colour fit
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
 LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
-BORDER_Q = 0.5
 NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
 
@@ -58,6 +59,8 @@ class PreserveSettings:
     close_radius: int = 3
     open_radius: int = 2
     grow: int = 0  # final dilation (px)
+    k_mean: float = 4.0  # then over pixels whose local mean colour change is this many times its noise (0: off)
+    mean_blur: float = 2.0
     edge_ratio: float = 0.5  # the rim keeps pixels whose change is at least this share of the change just inside
     edge_band: int = 2  # ... the rim's width and how far inside "just inside" reaches (px)
     border: int = 4  # noise measured apart in each of the outer lines of pixels (0: off)
@@ -182,14 +185,14 @@ def border_scaled(z: torch.Tensor, where: torch.Tensor, width: int) -> torch.Ten
     inner = where & (near >= width)
     if int(inner.sum()) < 64:
         return z
-    level = z[inner].quantile(BORDER_Q)
+    level = z[inner].median()
     scale = torch.ones_like(z)
     for j in range(4):
         for k in range(width):
             line = (side == j) & (near == k)
             sel = z[line & where]
             if sel.numel() >= 8:
-                scale[line] = (sel.quantile(BORDER_Q) / level).clamp_min(1.0)
+                scale[line] = (sel.median() / level).clamp_min(1.0)
     return z / scale
 
 
@@ -217,8 +220,25 @@ def _half_edge(region: torch.Tensor, diff: torch.Tensor, s: PreserveSettings) ->
     return region & ~(~core & (diff < s.edge_ratio * ref))
 
 
-def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: PreserveSettings) -> torch.Tensor:
+def _mean_z(change: torch.Tensor, region: torch.Tensor, tex: torch.Tensor, keep: torch.Tensor,
+            s: PreserveSettings) -> torch.Tensor:
+    """The local mean colour change around each pixel outside ``region`` (Gaussian, ``mean_blur`` px; the region's
+    own pixels left out so a strong edit does not spill into its surround), over its noise level fitted like the
+    per-pixel one: a weak but consistent tint or shade that single pixels hide in the noise."""
+    out = (~region).float()
+    weight = _blur(out, s.mean_blur).clamp_min(1e-3)
+    mean = torch.stack([_blur(c * out, s.mean_blur) / weight for c in change.unbind(-1)], -1).norm(dim=-1) * out
+    a, b = fit_noise(mean, tex, keep)
+    return border_scaled(mean / (a + b * tex), keep, s.border)
+
+
+def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: PreserveSettings,
+            zm: torch.Tensor | None = None) -> torch.Tensor:
+    """Hysteresis on ``z`` (seeds above ``k_high``, grown over ``k_low``), then, given ``zm``, grown over pixels whose
+    local mean change is above ``k_mean``; rim trimmed, closed, holes filled, opened, small parts dropped."""
     region = O.reconstruct(z > s.k_high, (z > s.k_low) & valid)
+    if zm is not None:
+        region = O.reconstruct(region, ((zm > s.k_mean) | region) & valid)
     region = _half_edge(O.fill_holes(O.close(region, s.close_radius)), diff, s)
     region = O.fill_holes(O.close(region, s.close_radius))
     region = O.open_(region, s.open_radius)
@@ -253,6 +273,8 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         a, b = fit_noise(diff, tex, keep, quantile=FIRST_QUANTILE if it == 0 else NOISE_QUANTILE)
         z = border_scaled(diff / (a + b * tex), keep, s.border)
         region = _region(z, diff, valid, s)
+        if s.k_mean > 0 and it == iterations - 1:
+            region = _region(z, diff, valid, s, _mean_z(corrected - src, region, tex, keep, s))
         suspect = z > s.k_low
     keep = valid & ~region
     if not bool(keep.any()):
