@@ -36,7 +36,8 @@ def main(argv: list[str] | None = None) -> None:
     seeds = [int(v) for v in args.seeds.split(",")]
     print(f"set: {args.set} ({', '.join(names)}); side {args.side} px; {args.per_photo} cases per photograph; "
           f"seeds {seeds}")
-    print("| seed | photograph | kind | geometry | planted % | estimated % | IoU | outside bit-exact | confidence | s |")
+    print("| seed | photograph | kind | geometry | planted % | estimated % | IoU | outside bit-exact | confidence "
+          "| s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ious, exact, secs, rows = [], [], [], []
     drawn = [(seed, case) for seed in seeds for case in P.cases(names, args.side, args.per_photo, seed=seed)]
@@ -53,7 +54,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append((seed, case.name, ious[-1]))
         tqdm.write(f"| {seed} | {case.name} | {q['kind']} | {q['geometry']} (d {q['dx']:+.1f},{q['dy']:+.1f}; zoom "
               f"{100 * (q['zoom'] - 1):.1f} %) | {100 * q['fraction']:.1f} | {100 * est.fraction:.1f} | "
-              f"{ious[-1]:.3f} | {'unsure: whole' if est.unsure else 'yes' if ok else 'NO'} | {est.confidence:.2f} | {secs[-1]:.2f} |")
+              f"{ious[-1]:.3f} | {'unsure: whole' if est.unsure else 'yes' if ok else 'NO'} | "
+              f"{est.confidence:.2f} | {secs[-1]:.2f} |")
     print("\n| draw | cases | IoU mean | median | min | share >= 0.9 |\n|---|---|---|---|---|---|")
     groups = [(f"seed {s}", [r[2] for r in rows if r[0] == s]) for s in seeds]
     groups += [(name, [r[2] for r in rows if r[1] == name]) for name in names]

@@ -15,12 +15,13 @@ No model and no instruction: a function of (input, output) pictures only.
    region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
    outer 4 lines of pixels of each side get their own noise level (a VAE's padding); then closing, hole filling, a
    rim trimmed to where the change is at least half the change just inside (an edit blended over a pixel or two
-   otherwise spills past every noise-relative threshold), opening and a minimum area. Steps 2-3 run three times; the first noise fit reads the lower quartile
-   per texture bin (a 40 % edit can hold the median of a bin), the later ones skip the last region and every pixel
-   above ``k_low``.
+   otherwise spills past every noise-relative threshold), opening and a minimum area. Steps 2-3 run three times;
+   the first noise fit reads the lower quartile per texture bin (a 40 % edit can hold the median of a bin), the
+   later ones skip the last region and every pixel above ``k_low``.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
    registration peak is clear; it falls to 0 for a global change (a restyle, a new picture, a zoom beyond the
-   search, a colour change too large to be drift). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
+   search, a colour change too large to be drift). Below 0.5 the estimate is "unsure" and the edit is returned
+   whole, with a one-line note.
 5. **Auto composite** (:func:`preserve`): the registered (and, by default, colour-corrected) output is pasted onto
    the input inside the region through :func:`masks.composite` (feather ramp inside the region's border), so every
    pixel outside the region is the input's own, bit for bit.

@@ -2,8 +2,9 @@
 drift, shift / zoom, tiny-VAE noise) the estimated region matches the planted one and every pixel outside it is the
 input's own; a global change is returned whole with a note; the node does the same on IMAGE batches.
 
-The thresholds were tuned on ``planted_edits.TUNING``; these cases use only ``HELD_OUT`` photographs (smaller than
-the benchmark's, ``benchmarks/preserve.py`` prints the full held-out table)."""
+The thresholds were tuned on ``planted_edits.TUNING``; the held-out test uses only ``HELD_OUT`` photographs at the
+declared ``TEST_SEED`` (a smaller draw than the benchmark's; ``benchmarks/preserve.py`` prints the full held-out
+table); the shift-search test uses a tuning-half case."""
 
 from __future__ import annotations
 
@@ -150,7 +151,8 @@ def test_morphology_torch_path_equals_scipy(monkeypatch):
 
 def test_shift_search_recovers_what_a_large_paste_hides_from_phase_correlation(monkeypatch):
     """A 40 % paste of another photograph draws phase correlation's peak onto the paste (a 3 % zoom, a 3.5 px
-    shift); the ±3 px shift search tried below a 0.1 peak finds the planted shift (tuning-half case: chelsea, seed 1)."""
+    shift); the ±3 px shift search tried below a 0.1 peak finds the planted shift (a tuning-half case: chelsea,
+    seed 1)."""
     src, other = P.photo("chelsea", 192), P.photo("coffee", 192)
     case = P.plant("chelsea", src, other, seed=1074)
     p = case.params
