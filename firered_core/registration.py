@@ -8,7 +8,7 @@ pixel grid by that map, so a 1-3 px shift or a 1-2 % zoom of the whole picture d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +17,9 @@ SCALE_RANGE = 0.03  # zooms searched: 1/1.03 .. 1.03
 SCALE_STEP = 0.004
 SEARCH_SIDE = 256  # the scale search runs on a copy at most this large
 COST_SIDE = 384  # candidates are compared on a copy at most this large
+GRID_BELOW_PEAK = 0.1  # a phase-correlation peak below this is not trusted: a shift search is tried too; it ...
+GRID_RADIUS = 3  # ... covers ±3 px ...
+GRID_MARGIN = 0.95  # ... and wins only with a misfit below this share of phase correlation's best
 IDENTITY_EPS = 0.02  # shifts below this (pixels) and scale errors below this over the half-diagonal count as none
 
 
@@ -169,7 +172,28 @@ def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SC
     """
     ga, gb = gray(source.float()), gray(edited.float())
     found = [_coarse(edges(source), edges(edited), scale_range), _coarse(ga, gb, scale_range)]
-    return min(found, key=lambda reg: misfit(ga, gb, reg))
+    best = min(found, key=lambda reg: misfit(ga, gb, reg))
+    if best.peak >= GRID_BELOW_PEAK:
+        return best
+    fallback, cost_fallback = _shift_search(ga, gb)
+    if cost_fallback < GRID_MARGIN * misfit(ga, gb, best):
+        return replace(fallback, peak=best.peak)  # how related the two pictures are, as phase correlation saw it
+    return best
+
+
+def _shift_search(a: torch.Tensor, b: torch.Tensor) -> tuple[Registration, float]:
+    """The whole-pixel shift within ±GRID_RADIUS (no zoom) of least :func:`misfit`, refined by a parabola through
+    its neighbours, and that misfit: the fallback when a large pasted edit misleads phase correlation (its peak
+    then lands on the paste's own structure)."""
+    r = GRID_RADIUS
+    costs = torch.tensor([[misfit(a, b, Registration(float(dx), float(dy))) for dx in range(-r, r + 1)]
+                          for dy in range(-r, r + 1)])
+    iy, ix = divmod(int(costs.argmin()), 2 * r + 1)
+    c = costs.tolist()
+    dx = ix - r + (_refine(c[iy][ix - 1], c[iy][ix], c[iy][ix + 1]) if 0 < ix < 2 * r else 0.0)
+    dy = iy - r + (_refine(c[iy - 1][ix], c[iy][ix], c[iy + 1][ix]) if 0 < iy < 2 * r else 0.0)
+    reg = Registration(float(dx), float(dy), 1.0, 0.0)
+    return reg, misfit(a, b, reg)
 
 
 def _coarse(a: torch.Tensor, b: torch.Tensor, scale_range: float) -> Registration:

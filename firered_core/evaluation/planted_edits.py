@@ -33,6 +33,12 @@ TUNING = PHOTOS[0::2]
 HELD_OUT = PHOTOS[1::2]
 GEOMETRY = ("shift", "zoom", "both")
 KINDS = ("object", "paste", "recolour")
+# Held-out draws declared (2026-12-07, 19:40 UTC) before the estimator's second tuning round and evaluated only at
+# its end: seeds 0, 1 and 7 of HELD_OUT had been looked at, so the report uses these fresh seeds instead, on the
+# HELD_OUT photographs (never used for tuning). The benchmark draws 3 cases per photograph at 192 px per seed; the
+# CI test draws TEST_SEED at 128 px. Tuning runs only on TUNING (any seed).
+FRESH_SEEDS = (11, 12)
+TEST_SEED = 13
 
 
 @lru_cache(maxsize=None)
@@ -181,6 +187,7 @@ def plant(name: str, source: torch.Tensor, other: torch.Tensor, seed: int, fract
     kind = KINDS[int(rng.integers(3))] if kind is None else kind
     region = blob(h, w, fraction, rng)
     edited = local_change(source, region, kind, other, rng)
+    change = float((edited - source).norm(dim=-1)[region].median()) if bool(region.any()) else 0.0
     edited, drift = colour_drift(edited, rng)
     dx = dy = 0.0
     scale = 1.0
@@ -192,7 +199,8 @@ def plant(name: str, source: torch.Tensor, other: torch.Tensor, seed: int, fract
     psnr, loss = float(rng.uniform(30, 36)), float(rng.uniform(0.2, 0.5))
     edited = quantize(vae_round_trip(edited, psnr, loss))
     params = {"fraction": round(float(region.float().mean()), 3), "kind": kind, "geometry": geometry,
-              "dx": round(dx, 2), "dy": round(dy, 2), "zoom": round(scale, 4), "psnr": round(psnr, 1), **drift}
+              "dx": round(dx, 2), "dy": round(dy, 2), "zoom": round(scale, 4), "psnr": round(psnr, 1),
+              "change": round(change, 3), **drift}
     return PlantedCase(name, source, edited, region, params)
 
 
