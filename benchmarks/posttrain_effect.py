@@ -81,6 +81,11 @@ def brightness_negated(images: torch.Tensor, prompts: list[str]) -> list[float]:
 NFT_REWARD = "brightness"
 
 
+def brightness_sign(reward: str) -> float:
+    """-1 for the control's negated reward: the held-out measure is always the true reward."""
+    return -1.0 if reward.endswith("_negated") else 1.0
+
+
 # -- data --------------------------------------------------------------------------------------------------------------
 def colour_rows(root: Path, rows: int, seed: int, rejected: bool) -> Path:
     """Synthetic colour edits; ``rejected``: each row's dispreferred image is its target with a colour cast
@@ -306,7 +311,7 @@ def run_nft(model: Path, work: Path, seed: int, steps: int, control: bool = Fals
         if name == "after":
             out["reward_before"], out["reward_spread_before"] = nft_heldout(trainer, held)
         train_steps(trainer, steps)
-        out[f"reward_{name}"] = nft_heldout(trainer, held)[0]
+        out[f"reward_{name}"] = brightness_sign(reward) * nft_heldout(trainer, held)[0]  # always the true reward
     return out
 
 
@@ -348,18 +353,20 @@ EFFECTS = {  # recipe -> (name, effect of a cell): positive = the recipe did wha
              lambda c: (c["reward_after"] - c["reward_before"]) / c["reward_spread_before"])),
     "identity": (("face distance without - with the term", lambda c: c["distance_without"] - c["distance_with"]),),
 }
-CONTROLS = {  # recipe -> (name, key): the control run's change (the method's effect must not come from it)
-    "dpo": (("held-out margin, swapped preferences: after - before", "margin_swapped", "margin_before"),
-            ("held-out accuracy, swapped preferences: after - before", "accuracy_swapped", "accuracy_before")),
-    "nft": (("held-out reward, negated reward: after - before", "reward_negated", "reward_before"),),
-    "identity": (("face distance without the term: after - before", "distance_without", "distance_before"),),
+CONTROLS = {  # recipe -> (control, key, base): the control run's change key - base (the effect must not come from it)
+    "dpo": (("swapped preferences", "margin_swapped", "margin_before"),
+            ("swapped preferences", "accuracy_swapped", "accuracy_before")),
+    "nft": (("negated reward", "reward_negated", "reward_before"),),
+    "identity": (("without the term", "distance_without", "distance_before"),),
 }
 
 
 def spread(v: np.ndarray) -> tuple[float, float, float]:
     """Mean, seed-to-seed standard deviation (ddof 1) and their ratio (+-inf when every seed gave the same value,
     as a quantised accuracy can)."""
-    sd = float(v.std(ddof=1)) if len(v) > 1 else float("nan")
+    if len(v) < 2:
+        return float(v.mean()), float("nan"), float("nan")
+    sd = float(v.std(ddof=1))
     if sd < 1e-12 * max(1.0, float(np.abs(v).max())):
         sd = 0.0
     ratio = float(v.mean() / sd) if sd > 0 else math.copysign(math.inf, float(v.mean()))
@@ -378,14 +385,19 @@ def effect_line(name: str, cells: list[dict], fn) -> list[str]:
     return out
 
 
+def groups(cells: list[dict]) -> list[tuple[str, int, list[dict]]]:
+    """The cells by recipe (in :data:`RUNS` order) and step count."""
+    keys = sorted({(c["recipe"], c.get("steps", STEPS[c["recipe"]])) for c in cells},
+                  key=lambda k: (list(RUNS).index(k[0]), -k[1]))
+    return [(r, n, [c for c in cells if c["recipe"] == r and c.get("steps", STEPS[r]) == n]) for r, n in keys]
+
+
 def markdown(cells: list[dict]) -> str:
     """The table of docs/benchmarks.md: every cell, then each effect (and control) per build and pooled: mean,
     seed-to-seed std, their ratio and how many cells moved the right way."""
     lines = []
-    for recipe in [r for r in RUNS if any(c["recipe"] == r for c in cells)]:
-        rows = [c for c in cells if c["recipe"] == recipe]
+    for recipe, steps, rows in groups(cells):
         keys = [k for k in rows[0] if k not in ("recipe", "build", "seed", "seconds", "steps")]
-        steps = rows[0].get("steps", STEPS[recipe])
         lines += [f"**{recipe}** ({RECIPES[recipe]}, {steps} steps)", "",
                   "| build | seed | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
         lines += [f"| {c['build']} | {c['seed']} | " + " | ".join(f"{c[k]:.5f}" for k in keys) + " |" for c in rows]
@@ -394,8 +406,31 @@ def markdown(cells: list[dict]) -> str:
             lines += effect_line(name, rows, fn)
         for name, key, base in CONTROLS[recipe]:
             if all(key in c for c in rows):
-                lines += effect_line(f"control: {name}", rows, lambda c, k=key, b=base: c[k] - c[b])
+                lines += effect_line(f"control ({name}): {key} - {base}", rows, lambda c, k=key, b=base: c[k] - c[b])
         lines.append("")
+    return "\n".join(lines)
+
+
+def summary_table(cells: list[dict]) -> str:
+    """The short table of README / docs/post-training.md: per recipe and effect, each build's mean and mean / seed
+    std, the pooled ones, the cells that moved the right way, and the control's mean change."""
+    builds = sorted({c["build"] for c in cells})
+    lines = ["| recipe (steps) | held-out effect | " + " | ".join(f"build {b}: mean (mean / std)" for b in builds)
+             + " | pooled (mean / std) | cells right way | control: mean change |",
+             "|---" * (len(builds) + 5) + "|"]
+    for recipe, steps, rows in groups(cells):
+        for k, (name, fn) in enumerate(EFFECTS[recipe]):
+            parts = []
+            for part in [[c for c in rows if c["build"] == b] for b in builds] + [rows]:
+                mean, _, ratio = spread(np.asarray([fn(c) for c in part]))
+                parts.append(f"{mean:+.4g} ({ratio:.1f})")
+            v = np.asarray([fn(c) for c in rows])
+            ctrl = ""
+            if k < len(CONTROLS[recipe]) and all(CONTROLS[recipe][k][1] in c for c in rows):
+                name_c, key, base = CONTROLS[recipe][k]
+                ctrl = f"{np.mean([c[key] - c[base] for c in rows]):+.4g} ({name_c})"
+            lines.append(f"| {RECIPES[recipe]} ({steps}) | {name} | "
+                         + " | ".join(parts) + f" | {int((v > 0).sum())} of {len(v)} | {ctrl} |")
     return "\n".join(lines)
 
 
@@ -411,10 +446,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--train-rows", type=int, default=None, help="DPO training pairs (default 8)")
     p.add_argument("--control", action="store_true", help="also run each cell's control (DPO: swapped preferences; "
                    "NFT: the negated reward; identity always runs without the term)")
-    p.add_argument("--table", type=Path, default=None, help="print the markdown table of a --json file and exit")
+    p.add_argument("--table", type=Path, nargs="+", default=None, help="print the markdown tables of --json files "
+                   "(the full one, then the short one) and exit")
     args = p.parse_args(argv)
     if args.table:
-        print(markdown([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        cells = [json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()]
+        print(markdown(cells) + "\n\n" + summary_table(cells))
         return
     if args.train_rows:
         TRAIN_ROWS["dpo"] = args.train_rows
