@@ -62,6 +62,7 @@ RECIPES = {"dpo": "dpo_lora.yaml", "nft": "nft_lora.yaml", "identity": "identity
 STEPS = {"dpo": 40, "nft": 48, "identity": 64}  # the scaled-down run of each recipe (benchmark and tests)
 SIZE = 64
 TRAIN_ROWS = {"dpo": 8, "nft": 4}  # training pairs / prompts (--train-rows)
+HELD_SEED = [200]  # draws the held-out rows (--held-seed: a second, fresh held-out set)
 HELD_ROWS = {"dpo": 16, "nft": 4, "identity": 16}  # held-out rows each effect is measured on
 CONFIG_FILES: dict[str, Path] = {}  # --config: another file for a recipe (your own recipe, proven the same way)
 EVAL_STEP = 10**9
@@ -281,7 +282,7 @@ def run_dpo(model: Path, work: Path, seed: int, steps: int, control: bool = Fals
     from firered_core.training.trainer import Trainer
 
     train = colour_rows(work / "dpo_train", TRAIN_ROWS["dpo"], 100, rejected=True)
-    held = held_samples(colour_rows(work / "dpo_held", HELD_ROWS["dpo"], 200, rejected=True))
+    held = held_samples(colour_rows(work / "dpo_held", HELD_ROWS["dpo"], HELD_SEED[0], rejected=True))
     trainer = Trainer(scaled_config("dpo", model, train, work / f"dpo_run{seed}", steps, seed))
     m0, a0 = dpo_heldout(trainer, held)
     train_steps(trainer, steps)
@@ -302,7 +303,7 @@ def run_nft(model: Path, work: Path, seed: int, steps: int, control: bool = Fals
 
     sys.modules.setdefault("posttrain_effect", sys.modules[__name__])
     train = colour_rows(work / "nft_train", TRAIN_ROWS["nft"], 100, rejected=False)
-    held = held_samples(colour_rows(work / "nft_held", HELD_ROWS["nft"], 200, rejected=False))
+    held = held_samples(colour_rows(work / "nft_held", HELD_ROWS["nft"], HELD_SEED[0], rejected=False))
     out = {}
     for name, reward in (("after", NFT_REWARD), ("negated", NFT_REWARD + "_negated"))[:2 if control else 1]:
         cfg = scaled_config("nft", model, train, work / f"nft_{name}{seed}", steps, seed,
@@ -321,7 +322,7 @@ def run_identity(model: Path, work: Path, seed: int, steps: int, control: bool =
     from firered_core.training.trainer import Trainer
 
     train = face_rows(work / "id_train", TRAIN_FACES, 8, 100)
-    held = held_samples(face_rows(work / "id_held", HELD_FACES, HELD_ROWS["identity"], 200))
+    held = held_samples(face_rows(work / "id_held", HELD_FACES, HELD_ROWS["identity"], HELD_SEED[0]))
     embedder = planted_embedder()
     sys.modules.setdefault("posttrain_effect", sys.modules[__name__])
     out = {}
@@ -444,6 +445,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", type=Path, default=None, help="prove this config file instead of the shipped one "
                    "(one --recipe)")
     p.add_argument("--train-rows", type=int, default=None, help="DPO training pairs (default 8)")
+    p.add_argument("--held-seed", type=int, default=200, help="seed of the held-out rows (the recipes were chosen "
+                   "looking at 200; 300 is the fresh set)")
     p.add_argument("--control", action="store_true", help="also run each cell's control (DPO: swapped preferences; "
                    "NFT: the negated reward; identity always runs without the term)")
     p.add_argument("--table", type=Path, nargs="+", default=None, help="print the markdown tables of --json files "
@@ -453,6 +456,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = [json.loads(line) for path in args.table for line in path.read_text().splitlines() if line.strip()]
         print(markdown(cells) + "\n\n" + summary_table(cells))
         return
+    HELD_SEED[0] = args.held_seed
     if args.train_rows:
         TRAIN_ROWS["dpo"] = args.train_rows
     if args.config:
