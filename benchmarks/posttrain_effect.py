@@ -37,7 +37,7 @@ face descriptor known to separate these identities; nothing is downloaded. Note 
 the decoded "faces" are the random decoder's rendering of the latents, so this measures whether the term moves the
 embedding distance it optimises on faces it never saw, not how a real face looks.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/posttrain_effect.py --recipe dpo --json cells.jsonl
+    PYTHONPATH=. OMP_NUM_THREADS=1 python benchmarks/posttrain_effect.py --recipe dpo --control --json cells.jsonl
     PYTHONPATH=. python benchmarks/posttrain_effect.py --table cells.jsonl      # the markdown of docs/benchmarks.md
 """
 
