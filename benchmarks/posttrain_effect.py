@@ -59,7 +59,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "training" / "configs"
 RECIPES = {"dpo": "dpo_lora.yaml", "nft": "nft_lora.yaml", "identity": "identity_sft.yaml"}
-STEPS = {"dpo": 40, "nft": 48, "identity": 64}  # the scaled-down run of each recipe (benchmark and tests)
+STEPS = {"dpo": 40, "nft": 96, "identity": 64}  # the scaled-down run of each recipe (benchmark and tests)
 SIZE = 64
 TRAIN_ROWS = {"dpo": 8, "nft": 4}  # training pairs / prompts (--train-rows)
 HELD_SEED = [200]  # draws the held-out rows (--held-seed: a second, fresh held-out set)
