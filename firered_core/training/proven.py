@@ -18,7 +18,7 @@ BUDGET_SPAN = 2.0  # lr x steps within [budget / 2, budget * 2] counts as the pr
 # per objective: the proven lr x steps and the settings the proof ran (the shipped configs' values)
 PROVEN: dict[str, dict] = {
     "preference": {"budget": 1.0e-5 * 2000, "keys": {"beta": 2500.0, "omega": 1.5, "sft_weight": 0.0}},
-    "nft": {"budget": 3.0e-5 * 1000, "keys": {"group_size": 8, "rollout_steps": 10, "beta": 1.0, "adv_clip": 5.0,
+    "nft": {"budget": 3.0e-5 * 4000, "keys": {"group_size": 8, "rollout_steps": 10, "beta": 1.0, "adv_clip": 5.0,
                                               "inner_steps": 4, "kl_weight": 0.1, "old_decay": 0.5}},
     "identity": {"budget": 1.0e-4 * 10000, "keys": {"eta": 1.0, "cutoff": 0.9, "normalise": True}},
 }
