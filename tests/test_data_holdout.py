@@ -267,3 +267,63 @@ def test_trivial_edit_is_compression_not_a_weak_visible_edit():
     for seed in range(3):
         rng = np.random.default_rng(seed)
         assert local_change(src, clean_edit(src, "relight", rng)) > limit, seed
+
+
+def test_overlay_opacity_reads_the_same_over_dark_and_bright_ground():
+    """The watermark model of the paired text check: a white overlay of opacity a lifts a pixel s to
+    s + a (255 - s), so (target - source) / (255 - s) reads a wherever a stroke covers the pixel fully, over a dark
+    wall (s = 40, the difference is 0.35 x 215 = 75 levels) and over a bright one (s = 215: 14 levels, under the
+    difference mask's 24). Bound: PIL composes in 8-bit (+-1 level of alpha, +-0.5 of the result), so a reads
+    within 1/255 + 0.5/40 (the smallest room, 40 levels) = 0.017, +1/255 for the map's own rounding. A 0.6
+    watermark (the weaker visible strength) over the bright wall is then found as text; the difference alone
+    misses it."""
+    from firered_core.data.artefacts import _overlay_alpha, text_find
+    from firered_core.data.config import ArtefactConfig
+
+    rng = np.random.default_rng(0)
+    for ground in (40, 215):
+        src = np.full((96, 96, 3), ground, np.uint8)
+        for opacity in STRENGTHS["logo"][0]:
+            got = float(_overlay_alpha(defect(src, "logo", opacity, rng), src, light=True).max()) / 255
+            assert abs(got - opacity) <= 1 / 255 + 0.5 / 40 + 1 / 255, (ground, opacity, got)  # + the map's rounding
+    import cv2
+
+    from firered_core.data.artefacts import _best_line, _strokes
+    from firered_core.data.imageops import gray
+
+    src = np.clip(215 + rng.normal(0, 2, (96, 96, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)  # re-encoding
+    tgt = defect(src, "logo", 0.6, rng)
+    diff = np.clip(128.0 + gray(tgt) - gray(src), 0, 255).astype(np.uint8)
+    own = np.clip(gray(tgt), 0, 255).astype(np.uint8)
+    masks = _strokes(cv2, diff, cv2.MORPH_TOPHAT, 24) & _strokes(cv2, own, cv2.MORPH_TOPHAT, 12)
+    assert _best_line(cv2, masks, (0, None))[0] < ArtefactConfig().text  # the difference alone: missed
+    assert text_find(tgt, src)[0] >= ArtefactConfig().text
+
+
+def test_dedup_keeps_the_original_over_a_contrast_cut_copy(tmp_path):
+    """A copy of a pair with its contrast cut by 0.85 (``dup_jitter`` of the synthetic set) clips fewer pixels than
+    its original (a dark tuning region, 15% crushed shadows): by clipping alone the copy would win. It is also
+    worse on contrast, so the original is kept (input order: the copy first), and the reason says so."""
+    from firered_core.data.planted import _copy
+
+    crops, _ = regions(photograph("camera"), 96)
+    src = crops[int(np.argmax([float((c.max(-1) <= 5).mean()) for c in crops]))]
+    assert float((src.max(-1) <= 5).mean()) > 0.1
+    tgt = clean_edit(src, "relight", np.random.default_rng(2))
+    rng = np.random.default_rng(5)
+    root = tmp_path / "rows" / "edit"
+    (root / "img").mkdir(parents=True)
+    pairs = {"copy": [np.asarray(_copy(Image.fromarray(a), "dup_jitter", rng)) for a in (src, tgt)],
+             "orig": [src, tgt]}
+    lines = []
+    for name, (s, t) in pairs.items():
+        Image.fromarray(s).save(root / "img" / f"{name}_s.png")
+        Image.fromarray(t).save(root / "img" / f"{name}_t.png")
+        lines.append(json.dumps({"source_image": f"img/{name}_s.png", "target_image": f"img/{name}_t.png",
+                                 "instruction": "relight"}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    out = run_pipeline(load_pipeline_config(None, input=str(tmp_path / "rows"), output=str(tmp_path / "out"),
+                                            analysis_size=96, stages=[{"kind": "dedup"}], engine={"workers": 0}))
+    got = {json.loads(x)["row"]: json.loads(x) for x in out.decisions.read_text().splitlines()}
+    assert got["edit/data:2"]["verdict"] == "keep", got
+    assert got["edit/data:1"]["verdict"] == "drop" and got["edit/data:1"]["scores"]["kept"] == "edit/data:2"

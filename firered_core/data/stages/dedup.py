@@ -91,7 +91,7 @@ class DedupStage(FittedStage):
         alive = self.what == 0
         labels = clusters(n, self._near_pairs(alive))
         self.defects = {k: np.asarray(spill.get(f"d_{k}", np.float64)) for k in DEFECTS}
-        self.flags = worse(self.defects, labels, alive)
+        self.flags = worse(self.defects, labels, alive, pixels)
         penalty = sum(f.astype(np.int64) for f in self.flags.values())
         self.pixels, self.sharp = pixels, sharp
         best = np.full(n, -1, dtype=np.int64)  # per component label: its best member (ranking.py)
