@@ -28,12 +28,12 @@ JUDGED = ("quality", "artefacts", "pair_check", "fine_check")
 # Seed 300 of the fresh held-out split (its five photographs, every class at three strengths: the same rows as that
 # seed's part of the benchmark's held-out table in docs/benchmarks.md). The issue's floors: clean rows kept >= 0.95
 # and visible-strength recall >= 0.9, here pooled over the classes (~95 visible rows). Per class (~9 visible rows
-# each here) a regression guard: 0.9 - 3 binomial standard deviations at n = 9 (0.6), and for logo, short of 0.9
-# on the whole held-out split (34 of 40 visible rows), 0.85 - 3 sd (0.5).
+# each here) a regression guard: 0.9 - 3 binomial standard deviations at n = 9 (0.6). Logo had its own lower guard
+# (0.5) while it was short of 0.9 on the whole held-out split (34 of 40 visible rows at the first look); with the
+# opacity-model watermark check it reads 38 of 40 (second look), so it takes the common guard.
 CLEAN_FLOOR = 0.95
 POOLED_FLOOR = 0.9
 CLASS_GUARD = 0.6
-REGRESSION_GUARD = {"logo": 0.5}
 
 
 def shipped(kinds=JUDGED) -> list[dict]:
@@ -75,7 +75,7 @@ def test_heldout_photographs_meet_the_floors(tmp_path):
     for cls, r in result["classes"].items():
         assert r["visible"] >= 6, (cls, r)
         missed = [(u, truth[u]) for u, t in truth.items() if t["class"] == cls and t["visible"] and u not in what]
-        assert r["visible_recall"] >= REGRESSION_GUARD.get(cls, CLASS_GUARD), (cls, missed)
+        assert r["visible_recall"] >= CLASS_GUARD, (cls, missed)
 
 
 def test_pair_quality_finds_the_edit_and_measures_the_rest():
@@ -302,8 +302,9 @@ def test_overlay_opacity_reads_the_same_over_dark_and_bright_ground():
 
 def test_dedup_keeps_the_original_over_a_contrast_cut_copy(tmp_path):
     """A copy of a pair with its contrast cut by 0.85 (``dup_jitter`` of the synthetic set) clips fewer pixels than
-    its original (a dark tuning region, 15% crushed shadows): by clipping alone the copy would win. It is also
-    worse on contrast, so the original is kept (input order: the copy first), and the reason says so."""
+    its original (a dark tuning region, 15% crushed shadows): judged against the whole group the original would
+    count worse on clipping and lose. Clipping is judged only against members of at least a row's contrast, so
+    the original (the copy first in the input) is kept, as the sharper of two equally clean rows."""
     from firered_core.data.planted import _copy
 
     crops, _ = regions(photograph("camera"), 96)
@@ -327,3 +328,4 @@ def test_dedup_keeps_the_original_over_a_contrast_cut_copy(tmp_path):
     got = {json.loads(x)["row"]: json.loads(x) for x in out.decisions.read_text().splitlines()}
     assert got["edit/data:2"]["verdict"] == "keep", got
     assert got["edit/data:1"]["verdict"] == "drop" and got["edit/data:1"]["scores"]["kept"] == "edit/data:2"
+    assert "as clean and sharper" in got["edit/data:1"]["reason"], got["edit/data:1"]["reason"]

@@ -2,7 +2,7 @@
 
 Every member shows the same content, so each defect is judged relative to the group: a member is worse on a defect
 when its value exceeds the group's best by more than that defect's tolerance (overlay text, a mosaic, noise, a JPEG
-block grid, clipped pixels, washed-out contrast: the measures of the artefact and quality stages). Members are ordered by how many
+block grid, clipped pixels: the measures of the artefact and quality stages). Members are ordered by how many
 defects they are worse on, then resolution, then sharpness, then input order: sharpness only breaks ties (overlay
 text and noise raise it, so it must never decide alone).
 """
@@ -16,32 +16,30 @@ from .extras import available
 from .imageops import gray, resize_to
 from .pairquality import blockiness, noise_level
 
-DEFECTS = ("text", "mosaic", "noise", "blocky", "clip", "flat")
+DEFECTS = ("text", "mosaic", "noise", "blocky", "clip")
+MEASURES = DEFECTS + ("contrast",)  # contrast is no defect: it says which members a member's clipping is judged by
 # how far above the group's best a member must be to count as worse (units of each measure): the artefact and
 # quality stages' default limits where they measure the same thing (text, mosaic, JPEG blocks); noise a 1.5x sigma;
-# clipping a tenth of the picture (a copy with less contrast clips less without the original being damaged);
-# contrast a fifth lower, summed over the row's images in log units (a crop that drops a flat margin moves it
-# ~0.1). The two balance: a copy with its contrast cut clips less than its original (which then counts worse on
-# clipping) and is itself worse on contrast, so neither wins on defects and resolution / sharpness decide; an
-# over-exposed copy clips more and has no more contrast.
-TOLERANCE = {"text": 8.67, "mosaic": 14.4, "noise": 0.4, "blocky": 0.3, "clip": 0.1, "flat": 0.2}
+# clipping a tenth of the picture, judged only against members of at least the row's contrast: a copy whose
+# contrast was cut clips less without the original being damaged.
+TOLERANCE = {"text": 8.67, "mosaic": 14.4, "noise": 0.4, "blocky": 0.3, "clip": 0.1}
 WHAT = {"text": "overlay text", "mosaic": "mosaic", "noise": "noise", "blocky": "JPEG blocks",
-        "clip": "clipped pixels", "flat": "washed-out contrast"}
+        "clip": "clipped pixels"}
 
 
 def defect_values(images: list[np.ndarray]) -> dict[str, float]:
     """The row's defect measures (``images``: its sources, then its target), summed over its images (a sum keeps a
     difference in any one image); overlay text is the target's strokes its first source lacks (as the artefact
-    stage measures it in a pair); noise is log1p of the no-reference sigma, at a common scale; flat is minus log1p of
-    the luma's 10-90 percentile spread (less contrast: higher; a few text strokes or noise hardly move it)."""
+    stage measures it in a pair); noise is log1p of the no-reference sigma, at a common scale; contrast is log1p
+    of the luma's standard deviation."""
     *sources, target = images
     ref = resize_to(sources[0], (target.shape[1], target.shape[0])) if sources else None
-    out = {k: 0.0 for k in DEFECTS}
+    out = {k: 0.0 for k in MEASURES}
     out["text"] = round(text_find(target, ref)[0], 6) if available("cv2") else 0.0
     for arr in images:
         got = {"mosaic": mosaic_score(arr), "noise": float(np.log1p(noise_level(_common_scale(arr)))),
                "blocky": blockiness(arr), "clip": float(((arr.max(axis=-1) >= 250) | (arr.max(axis=-1) <= 5)).mean()),
-               "flat": -float(np.log1p(np.subtract(*np.percentile(gray(arr), [90, 10]))))}
+               "contrast": float(np.log1p(gray(arr).std()))}
         out.update({k: round(out[k] + float(v), 6) for k, v in got.items()})
     return out
 
@@ -61,28 +59,30 @@ def _common_scale(arr: np.ndarray, side: int = 64) -> np.ndarray:
 def worse(values: dict[str, np.ndarray], labels: np.ndarray, alive: np.ndarray,
           pixels: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Per defect, a boolean per row: worse than its group's best alive member by more than the tolerance. With
-    ``pixels``, a JPEG block grid is judged only against members of at least the row's resolution: resampling a
-    copy down erases its original's grid, which is no credit to the smaller copy."""
+    ``pixels``, a JPEG block grid is judged only against members of at least the row's resolution (resampling a
+    copy down erases its original's grid, which is no credit to the smaller copy), and clipping only against
+    members of at least the row's contrast (cutting a copy's contrast un-clips it)."""
     n = len(labels)
     out = {}
     for k in DEFECTS:
         v = np.asarray(values[k], dtype=np.float64)
         best = np.full(n, np.inf)
         np.minimum.at(best, labels[alive], v[alive])
-        ref = best[labels] if pixels is None or k != "blocky" else _best_at_least(v, labels, alive, pixels)
+        key = None if pixels is None else {"blocky": pixels, "clip": values.get("contrast")}.get(k)
+        ref = best[labels] if key is None else _best_at_least(v, labels, alive, np.asarray(key))
         out[k] = alive & (v - ref > TOLERANCE[k])
     return out
 
 
-def _best_at_least(v: np.ndarray, labels: np.ndarray, alive: np.ndarray, pixels: np.ndarray) -> np.ndarray:
-    """Per row: the smallest value among its group's alive members with at least its pixel count."""
+def _best_at_least(v: np.ndarray, labels: np.ndarray, alive: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Per row: the smallest value among its group's alive members (itself included) with at least its ``key``."""
     n = len(labels)
     out = np.full(n, np.inf)
-    by = np.lexsort((np.arange(n), -np.asarray(pixels), labels))  # per group, largest first
+    by = np.lexsort((np.arange(n), -key, labels))  # per group, largest key first
     run, last, i = np.inf, None, 0
     while i < n:
-        j = i  # members of one group with one pixel count share their running minimum
-        while j < n and labels[by[j]] == labels[by[i]] and pixels[by[j]] == pixels[by[i]]:
+        j = i  # members of one group with one key share their running minimum
+        while j < n and labels[by[j]] == labels[by[i]] and key[by[j]] == key[by[i]]:
             j += 1
         if labels[by[i]] != last:
             run, last = np.inf, labels[by[i]]
