@@ -44,8 +44,10 @@ def shipped_stages(kinds: tuple[str, ...] = JUDGED) -> list[dict]:
     return [s.model_dump() for s in cfg.stages if s.kind in kinds]
 
 
-def heldout_table(root: Path, size: int, clean_per: int, seeds: tuple[int, ...] | None = None) -> dict:
-    truth = make_photo_set(root, "heldout", size=size, clean_per=clean_per, seeds=seeds)
+def heldout_table(root: Path, size: int, clean_per: int, seeds: tuple[int, ...] | None = None,
+                  split: str = "heldout") -> dict:
+    """The table of one photograph split (``heldout`` unless told: ``dev`` for diagnosing) with the shipped stages."""
+    truth = make_photo_set(root, split, size=size, clean_per=clean_per, seeds=seeds)
     stages = shipped_stages()
     rows, scores = score_set(root / "data", stages, 256, work=root / "work")
     what, _ = decide_set(rows, scores, stages, 256)

@@ -28,12 +28,12 @@ JUDGED = ("quality", "artefacts", "pair_check", "fine_check")
 # Seed 300 of the fresh held-out split (its five photographs, every class at three strengths: the same rows as that
 # seed's part of the benchmark's held-out table in docs/benchmarks.md). The issue's floors: clean rows kept >= 0.95
 # and visible-strength recall >= 0.9, here pooled over the classes (~95 visible rows). Per class (~9 visible rows
-# each here) a regression guard: 0.9 - 3 binomial standard deviations at n = 9 (0.6), and for logo, short of 0.9
-# on the whole held-out split (34 of 40 visible rows), 0.85 - 3 sd (0.5).
+# each here) a regression guard: 0.9 - 3 binomial standard deviations at n = 9 (0.6). Logo had its own lower guard
+# (0.5) while it was short of 0.9 on the whole held-out split (34 of 40 visible rows at the first look); with the
+# opacity-model watermark check it reads 38 of 40 (second look), so it takes the common guard.
 CLEAN_FLOOR = 0.95
 POOLED_FLOOR = 0.9
 CLASS_GUARD = 0.6
-REGRESSION_GUARD = {"logo": 0.5}
 
 
 def shipped(kinds=JUDGED) -> list[dict]:
@@ -75,7 +75,7 @@ def test_heldout_photographs_meet_the_floors(tmp_path):
     for cls, r in result["classes"].items():
         assert r["visible"] >= 6, (cls, r)
         missed = [(u, truth[u]) for u, t in truth.items() if t["class"] == cls and t["visible"] and u not in what]
-        assert r["visible_recall"] >= REGRESSION_GUARD.get(cls, CLASS_GUARD), (cls, missed)
+        assert r["visible_recall"] >= CLASS_GUARD, (cls, missed)
 
 
 def test_pair_quality_finds_the_edit_and_measures_the_rest():
@@ -267,3 +267,65 @@ def test_trivial_edit_is_compression_not_a_weak_visible_edit():
     for seed in range(3):
         rng = np.random.default_rng(seed)
         assert local_change(src, clean_edit(src, "relight", rng)) > limit, seed
+
+
+def test_overlay_opacity_reads_the_same_over_dark_and_bright_ground():
+    """The watermark model of the paired text check: a white overlay of opacity a lifts a pixel s to
+    s + a (255 - s), so (target - source) / (255 - s) reads a wherever a stroke covers the pixel fully, over a dark
+    wall (s = 40, the difference is 0.35 x 215 = 75 levels) and over a bright one (s = 215: 14 levels, under the
+    difference mask's 24). Bound: PIL composes in 8-bit (+-1 level of alpha, +-0.5 of the result), so a reads
+    within 1/255 + 0.5/40 (the smallest room, 40 levels) = 0.017, +1/255 for the map's own rounding. A 0.6
+    watermark (the weaker visible strength) over the bright wall is then found as text; the difference alone
+    misses it."""
+    from firered_core.data.artefacts import _overlay_alpha, text_find
+    from firered_core.data.config import ArtefactConfig
+
+    rng = np.random.default_rng(0)
+    for ground in (40, 215):
+        src = np.full((96, 96, 3), ground, np.uint8)
+        for opacity in STRENGTHS["logo"][0]:
+            got = float(_overlay_alpha(defect(src, "logo", opacity, rng), src, light=True).max()) / 255
+            assert abs(got - opacity) <= 1 / 255 + 0.5 / 40 + 1 / 255, (ground, opacity, got)  # + the map's rounding
+    import cv2
+
+    from firered_core.data.artefacts import _best_line, _strokes
+    from firered_core.data.imageops import gray
+
+    src = np.clip(215 + rng.normal(0, 2, (96, 96, 1)), 0, 255).repeat(3, axis=2).astype(np.uint8)  # re-encoding
+    tgt = defect(src, "logo", 0.6, rng)
+    diff = np.clip(128.0 + gray(tgt) - gray(src), 0, 255).astype(np.uint8)
+    own = np.clip(gray(tgt), 0, 255).astype(np.uint8)
+    masks = _strokes(cv2, diff, cv2.MORPH_TOPHAT, 24) & _strokes(cv2, own, cv2.MORPH_TOPHAT, 12)
+    assert _best_line(cv2, masks, (0, None))[0] < ArtefactConfig().text  # the difference alone: missed
+    assert text_find(tgt, src)[0] >= ArtefactConfig().text
+
+
+def test_dedup_keeps_the_original_over_a_contrast_cut_copy(tmp_path):
+    """A copy of a pair with its contrast cut by 0.85 (``dup_jitter`` of the synthetic set) clips fewer pixels than
+    its original (a dark tuning region, 15% crushed shadows): judged against the whole group the original would
+    count worse on clipping and lose. Clipping is judged only against members of at least a row's contrast, so
+    the original (the copy first in the input) is kept, as the sharper of two equally clean rows."""
+    from firered_core.data.planted import _copy
+
+    crops, _ = regions(photograph("camera"), 96)
+    src = crops[int(np.argmax([float((c.max(-1) <= 5).mean()) for c in crops]))]
+    assert float((src.max(-1) <= 5).mean()) > 0.1
+    tgt = clean_edit(src, "relight", np.random.default_rng(2))
+    rng = np.random.default_rng(5)
+    root = tmp_path / "rows" / "edit"
+    (root / "img").mkdir(parents=True)
+    pairs = {"copy": [np.asarray(_copy(Image.fromarray(a), "dup_jitter", rng)) for a in (src, tgt)],
+             "orig": [src, tgt]}
+    lines = []
+    for name, (s, t) in pairs.items():
+        Image.fromarray(s).save(root / "img" / f"{name}_s.png")
+        Image.fromarray(t).save(root / "img" / f"{name}_t.png")
+        lines.append(json.dumps({"source_image": f"img/{name}_s.png", "target_image": f"img/{name}_t.png",
+                                 "instruction": "relight"}))
+    (root / "data.jsonl").write_text("\n".join(lines) + "\n")
+    out = run_pipeline(load_pipeline_config(None, input=str(tmp_path / "rows"), output=str(tmp_path / "out"),
+                                            analysis_size=96, stages=[{"kind": "dedup"}], engine={"workers": 0}))
+    got = {json.loads(x)["row"]: json.loads(x) for x in out.decisions.read_text().splitlines()}
+    assert got["edit/data:2"]["verdict"] == "keep", got
+    assert got["edit/data:1"]["verdict"] == "drop" and got["edit/data:1"]["scores"]["kept"] == "edit/data:2"
+    assert "as clean and sharper" in got["edit/data:1"]["reason"], got["edit/data:1"]["reason"]

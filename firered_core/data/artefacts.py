@@ -28,26 +28,52 @@ def text_find(arr: np.ndarray, ref: np.ndarray | None = None) -> tuple[float, Bo
     difference target - source (on mid grey; a photograph's own fine texture cancels, an overlay stays) and, with
     the same polarity, in the target itself (texture an edit covered shows in the difference only, inverted). Both
     masks are then lower (24 and 12 levels): outside the edit the difference is only re-encoding noise, so a
-    half-transparent watermark over a bright wall is still seen."""
+    half-transparent watermark over a bright wall is still seen. A pair is also read through the overlay's own
+    model (:func:`_overlay_alpha`), and the higher score of the two wins."""
     cv2 = require("cv2", "the overlay-text / watermark detector (artefacts.text)")
     own = np.clip(gray(arr), 0, 255).astype(np.uint8)
     g = own if ref is None else np.clip(128.0 + gray(arr) - gray(ref), 0, 255).astype(np.uint8)
-    best, where = 0, None
+    best: tuple[float, Box | None] = (0, None)
     for op in (cv2.MORPH_TOPHAT, cv2.MORPH_BLACKHAT):  # light text, dark text: one polarity at a time
         mask = _strokes(cv2, g, op) if ref is None else _strokes(cv2, g, op, 24) & _strokes(cv2, own, op, 12)
-        lines = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 1)))
-        n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
-        for i in range(1, n):
-            x, y, w, h, _ = stats[i]
-            if not (6 <= h <= 48 and w >= 1.5 * h) or y == 0 or y + h == g.shape[0]:
-                continue  # a text line: at least 6 px high, wider than high, off the border (morphology edges)
-            box = mask[y:y + h, x:x + w]
-            for frac in (0.35, 0.5, 0.65):
-                scan = box[int(frac * (h - 1))]
-                got = int((np.diff(scan.astype(np.int8)) == 1).sum() + scan[0])
-                if got > best:
-                    best, where = got, (int(x), int(y), int(x + w), int(y + h))
-    return float(best), where
+        best = _best_line(cv2, mask, best)
+    if ref is not None:
+        for light in (True, False):
+            best = _best_line(cv2, _strokes(cv2, _overlay_alpha(arr, ref, light), cv2.MORPH_TOPHAT, 80), best)
+    return float(best[0]), best[1]
+
+
+def _overlay_alpha(arr: np.ndarray, ref: np.ndarray, light: bool, floor: float = 32.0,
+                   least: float = 4.0) -> np.ndarray:
+    """The opacity a light (white) or dark (black) overlay would need to turn the source into the target, per pixel,
+    as 0..255. A semi-transparent watermark of opacity a raises a pixel s to s + a (255 - s): the difference alone
+    shrinks with the room left above s (a 0.35 watermark over a bright wall moves it a few levels), while the
+    opacity is the same over dark and bright ground, so its strokes stand out evenly. The room is floored at
+    ``floor`` levels (no division by a blown sky) and differences under ``least`` levels (re-encoding) count 0."""
+    d = gray(arr).astype(np.float64) - gray(ref)
+    s = gray(ref).astype(np.float64)
+    d, room = (d, 255.0 - s) if light else (-d, s)
+    a = np.where(d > least, np.clip(d / np.maximum(room, floor), 0, 1), 0.0)
+    return np.round(a * 255).astype(np.uint8)
+
+
+def _best_line(cv2, mask: np.ndarray, best: tuple[float, Box | None]) -> tuple[float, Box | None]:
+    """The stroke mask's text lines (the mask dilated along rows into blobs at least 6 px high, wider than high,
+    off the border where morphology has edges) and the most stroke crossings along one of their scan lines, if
+    more than ``best``'s."""
+    lines = cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_RECT, (7, 1)))
+    n, _, stats, _ = cv2.connectedComponentsWithStats(lines, connectivity=8)
+    for i in range(1, n):
+        x, y, w, h, _ = stats[i]
+        if not (6 <= h <= 48 and w >= 1.5 * h) or y == 0 or y + h == mask.shape[0]:
+            continue
+        box = mask[y:y + h, x:x + w]
+        for frac in (0.35, 0.5, 0.65):
+            scan = box[int(frac * (h - 1))]
+            got = int((np.diff(scan.astype(np.int8)) == 1).sum() + scan[0])
+            if got > best[0]:
+                best = (got, (int(x), int(y), int(x + w), int(y + h)))
+    return best
 
 
 def mosaic_score(arr: np.ndarray) -> float:

@@ -59,7 +59,7 @@ class DedupConfig(_Stage):
 
     kind: Literal["dedup"] = "dedup"
     exact: bool = True
-    hash_bits: int = Field(10, ge=0, le=64, description="near duplicate when every image's pHash differs <= this")
+    hash_bits: int = Field(12, ge=0, le=64, description="near duplicate when every image's pHash differs <= this")
     use_hashes: bool = True
     neighbours: int = Field(16, ge=1, le=1000, description="k of the kNN search")
     embedding: EmbeddingConfig | None = None

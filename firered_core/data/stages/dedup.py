@@ -12,7 +12,7 @@ from ..extras import require
 from ..imageops import downscale, load_rgb, pixel_hash
 from ..knn import clusters, cosine_pairs, hamming_pairs
 from ..rows import row_images
-from ..ranking import DEFECTS, defect_values, keep_reason, worse
+from ..ranking import MEASURES, defect_values, keep_reason, worse
 from ..ranking import order as best_first
 from ..spill import Spill
 from .base import DROP, KEEP, FittedStage, ShardPass, StageResult, decision
@@ -65,7 +65,7 @@ class DedupStage(FittedStage):
             spill.append("sha", [_hash64(s["sha"]) for s in scores], np.uint64)
             spill.append("pixels", [s["pixels"] for s in scores], np.int64)
             spill.append("sharp", [round(s["sharpness"], 6) for s in scores], np.float64)
-            for k in DEFECTS:
+            for k in MEASURES:
                 spill.append(f"d_{k}", [s["defects"][k] for s in scores], np.float64)
             counts = [len(s["phash"] or s["emb"]) for s in scores]
             spill.append("count", counts, np.int32)
@@ -90,8 +90,8 @@ class DedupStage(FittedStage):
             self.what[keeper != np.arange(n)] = 1
         alive = self.what == 0
         labels = clusters(n, self._near_pairs(alive))
-        self.defects = {k: np.asarray(spill.get(f"d_{k}", np.float64)) for k in DEFECTS}
-        self.flags = worse(self.defects, labels, alive)
+        self.defects = {k: np.asarray(spill.get(f"d_{k}", np.float64)) for k in MEASURES}
+        self.flags = worse(self.defects, labels, alive, pixels)
         penalty = sum(f.astype(np.int64) for f in self.flags.values())
         self.pixels, self.sharp = pixels, sharp
         best = np.full(n, -1, dtype=np.int64)  # per component label: its best member (ranking.py)
