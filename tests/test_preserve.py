@@ -162,3 +162,25 @@ def test_shift_search_recovers_what_a_large_paste_hides_from_phase_correlation(m
     monkeypatch.setattr(R, "GRID_BELOW_PEAK", 0.0)  # phase correlation alone
     alone = R.register(case.source, case.edited)
     assert abs(alone.dx - p["dx"]) + abs(alone.dy - p["dy"]) > 2, (alone, p)
+
+
+@pytest.mark.parametrize("kind, fraction", [("paste", 0.37), ("recolour", 0.30)])
+def test_periodic_texture_is_registered_at_the_small_shift_not_one_period_away(kind, fraction, monkeypatch):
+    """A tiled texture (a 64 px crop of coffee, a tuning photograph) correlates almost as well one period away: the
+    highest phase-correlation peak lies at -65.7 px for a planted -1.5 px shift, and a large recolour (30 % of the
+    picture inverted) pulls a least-squares gain far enough that the misfit preferred it too. The nearest strong
+    peak and a misfit fitted from gain 1 register it, and the region is found (before: IoU 0.31-0.37)."""
+    src, other = P.tiled("coffee", 192), P.photo("grass", 192)
+    case = P.plant("coffee-tiles", src, other, seed=101, fraction=fraction, kind=kind)
+    p = case.params
+    result = PV.preserve(case.source, case.edited)
+    reg = result.estimate.registration
+    assert abs(reg.dx - p["dx"]) < 0.5 and abs(reg.dy - p["dy"]) < 0.5, (reg, p)
+    assert not result.estimate.unsure and P.iou(result.estimate.region, case.region) >= 0.9
+    keep = ~result.estimate.region.numpy()
+    np.testing.assert_array_equal(P.to_8bit(result.image)[keep], P.to_8bit(case.source)[keep])
+    monkeypatch.setattr(R, "ALIAS_RATIO", 1.0)  # the highest peak alone lies one period away (the luminances')
+    lum = R._coarse(R.gray(case.source), R.gray(case.edited), R.SCALE_RANGE)
+    assert abs(lum.dx - p["dx"]) > 32, (lum, p)
+    if kind == "paste":
+        assert abs(R.register(case.source, case.edited).dx - p["dx"]) > 32
