@@ -20,6 +20,8 @@ COST_SIDE = 384  # candidates are compared on a copy at most this large
 GRID_BELOW_PEAK = 0.1  # a phase-correlation peak below this is not trusted: a shift search is tried too; it ...
 GRID_RADIUS = 3  # ... covers ±3 px ...
 GRID_MARGIN = 0.95  # ... and wins only with a misfit below this share of phase correlation's best
+ALIAS_RATIO = 0.7  # a correlation peak this high relative to the highest, nearer to no shift, wins (periodic texture)
+COST_ROUNDS = 3  # the misfit's gain and offset: refitted this often over the 60 % of pixels that fit best
 IDENTITY_EPS = 0.02  # shifts below this (pixels) and scale errors below this over the half-diagonal count as none
 
 
@@ -53,10 +55,24 @@ def _refine(c_minus: float, c0: float, c_plus: float) -> float:
     return 0.0 if abs(den) < 1e-12 else max(-0.5, min(0.5, 0.5 * (c_minus - c_plus) / den))
 
 
-def phase_correlate(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, float]:
+def _nearest_peak(corr: torch.Tensor, ratio: float) -> int:
+    """Flat index of the local maximum of ``corr`` nearest to no shift among those at least ``ratio`` times the
+    highest: a periodic texture (bricks, tiles) correlates almost as well one period away, and an editor's shift is
+    small."""
+    h, w = corr.shape
+    padded = F.pad(corr[None, None], (1, 1, 1, 1), mode="circular")
+    local = corr >= F.max_pool2d(padded, 3, stride=1)[0, 0]
+    ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
+    dist = torch.minimum(ys, h - ys) ** 2 + torch.minimum(xs, w - xs) ** 2
+    cand = local & (corr >= ratio * corr.max())
+    return int(torch.where(cand, dist.double(), math.inf).argmin())
+
+
+def phase_correlate(a: torch.Tensor, b: torch.Tensor, alias_ratio: float = 1.0) -> tuple[float, float, float]:
     """(dx, dy, peak) with ``b(x) ≈ a(x - d)`` for two [H, W] pictures: Hann window, whitened cross-power
     spectrum, parabolic sub-pixel peak. ``peak`` (0..1) is the correlation peak's height: near 1 for a pure shift,
-    near 0 for unrelated pictures."""
+    near 0 for unrelated pictures. ``alias_ratio`` < 1: the peak nearest to no shift among those at least that
+    share of the highest (:func:`_nearest_peak`), not the highest."""
     h, w = a.shape
     window = _hann(h, torch.float64)[:, None] * _hann(w, torch.float64)[None]
     a, b = a.double(), b.double()
@@ -64,7 +80,7 @@ def phase_correlate(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float, flo
     cross = fb * fa.conj()
     cross = cross / cross.abs().clamp_min(1e-12)
     corr = torch.fft.ifft2(cross).real
-    idx = int(torch.argmax(corr))
+    idx = int(torch.argmax(corr)) if alias_ratio >= 1 else _nearest_peak(corr, alias_ratio)
     py, px = divmod(idx, w)
     c = corr
     dy = py + _refine(float(c[(py - 1) % h, px]), float(c[py, px]), float(c[(py + 1) % h, px]))
@@ -117,7 +133,7 @@ def _zoom_peak(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[float, f
     """Phase correlation of ``a`` against ``b`` un-zoomed by ``scale``; shift returned in ``b``'s frame."""
     h, w = a.shape
     unzoomed, _ = warp(b[..., None], Registration(0.0, 0.0, scale), h, w, mode="bilinear")
-    dx, dy, peak = phase_correlate(a, unzoomed[..., 0])
+    dx, dy, peak = phase_correlate(a, unzoomed[..., 0], ALIAS_RATIO)
     return dx * scale, dy * scale, peak
 
 
@@ -138,15 +154,24 @@ def _blur2(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 def cost(a: torch.Tensor, b: torch.Tensor, reg: Registration, textured: torch.Tensor) -> float:
     """Robust misfit of ``b`` warped by ``reg`` against ``a`` (luminances, same size) over the ``textured``
-    pixels (flat areas say nothing about alignment): the mean of the smallest 60 % absolute residuals after a
-    least-squares gain and offset (a changed region under 40 % of those pixels does not count)."""
+    pixels (flat areas say nothing about alignment): the 60 % quantile of the absolute residuals after a gain and
+    offset fitted over the 60 % that fit best, starting from gain 1 (a changed region under 40 % of those pixels
+    does not count; a least-squares gain over all of them let a large inverted recolour pull it, and then the
+    misfit preferred a periodic texture's alias one period away)."""
     h, w = a.shape
     wb, _ = warp(b[..., None], reg, h, w, mode="bilinear")
     x, y = a[textured].double(), wb[..., 0][textured].double()
-    xm, ym = x.mean(), y.mean()
-    gain = ((x - xm) * (y - ym)).sum() / ((x - xm) ** 2).sum().clamp_min(1e-12)
-    r = (y - ym - gain * (x - xm)).abs()
-    return float(r.kthvalue(max(1, int(0.6 * len(r))))[0]) if len(r) else 0.0
+    if not len(x):
+        return 0.0
+    k = max(1, int(0.6 * len(x)))
+    r = (y - x - (y - x).median()).abs()  # gain 1 first: a colour drift moves it little, a large edit a lot
+    fit = r <= r.kthvalue(k)[0]
+    for _ in range(COST_ROUNDS):
+        xm, ym = x[fit].mean(), y[fit].mean()
+        gain = ((x - xm) * (y - ym))[fit].sum() / ((x - xm) ** 2)[fit].sum().clamp_min(1e-12)
+        r = (y - ym - gain * (x - xm)).abs()
+        fit = r <= r.kthvalue(k)[0]
+    return float(r.kthvalue(k)[0])
 
 
 def misfit(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> float:

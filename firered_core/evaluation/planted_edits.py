@@ -61,6 +61,16 @@ def photo(name: str, side: int) -> torch.Tensor:
     return quantize(out[0].permute(1, 2, 0))
 
 
+def tiled(name: str, side: int, crop: int = 64) -> torch.Tensor:
+    """A ``side`` x ``side`` periodic texture: the centre ``crop`` x ``crop`` px of photograph ``name`` (at 512 px)
+    repeated; the tuning-side stand-in for the held-out half's strong periodic textures (brick, cell)."""
+    image = photo(name, 512)
+    h, w = image.shape[:2]
+    patch = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
+    reps = side // crop + 1
+    return patch.repeat(reps, reps, 1)[:side, :side].contiguous()
+
+
 def quantize(image: torch.Tensor) -> torch.Tensor:
     return (image.clamp(0, 1) * 255).round() / 255
 
