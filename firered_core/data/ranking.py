@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .artefacts import mosaic_score, text_find
+from .config import ArtefactConfig
 from .extras import available
 from .imageops import gray, resize_to
 from .pairquality import blockiness, noise_level
@@ -22,7 +23,9 @@ MEASURES = DEFECTS + ("contrast",)  # contrast is no defect: it says which membe
 # quality stages' default limits where they measure the same thing (text, mosaic, JPEG blocks); noise a 1.5x sigma;
 # clipping a tenth of the picture, judged only against members of at least the row's contrast: a copy whose
 # contrast was cut clips less without the original being damaged.
-TOLERANCE = {"text": 8.67, "mosaic": 14.4, "noise": 0.4, "blocky": 0.3, "clip": 0.1}
+_LIMITS = ArtefactConfig.model_fields  # one place for the shipped limits (tuned by benchmarks/tune_filters.py)
+TOLERANCE = {"text": _LIMITS["text"].default, "mosaic": _LIMITS["mosaic"].default, "noise": 0.4, "blocky": 0.3,
+             "clip": 0.1}
 WHAT = {"text": "overlay text", "mosaic": "mosaic", "noise": "noise", "blocky": "JPEG blocks",
         "clip": "clipped pixels"}
 
