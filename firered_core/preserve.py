@@ -2,11 +2,13 @@
 
 No model and no instruction: a function of (input, output) pictures only.
 
-1. **Registration** (:mod:`registration`): the output's global shift (phase correlation) and zoom (searched within
-   ±3 %) are measured and undone, so a 1-3 px shift or a 1-2 % zoom does not mark the whole picture as changed.
+1. **Registration** (:mod:`registration`): the output's global shift (phase correlation, within 3 % of each side)
+   and zoom (searched within ±3 %) are measured and undone, so a 1-3 px shift or a 1-2 % zoom does not mark the
+   whole picture as changed.
 2. **Colour drift**: a per-channel quadratic map (``out = a x + b x^2 + c``) from the registered output to the
    input, fitted by trimmed least squares on the pixels outside the changed region (re-fitted as the region is
-   found), is undone before comparing.
+   found; a ridge on ``b`` keeps a narrow tonal range from bending the map over an edit), is undone before
+   comparing.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
@@ -19,9 +21,10 @@ No model and no instruction: a function of (input, output) pictures only.
    the first noise fit reads the lower quartile per texture bin (a 40 % edit can hold the median of a bin), the
    later ones skip the last region and every pixel above ``k_low``.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
-   registration peak is clear; it falls to 0 for a global change (a restyle, a new picture, a zoom beyond the
-   search, a colour change too large to be drift). Below 0.5 the estimate is "unsure" and the edit is returned
-   whole, with a one-line note.
+   registration is trusted (a clear phase-correlation peak, or edge maps that correlate outside the region: a
+   periodic texture's whitened peak is low even where it is right); it falls to 0 for a global change (a restyle,
+   a new picture, a colour change too large to be drift) and for a zoom found at the search's last step (it may
+   lie beyond). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
 5. **Auto composite** (:func:`preserve`): the registered (and, by default, colour-corrected) output is pasted onto
    the input inside the region through :func:`masks.composite` (feather ramp inside the region's border), so every
    pixel outside the region is the input's own, bit for bit.
@@ -39,7 +42,7 @@ import torch.nn.functional as F
 
 from . import mask_ops as O
 from . import masks as M
-from .registration import Registration, edges, register, warp
+from .registration import Registration, at_zoom_edge, edges, register, warp
 
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
@@ -47,6 +50,8 @@ FIT_SAMPLES = 60_000  # pixels used for the colour fit
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
 LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
+CURVE_PENALTY = 0.03  # ridge on the quadratic term (per sample): a narrow tonal range cannot bend the map over an edit
+EDGE_PASSES = 2  # rim trims: the second reaches a rim up to twice the band wide
 NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
 
@@ -69,7 +74,8 @@ class PreserveSettings:
     max_fraction: float = 0.6  # confidence falls from 1 at this changed fraction to 0 at 0.85
     noise_cap: float = 0.08  # ... from 1 at this median residual outside the region (RGB distance) to 0 at twice it
     max_drift: float = 0.15  # ... from 1 at this mean colour correction (RGB distance) to 0 at twice it
-    min_peak: float = 0.06  # ... and from 1 at this registration peak to 0 at a third of it
+    min_peak: float = 0.06  # ... and from 1 at this registration peak to 0 at a third of it, unless ...
+    min_related: float = 0.5  # ... the edge maps outside the region correlate: 1 at this, 0 at min_related - 0.2
     work_side: int = 768  # estimate on a copy at most this large
 
 
@@ -88,6 +94,7 @@ class Estimate:
     drift: float  # mean RGB distance the colour fit moved the unchanged pixels by
     colour_map: torch.Tensor = field(repr=False)  # [3, 3] coefficients of the fitted colour map
     unsure: bool = False
+    related: float = 1.0  # correlation of the two pictures' edge maps outside the region (0: unrelated)
 
 
 @dataclass
@@ -127,10 +134,11 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     resid = (x[..., 0] - y).norm(dim=1)
     keep = resid <= resid.quantile(0.6)
     coef = IDENTITY_MAP.clone()
+    penalty = torch.diag(torch.tensor([1e-6, CURVE_PENALTY, 1e-6], dtype=torch.float64))
     for _ in range(rounds):
         for c in range(3):
             xc = x[keep, c]
-            coef[c] = torch.linalg.solve(xc.T @ xc + 1e-6 * torch.eye(3, dtype=torch.float64), xc.T @ y[keep, c])
+            coef[c] = torch.linalg.solve(xc.T @ xc + len(xc) * penalty, xc.T @ y[keep, c])
         resid = ((x * coef).sum(-1) - y).norm(dim=1)
         keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
     return coef
@@ -216,9 +224,14 @@ def _half_edge(region: torch.Tensor, diff: torch.Tensor, s: PreserveSettings) ->
     two (and blurred by the difference filter) crosses every noise-relative threshold well outside its true edge."""
     if s.edge_ratio <= 0 or not bool(region.any()):
         return region
-    core = O.erode(region, s.edge_band)
-    ref = F.max_pool2d((diff * core)[None, None], 2 * s.edge_band + 1, stride=1, padding=s.edge_band)[0, 0]
-    return region & ~(~core & (diff < s.edge_ratio * ref))
+    for _ in range(EDGE_PASSES):  # a rim wider than the band keeps its outer pixels in the core the first time
+        core = O.erode(region, s.edge_band)
+        ref = F.max_pool2d((diff * core)[None, None], 2 * s.edge_band + 1, stride=1, padding=s.edge_band)[0, 0]
+        trimmed = region & ~(~core & (diff < s.edge_ratio * ref))
+        if torch.equal(trimmed, region):
+            break
+        region = trimmed
+    return region
 
 
 def _mean_z(change: torch.Tensor, region: torch.Tensor, tex: torch.Tensor, keep: torch.Tensor,
@@ -281,17 +294,33 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     if not bool(keep.any()):
         keep = valid
     drift = float((corrected - aligned).norm(dim=-1)[keep].mean())
+    related = relatedness(src, aligned, keep)
     noise = float(diff[keep].median())
     fraction = float(region.float().mean())
+    # A periodic texture's whitened correlation peak is low even where it is right (it is spread over the lattice),
+    # so a registration is trusted when either its peak is clear or the structure outside the region matches; a
+    # zoom found at the search's last step may lie beyond it (the misfit then hides in the texture-scaled noise).
+    registered = max(_ramp(-reg.peak, -s.min_peak, -s.min_peak / 3),
+                     _ramp(-related, -s.min_related, 0.2 - s.min_related)) * (not at_zoom_edge(reg))
     confidence = min(_ramp(fraction, s.max_fraction, 0.85), _ramp(noise, s.noise_cap, 2 * s.noise_cap),
-                     _ramp(drift, s.max_drift, 2 * s.max_drift), _ramp(-reg.peak, -s.min_peak, -s.min_peak / 3))
+                     _ramp(drift, s.max_drift, 2 * s.max_drift), registered)
     if f != 1.0:
         region = F.interpolate(region.float()[None, None], size=(height, width), mode="bilinear",
                                align_corners=False)[0, 0] > 0.5
         reg = replace(reg, dx=reg.dx * f, dy=reg.dy * f)
     aligned_full, _ = warp(edited, reg, height, width)
-    est = Estimate(region, confidence, reg, fraction, noise, drift, coef, unsure=confidence < 0.5)
+    est = Estimate(region, confidence, reg, fraction, noise, drift, coef, unsure=confidence < 0.5, related=related)
     return est, aligned_full
+
+
+def relatedness(source: torch.Tensor, aligned: torch.Tensor, where: torch.Tensor) -> float:
+    """Pearson correlation of the two pictures' edge maps (blurred over 1 px) over ``where``: near 1 where the
+    registered edit shows the input's structure, near 0 for another picture."""
+    ea, eb = _blur(edges(source), 1.0)[where].double(), _blur(edges(aligned), 1.0)[where].double()
+    if ea.numel() < 64:
+        return 0.0
+    ea, eb = ea - ea.mean(), eb - eb.mean()
+    return float((ea * eb).sum() / (ea.norm() * eb.norm()).clamp_min(1e-12))
 
 
 def _note(est: Estimate) -> str:

@@ -1,5 +1,9 @@
 """Global registration of an edit to its input: shift by phase correlation, and a small zoom by a scale search.
 
+Shifts are searched within :func:`shift_window` (3 % of each side + 2 px): an editor's drift is small, and a
+periodic texture (bricks, tiles, cells) correlates as well one period away. The zoom is the one whose shift leaves
+the least robust :func:`misfit`, or the highest correlation peak's when the misfit has no minimum inside the search.
+
 Convention: ``edited(c + s * (x - c) + d) ≈ source(x)``, with ``c`` the picture's centre, ``s`` the scale (> 1: the
 edit shows the scene magnified) and ``d = (dx, dy)`` in pixels. :func:`warp` resamples the edit onto the source's
 pixel grid by that map, so a 1-3 px shift or a 1-2 % zoom of the whole picture does not count as a change.
@@ -21,6 +25,8 @@ GRID_BELOW_PEAK = 0.1  # a phase-correlation peak below this is not trusted: a s
 GRID_RADIUS = 3  # ... covers ±3 px ...
 GRID_MARGIN = 0.95  # ... and wins only with a misfit below this share of phase correlation's best
 ALIAS_RATIO = 0.7  # a correlation peak this high relative to the highest, nearer to no shift, wins (periodic texture)
+SHIFT_RANGE = 0.03  # shifts searched: up to this share of each side (+ SHIFT_SLACK px); a larger move is no drift
+SHIFT_SLACK = 2
 COST_ROUNDS = 3  # the misfit's gain and offset: refitted this often over the 60 % of pixels that fit best
 IDENTITY_EPS = 0.02  # shifts below this (pixels) and scale errors below this over the half-diagonal count as none
 
@@ -55,32 +61,47 @@ def _refine(c_minus: float, c0: float, c_plus: float) -> float:
     return 0.0 if abs(den) < 1e-12 else max(-0.5, min(0.5, 0.5 * (c_minus - c_plus) / den))
 
 
-def _nearest_peak(corr: torch.Tensor, ratio: float) -> int:
+def _nearest_peak(corr: torch.Tensor, ratio: float, window: tuple[float, float] | None = None) -> int:
     """Flat index of the local maximum of ``corr`` nearest to no shift among those at least ``ratio`` times the
-    highest: a periodic texture (bricks, tiles) correlates almost as well one period away, and an editor's shift is
-    small."""
+    highest, looking only at shifts within ``window`` (``(x, y)`` px, when given): a periodic texture (bricks,
+    tiles) correlates almost as well one period away, and an editor's shift is small. (Whitening spreads a tiled
+    texture's correlation over every lattice point, so beyond the window the lattice's copies of the true peak and
+    the noise of a large paste can stand higher than the true peak itself.)"""
     h, w = corr.shape
     padded = F.pad(corr[None, None], (1, 1, 1, 1), mode="circular")
     local = corr >= F.max_pool2d(padded, 3, stride=1)[0, 0]
     ys, xs = torch.arange(h)[:, None], torch.arange(w)[None]
-    dist = torch.minimum(ys, h - ys) ** 2 + torch.minimum(xs, w - xs) ** 2
-    cand = local & (corr >= ratio * corr.max())
+    ys, xs = torch.minimum(ys, h - ys), torch.minimum(xs, w - xs)
+    inside = torch.ones_like(local) if window is None else (xs <= window[0]) & (ys <= window[1])
+    dist = ys ** 2 + xs ** 2
+    cand = local & inside & (corr >= ratio * corr[inside].max())
+    if not bool(cand.any()):
+        cand = inside & (corr >= corr[inside].max())
     return int(torch.where(cand, dist.double(), math.inf).argmin())
 
 
-def phase_correlate(a: torch.Tensor, b: torch.Tensor, alias_ratio: float = 1.0) -> tuple[float, float, float]:
+def shift_window(height: int, width: int) -> tuple[float, float]:
+    """The largest shift (x, y; px) :func:`register` searches: :data:`SHIFT_RANGE` of each side plus
+    :data:`SHIFT_SLACK` px. A picture moved further is a recomposition, not drift; the change then covers the
+    picture and the estimate returns the edit whole."""
+    return SHIFT_RANGE * width + SHIFT_SLACK, SHIFT_RANGE * height + SHIFT_SLACK
+
+
+def phase_correlate(a: torch.Tensor, b: torch.Tensor, alias_ratio: float = 1.0,
+                    window: tuple[float, float] | None = None) -> tuple[float, float, float]:
     """(dx, dy, peak) with ``b(x) ≈ a(x - d)`` for two [H, W] pictures: Hann window, whitened cross-power
     spectrum, parabolic sub-pixel peak. ``peak`` (0..1) is the correlation peak's height: near 1 for a pure shift,
-    near 0 for unrelated pictures. ``alias_ratio`` < 1: the peak nearest to no shift among those at least that
-    share of the highest (:func:`_nearest_peak`), not the highest."""
+    near 0 for unrelated pictures. ``alias_ratio`` < 1 or a ``window``: the peak nearest to no shift among those
+    within the window and at least that share of the highest there (:func:`_nearest_peak`), not the highest."""
     h, w = a.shape
-    window = _hann(h, torch.float64)[:, None] * _hann(w, torch.float64)[None]
+    hann = _hann(h, torch.float64)[:, None] * _hann(w, torch.float64)[None]
     a, b = a.double(), b.double()
-    fa, fb = torch.fft.fft2((a - a.mean()) * window), torch.fft.fft2((b - b.mean()) * window)
+    fa, fb = torch.fft.fft2((a - a.mean()) * hann), torch.fft.fft2((b - b.mean()) * hann)
     cross = fb * fa.conj()
     cross = cross / cross.abs().clamp_min(1e-12)
     corr = torch.fft.ifft2(cross).real
-    idx = int(torch.argmax(corr)) if alias_ratio >= 1 else _nearest_peak(corr, alias_ratio)
+    idx = (int(torch.argmax(corr)) if alias_ratio >= 1 and window is None
+           else _nearest_peak(corr, min(alias_ratio, 1.0), window))
     py, px = divmod(idx, w)
     c = corr
     dy = py + _refine(float(c[(py - 1) % h, px]), float(c[py, px]), float(c[(py + 1) % h, px]))
@@ -130,10 +151,11 @@ def _small(image: torch.Tensor, side: int) -> torch.Tensor:
 
 
 def _zoom_peak(a: torch.Tensor, b: torch.Tensor, scale: float) -> tuple[float, float, float]:
-    """Phase correlation of ``a`` against ``b`` un-zoomed by ``scale``; shift returned in ``b``'s frame."""
+    """Phase correlation of ``a`` against ``b`` un-zoomed by ``scale``, within :func:`shift_window`; shift
+    returned in ``b``'s frame."""
     h, w = a.shape
     unzoomed, _ = warp(b[..., None], Registration(0.0, 0.0, scale), h, w, mode="bilinear")
-    dx, dy, peak = phase_correlate(a, unzoomed[..., 0], ALIAS_RATIO)
+    dx, dy, peak = phase_correlate(a, unzoomed[..., 0], ALIAS_RATIO, shift_window(h, w))
     return dx * scale, dy * scale, peak
 
 
@@ -221,15 +243,29 @@ def _shift_search(a: torch.Tensor, b: torch.Tensor) -> tuple[Registration, float
     return reg, misfit(a, b, reg)
 
 
+def at_zoom_edge(reg: Registration, scale_range: float = SCALE_RANGE) -> bool:
+    """Whether the zoom found is the search's last step: the edit may be zoomed beyond the search."""
+    return abs(math.log(reg.scale)) >= round(scale_range / SCALE_STEP) * SCALE_STEP - 1e-9
+
+
 def _coarse(a: torch.Tensor, b: torch.Tensor, scale_range: float) -> Registration:
+    """The zoom (steps of :data:`SCALE_STEP`, parabola-refined) whose windowed phase-correlation shift, on a copy
+    at most :data:`SEARCH_SIDE` large, leaves the least :func:`misfit`; when that least misfit lies at the search's
+    edge (no minimum inside: a large change dominates the misfit), the zoom of the highest peak instead. (The
+    peak's height alone chose the zoom before: whitening spreads a periodic texture's peak over its lattice, and a
+    large paste's noise then decides the heights.) Then the shift at full size with that zoom undone."""
     sa, sb = _small(a, SEARCH_SIDE), _small(b, SEARCH_SIDE)
+    f = max(a.shape) / max(sa.shape)
     steps = int(round(scale_range / SCALE_STEP))
     scales = [math.exp(k * SCALE_STEP) for k in range(-steps, steps + 1)]
-    peaks = [_zoom_peak(sa, sb, s)[2] for s in scales]
-    best = max(range(len(scales)), key=peaks.__getitem__)
+    found = [_zoom_peak(sa, sb, s) for s in scales]
+    score = [-misfit(a, b, Registration(dx * f, dy * f, s)) for s, (dx, dy, _) in zip(scales, found)]
+    if max(range(len(scales)), key=score.__getitem__) in (0, len(scales) - 1):
+        score = [p for _, _, p in found]
+    best = max(range(len(scales)), key=score.__getitem__)
     scale = scales[best]
     if 0 < best < len(scales) - 1:
-        scale = math.exp((best - steps + _refine(peaks[best - 1], peaks[best], peaks[best + 1])) * SCALE_STEP)
+        scale = math.exp((best - steps + _refine(score[best - 1], score[best], score[best + 1])) * SCALE_STEP)
     if abs(scale - 1.0) < 0.1 * SCALE_STEP:
         scale = 1.0
     dx, dy, peak = _zoom_peak(a, b, scale)

@@ -149,38 +149,88 @@ def test_morphology_torch_path_equals_scipy(monkeypatch):
     assert not torch.equal(fast[2], mask)  # some small components were removed
 
 
+def _corner_error(reg: R.Registration, p: dict, height: int, width: int) -> float:
+    """Largest misplacement (px) over the picture of a registration against the planted shift and zoom."""
+    half_diag = 0.5 * float(np.hypot(height, width))
+    return float(np.hypot(reg.dx - p["dx"], reg.dy - p["dy"])) + abs(reg.scale - p["zoom"]) * half_diag
+
+
 def test_shift_search_recovers_what_a_large_paste_hides_from_phase_correlation(monkeypatch):
-    """A 40 % paste of another photograph draws phase correlation's peak onto the paste (a 3 % zoom, a 3.5 px
-    shift); the ±3 px shift search tried below a 0.1 peak finds the planted shift (a tuning-half case: chelsea,
-    seed 1)."""
+    """A 40 % paste of another photograph draws phase correlation's peak onto the paste; without the shift window,
+    the misfit-chosen zoom and the ±3 px shift search it lands 1.9 px off at the corners (a 1.4 % zoom). With them:
+    within 0.6 px everywhere (a tuning-half case: chelsea, seed 1)."""
     src, other = P.photo("chelsea", 192), P.photo("coffee", 192)
     case = P.plant("chelsea", src, other, seed=1074)
     p = case.params
+    h, w = src.shape[:2]
     assert p["kind"] == "paste" and p["fraction"] >= 0.39 and p["zoom"] == 1.0, p
     reg = R.register(case.source, case.edited)
-    assert abs(reg.dx - p["dx"]) < 0.5 and abs(reg.dy - p["dy"]) < 0.5 and reg.scale == 1.0, (reg, p)
-    monkeypatch.setattr(R, "GRID_BELOW_PEAK", 0.0)  # phase correlation alone
+    assert _corner_error(reg, p, h, w) < 0.6, (reg, p)
+    monkeypatch.setattr(R, "GRID_BELOW_PEAK", 0.0)  # no shift search ...
+    monkeypatch.setattr(R, "SHIFT_RANGE", 0.5)  # ... and no window: phase correlation's peaks alone
     alone = R.register(case.source, case.edited)
-    assert abs(alone.dx - p["dx"]) + abs(alone.dy - p["dy"]) > 2, (alone, p)
+    assert _corner_error(alone, p, h, w) > 1.5, (alone, p)
 
 
 @pytest.mark.parametrize("kind, fraction", [("paste", 0.37), ("recolour", 0.30)])
 def test_periodic_texture_is_registered_at_the_small_shift_not_one_period_away(kind, fraction, monkeypatch):
     """A tiled texture (a 64 px crop of coffee, a tuning photograph) correlates almost as well one period away: the
-    highest phase-correlation peak lies at -65.7 px for a planted -1.5 px shift, and a large recolour (30 % of the
-    picture inverted) pulls a least-squares gain far enough that the misfit preferred it too. The nearest strong
-    peak and a misfit fitted from gain 1 register it, and the region is found (before: IoU 0.31-0.37)."""
+    highest phase-correlation peak lies at -65.5 px for a planted -1.5 px shift. The shift window (3 % of the side
+    + 2 px) and the nearest strong peak register it, and the region is found."""
     src, other = P.tiled("coffee", 192), P.photo("grass", 192)
     case = P.plant("coffee-tiles", src, other, seed=101, fraction=fraction, kind=kind)
     p = case.params
     result = PV.preserve(case.source, case.edited)
-    reg = result.estimate.registration
-    assert abs(reg.dx - p["dx"]) < 0.5 and abs(reg.dy - p["dy"]) < 0.5, (reg, p)
+    assert _corner_error(result.estimate.registration, p, *src.shape[:2]) < 0.6, (result.estimate.registration, p)
     assert not result.estimate.unsure and P.iou(result.estimate.region, case.region) >= 0.9
     keep = ~result.estimate.region.numpy()
     np.testing.assert_array_equal(P.to_8bit(result.image)[keep], P.to_8bit(case.source)[keep])
-    monkeypatch.setattr(R, "ALIAS_RATIO", 1.0)  # the highest peak alone lies one period away (the luminances')
+    monkeypatch.setattr(R, "ALIAS_RATIO", 1.0)  # the highest peak, anywhere: one period away (the luminances')
+    monkeypatch.setattr(R, "SHIFT_RANGE", 0.5)
     lum = R._coarse(R.gray(case.source), R.gray(case.edited), R.SCALE_RANGE)
     assert abs(lum.dx - p["dx"]) > 32, (lum, p)
     if kind == "paste":
         assert abs(R.register(case.source, case.edited).dx - p["dx"]) > 32
+
+
+def test_zoomed_periodic_texture_picks_its_zoom_by_misfit(monkeypatch):
+    """A zoomed tiled texture (a 32 px crop of chelsea) under a 29 % paste: whitening spreads the correlation over
+    the lattice, so the highest peak of any zoom lay a period away (-32.5, -32.5 px; IoU 0.49). The zoom whose
+    windowed shift fits best finds it (IoU 0.96) (a tuning-side analogue of brick and cell)."""
+    src, other = P.tiled("chelsea", 192, crop=32), P.photo("astronaut", 192)
+    case = P.plant("chelsea-tiles", src, other, seed=37)
+    p = case.params
+    assert p["geometry"] == "zoom" and p["kind"] == "paste" and p["fraction"] > 0.25, p
+    result = PV.preserve(case.source, case.edited)
+    # within a quarter period (measured: 2.0 px at the corners; the fine repeats of the crop leave the zoom loose)
+    assert _corner_error(result.estimate.registration, p, 192, 192) < 8, (result.estimate.registration, p)
+    assert P.iou(result.mask > 0, case.region) >= 0.9
+    monkeypatch.setattr(R, "SHIFT_RANGE", 0.5)
+    assert _corner_error(R.register(case.source, case.edited), p, 192, 192) > 16
+
+
+def test_narrow_tonal_range_cannot_bend_the_colour_map_over_an_object(monkeypatch):
+    """On the moon (grey values 0.24-0.54) a 33 % object outside that range was absorbed by a steep quadratic
+    colour map (x^2 coefficient -1.3): the region came back empty. The ridge on the quadratic term keeps the map
+    to what the unchanged pixels support (a tuning-half case: moon, seed 3)."""
+    i = P.TUNING.index("moon")
+    case = P.plant("moon", P.photo("moon", 192), P.photo(P.TUNING[i + 1], 192), seed=3 * 1000 + i * 37 + 1)
+    assert case.params["kind"] == "object" and case.params["fraction"] > 0.3
+    assert P.iou(PV.preserve(case.source, case.edited).mask > 0, case.region) >= 0.9
+    monkeypatch.setattr(PV, "CURVE_PENALTY", 0.0)
+    assert P.iou(PV.preserve(case.source, case.edited).mask > 0, case.region) < 0.1
+
+
+def test_zoom_beyond_the_search_is_returned_whole():
+    """An 8 % zoom (the search covers 3 %) plus a local object: the registration stops at the search's last step and
+    the object would be pasted misaligned by up to 6 px; the estimate says unsure instead. Measured on the tuning
+    half: 8 of 9 photographs (hubble's sparse stars register at no zoom, confidence 0.6)."""
+    unsure = 0
+    for name in P.TUNING:
+        src = P.photo(name, 192)
+        case = P.plant(name, src, P.photo("coins", 192), seed=5, fraction=0.1, geometry="shift", kind="object")
+        result = PV.preserve(src, P.move(case.edited, 0, 0, 1.08))
+        unsure += result.estimate.unsure
+        if result.estimate.unsure:
+            assert bool((result.mask == 1).all()) and "returned whole" in result.note
+    assert unsure >= 7
