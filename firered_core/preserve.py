@@ -15,8 +15,8 @@ No model and no instruction: a function of (input, output) pictures only.
    edges than on flat areas. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
    ``k_low`` times above it (hysteresis) and, in the last pass, over pixels whose local mean colour change (the
    region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
-   outer 4 lines of pixels of each side get their own noise level (a VAE's padding); then closing, hole filling, a
-   rim trimmed to where the change is at least half the change just inside (an edit blended over a pixel or two
+   outer lines of pixels (5 % of the longer side) get their own noise level (a VAE's padding); then closing, hole
+   filling, a rim trimmed to where the change is at least half the change just inside (an edit blended over a pixel or two
    otherwise spills past every noise-relative threshold), opening and a minimum area. Steps 2-3 run three times;
    the first noise fit reads the lower quartile per texture bin (a 40 % edit can hold the median of a bin), the
    later ones skip the last region and every pixel above ``k_low``.
@@ -69,7 +69,8 @@ class PreserveSettings:
     mean_blur: float = 2.0
     edge_ratio: float = 0.5  # the rim keeps pixels whose change is at least this share of the change just inside
     edge_band: int = 2  # ... the rim's width and how far inside "just inside" reaches (px)
-    border: int = 4  # noise measured apart in each of the outer lines of pixels (0: off)
+    border: float = 0.05  # noise measured apart in each outer line of pixels, out to this share of the longer side
+    # (at least 4 px; 0: off)
     min_area: float = 0.002  # smallest region kept, as a fraction of the picture (at least 16 px)
     max_fraction: float = 0.6  # confidence falls from 1 at this changed fraction to 0 at 0.85
     noise_cap: float = 0.08  # ... from 1 at this median residual outside the region (RGB distance) to 0 at twice it
@@ -180,11 +181,17 @@ def fit_noise(diff: torch.Tensor, tex: torch.Tensor, where: torch.Tensor, bins: 
     return max(a, float(dm.min()) * 0.5, NOISE_FLOOR), b
 
 
+def border_width(shape: tuple[int, ...], s: PreserveSettings) -> int:
+    """The lines of pixels along each side whose noise is measured apart: a VAE's padding error reaches further
+    in pixels on a larger picture (the tiny VAE's: 2-6x the inner noise out to ~4 px at 192 px, ~12 at 384)."""
+    return 0 if s.border <= 0 else max(4, round(s.border * max(shape)))
+
+
 def border_scaled(z: torch.Tensor, where: torch.Tensor, width: int) -> torch.Tensor:
     """``z`` divided, in each line of pixels ``k`` < ``width`` px from each side of the picture, by how much larger
     its median over ``where`` is there than inside (when it is): a VAE's padding and a warp's edge leave more error
-    along the border (2.5x in the outer 3 px, 1.4x out to ~12 px on the tuning half; widths 4-12 were tried there,
-    4 won)."""
+    along the border (2.5x in the outer 3 px, 1.4x out to ~12 px on the tuning half at 192 px). The width is
+    :func:`border_width`: 2-8 % of the longer side were tried on the tuning half at 192 and 384 px; 4-6 % tie."""
     h, w = z.shape
     if width <= 0 or min(h, w) <= 4 * width:
         return z
@@ -243,7 +250,7 @@ def _mean_z(change: torch.Tensor, region: torch.Tensor, tex: torch.Tensor, keep:
     weight = _blur(out, s.mean_blur).clamp_min(1e-3)
     mean = torch.stack([_blur(c * out, s.mean_blur) / weight for c in change.unbind(-1)], -1).norm(dim=-1) * out
     a, b = fit_noise(mean, tex, keep)
-    return border_scaled(mean / (a + b * tex), keep, s.border)
+    return border_scaled(mean / (a + b * tex), keep, border_width(keep.shape, s))
 
 
 def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: PreserveSettings,
@@ -285,7 +292,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         corrected = apply_colour_map(aligned, coef)
         diff = _blur((corrected - src).norm(dim=-1), s.blur)
         a, b = fit_noise(diff, tex, keep, quantile=FIRST_QUANTILE if it == 0 else NOISE_QUANTILE)
-        z = border_scaled(diff / (a + b * tex), keep, s.border)
+        z = border_scaled(diff / (a + b * tex), keep, border_width(keep.shape, s))
         region = _region(z, diff, valid, s)
         if s.k_mean > 0 and it == iterations - 1:
             region = _region(z, diff, valid, s, _mean_z(corrected - src, region, tex, keep, s))

@@ -41,6 +41,7 @@ KINDS = ("object", "paste", "recolour")
 LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13)
 FRESH_SEEDS = (21, 22, 23, 24)
 TEST_SEED = 25
+LARGE_SEED = 26  # (declared 23:10 UTC, before the look) a 384 px draw: 2 cases per HELD_OUT photograph
 
 
 @lru_cache(maxsize=None)
@@ -71,6 +72,23 @@ def tiled(name: str, side: int, crop: int = 64) -> torch.Tensor:
     patch = image[(h - crop) // 2:(h + crop) // 2, (w - crop) // 2:(w + crop) // 2]
     reps = side // crop + 1
     return patch.repeat(reps, reps, 1)[:side, :side].contiguous()
+
+
+ANALOGUE_PHOTOS = ("coffee", "chelsea", "astronaut", "rocket", "grass", "camera")
+ANALOGUE_CROPS = (24, 32, 48, 64)
+
+
+def analogue_cases(side: int, per_photo: int, seed: int = 0) -> list[PlantedCase]:
+    """Tuning-side stand-ins for the held-out half's periodic textures: ``per_photo`` cases on each TUNING photograph
+    of :data:`ANALOGUE_PHOTOS` tiled (crop 24-64 px by seed and photograph; grass as it is), content pasted from the
+    next one in the list."""
+    out = []
+    for i, name in enumerate(ANALOGUE_PHOTOS):
+        crop = ANALOGUE_CROPS[(seed + i) % len(ANALOGUE_CROPS)]
+        src = photo(name, side) if name == "grass" else tiled(name, side, crop)
+        other = photo(ANALOGUE_PHOTOS[(i + 1) % len(ANALOGUE_PHOTOS)], side)
+        out.extend(plant(name, src, other, seed=seed * 1000 + i * 37 + k) for k in range(per_photo))
+    return out
 
 
 def quantize(image: torch.Tensor) -> torch.Tensor:
