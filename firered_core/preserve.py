@@ -7,8 +7,7 @@ No model and no instruction: a function of (input, output) pictures only.
    whole picture as changed.
 2. **Colour drift**: a per-channel quadratic map (``out = a x + b x^2 + c``) from the registered output to the
    input, fitted by trimmed least squares on the pixels outside the changed region (re-fitted as the region is
-   found; a ridge on ``b`` keeps a narrow tonal range from bending the map over an edit), is undone before
-   comparing.
+   found), is undone before comparing.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
@@ -50,7 +49,6 @@ FIT_SAMPLES = 60_000  # pixels used for the colour fit
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
 LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
-CURVE_PENALTY = 0.03  # ridge on the quadratic term (per sample): a narrow tonal range cannot bend the map over an edit
 EDGE_PASSES = 2  # rim trims: the second reaches a rim up to twice the band wide
 NOISE_FLOOR = 0.008  # the smallest noise level assumed (RGB distance): 8-bit rounding and a VAE's least loss
 
@@ -135,11 +133,10 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     resid = (x[..., 0] - y).norm(dim=1)
     keep = resid <= resid.quantile(0.6)
     coef = IDENTITY_MAP.clone()
-    penalty = torch.diag(torch.tensor([1e-6, CURVE_PENALTY, 1e-6], dtype=torch.float64))
     for _ in range(rounds):
         for c in range(3):
             xc = x[keep, c]
-            coef[c] = torch.linalg.solve(xc.T @ xc + len(xc) * penalty, xc.T @ y[keep, c])
+            coef[c] = torch.linalg.solve(xc.T @ xc + 1e-6 * torch.eye(3, dtype=torch.float64), xc.T @ y[keep, c])
         resid = ((x * coef).sum(-1) - y).norm(dim=1)
         keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
     return coef
