@@ -23,12 +23,12 @@ from firered_core.evaluation import planted_edits as P
 sys.path.insert(0, os.path.dirname(__file__))
 
 SIDE = 128
-# The held-out benchmark (docs/benchmarks.md: 54 cases at 192 px, fresh seeds 11 and 12; look #2, after the
-# periodic-texture registration fix) measured an IoU mean of 0.884 (per-case sd 0.228, heavy-tailed: the misses are
-# near 0) and 79.6 % of cases at IoU >= 0.9. The 0.9 per case is not reached, so this is a regression guard
-# at the measurement minus 3 sigma for 18 cases: mean >= 0.884 - 3 * 0.228 / sqrt(18) = 0.72; share >= 0.9 at least
-# 0.796 - 3 * sqrt(0.796 * 0.204 / 18) = 0.51, i.e. 10 of 18.
-HELD_OUT_MEAN_FLOOR = 0.72
+# The held-out benchmark (docs/benchmarks.md: 108 cases at 192 px, fresh seeds 31-34, looked at once, after this
+# session's tuning) measured an IoU mean of 0.891 for the returned mask (per-case sd 0.199, heavy-tailed: the misses
+# are near 0) and 79.6 % of cases at IoU >= 0.9. The 0.9 per case is not reached, so this is a regression
+# guard at the measurement minus 3 sigma for 18 cases: mean >= 0.891 - 3 * 0.199 / sqrt(18) = 0.75; share >= 0.9 at
+# least 0.796 - 3 * sqrt(0.796 * 0.204 / 18) = 0.51, i.e. 10 of 18. (This draw, TEST_SEED, measured 0.913, 13 of 18.)
+HELD_OUT_MEAN_FLOOR = 0.75
 HELD_OUT_SHARE_FLOOR = 10 / 18
 
 
@@ -49,7 +49,7 @@ def test_held_out_regions_match_and_outside_is_bit_exact(held_out_cases):
             out, src = P.to_8bit(result.image), P.to_8bit(case.source)
             np.testing.assert_array_equal(out[~region.numpy()], src[~region.numpy()])
             assert torch.equal(result.mask > 0, region)
-        ious.append(P.iou(region, case.region))
+        ious.append(P.iou(result.mask > 0, case.region))  # what the user gets: unsure -> the whole picture
     ious = np.array(ious)
     assert len(ious) == 18
     assert ious.mean() >= HELD_OUT_MEAN_FLOOR and (ious >= 0.9).mean() >= HELD_OUT_SHARE_FLOOR, ious.round(3)
