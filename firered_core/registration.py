@@ -12,6 +12,7 @@ pixel grid by that map, so a 1-3 px shift or a 1-2 % zoom of the whole picture d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -197,8 +198,9 @@ def cost(a: torch.Tensor, b: torch.Tensor, reg: Registration, textured: torch.Te
     return float(r.kthvalue(k)[0])
 
 
-def misfit(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> float:
-    """:func:`cost` of ``reg`` on slightly blurred copies at most 384 px large, over their more textured half."""
+def misfit_of(a: torch.Tensor, b: torch.Tensor) -> Callable[[Registration], float]:
+    """:func:`misfit` of ``a`` and ``b`` as a function of the registration: the blurred copies and the textured
+    mask are prepared once (a search evaluates a hundred or more registrations of the same pair)."""
     f = min(1.0, COST_SIDE / max(a.shape))
     sa, sb = _blur2(_small(a, COST_SIDE), 0.7), _blur2(_small(b, COST_SIDE), 0.7)
     h, w = sa.shape
@@ -207,7 +209,12 @@ def misfit(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> float:
     textured = torch.zeros_like(sa, dtype=torch.bool)
     textured[m:h - m, m:w - m] = True
     textured &= mag >= mag[textured].quantile(0.5)
-    return cost(sa, sb, Registration(reg.dx * f, reg.dy * f, reg.scale), textured)
+    return lambda reg: cost(sa, sb, Registration(reg.dx * f, reg.dy * f, reg.scale), textured)
+
+
+def misfit(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> float:
+    """:func:`cost` of ``reg`` on slightly blurred copies at most 384 px large, over their more textured half."""
+    return misfit_of(a, b)(reg)
 
 
 def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SCALE_RANGE) -> Registration:
@@ -220,30 +227,31 @@ def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SC
     """
     ga, gb = gray(source.float()), gray(edited.float())
     found = [_coarse(edges(source), edges(edited), scale_range), _coarse(ga, gb, scale_range)]
-    best = min(found, key=lambda reg: misfit(ga, gb, reg))
+    fit = misfit_of(ga, gb)
+    cost_best, best = min(((fit(reg), reg) for reg in found), key=lambda cr: cr[0])
     if best.peak >= GRID_BELOW_PEAK:
         return best
-    fallback, cost_fallback = min((_shift_search(ga, gb, s) for s in {1.0, best.scale}), key=lambda rc: rc[1])
-    if cost_fallback < GRID_MARGIN * misfit(ga, gb, best):
+    fallback, cost_fallback = min((_shift_search(fit, s) for s in {1.0, best.scale}), key=lambda rc: rc[1])
+    if cost_fallback < GRID_MARGIN * cost_best:
         best = replace(fallback, peak=best.peak)  # how related the two pictures are, as phase correlation saw it
-    return _polish(ga, gb, best)
+    return _polish(fit, best)
 
 
-def _polish(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> Registration:
+def _polish(fit: Callable[[Registration], float], reg: Registration) -> Registration:
     """Compass search on :func:`misfit` over (dx, dy, zoom) from ``reg``, steps halved from 0.5 px and half a zoom
     step down to an eighth of that: where the correlation peak is weak (a periodic texture, a large paste), the
     candidates above are whole-pixel or a zoom step apart, and a fine texture shows a 0.4 % zoom error as change.
     Kept only when it lowers the misfit below :data:`GRID_MARGIN` of the start."""
     steps = [0.5, 0.5, SCALE_STEP / 2]
     x = [reg.dx, reg.dy, math.log(reg.scale)]
-    best = start = misfit(a, b, reg)
+    best = start = fit(reg)
     for _ in range(POLISH_EVALS // 6):
         moves = [(i, sign) for i in range(3) for sign in (-1, 1)]
         tried = []
         for i, sign in moves:
             y = list(x)
             y[i] += sign * steps[i]
-            tried.append((misfit(a, b, Registration(y[0], y[1], math.exp(y[2]))), y))
+            tried.append((fit(Registration(y[0], y[1], math.exp(y[2]))), y))
         cost_, y = min(tried, key=lambda t: t[0])
         if cost_ < best:
             best, x = cost_, y
@@ -256,19 +264,19 @@ def _polish(a: torch.Tensor, b: torch.Tensor, reg: Registration) -> Registration
     return replace(reg, dx=x[0], dy=x[1], scale=math.exp(x[2]))
 
 
-def _shift_search(a: torch.Tensor, b: torch.Tensor, scale: float = 1.0) -> tuple[Registration, float]:
+def _shift_search(fit: Callable[[Registration], float], scale: float = 1.0) -> tuple[Registration, float]:
     """The whole-pixel shift within ±GRID_RADIUS (at zoom ``scale``) of least :func:`misfit`, refined by a parabola
     through its neighbours, and that misfit: the fallback when a large pasted edit misleads phase correlation (its
     peak then lands on the paste's own structure). It runs at no zoom and at the zoom phase correlation found."""
     r = GRID_RADIUS
-    costs = torch.tensor([[misfit(a, b, Registration(float(dx), float(dy), scale)) for dx in range(-r, r + 1)]
+    costs = torch.tensor([[fit(Registration(float(dx), float(dy), scale)) for dx in range(-r, r + 1)]
                           for dy in range(-r, r + 1)])
     iy, ix = divmod(int(costs.argmin()), 2 * r + 1)
     c = costs.tolist()
     dx = ix - r + (_refine(c[iy][ix - 1], c[iy][ix], c[iy][ix + 1]) if 0 < ix < 2 * r else 0.0)
     dy = iy - r + (_refine(c[iy - 1][ix], c[iy][ix], c[iy + 1][ix]) if 0 < iy < 2 * r else 0.0)
     reg = Registration(float(dx), float(dy), scale, 0.0)
-    return reg, misfit(a, b, reg)
+    return reg, fit(reg)
 
 
 def at_zoom_edge(reg: Registration, scale_range: float = SCALE_RANGE) -> bool:
@@ -287,7 +295,8 @@ def _coarse(a: torch.Tensor, b: torch.Tensor, scale_range: float) -> Registratio
     steps = int(round(scale_range / SCALE_STEP))
     scales = [math.exp(k * SCALE_STEP) for k in range(-steps, steps + 1)]
     found = [_zoom_peak(sa, sb, s) for s in scales]
-    score = [-misfit(a, b, Registration(dx * f, dy * f, s)) for s, (dx, dy, _) in zip(scales, found)]
+    fit = misfit_of(a, b)
+    score = [-fit(Registration(dx * f, dy * f, s)) for s, (dx, dy, _) in zip(scales, found)]
     if max(range(len(scales)), key=score.__getitem__) in (0, len(scales) - 1):
         score = [p for _, _, p in found]
     best = max(range(len(scales)), key=score.__getitem__)
