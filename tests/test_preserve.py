@@ -32,10 +32,15 @@ HELD_OUT_MEAN_FLOOR = 0.75
 HELD_OUT_SHARE_FLOOR = 10 / 18
 
 
+# Round 4 is in progress: the fresh TEST_SEED stays unlooked-at until the round ends, so the guard runs the draw that
+# round 3 evaluated (seed 35, now in LOOKED_AT_SEEDS) with the floors above.
+GUARD_SEED = 35
+
+
 @pytest.fixture(scope="module")
 def held_out_cases():
-    """The CI draw: 2 cases on each HELD_OUT photograph at the declared TEST_SEED, 192 px as in the benchmark."""
-    return P.cases(P.HELD_OUT, 192, 2, seed=P.TEST_SEED)
+    """The CI draw: 2 cases on each HELD_OUT photograph at GUARD_SEED, 192 px as in the benchmark."""
+    return P.cases(P.HELD_OUT, 192, 2, seed=GUARD_SEED)
 
 
 def test_held_out_regions_match_and_outside_is_bit_exact(held_out_cases):
