@@ -36,7 +36,7 @@ KINDS = ("object", "paste", "recolour")
 # Held-out draws: seeds 0, 1 and 7, then 11-13 (declared 2026-12-07 19:40 UTC, looked at twice), then 21-25 and 26
 # (declared 21:58 and 23:10 UTC, looked at once, then used to diagnose the colour map's ridge), then 31-36 (declared
 # 23:28 UTC, evaluated once at the end of round 3) of HELD_OUT have been looked at. A fifth fresh draw was declared
-# (2026-12-08, 00:30 UTC) before round 4 (the noise fit) started, and is evaluated once at its end: FRESH_SEEDS for
+# (2026-12-08, 00:27 UTC) before round 4 (the noise fit) started, and is evaluated once at its end: FRESH_SEEDS for
 # the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED for the CI test, LARGE_SEED at 384 px, on the
 # HELD_OUT photographs (never used for tuning).
 # Tuning runs only on TUNING (any seed) and on tiled textures made from TUNING photographs (analogue_cases).
