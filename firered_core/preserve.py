@@ -5,9 +5,10 @@ No model and no instruction: a function of (input, output) pictures only.
 1. **Registration** (:mod:`registration`): the output's global shift (phase correlation, within 3 % of each side)
    and zoom (searched within ±3 %) are measured and undone, so a 1-3 px shift or a 1-2 % zoom does not mark the
    whole picture as changed.
-2. **Colour drift**: a per-channel quadratic map (``out = a x + b x^2 + c``) from the registered output to the
-   input, fitted by trimmed least squares on the pixels outside the changed region (re-fitted as the region is
-   found), is undone before comparing.
+2. **Colour drift** (:mod:`colour_map`): a per-channel quadratic tone curve (``out = a x + b x^2 + c``) from the
+   registered output to the input, fitted by trimmed least squares on the pixels outside the changed region
+   (re-fitted as the region is found) with its slope bounded to 0.5-2 (a drift does not fold), is undone before
+   comparing.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
    picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
    ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
@@ -41,11 +42,11 @@ import torch.nn.functional as F
 
 from . import mask_ops as O
 from . import masks as M
+from .colour_map import apply_colour_map, fit_colour_map
 from .registration import Registration, at_zoom_edge, edges, register, warp
 
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
-FIT_SAMPLES = 60_000  # pixels used for the colour fit
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
 LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
@@ -102,44 +103,6 @@ class PreserveResult:
     mask: torch.Tensor  # [H, W] float: 1 = taken from the edit
     estimate: Estimate
     note: str
-
-
-def _features(image: torch.Tensor) -> torch.Tensor:
-    """[..., 3] -> [N, 3, 3]: per pixel and channel (x, x^2, 1)."""
-    x = image.reshape(-1, 3).double()
-    return torch.stack([x, x * x, torch.ones_like(x)], -1)
-
-
-def apply_colour_map(image: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
-    """The fitted colour map ([3 channels, 3 coefficients]) applied to [H, W, 3] in 0..1."""
-    return (_features(image) * coef).sum(-1).reshape(image.shape).clamp(0, 1).to(image.dtype)
-
-
-IDENTITY_MAP = torch.tensor([[1.0, 0.0, 0.0]] * 3, dtype=torch.float64)
-
-
-def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tensor, seed: int = 0,
-                   rounds: int = 3) -> torch.Tensor:
-    """Per channel ``source ≈ a x + b x^2 + c`` of the edit's value ``x``, by least squares over the pixels
-    ``where``: first over the 60 % closest to the identity, then ``rounds`` times over those within 2.5 times the
-    median residual of the last fit."""
-    idx = where.reshape(-1).nonzero()[:, 0]
-    if len(idx) < 64:
-        return IDENTITY_MAP.clone()
-    if len(idx) > FIT_SAMPLES:
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:FIT_SAMPLES]]
-    x = _features(edited.reshape(-1, 3)[idx])
-    y = source.reshape(-1, 3)[idx].double()
-    resid = (x[..., 0] - y).norm(dim=1)
-    keep = resid <= resid.quantile(0.6)
-    coef = IDENTITY_MAP.clone()
-    for _ in range(rounds):
-        for c in range(3):
-            xc = x[keep, c]
-            coef[c] = torch.linalg.solve(xc.T @ xc + 1e-6 * torch.eye(3, dtype=torch.float64), xc.T @ y[keep, c])
-        resid = ((x * coef).sum(-1) - y).norm(dim=1)
-        keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
-    return coef
 
 
 def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
