@@ -10,9 +10,10 @@ No model and no instruction: a function of (input, output) pictures only.
    (re-fitted as the region is found) with its slope bounded to 0.5-2 (a drift does not fold), is undone before
    comparing.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
-   picture's own noise level, modelled as ``a + b * texture`` (texture = the input's gradient magnitude; ``a``,
-   ``b`` fitted on the unchanged pixels' median distance per texture bin): a real VAE round trip loses more on
-   edges than on flat areas. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
+   picture's own noise level, modelled as ``a + b * texture`` (``a``, ``b`` fitted on the unchanged pixels' median
+   distance per texture bin): a real VAE round trip loses more on edges than on flat areas. The texture is the
+   gradient magnitude both pictures show (the smaller of the two): an edit that smooths a textured area (or
+   paints texture onto a flat one) is not excused by the texture only one side has. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
    ``k_low`` times above it (hysteresis) and, in the last pass, over pixels whose local mean colour change (the
    region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
    outer lines of pixels (5 % of the longer side) get their own noise level (a VAE's padding); then closing, hole
@@ -118,7 +119,7 @@ def _blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
 
 
 def texture(source: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Gradient magnitude of the input's luminance, blurred like the difference."""
+    """Gradient magnitude of a picture's luminance, blurred like the difference."""
     return _blur(edges(source) / 2, max(sigma, 1.0))
 
 
@@ -243,7 +244,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     reg = register(src, ed)
     aligned, valid = warp(ed, reg, *src.shape[:2])
     valid = O.erode(valid, 2) if not bool(valid.all()) else valid
-    tex = texture(src, s.blur)
+    tex_src = texture(src, s.blur)
     region = suspect = torch.zeros_like(valid)
     coef = None
     for it in range(iterations):
@@ -251,6 +252,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         coef = fit_colour_map(aligned, src, keep, seed=it)
         corrected = apply_colour_map(aligned, coef)
         diff = _blur((corrected - src).norm(dim=-1), s.blur)
+        tex = torch.minimum(tex_src, texture(corrected, s.blur))  # texture both pictures show
         a, b = fit_noise(diff, tex, keep, quantile=FIRST_QUANTILE if it == 0 else NOISE_QUANTILE)
         z = border_scaled(diff / (a + b * tex), keep, border_width(keep.shape, s))
         region = _region(z, diff, valid, s)
