@@ -13,7 +13,8 @@ No model and no instruction: a function of (input, output) pictures only.
    picture's own noise level, modelled as ``a + b * texture`` (``a``, ``b`` fitted on the unchanged pixels' median
    distance per texture bin): a real VAE round trip loses more on edges than on flat areas. The texture is the
    gradient magnitude both pictures show (the smaller of the two): an edit that smooths a textured area (or
-   paints texture onto a flat one) is not excused by the texture only one side has. Pixels ``k_high`` times above the noise seed the region, which grows over pixels
+   paints texture onto a flat one) is not excused by the texture only one side has. Where a channel of the edit
+   is clipped at white or black, only a change the clipping cannot explain counts (:func:`clipped_change`). Pixels ``k_high`` times above the noise seed the region, which grows over pixels
    ``k_low`` times above it (hysteresis) and, in the last pass, over pixels whose local mean colour change (the
    region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
    outer lines of pixels (5 % of the longer side) get their own noise level (a VAE's padding); then closing, hole
@@ -173,6 +174,14 @@ def border_scaled(z: torch.Tensor, where: torch.Tensor, width: int) -> torch.Ten
     return z / scale
 
 
+def clipped_change(change: torch.Tensor, edited: torch.Tensor) -> torch.Tensor:
+    """``change`` (corrected edit minus input) where a channel of the edit is clipped at white (black) counted only
+    when the input is darker (brighter) than the colour map says that white (black) came from: a drift that blows
+    out highlights or crushes shadows loses them beyond any map, and that loss is drift, not edit."""
+    top, bottom = edited >= 1 - 0.5 / 255, edited <= 0.5 / 255
+    return torch.where(top, change.clamp_min(0), torch.where(bottom, change.clamp_max(0), change))
+
+
 def _ramp(value: float, one: float, zero: float) -> float:
     """1 at or before ``one``, 0 at or past ``zero``, linear between."""
     return float(min(1.0, max(0.0, (zero - value) / (zero - one))))
@@ -251,13 +260,14 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         keep = valid & ~O.dilate(region, 4) & ~suspect
         coef = fit_colour_map(aligned, src, keep, seed=it)
         corrected = apply_colour_map(aligned, coef)
-        diff = _blur((corrected - src).norm(dim=-1), s.blur)
+        change = clipped_change(corrected - src, aligned)
+        diff = _blur(change.norm(dim=-1), s.blur)
         tex = torch.minimum(tex_src, texture(corrected, s.blur))  # texture both pictures show
         a, b = fit_noise(diff, tex, keep, quantile=FIRST_QUANTILE if it == 0 else NOISE_QUANTILE)
         z = border_scaled(diff / (a + b * tex), keep, border_width(keep.shape, s))
         region = _region(z, diff, valid, s)
         if s.k_mean > 0 and it == iterations - 1:
-            region = _region(z, diff, valid, s, _mean_z(corrected - src, region, tex, keep, s))
+            region = _region(z, diff, valid, s, _mean_z(change, region, tex, keep, s))
         suspect = z > s.k_low
     keep = valid & ~region
     if not bool(keep.any()):
