@@ -35,10 +35,11 @@ GEOMETRY = ("shift", "zoom", "both")
 KINDS = ("object", "paste", "recolour")
 # Held-out draws: seeds 0, 1 and 7, then 11-13 (declared 2026-12-07 19:40 UTC, looked at twice), then 21-25 and 26
 # (declared 21:58 and 23:10 UTC, looked at once, then used to diagnose the colour map's ridge), then 31-36 (declared
-# 23:28 UTC, evaluated once at the end of round 3) of HELD_OUT have been looked at. A fifth fresh draw was declared
-# (2026-12-08, 00:27 UTC) before round 4 (the noise fit) started, and is evaluated once at its end: FRESH_SEEDS for
-# the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED for the CI test, LARGE_SEED at 384 px, on the
-# HELD_OUT photographs (never used for tuning).
+# 23:28 UTC, evaluated once at the end of round 3) of HELD_OUT have been looked at. The draw below was declared
+# (2026-12-08, 00:27 UTC, commit 494e899) before round 4 (the bounded colour map, the shared texture, clipping)
+# started, and evaluated once at its end (01:29 UTC): FRESH_SEEDS for the benchmark (4 draws x 3 cases per
+# photograph at 192 px), TEST_SEED for the CI test, LARGE_SEED at 384 px, on the HELD_OUT photographs (never used for
+# tuning). A further round declares a new draw (51 on) here, and commits it, before it changes the estimator.
 # Tuning runs only on TUNING (any seed) and on tiled textures made from TUNING photographs (analogue_cases).
 LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 33, 34, 35, 36)
 FRESH_SEEDS = (41, 42, 43, 44)
