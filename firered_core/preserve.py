@@ -4,7 +4,8 @@ No model and no instruction: a function of (input, output) pictures only.
 
 1. **Registration** (:mod:`registration`): the output's global shift (phase correlation, within 3 % of each side)
    and zoom (searched within ±3 %) are measured and undone, so a 1-3 px shift or a 1-2 % zoom does not mark the
-   whole picture as changed.
+   whole picture as changed. When the first pass finds a region of 20 % or more, the registration is searched again
+   with that region left out of the misfit (:func:`registration.refine`).
 2. **Colour drift** (:mod:`colour_map`): a per-channel quadratic tone curve (``out = a x + b x^2 + c``) from the
    registered output to the input, fitted by trimmed least squares on the pixels outside the changed region
    (re-fitted as the region is found) with its slope bounded to 0.5-2 (a drift does not fold), is undone before
@@ -45,10 +46,11 @@ import torch.nn.functional as F
 from . import mask_ops as O
 from . import masks as M
 from .colour_map import apply_colour_map, fit_colour_map
-from .registration import Registration, at_zoom_edge, edges, register, warp
+from .registration import Registration, at_zoom_edge, edges, refine, register, warp
 
 PRESERVE_MODES = ("off", "auto")
 PRESERVE_COLOR = ("fit", "off", "mean-std", "histogram")
+REFINE_FROM = 0.2  # a first region this large (up to 40 % of the misfit's textured half) re-registers without it
 NOISE_QUANTILE = 0.5  # the noise level per texture bin is this quantile of the distances there
 FIRST_QUANTILE = 0.25  # the first pass (no region known yet) reads this quantile, robust to a 40 % edit ...
 LOW_TO_MEDIAN = 1.4  # ... times this: median / lower quartile of the length of a 3-channel Gaussian (chi, 3 dof)
@@ -269,6 +271,12 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         if s.k_mean > 0 and it == iterations - 1:
             region = _region(z, diff, valid, s, _mean_z(change, region, tex, keep, s))
         suspect = z > s.k_low
+        if it == 0 and float(region.float().mean()) >= REFINE_FROM:
+            moved = refine(src, ed, reg, O.dilate(region, 4))
+            if moved != reg:
+                reg = moved
+                aligned, valid = warp(ed, reg, *src.shape[:2])
+                valid = O.erode(valid, 2) if not bool(valid.all()) else valid
     keep = valid & ~region
     if not bool(keep.any()):
         keep = valid
