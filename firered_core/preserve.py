@@ -15,7 +15,8 @@ No model and no instruction: a function of (input, output) pictures only.
    distance per texture bin): a real VAE round trip loses more on edges than on flat areas. The texture is the
    gradient magnitude both pictures show (the smaller of the two): an edit that smooths a textured area (or
    paints texture onto a flat one) is not excused by the texture only one side has. Where a channel of the edit
-   is clipped at white or black, only a change the clipping cannot explain counts (:func:`clipped_change`). Pixels ``k_high`` times above the noise seed the region, which grows over pixels
+   is clipped at white or black, only a change the clipping cannot explain counts (:func:`clipped_change`).
+   Pixels ``k_high`` times above the noise seed the region, which grows over pixels
    ``k_low`` times above it (hysteresis) and, in the last pass, over pixels whose local mean colour change (the
    region's own pixels left out) is ``k_mean`` times above its noise (a weak but consistent tint or shade); the
    outer lines of pixels (5 % of the longer side) get their own noise level (a VAE's padding); then closing, hole
@@ -239,6 +240,12 @@ def _region(z: torch.Tensor, diff: torch.Tensor, valid: torch.Tensor, s: Preserv
     return O.dilate(region, s.grow) & valid
 
 
+def _align(edited: torch.Tensor, reg: Registration, shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The edit warped onto the input's grid, and where it has data (2 px in from a warped edge)."""
+    aligned, valid = warp(edited, reg, *shape)
+    return aligned, (O.erode(valid, 2) if not bool(valid.all()) else valid)
+
+
 def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: PreserveSettings = DEFAULT,
                     iterations: int = 3) -> tuple[Estimate, torch.Tensor]:
     """Where ``edited`` [h, w, 3] really differs from ``source`` [H, W, 3] (both 0..1; the edit is resized to the
@@ -253,8 +260,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     src, f = _to_work(source, s.work_side)
     ed, _ = _to_work(edited, s.work_side)
     reg = register(src, ed)
-    aligned, valid = warp(ed, reg, *src.shape[:2])
-    valid = O.erode(valid, 2) if not bool(valid.all()) else valid
+    aligned, valid = _align(ed, reg, src.shape[:2])
     tex_src = texture(src, s.blur)
     region = suspect = torch.zeros_like(valid)
     coef = None
@@ -275,8 +281,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
             moved = refine(src, ed, reg, O.dilate(region, 4))
             if moved != reg:
                 reg = moved
-                aligned, valid = warp(ed, reg, *src.shape[:2])
-                valid = O.erode(valid, 2) if not bool(valid.all()) else valid
+                aligned, valid = _align(ed, reg, src.shape[:2])
     keep = valid & ~region
     if not bool(keep.any()):
         keep = valid
