@@ -236,22 +236,25 @@ def register(source: torch.Tensor, edited: torch.Tensor, scale_range: float = SC
     cost_best, best = min(((fit(reg), reg) for reg in found), key=lambda cr: cr[0])
     if best.peak >= GRID_BELOW_PEAK:
         return best
-    fallback, cost_fallback = min((_shift_search(fit, s) for s in {1.0, best.scale}), key=lambda rc: rc[1])
-    if cost_fallback < GRID_MARGIN * cost_best:
-        best = replace(fallback, peak=best.peak)  # how related the two pictures are, as phase correlation saw it
-    return _polish(fit, best)
+    return _search_from(fit, best, cost_best)
+
+
+def _search_from(fit: Callable[[Registration], float], reg: Registration, cost_reg: float) -> Registration:
+    """The ±3 px shift search at no zoom and at ``reg``'s, kept when its misfit is below :data:`GRID_MARGIN` of
+    ``cost_reg`` (``reg``'s), then the compass search from the better one."""
+    found, cost_found = min((_shift_search(fit, s) for s in {1.0, reg.scale}), key=lambda rc: rc[1])
+    if cost_found < GRID_MARGIN * cost_reg:
+        reg = replace(found, peak=reg.peak)  # how related the two pictures are, as phase correlation saw it
+    return _polish(fit, reg)
 
 
 def refine(source: torch.Tensor, edited: torch.Tensor, reg: Registration, exclude: torch.Tensor) -> Registration:
     """``reg`` re-searched with the pixels ``exclude`` left out of the misfit (a large changed region found with
     ``reg``: a 35-40 % paste or recolour can hold the misfit's best 60 % and pull the registration 2-5 px off):
     the ±3 px shift search at no zoom and at ``reg``'s zoom, kept when it lowers the misfit below
-    :data:`GRID_MARGIN` of ``reg``'s, then the compass search."""
+    :data:`GRID_MARGIN` of ``reg``'s, then the compass search (:func:`_search_from`, as :func:`register` ends)."""
     fit = misfit_of(gray(source.float()), gray(edited.float()), exclude)
-    start = fit(reg)
-    found, cost_found = min((_shift_search(fit, s) for s in {1.0, reg.scale}), key=lambda rc: rc[1])
-    best = replace(found, peak=reg.peak) if cost_found < GRID_MARGIN * start else reg
-    return _polish(fit, best)
+    return _search_from(fit, reg, fit(reg))
 
 
 def _polish(fit: Callable[[Registration], float], reg: Registration) -> Registration:
