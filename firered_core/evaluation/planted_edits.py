@@ -41,6 +41,11 @@ KINDS = ("object", "paste", "recolour")
 # once at its end (02:03 UTC): FRESH_SEEDS for the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED
 # for the CI test, LARGE_SEED at 384 px, on the HELD_OUT photographs (never used for tuning). A further round declares
 # a new draw (61 on) here, and commits it, before it changes the estimator.
+# Round 6's draw, declared 2026-12-08 02:55 UTC before its first change: NEXT_FRESH_SEEDS (benchmark, 192 px),
+# NEXT_TEST_SEED, NEXT_LARGE_SEED (384 px). Nothing reads them until the round ends.
+NEXT_FRESH_SEEDS = (61, 62, 63, 64)
+NEXT_TEST_SEED = 65
+NEXT_LARGE_SEED = 66
 # Tuning runs only on TUNING (any seed) and on tiled textures made from TUNING photographs (analogue_cases).
 LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 33, 34, 35, 36, 41, 42, 43, 44, 45, 46)
 FRESH_SEEDS = (51, 52, 53, 54)
