@@ -9,7 +9,7 @@ drift, a 0-3 px shift and/or 0-2 % zoom, tiny-VAE round-trip noise at 30-36 dB, 
 (``firered_core.evaluation.planted_edits``).
 
     python -m benchmarks.preserve --side 192 --per-photo 3 --seeds 21,22,23,24
-    python -m benchmarks.preserve --set tuning --seeds 0,1,2,3      # and --set analogues: what was tuned on
+    python -m benchmarks.preserve --set tuning --seeds 0,1,2,3      # and --set analogues / hazy: what was tuned on
 """
 
 from __future__ import annotations
@@ -27,15 +27,16 @@ def main(argv: list[str] | None = None) -> None:
     from firered_core.evaluation import planted_edits as P
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--set", choices=("held-out", "tuning", "analogues"), default="held-out",
-                   help="analogues: tiled TUNING photographs, the tuning side's periodic textures")
+    p.add_argument("--set", choices=("held-out", "tuning", "analogues", "hazy"), default="held-out",
+                   help="analogues: tiled TUNING photographs, the tuning side's periodic textures; hazy: blurred, "
+                   "low-contrast TUNING photographs, its pictures with little structure")
     p.add_argument("--side", type=int, default=192, help="longer side of each photograph (pixels)")
     p.add_argument("--per-photo", type=int, default=3, help="planted cases per photograph")
     p.add_argument("--seeds", default=",".join(map(str, P.FRESH_SEEDS)), help="draws, comma-separated")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = {"held-out": P.HELD_OUT, "tuning": P.TUNING, "analogues": P.ANALOGUE_PHOTOS}[args.set]
+    names = {"held-out": P.HELD_OUT, "tuning": P.TUNING, "analogues": P.ANALOGUE_PHOTOS, "hazy": P.TUNING}[args.set]
     seeds = [int(v) for v in args.seeds.split(",")]
     print(f"set: {args.set} ({', '.join(names)}); side {args.side} px; {args.per_photo} cases per photograph; "
           f"seeds {seeds}")
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> None:
           "| s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     ious, exact, secs, rows = [], [], [], []
-    draw = P.analogue_cases if args.set == "analogues" else lambda *a, seed: P.cases(names, *a, seed=seed)
+    draw = {"analogues": P.analogue_cases, "hazy": P.hazy_cases}.get(
+        args.set, lambda *a, seed: P.cases(names, *a, seed=seed))
     drawn = [(seed, case) for seed in seeds for case in draw(args.side, args.per_photo, seed=seed)]
     for seed, case in tqdm(drawn, desc="estimates", leave=False):
         t = time.perf_counter()

@@ -1,10 +1,12 @@
 """The global colour drift an editor adds, as a per-channel tone curve ``source ≈ a x + b x^2 + c`` of the edit's
-value ``x``, fitted robustly on pixels believed unchanged and undone before comparing.
+value ``x``, fitted robustly on pixels believed unchanged and undone before comparing. The drift is fitted forwards
+(the edit's value as a curve of the clean input's) and that curve inverted, so the edit's noise does not flatten
+the map (:func:`fit_colour_map`).
 
 A drift is a monotone tone curve: the inverse of a ±8 % gain, a ±0.04 offset and a 0.9-1.1 gamma has slopes of
 0.6-1.5 over 0.05..0.95. A quadratic fitted over a narrow tonal range (a grey moon) can instead fold: on a tuning
 case with a 34 % recolour it fitted slope 0.7 at the moon's grey and -0.2 at the edit's colours, mapping the edit
-back onto the input's greys, so the edit read as drift and was lost. The fit is therefore bounded: over the values
+back onto the input's greys, so the edit read as drift and was lost. Each fit is therefore bounded: over the values
 the map is applied to (the edit's 0.5th to 99.5th percentile, all pixels), its slope stays within
 :data:`SLOPE_RANGE`, a margin around the drift's own slopes.
 """
@@ -65,12 +67,46 @@ def bounded_least_squares(gram: torch.Tensor, rhs: torch.Tensor, lo: float, hi: 
     return best if best is not None else torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
 
 
+def _trimmed_fit(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, span: torch.Tensor, rounds: int,
+                 slopes: tuple[float, float]) -> torch.Tensor:
+    """Per channel ``y ≈ a x + b x^2 + c`` (``x`` features [N, 3, 3], ``y`` [N, 3], ``valid`` [N, 3]): first over the
+    60 % of pixels closest to the identity, then ``rounds`` times over those within 2.5 times the median residual of
+    the last fit; each fit's slope bounded to ``slopes`` over ``span`` [2, 3]."""
+    resid = (x[..., 0] - y).norm(dim=1)
+    keep = resid <= resid.quantile(0.6)
+    coef = IDENTITY_MAP.clone()
+    ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
+    for _ in range(rounds):
+        for c in range(3):
+            rows = keep & valid[:, c]
+            if int(rows.sum()) < 16:
+                rows = keep
+            xc = x[rows, c]
+            coef[c] = bounded_least_squares(xc.T @ xc + ridge, xc.T @ y[rows, c], float(span[0, c]),
+                                            float(span[1, c]), slopes)
+        resid = ((x * coef).sum(-1) - y).norm(dim=1)
+        keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
+    return coef
+
+
+def _span(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """The 0.5th and 99.5th percentile of each channel of ``values`` [N, 3] (on a sample), [2, 3]."""
+    if len(values) > FIT_SAMPLES:
+        values = values[torch.randperm(len(values), generator=gen)[:FIT_SAMPLES]]
+    return torch.quantile(values.double(), torch.tensor([0.005, 0.995], dtype=torch.float64), dim=0)
+
+
 def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tensor, seed: int = 0,
                    rounds: int = 3, slopes: tuple[float, float] | None = None) -> torch.Tensor:
-    """Per channel ``source ≈ a x + b x^2 + c`` of the edit's value ``x``, by least squares over the pixels
-    ``where``: first over the 60 % closest to the identity, then ``rounds`` times over those within 2.5 times the
-    median residual of the last fit; each fit's slope bounded to ``slopes`` (default :data:`SLOPE_RANGE`) over the
-    values it is applied to."""
+    """The map ``source ≈ a x + b x^2 + c`` of the edit's value ``x`` (per channel), from the pixels ``where``.
+
+    The drift is fitted forwards, the edit's value as a tone curve of the input's (``_trimmed_fit``): the input is
+    the clean side, so its values are the regressor. Regressing the input on the edit instead lets the edit's
+    noise flatten the slope by var(input) / (var(input) + var(noise)): on a hazy, low-contrast picture the map
+    hit the slope bound 0.5 and halved every change it was applied to, an edit's included. Pixels whose edit is
+    clipped at black or white are left out of the forward fit (their value says only that the curve passed the
+    limit). The forward curve is then inverted by a least-squares fit of the input's value on the curve's (no noise
+    on either side), its slope bounded to ``slopes`` (default :data:`SLOPE_RANGE`) over the edit's values."""
     slopes = SLOPE_RANGE if slopes is None else slopes
     idx = where.reshape(-1).nonzero()[:, 0]
     if len(idx) < 64:
@@ -78,20 +114,16 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     gen = torch.Generator().manual_seed(seed)
     if len(idx) > FIT_SAMPLES:
         idx = idx[torch.randperm(len(idx), generator=gen)[:FIT_SAMPLES]]
-    flat = edited.reshape(-1, 3)
-    sample = flat if len(flat) <= FIT_SAMPLES else flat[torch.randperm(len(flat), generator=gen)[:FIT_SAMPLES]]
-    span = torch.quantile(sample.double(), torch.tensor([0.005, 0.995], dtype=torch.float64), dim=0)  # [2, 3]
-    x = _features(flat[idx])
-    y = source.reshape(-1, 3)[idx].double()
-    resid = (x[..., 0] - y).norm(dim=1)
-    keep = resid <= resid.quantile(0.6)
-    coef = IDENTITY_MAP.clone()
+    flat_src, flat_ed = source.reshape(-1, 3), edited.reshape(-1, 3)
+    span_src, span_ed = _span(flat_src, gen), _span(flat_ed, gen)
+    s, y = flat_src[idx].double(), flat_ed[idx].double()
+    unclipped = (y > 0.5 / 255) & (y < 1 - 0.5 / 255)
+    forward = _trimmed_fit(_features(s), y, unclipped, span_src, rounds, (1 / slopes[1], 1 / slopes[0]))
+    curve = (_features(s) * forward).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
+    inverse = IDENTITY_MAP.clone()
     ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
-    for _ in range(rounds):
-        for c in range(3):
-            xc = x[keep, c]
-            coef[c] = bounded_least_squares(xc.T @ xc + ridge, xc.T @ y[keep, c], float(span[0, c]),
-                                            float(span[1, c]), slopes)
-        resid = ((x * coef).sum(-1) - y).norm(dim=1)
-        keep = resid <= 2.5 * resid[keep].median().clamp_min(1e-6)
-    return coef
+    for c in range(3):
+        xc = _features(curve)[:, c]
+        inverse[c] = bounded_least_squares(xc.T @ xc + ridge, xc.T @ s[:, c], float(span_ed[0, c]),
+                                           float(span_ed[1, c]), slopes)
+    return inverse

@@ -9,7 +9,8 @@ No model and no instruction: a function of (input, output) pictures only.
 2. **Colour drift** (:mod:`colour_map`): a per-channel quadratic tone curve (``out = a x + b x^2 + c``) from the
    registered output to the input, fitted by trimmed least squares on the pixels outside the changed region
    (re-fitted as the region is found) with its slope bounded to 0.5-2 (a drift does not fold), is undone before
-   comparing.
+   comparing. It is fitted forwards, input to output, and inverted: the output's noise would flatten a map fitted
+   the other way on a low-contrast picture, and with it the edit.
 3. **Change mask**: the RGB distance of the corrected output to the input, blurred over ~1 px, is divided by the
    picture's own noise level, modelled as ``a + b * texture`` (``a``, ``b`` fitted on the unchanged pixels' median
    distance per texture bin): a real VAE round trip loses more on edges than on flat areas. The texture is the
@@ -25,8 +26,9 @@ No model and no instruction: a function of (input, output) pictures only.
    the first noise fit reads the lower quartile per texture bin (a 40 % edit can hold the median of a bin), the
    later ones skip the last region and every pixel above ``k_low``.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
-   registration is trusted (a clear phase-correlation peak, or edge maps that correlate outside the region: a
-   periodic texture's whitened peak is low even where it is right); it falls to 0 for a global change (a restyle,
+   registration is trusted (a clear phase-correlation peak, edge maps that correlate outside the region -- a
+   periodic texture's whitened peak is low even where it is right -- or an output that keeps the input's edges
+   there, :func:`edge_gain`: on a hazy picture both the others are low); it falls to 0 for a global change (a restyle,
    a new picture, a colour change too large to be drift) and for a zoom found at the search's last step (it may
    lie beyond). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
 5. **Auto composite** (:func:`preserve`): the registered (and, by default, colour-corrected) output is pasted onto
@@ -80,7 +82,8 @@ class PreserveSettings:
     noise_cap: float = 0.08  # ... from 1 at this median residual outside the region (RGB distance) to 0 at twice it
     max_drift: float = 0.15  # ... from 1 at this mean colour correction (RGB distance) to 0 at twice it
     min_peak: float = 0.06  # ... and from 1 at this registration peak to 0 at a third of it, unless ...
-    min_related: float = 0.5  # ... the edge maps outside the region correlate: 1 at this, 0 at min_related - 0.2
+    min_related: float = 0.5  # ... the edge maps outside the region correlate: 1 at this, 0 at min_related - 0.2,
+    min_edge_gain: float = 0.5  # ... or the edit keeps this share of the input's edges there (1 at this, 0 at -0.2)
     work_side: int = 768  # estimate on a copy at most this large
 
 
@@ -100,6 +103,7 @@ class Estimate:
     colour_map: torch.Tensor = field(repr=False)  # [3, 3] coefficients of the fitted colour map
     unsure: bool = False
     related: float = 1.0  # correlation of the two pictures' edge maps outside the region (0: unrelated)
+    edge_gain: float = 1.0  # the edit's edges regressed on the input's there (0: unrelated; see :func:`edge_gain`)
 
 
 @dataclass
@@ -287,13 +291,17 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
         keep = valid
     drift = float((corrected - aligned).norm(dim=-1)[keep].mean())
     related = relatedness(src, aligned, keep)
+    gain = edge_gain(src, corrected, keep)
     noise = float(diff[keep].median())
     fraction = float(region.float().mean())
     # A periodic texture's whitened correlation peak is low even where it is right (it is spread over the lattice),
-    # so a registration is trusted when either its peak is clear or the structure outside the region matches; a
-    # zoom found at the search's last step may lie beyond it (the misfit then hides in the texture-scaled noise).
+    # and on a picture with little structure (a blurred or hazy photograph) both the peak and the edge correlation
+    # are low (the edit's noise outweighs the input's faint edges), so a registration is trusted when its peak is
+    # clear, the edge maps outside the region correlate, or the edit keeps the input's edges there; a zoom found at
+    # the search's last step may lie beyond it (the misfit then hides in the texture-scaled noise).
     registered = max(_ramp(-reg.peak, -s.min_peak, -s.min_peak / 3),
-                     _ramp(-related, -s.min_related, 0.2 - s.min_related)) * (not at_zoom_edge(reg))
+                     _ramp(-related, -s.min_related, 0.2 - s.min_related),
+                     _ramp(-gain, -s.min_edge_gain, 0.2 - s.min_edge_gain)) * (not at_zoom_edge(reg))
     confidence = min(_ramp(fraction, s.max_fraction, 0.85), _ramp(noise, s.noise_cap, 2 * s.noise_cap),
                      _ramp(drift, s.max_drift, 2 * s.max_drift), registered)
     if f != 1.0:
@@ -301,7 +309,8 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
                                align_corners=False)[0, 0] > 0.5
         reg = replace(reg, dx=reg.dx * f, dy=reg.dy * f)
     aligned_full, _ = warp(edited, reg, height, width)
-    est = Estimate(region, confidence, reg, fraction, noise, drift, coef, unsure=confidence < 0.5, related=related)
+    est = Estimate(region, confidence, reg, fraction, noise, drift, coef, unsure=confidence < 0.5, related=related,
+                   edge_gain=gain)
     return est, aligned_full
 
 
@@ -313,6 +322,19 @@ def relatedness(source: torch.Tensor, aligned: torch.Tensor, where: torch.Tensor
         return 0.0
     ea, eb = ea - ea.mean(), eb - eb.mean()
     return float((ea * eb).sum() / (ea.norm() * eb.norm()).clamp_min(1e-12))
+
+
+def edge_gain(source: torch.Tensor, corrected: torch.Tensor, where: torch.Tensor) -> float:
+    """The slope of the colour-corrected edit's edge map regressed on the input's (blurred over 1 px) over ``where``:
+    the share of the input's edge contrast the edit keeps. The edit's own noise adds edges that do not covary with
+    the input's, so unlike the correlation it does not pull this towards 0 on a picture with faint structure. A
+    shifted (beyond the search), flipped or other picture keeps at most 0.3 of them (hazy tuning pictures); a
+    registered edit keeps 0.5-1 on most planted cases, less where a VAE's lost detail was most of the structure."""
+    ea, eb = _blur(edges(source), 1.0)[where].double(), _blur(edges(corrected), 1.0)[where].double()
+    if ea.numel() < 64:
+        return 0.0
+    ea = ea - ea.mean()
+    return float((ea * (eb - eb.mean())).sum() / (ea * ea).sum().clamp_min(1e-12))
 
 
 def _note(est: Estimate) -> str:

@@ -1,7 +1,7 @@
 """The colour-drift map (``colour_map``): the bounded least squares is the constrained optimum (checked against
 scipy's ``lsq_linear`` on the slope parametrisation), a free fit inside the bounds is untouched, every drift the
-planted cases draw is removed, and a fold that absorbs a large edit (a tuning-half case that the unbounded fit lost
-entirely) is refused."""
+planted cases draw is removed, and a fold that absorbs a large edit (a tuning-half case that the unbounded fit loses
+half of) is refused."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_a_fold_that_absorbs_a_large_edit_is_refused(monkeypatch):
     assert P.iou(bounded.mask > 0, case.region) >= 0.9  # measured 0.979
     monkeypatch.setattr(CM, "SLOPE_RANGE", (-math.inf, math.inf))  # the planted defect: the unbounded fit
     free = PV.preserve(case.source, case.edited)
-    assert P.iou(free.mask > 0, case.region) < 0.5  # measured 0.0: the edit read as drift
+    # measured 0.51 (0.0 when the map was the input regressed on the edit): half the edit read as drift
+    assert P.iou(free.mask > 0, case.region) < 0.7
 
 
 def test_clipped_change_counts_only_what_clipping_cannot_explain():

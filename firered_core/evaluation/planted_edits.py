@@ -36,21 +36,25 @@ KINDS = ("object", "paste", "recolour")
 # Held-out draws: seeds 0, 1 and 7, then 11-13 (declared 2026-12-07 19:40 UTC, looked at twice), then 21-25 and 26
 # (declared 21:58 and 23:10 UTC, looked at once, then used to diagnose the colour map's ridge), then 31-36 (declared
 # 23:28 UTC, evaluated once at the end of round 3), then 41-46 (declared 2026-12-08 00:27 UTC, commit 494e899,
-# evaluated once at the end of round 4) of HELD_OUT have been looked at. The draw below was declared (01:41 UTC,
-# commit d80c01e) before round 5 (re-registration without a large first region) changed the estimator, and evaluated
-# once at its end (02:03 UTC): FRESH_SEEDS for the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED
-# for the CI test, LARGE_SEED at 384 px, on the HELD_OUT photographs (never used for tuning). A further round declares
-# a new draw (61 on) here, and commits it, before it changes the estimator.
-# Round 6's draw, declared 2026-12-08 02:55 UTC before its first change: NEXT_FRESH_SEEDS (benchmark, 192 px),
-# NEXT_TEST_SEED, NEXT_LARGE_SEED (384 px). Nothing reads them until the round ends.
-NEXT_FRESH_SEEDS = (61, 62, 63, 64)
-NEXT_TEST_SEED = 65
-NEXT_LARGE_SEED = 66
-# Tuning runs only on TUNING (any seed) and on tiled textures made from TUNING photographs (analogue_cases).
-LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 33, 34, 35, 36, 41, 42, 43, 44, 45, 46)
-FRESH_SEEDS = (51, 52, 53, 54)
-TEST_SEED = 55
-LARGE_SEED = 56  # a 384 px draw: 2 cases per HELD_OUT photograph
+# evaluated once at the end of round 4), then 51-56 (declared 01:41 UTC, commit d80c01e, evaluated once at the end
+# of round 5) of HELD_OUT have been looked at. The draw below was declared (02:55 UTC, commit 568799a) before round 6
+# (hazy pictures: the edge gain and the forward colour fit) changed the estimator, and evaluated once at its end
+# (04:05 UTC): FRESH_SEEDS for the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED for the CI
+# test, LARGE_SEED at 384 px, on the HELD_OUT photographs (never used for tuning). A further round declares a new
+# draw (71 on) here, and commits it, before it changes the estimator.
+# Round 7's draw, declared 2026-12-08 04:22 UTC before its first change (the colour fit on 1-px blurred pictures,
+# chosen on the tuning side): NEXT_FRESH_SEEDS (benchmark, 192 px), NEXT_TEST_SEED, NEXT_LARGE_SEED (384 px).
+# Nothing reads them until the round ends.
+NEXT_FRESH_SEEDS = (71, 72, 73, 74)
+NEXT_TEST_SEED = 75
+NEXT_LARGE_SEED = 76
+# Tuning runs only on TUNING (any seed), on tiled textures made from TUNING photographs (analogue_cases) and on hazy
+# TUNING photographs (hazy_cases).
+LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 33, 34, 35, 36, 41, 42, 43, 44, 45, 46,
+                   51, 52, 53, 54, 55, 56)
+FRESH_SEEDS = (61, 62, 63, 64)
+TEST_SEED = 65
+LARGE_SEED = 66  # a 384 px draw: 2 cases per HELD_OUT photograph
 
 
 @lru_cache(maxsize=None)
@@ -96,6 +100,32 @@ def analogue_cases(side: int, per_photo: int, seed: int = 0) -> list[PlantedCase
         crop = ANALOGUE_CROPS[(seed + i) % len(ANALOGUE_CROPS)]
         src = photo(name, side) if name == "grass" else tiled(name, side, crop)
         other = photo(ANALOGUE_PHOTOS[(i + 1) % len(ANALOGUE_PHOTOS)], side)
+        out.extend(plant(name, src, other, seed=seed * 1000 + i * 37 + k) for k in range(per_photo))
+    return out
+
+
+def hazy(name: str, side: int, sigma: float, contrast: float) -> torch.Tensor:
+    """Photograph ``name`` blurred by ``sigma`` px (Gaussian, at 512 px) and its contrast scaled by ``contrast`` about
+    its mean, then reduced to ``side``: the tuning-side stand-in for a picture with little structure (a blurred,
+    hazy or low-contrast photograph; the held-out clock's gradients are a seventh of the TUNING half's median)."""
+    image = _blur(photo(name, 512), sigma)
+    mean = image.mean((0, 1))
+    image = (image - mean) * contrast + mean
+    h, w = image.shape[:2]
+    f = side / max(h, w)
+    out = F.interpolate(image.permute(2, 0, 1)[None], size=(round(h * f), round(w * f)), mode="bilinear",
+                        antialias=True, align_corners=False)
+    return quantize(out[0].permute(1, 2, 0))
+
+
+def hazy_cases(side: int, per_photo: int, seed: int = 0) -> list[PlantedCase]:
+    """``per_photo`` planted cases on each TUNING photograph made :func:`hazy` (sigma 6-14 px, contrast 0.4-0.9,
+    drawn from ``seed``), content pasted from the next photograph as it is."""
+    rng = np.random.default_rng(seed + 999)
+    out = []
+    for i, name in enumerate(TUNING):
+        src = hazy(name, side, float(rng.uniform(6, 14)), float(rng.uniform(0.4, 0.9)))
+        other = photo(TUNING[(i + 1) % len(TUNING)], side)
         out.extend(plant(name, src, other, seed=seed * 1000 + i * 37 + k) for k in range(per_photo))
     return out
 
