@@ -35,12 +35,15 @@ def apply_colour_map(image: torch.Tensor, coef: torch.Tensor) -> torch.Tensor:
 
 def bounded_least_squares(gram: torch.Tensor, rhs: torch.Tensor, lo: float, hi: float,
                           slopes: tuple[float, float]) -> torch.Tensor:
-    """``argmin θ^T G θ - 2 r^T θ`` for ``θ = (a, b, c)`` subject to ``slopes[0] <= a + 2 b x <= slopes[1]`` at
-    ``x = lo`` and ``x = hi`` (the slope is linear in ``x``, so the two ends bound it everywhere between).
+    """``argmin θ^T G θ - 2 r^T θ`` for ``θ = (a, b, c, ...)`` subject to ``slopes[0] <= a + 2 b x <= slopes[1]`` at
+    ``x = lo`` and ``x = hi`` (the slope is linear in ``x``, so the two ends bound it everywhere between); unknowns
+    past the third (a detail term) are free.
 
-    Four linear constraints on three unknowns: every active set of at most two is tried and the best feasible
-    solution kept (the slope at both ends pinned to the same bound is a straight line)."""
-    rows = torch.tensor([[1.0, 2 * lo, 0.0], [1.0, 2 * hi, 0.0]], dtype=torch.float64)
+    Four linear constraints: every active set of at most two is tried and the best feasible solution kept (the slope
+    at both ends pinned to the same bound is a straight line)."""
+    k = gram.shape[0]
+    rows = torch.zeros(2, k, dtype=torch.float64)
+    rows[:, 0], rows[0, 1], rows[1, 1] = 1.0, 2 * lo, 2 * hi
     cons = [(rows[0], slopes[0], 1), (rows[1], slopes[0], 1), (rows[0], slopes[1], -1), (rows[1], slopes[1], -1)]
 
     def feasible(theta: torch.Tensor) -> bool:
@@ -51,12 +54,12 @@ def bounded_least_squares(gram: torch.Tensor, rhs: torch.Tensor, lo: float, hi: 
         for active in itertools.combinations(cons, n):
             if n == 2 and torch.equal(active[0][0], active[1][0]):
                 continue  # one slope cannot sit at both bounds
-            e = torch.stack([g for g, _, _ in active]) if n else torch.zeros(0, 3, dtype=torch.float64)
+            e = torch.stack([g for g, _, _ in active]) if n else torch.zeros(0, k, dtype=torch.float64)
             f = torch.tensor([v for _, v, _ in active], dtype=torch.float64)
-            kkt = torch.zeros(3 + n, 3 + n, dtype=torch.float64)
-            kkt[:3, :3], kkt[:3, 3:], kkt[3:, :3] = gram, e.T, e
+            kkt = torch.zeros(k + n, k + n, dtype=torch.float64)
+            kkt[:k, :k], kkt[:k, k:], kkt[k:, :k] = gram, e.T, e
             try:
-                theta = torch.linalg.solve(kkt, torch.cat([rhs, f]))[:3]
+                theta = torch.linalg.solve(kkt, torch.cat([rhs, f]))[:k]
             except RuntimeError:  # singular: this active set does not pin a solution
                 continue
             cost = float(theta @ gram @ theta - 2 * rhs @ theta)
@@ -64,18 +67,19 @@ def bounded_least_squares(gram: torch.Tensor, rhs: torch.Tensor, lo: float, hi: 
                 best, best_cost = theta, cost
         if best is not None and n == 0:
             break  # the free fit is within the bounds
-    return best if best is not None else torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    return best if best is not None else torch.eye(k, dtype=torch.float64)[0]
 
 
 def _trimmed_fit(x: torch.Tensor, y: torch.Tensor, valid: torch.Tensor, span: torch.Tensor, rounds: int,
                  slopes: tuple[float, float]) -> torch.Tensor:
-    """Per channel ``y ≈ a x + b x^2 + c`` (``x`` features [N, 3, 3], ``y`` [N, 3], ``valid`` [N, 3]): first over the
-    60 % of pixels closest to the identity, then ``rounds`` times over those within 2.5 times the median residual of
-    the last fit; each fit's slope bounded to ``slopes`` over ``span`` [2, 3]."""
+    """Per channel ``y ≈ a x + b x^2 + c (+ d detail)`` (``x`` features [N, 3, 3 or 4], ``y`` [N, 3], ``valid``
+    [N, 3]): first over the 60 % of pixels closest to the identity, then ``rounds`` times over those within 2.5
+    times the median residual of the last fit; each fit's slope bounded to ``slopes`` over ``span`` [2, 3]."""
     resid = (x[..., 0] - y).norm(dim=1)
     keep = resid <= resid.quantile(0.6)
-    coef = IDENTITY_MAP.clone()
-    ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
+    k = x.shape[-1]
+    coef = torch.eye(k, dtype=torch.float64)[0].repeat(3, 1)
+    ridge = 1e-6 * torch.eye(k, dtype=torch.float64)
     for _ in range(rounds):
         for c in range(3):
             rows = keep & valid[:, c]
@@ -97,16 +101,20 @@ def _span(values: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tensor, seed: int = 0,
-                   rounds: int = 3, slopes: tuple[float, float] | None = None) -> torch.Tensor:
+                   rounds: int = 3, slopes: tuple[float, float] | None = None,
+                   detail: torch.Tensor | None = None) -> torch.Tensor:
     """The map ``source ≈ a x + b x^2 + c`` of the edit's value ``x`` (per channel), from the pixels ``where``.
 
     The drift is fitted forwards, the edit's value as a tone curve of the input's (``_trimmed_fit``): the input is
     the clean side, so its values are the regressor. Regressing the input on the edit instead lets the edit's
     noise flatten the slope by var(input) / (var(input) + var(noise)): on a hazy, low-contrast picture the map
-    hit the slope bound 0.5 and halved every change it was applied to, an edit's included. Pixels whose edit is
-    clipped at black or white are left out of the forward fit (their value says only that the curve passed the
-    limit). The forward curve is then inverted by a least-squares fit of the input's value on the curve's (no noise
-    on either side), its slope bounded to ``slopes`` (default :data:`SLOPE_RANGE`) over the edit's values."""
+    hit the slope bound 0.5 and halved every change it was applied to, an edit's included. ``detail`` (the input's
+    fine detail, [H, W, 3], e.g. the input minus its 1-px blur) is a further, free regressor of the forward fit: a
+    VAE keeps only part of it, and without the term that loss flattens the forward slope on a textured picture as
+    noise flattens the backward one. Pixels whose edit is clipped at black or white are left out of the forward fit
+    (their value says only that the curve passed the limit). The forward curve (the detail term dropped) is then
+    inverted by a least-squares fit of the input's value on the curve's (no noise on either side), its slope bounded
+    to ``slopes`` (default :data:`SLOPE_RANGE`) over the edit's values."""
     slopes = SLOPE_RANGE if slopes is None else slopes
     idx = where.reshape(-1).nonzero()[:, 0]
     if len(idx) < 64:
@@ -118,8 +126,11 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     span_src, span_ed = _span(flat_src, gen), _span(flat_ed, gen)
     s, y = flat_src[idx].double(), flat_ed[idx].double()
     unclipped = (y > 0.5 / 255) & (y < 1 - 0.5 / 255)
-    forward = _trimmed_fit(_features(s), y, unclipped, span_src, rounds, (1 / slopes[1], 1 / slopes[0]))
-    curve = (_features(s) * forward).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
+    x = _features(s)
+    if detail is not None:  # the input's fine detail as a free regressor: a VAE loses a share of it
+        x = torch.cat([x, detail.reshape(-1, 3)[idx].double()[..., None]], -1)
+    forward = _trimmed_fit(x, y, unclipped, span_src, rounds, (1 / slopes[1], 1 / slopes[0]))
+    curve = (_features(s) * forward[:, :3]).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
     inverse = IDENTITY_MAP.clone()
     ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
     for c in range(3):

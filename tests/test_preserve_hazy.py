@@ -6,7 +6,8 @@ Two failures found on them, each with its planted defect:
   when the edit's noise outweighs the input's faint edges): the edge gain (``preserve.edge_gain``) now trusts it,
   and still does not trust a shifted or flipped picture;
 - the colour map, fitted as the input regressed on the noisy edit, flattened to its lowest slope and halved every
-  change, the edit's included: it is now fitted forwards and inverted (``colour_map.fit_colour_map``).
+  change, the edit's included: it is now fitted forwards (with the input's fine detail as a free term) and
+  inverted (``colour_map.fit_colour_map``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def hazy_draw():
 def test_a_hazy_picture_is_trusted_by_the_edges_the_edit_keeps(hazy_draw):
     """Four cases of the tuning-side hazy draw (seed 2: grass, hubble, rocket twice) that the peak and the edge
     correlation alone leave unsure (confidence 0.03-0.24, IoU = the planted fraction, 0.18-0.35): found (measured
-    IoU 0.979-0.998, edge gain 0.67-0.92)."""
+    IoU 0.979-0.998, edge gain 0.66-0.91)."""
     for case in (hazy_draw[i] for i in (14, 15, 24, 26)):
         got = PV.preserve(case.source, case.edited)
         assert not got.estimate.unsure and got.estimate.edge_gain >= PV.DEFAULT.min_edge_gain, case.params
@@ -41,8 +42,8 @@ def test_a_hazy_picture_is_trusted_by_the_edges_the_edit_keeps(hazy_draw):
 
 @pytest.mark.parametrize("change", ["shift20", "vflip"])
 def test_a_shifted_or_flipped_hazy_picture_keeps_few_of_its_edges(change):
-    """A global change of a hazy picture: the edit keeps at most 0.30 of the input's edges (measured), below the
-    ramp's zero (0.3) for a shift beyond the search and well below it for a flip, on all nine TUNING photographs."""
+    """A global change of a hazy picture: the edit keeps at most 0.33 of the input's edges (measured, chelsea shifted;
+    a flip at most 0.28), under the 0.4 at which the term would trust it halfway, on all nine TUNING photographs."""
     for name in P.TUNING:
         src = P.hazy(name, 192, 10.0, 0.6)
         moved = src.roll((20, 20), (0, 1)) if change == "shift20" else src.flip(0)
@@ -76,12 +77,12 @@ def test_the_colour_map_keeps_its_slope_on_a_low_contrast_picture(name, psnr):
 
 def test_a_recolour_on_a_hazy_picture_is_found_whole(hazy_draw, monkeypatch):
     """Hazy draw seed 3, grass: a 27 % recolour (median change 0.13) that the flattened map halved, so 9 % was found
-    (IoU 0.33); fitted forwards, IoU 0.937 (measured). The defect: the input regressed on the edit."""
+    (IoU 0.33); fitted forwards, IoU 0.938 (measured). The defect: the input regressed on the edit."""
     case = P.hazy_cases(192, 3, seed=3)[13]
     assert (case.name, case.params["kind"]) == ("grass", "recolour")
     assert P.iou(PV.preserve(case.source, case.edited).mask > 0, case.region) >= 0.9
 
-    def backwards(edited, source, where, seed=0, rounds=3, slopes=None):
+    def backwards(edited, source, where, seed=0, rounds=3, slopes=None, detail=None):
         idx = where.reshape(-1).nonzero()[:, 0]
         x, y = edited.reshape(-1, 3)[idx].double(), source.reshape(-1, 3)[idx].double()
         span = torch.quantile(edited.reshape(-1, 3).double(), torch.tensor([0.005, 0.995], dtype=torch.float64), 0)
