@@ -37,24 +37,19 @@ KINDS = ("object", "paste", "recolour")
 # (declared 21:58 and 23:10 UTC, looked at once, then used to diagnose the colour map's ridge), then 31-36 (declared
 # 23:28 UTC, evaluated once at the end of round 3), then 41-46 (declared 2026-12-08 00:27 UTC, commit 494e899,
 # evaluated once at the end of round 4), then 51-56 (declared 01:41 UTC, commit d80c01e, evaluated once at the end
-# of round 5) of HELD_OUT have been looked at. The draw below was declared (02:55 UTC, commit 568799a) before round 6
-# (hazy pictures: the edge gain and the forward colour fit) changed the estimator, and evaluated once at its end
-# (04:05 UTC): FRESH_SEEDS for the benchmark (4 draws x 3 cases per photograph at 192 px), TEST_SEED for the CI
-# test, LARGE_SEED at 384 px, on the HELD_OUT photographs (never used for tuning). A further round declares a new
-# draw (71 on) here, and commits it, before it changes the estimator.
-# Round 7's draw, declared 2026-12-08 04:22 UTC before its first change (the colour fit on 1-px blurred pictures,
-# chosen on the tuning side): NEXT_FRESH_SEEDS (benchmark, 192 px), NEXT_TEST_SEED, NEXT_LARGE_SEED (384 px).
-# Nothing reads them until the round ends.
-NEXT_FRESH_SEEDS = (71, 72, 73, 74)
-NEXT_TEST_SEED = 75
-NEXT_LARGE_SEED = 76
+# of round 5), then 61-66 (declared 02:55 UTC, commit 568799a, evaluated once at the end of round 6) of HELD_OUT
+# have been looked at. The draw below was declared (04:10 UTC, commit ba63271) before round 7 (the colour fit's
+# detail term) changed the estimator, and evaluated once at its end (04:29 UTC): FRESH_SEEDS for the benchmark
+# (4 draws x 3 cases per photograph at 192 px), TEST_SEED for the CI test, LARGE_SEED at 384 px, on the HELD_OUT
+# photographs (never used for tuning). A further round declares a new draw (81 on) here, and commits it, before it
+# changes the estimator.
 # Tuning runs only on TUNING (any seed), on tiled textures made from TUNING photographs (analogue_cases) and on hazy
 # TUNING photographs (hazy_cases).
 LOOKED_AT_SEEDS = (0, 1, 7, 11, 12, 13, 21, 22, 23, 24, 25, 26, 31, 32, 33, 34, 35, 36, 41, 42, 43, 44, 45, 46,
-                   51, 52, 53, 54, 55, 56)
-FRESH_SEEDS = (61, 62, 63, 64)
-TEST_SEED = 65
-LARGE_SEED = 66  # a 384 px draw: 2 cases per HELD_OUT photograph
+                   51, 52, 53, 54, 55, 56, 61, 62, 63, 64, 65, 66)
+FRESH_SEEDS = (71, 72, 73, 74)
+TEST_SEED = 75
+LARGE_SEED = 76  # a 384 px draw: 2 cases per HELD_OUT photograph
 
 
 @lru_cache(maxsize=None)
