@@ -30,7 +30,7 @@ No model and no instruction: a function of (input, output) pictures only.
 4. **Confidence**: 1 when the region is a minority of the picture, the noise after the colour fit is small and the
    registration is trusted (a clear phase-correlation peak, edge maps that correlate outside the region -- a
    periodic texture's whitened peak is low even where it is right -- or an output that keeps the input's edges
-   there, :func:`edge_gain`: on a hazy picture both the others are low); it falls to 0 for a global change (a restyle,
+   there, :func:`edge_agreement`: on a hazy picture both the others are low); it falls to 0 for a global change (a restyle,
    a new picture, a colour change too large to be drift) and for a zoom found at the search's last step (it may
    lie beyond). Below 0.5 the estimate is "unsure" and the edit is returned whole, with a one-line note.
 5. **Auto composite** (:func:`preserve`): the registered (and, by default, colour-corrected) output is pasted onto
@@ -106,7 +106,7 @@ class Estimate:
     colour_map: torch.Tensor = field(repr=False)  # [3, 3] coefficients of the fitted colour map
     unsure: bool = False
     related: float = 1.0  # correlation of the two pictures' edge maps outside the region (0: unrelated)
-    edge_gain: float = 1.0  # the edit's edges regressed on the input's there (0: unrelated; see :func:`edge_gain`)
+    edge_gain: float = 1.0  # the edit's edges regressed on the input's there (0: unrelated; :func:`edge_agreement`)
 
 
 @dataclass
@@ -298,8 +298,7 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     if not bool(keep.any()):
         keep = valid
     drift = float((corrected - aligned).norm(dim=-1)[keep].mean())
-    related = relatedness(src, aligned, keep)
-    gain = edge_gain(src, corrected, keep)
+    related, gain = edge_agreement(src, aligned, corrected, keep)
     noise = float(diff[keep].median())
     fraction = float(region.float().mean())
     # A periodic texture's whitened correlation peak is low even where it is right (it is spread over the lattice),
@@ -322,27 +321,27 @@ def estimate_region(source: torch.Tensor, edited: torch.Tensor, settings: Preser
     return est, aligned_full
 
 
-def relatedness(source: torch.Tensor, aligned: torch.Tensor, where: torch.Tensor) -> float:
-    """Pearson correlation of the two pictures' edge maps (blurred over 1 px) over ``where``: near 1 where the
-    registered edit shows the input's structure, near 0 for another picture."""
-    ea, eb = _blur(edges(source), 1.0)[where].double(), _blur(edges(aligned), 1.0)[where].double()
-    if ea.numel() < 64:
-        return 0.0
-    ea, eb = ea - ea.mean(), eb - eb.mean()
-    return float((ea * eb).sum() / (ea.norm() * eb.norm()).clamp_min(1e-12))
+def edge_agreement(source: torch.Tensor, aligned: torch.Tensor, corrected: torch.Tensor,
+                   where: torch.Tensor) -> tuple[float, float]:
+    """How much of the input's structure the registered edit shows over ``where``, from the edge maps (blurred over
+    1 px) of the input, the registered edit (``aligned``) and the colour-corrected one (``corrected``):
 
-
-def edge_gain(source: torch.Tensor, corrected: torch.Tensor, where: torch.Tensor) -> float:
-    """The slope of the colour-corrected edit's edge map regressed on the input's (blurred over 1 px) over ``where``:
-    the share of the input's edge contrast the edit keeps. The edit's own noise adds edges that do not covary with
-    the input's, so unlike the correlation it does not pull this towards 0 on a picture with faint structure. A
-    shifted (beyond the search), flipped or other picture keeps at most 0.3 of them (hazy tuning pictures); a
-    registered edit keeps 0.5-1 on most planted cases, less where a VAE's lost detail was most of the structure."""
-    ea, eb = _blur(edges(source), 1.0)[where].double(), _blur(edges(corrected), 1.0)[where].double()
+    - ``related``: the Pearson correlation of the input's and ``aligned``'s, near 1 where the edit shows the input's
+      structure, near 0 for another picture;
+    - ``gain``: the slope of ``corrected``'s regressed on the input's, the share of the input's edge contrast the
+      edit keeps. The edit's own noise adds edges that do not covary with the input's, so unlike the correlation it
+      does not pull this towards 0 on a picture with faint structure. A shifted (beyond the search), flipped or other
+      picture keeps at most 0.33 of them (hazy tuning pictures); a registered edit keeps 0.5-1 on most planted
+      cases, less where a VAE's lost detail was most of the structure."""
+    ea = _blur(edges(source), 1.0)[where].double()
     if ea.numel() < 64:
-        return 0.0
+        return 0.0, 0.0
     ea = ea - ea.mean()
-    return float((ea * (eb - eb.mean())).sum() / (ea * ea).sum().clamp_min(1e-12))
+    eb, ec = (_blur(edges(x), 1.0)[where].double() for x in (aligned, corrected))
+    eb, ec = eb - eb.mean(), ec - ec.mean()
+    related = float((ea * eb).sum() / (ea.norm() * eb.norm()).clamp_min(1e-12))
+    gain = float((ea * ec).sum() / (ea * ea).sum().clamp_min(1e-12))
+    return related, gain
 
 
 def _note(est: Estimate) -> str:

@@ -3,8 +3,8 @@ tuning side's stand-in for a hazy or motion-blurred photograph such as the held-
 
 Two failures found on them, each with its planted defect:
 - the registration was distrusted although it was right (the phase-correlation peak and the edge correlation are low
-  when the edit's noise outweighs the input's faint edges): the edge gain (``preserve.edge_gain``) now trusts it,
-  and still does not trust a shifted or flipped picture;
+  when the edit's noise outweighs the input's faint edges): the edge gain (``preserve.edge_agreement``) now trusts
+  it, and still does not trust a shifted or flipped picture;
 - the colour map, fitted as the input regressed on the noisy edit, flattened to its lowest slope and halved every
   change, the edit's included: it is now fitted forwards (with the input's fine detail as a free term) and
   inverted (``colour_map.fit_colour_map``).
