@@ -133,8 +133,9 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     curve = (_features(s) * forward[:, :3]).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
     inverse = IDENTITY_MAP.clone()
     ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
+    back = _features(curve)
     for c in range(3):
-        xc = _features(curve)[:, c]
+        xc = back[:, c]
         inverse[c] = bounded_least_squares(xc.T @ xc + ridge, xc.T @ s[:, c], float(span_ed[0, c]),
                                            float(span_ed[1, c]), slopes)
     return inverse
