@@ -130,7 +130,7 @@ def fit_colour_map(edited: torch.Tensor, source: torch.Tensor, where: torch.Tens
     if detail is not None:  # the input's fine detail as a free regressor: a VAE loses a share of it
         x = torch.cat([x, detail.reshape(-1, 3)[idx].double()[..., None]], -1)
     forward = _trimmed_fit(x, y, unclipped, span_src, rounds, (1 / slopes[1], 1 / slopes[0]))
-    curve = (_features(s) * forward[:, :3]).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
+    curve = (x[..., :3] * forward[:, :3]).sum(-1)  # [N, 3]: the drifted value of each fitted pixel, noise-free
     inverse = IDENTITY_MAP.clone()
     ridge = 1e-6 * torch.eye(3, dtype=torch.float64)
     back = _features(curve)
